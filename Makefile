@@ -1,0 +1,40 @@
+# Two commands for users: `make serve` and `make test`. Each sets up what it needs, idempotently.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 3000
+SERVICE := services.embedding:Embedder
+export BENTOML_HOME ?= $(CURDIR)/.bentoml
+export BENTOML_DO_NOT_TRACK := true
+
+.PHONY: serve test models bench lint build
+
+# torch is installed first, alone: `pip install torch==2.13.0` takes the local CPU wheel on a machine
+# without a GPU, so the project install that follows finds it satisfied instead of fetching a CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+models: $(VENV)/.installed
+	$(BIN)/python -m models.importer
+
+serve: models
+	@echo "fnserve: OpenAPI page at http://$(HOST):$(PORT)/docs (spec: /docs.json)"
+	$(BIN)/bentoml serve $(SERVICE) --host $(HOST) --port $(PORT)
+
+test: models
+	$(BIN)/python -m pytest
+
+build: models
+	$(BIN)/bentoml build
+
+lint: $(VENV)/.installed
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# Needs `wrk` (Debian package); installed here if missing.
+bench: models
+	command -v wrk >/dev/null || (apt-get install -y wrk || (apt-get update && apt-get install -y wrk))
+	$(BIN)/python loadtests/bench_embeddings.py

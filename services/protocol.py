@@ -1,0 +1,73 @@
+"""OpenAI API shapes, kept apart from serving logic (as vLLM keeps entrypoints/openai/protocol.py)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class OpenAIModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class EmbeddingRequest(OpenAIModel):
+    input: str | list[str] = Field(description="one text or a list of texts; each non-empty")
+    model: str
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="base64 is little-endian float32, as the openai client expects"
+    )
+    dimensions: int | None = Field(None, gt=0, description="only the model's own width is accepted")
+    user: str | None = None
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def reject_token_arrays(cls, value: object) -> object:
+        if isinstance(value, list) and value and not isinstance(value[0], str):
+            raise ValueError("token-id arrays are not supported by this server; send text")
+        return value
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else self.input
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "fnserve"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
