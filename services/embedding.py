@@ -29,6 +29,13 @@ Embedded = tuple[np.ndarray, int]
 """One input's unit vector (float32) and the number of tokens the model read for it."""
 
 
+BATCH_SIZE = bentoml.metrics.Histogram(
+    name="fnserve_embedding_batch_size",
+    documentation="Texts per forward pass of the embedding model (OpenAI route)",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
+
+
 def pick_device(requested: str) -> str:
     import torch
 
@@ -92,7 +99,9 @@ class Embedder:
         return vectors.cpu().numpy(), batch["attention_mask"].sum(dim=1).tolist()
 
     def _embed_jobs(self, jobs: tuple[list[str], ...]) -> list[list[Embedded]]:
-        vectors, tokens = self._forward([text for job in jobs for text in job])
+        texts = [text for job in jobs for text in job]
+        BATCH_SIZE.observe(len(texts))
+        vectors, tokens = self._forward(texts)
         pairs = list(zip(vectors, tokens, strict=True))
         results: list[list[Embedded]] = []
         for job in jobs:

