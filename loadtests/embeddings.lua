@@ -1,8 +1,6 @@
--- wrk script: POST one unique input per request to an embeddings endpoint.
--- Configure with env vars: WRK_PATH (route), WRK_TOKENS ("short" ~12 tokens or "long" ~128 tokens),
--- WRK_NATIVE=1 for BentoML's native {"texts": [...]} body instead of the OpenAI body.
-local counter = 0
-local thread_id = 0
+-- wrk script: POST one unique input per request to an OpenAI-style embeddings endpoint.
+-- WRK_TEXT: the input, with one %d that is replaced by a per-request counter so no two bodies match.
+-- done() prints one JSON line that bench_embeddings.py parses.
 local threads = {}
 
 function setup(thread)
@@ -10,35 +8,24 @@ function setup(thread)
   table.insert(threads, thread)
 end
 
-local short = "the quick brown fox jumps over the lazy dog near river bank %d"
-local long_words = {}
-for i = 1, 12 do
-  table.insert(long_words, "serving models efficiently under concurrent load needs adaptive batching so that many small requests share one forward pass")
-end
-local long = table.concat(long_words, " ", 1, 1):rep(1) .. " " .. table.concat(long_words, " "):sub(1, 520) .. " %d"
-
 function init(args)
+  counter = 0
+  template = os.getenv("WRK_TEXT") or "the quick brown fox jumps over the lazy dog %d"
+  model = os.getenv("WRK_MODEL") or "all-minilm-l6-v2"
   wrk.method = "POST"
-  wrk.path = os.getenv("WRK_PATH") or "/v1/embeddings"
+  wrk.path = "/v1/embeddings"
   wrk.headers["Content-Type"] = "application/json"
-  template = (os.getenv("WRK_TOKENS") == "long") and long or short
-  native = os.getenv("WRK_NATIVE") == "1"
 end
 
 function request()
   counter = counter + 1
   local text = string.format(template, tid * 100000000 + counter)
-  local body
-  if native then
-    body = '{"texts": ["' .. text .. '"]}'
-  else
-    body = '{"model": "all-minilm-l6-v2", "input": "' .. text .. '"}'
-  end
-  return wrk.format(nil, nil, nil, body)
+  return wrk.format(nil, nil, nil, '{"model": "' .. model .. '", "input": "' .. text .. '"}')
 end
 
 function done(summary, latency, requests)
-  io.write(string.format('{"requests": %d, "errors_status": %d, "errors_connect": %d, "errors_timeout": %d, "duration_us": %d, "p50_us": %d, "p99_us": %d}\n',
-    summary.requests, summary.errors.status, summary.errors.connect, summary.errors.timeout,
-    summary.duration, latency:percentile(50), latency:percentile(99)))
+  io.write(string.format(
+    '{"requests": %d, "duration_us": %d, "errors_connect": %d, "errors_read": %d, "errors_timeout": %d, "errors_status": %d, "p50_us": %d, "p99_us": %d}\n',
+    summary.requests, summary.duration, summary.errors.connect, summary.errors.read, summary.errors.timeout,
+    summary.errors.status, latency:percentile(50), latency:percentile(99)))
 end

@@ -20,10 +20,10 @@ class Settings(BaseSettings):
         "bfloat16", description="bf16 is 2-2.5x faster than fp32 on AMX CPUs and CUDA (README, benchmarks)"
     )
     embedding_max_batch_size: int = Field(
-        64, ge=1, description="largest batch one forward pass takes; throughput is flat past 64 on CPU"
+        32, ge=1, description="largest batch one forward pass takes; throughput is flat past 32 on CPU"
     )
     embedding_max_latency_ms: int = Field(
-        10_000, ge=1, description="queue deadline of the adaptive batcher; it sheds with 503 past it"
+        10_000, ge=1, description="queue deadline: a request waiting longer is shed with 503"
     )
     embedding_max_inputs: int = Field(512, ge=1, description="inputs per request")
     embedding_max_input_chars: int = Field(8192, ge=1, description="characters per input")

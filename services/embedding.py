@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import bentoml
 import numpy as np
-from bentoml._internal.marshal.dispatcher import CorkDispatcher
-from bentoml.exceptions import ServiceUnavailable
 from pydantic import Field
 
 from models.catalog import CATALOG
 from services import gateway
+from services.batching import GreedyBatcher
 from services.config import get_settings
 
 if TYPE_CHECKING:
@@ -34,6 +33,16 @@ BATCH_SIZE = bentoml.metrics.Histogram(
     documentation="Texts per forward pass of the embedding model (OpenAI route)",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
 )
+QUEUE_SECONDS = bentoml.metrics.Histogram(
+    name="fnserve_embedding_queue_seconds",
+    documentation="Time the oldest request of each batch waited for the model (OpenAI route)",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+
+def observe_batch(size: int, wait: float) -> None:
+    BATCH_SIZE.observe(size)
+    QUEUE_SECONDS.observe(wait)
 
 
 def pick_device(requested: str) -> str:
@@ -44,8 +53,22 @@ def pick_device(requested: str) -> str:
     return requested
 
 
-def _overloaded() -> Embedded:
-    raise ServiceUnavailable("the embedding queue is over its deadline; retry shortly")
+def encode(
+    tokenizer: Any, model: Any, texts: list[str], max_tokens: int, device: str = "cpu"
+) -> tuple[np.ndarray, list[int]]:
+    """Unit vectors (mean pooling over real tokens, as sentence-transformers does) and token counts.
+    Shared with the benchmarks, so "raw model" there is exactly the work the service does."""
+    import torch
+
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt").to(
+        device
+    )
+    with torch.inference_mode():
+        hidden = model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        vectors = torch.nn.functional.normalize(pooled.float(), dim=-1)
+    return vectors.cpu().numpy(), batch["attention_mask"].sum(dim=1).tolist()
 
 
 @bentoml.service(
@@ -76,42 +99,25 @@ class Embedder:
         self.model = AutoModel.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
         self.dimensions: int = self.model.config.hidden_size
         self.max_tokens = settings.embedding_max_tokens
-        # The OpenAI route calls the model in-process, so it cannot reach the HTTP-level batcher that
-        # BentoML puts in front of `encode`; it gets its own instance of the same adaptive batcher.
-        self._batcher = CorkDispatcher(
-            max_latency_in_ms=settings.embedding_max_latency_ms,
+        # The OpenAI route calls the model in-process; see services/batching.py for why it does not
+        # use the batcher BentoML puts in front of `encode`.
+        self._batcher = GreedyBatcher(
+            self._embed_batch,
             max_batch_size=settings.embedding_max_batch_size,
-            fallback=_overloaded,
-            get_batch_size=len,
-        )(self._embed_jobs)
+            max_queue_seconds=settings.embedding_max_latency_ms / 1000,
+            on_batch=observe_batch,
+        )
 
     def _forward(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
-        import torch
+        return encode(self.tokenizer, self.model, texts, self.max_tokens, self.device)
 
-        batch = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
-        ).to(self.device)
-        with torch.inference_mode():
-            hidden = self.model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-            vectors = torch.nn.functional.normalize(pooled.float(), dim=-1)
-        return vectors.cpu().numpy(), batch["attention_mask"].sum(dim=1).tolist()
-
-    def _embed_jobs(self, jobs: tuple[list[str], ...]) -> list[list[Embedded]]:
-        texts = [text for job in jobs for text in job]
-        BATCH_SIZE.observe(len(texts))
+    def _embed_batch(self, texts: list[str]) -> list[Embedded]:
         vectors, tokens = self._forward(texts)
-        pairs = list(zip(vectors, tokens, strict=True))
-        results: list[list[Embedded]] = []
-        for job in jobs:
-            results.append(pairs[: len(job)])
-            pairs = pairs[len(job) :]
-        return results
+        return list(zip(vectors, tokens, strict=True))
 
     async def embed(self, texts: list[str]) -> list[Embedded]:
         """Vectors and token counts for one request's texts, batched with other requests' texts."""
-        return await self._batcher(texts)
+        return await self._batcher.submit(texts)
 
     def token_counts(self, texts: list[str]) -> list[int]:
         """Untruncated token counts, for rejecting inputs over the window."""

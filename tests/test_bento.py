@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import BENTOML, ROOT, serve
+from tests.server import BENTOML, ROOT, serve
 
 
 def test_bento_builds_and_serves(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import openai
 import pytest
 
-from tests.conftest import serve
+from tests.server import serve
 
 MODEL = "all-minilm-l6-v2"
 

@@ -1,0 +1,199 @@
+"""Embedding throughput and latency: raw model vs fnserve vs a naive server, in one run.
+
+    make bench            # or: .venv/bin/python loadtests/bench_embeddings.py [--duration 15]
+
+(a) raw: the model in-process (tokenise + forward + pool) at its best batch size and dtype;
+(b) served: `bentoml serve services.embedding:Embedder`, driven by wrk, one input per request;
+(c) naive: loadtests/naive_server.py, one request at a time.
+wrk (C, with embeddings.lua making every body unique) costs the servers almost nothing, where a Python
+client would measure itself. Writes loadtests/results/embeddings.json and embeddings.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.server import free_port, run_server, serve  # noqa: E402
+
+RESULTS = ROOT / "loadtests" / "results"
+LUA = ROOT / "loadtests" / "embeddings.lua"
+TEXTS = {
+    "short": "the quick brown fox jumps over the lazy dog near %d",
+    "long": (
+        "Serving models efficiently means keeping the accelerator busy while many clients send small "
+        "requests at unpredictable times. Adaptive batching waits a little to merge concurrent requests "
+        "into one forward pass, trading a few milliseconds of queueing for several times the throughput. "
+        "A naive server that runs one request at a time leaves most of the hardware idle and its queue "
+        "grows without bound under load, so latency collapses. Request %d measures the difference."
+    ),
+}
+CONCURRENCY = [1, 4, 16, 64]
+BARS = {"long_served_over_raw": 0.7, "short_served_over_naive": 3.0, "short_served_over_raw": 0.25}
+
+
+def measure_raw(seconds: float) -> dict[str, dict[str, object]]:
+    """Sequences/s of the bare model at each batch size and dtype; the best is the physical limit."""
+    import bentoml
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from models.catalog import CATALOG
+    from services.embedding import encode
+
+    path = bentoml.models.get(CATALOG["all-minilm-l6-v2"].tag).path
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    results: dict[str, dict[str, object]] = {}
+    for size, template in TEXTS.items():
+        grid = {}
+        for dtype in ("float32", "bfloat16"):
+            model = AutoModel.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+            for batch_size in (1, 8, 32, 64, 128):
+                texts = [template % i for i in range(batch_size)]
+                done, start = 0, time.perf_counter()
+                while time.perf_counter() - start < seconds or done < 2 * batch_size:
+                    encode(tokenizer, model, texts, max_tokens=256)
+                    done += batch_size
+                grid[f"{dtype}/{batch_size}"] = done / (time.perf_counter() - start)
+                print(
+                    f"raw {size} {dtype} batch {batch_size}: {grid[f'{dtype}/{batch_size}']:.0f}/s",
+                    flush=True,
+                )
+        best = max(grid, key=grid.__getitem__)
+        tokens = len(tokenizer(template % 12345)["input_ids"])
+        results[size] = {"tokens": tokens, "per_s": grid[best], "best": best, "grid": grid}
+    return results
+
+
+def run_wrk(url: str, text: str, connections: int, seconds: float) -> dict[str, float]:
+    done = subprocess.run(
+        [
+            "wrk",
+            f"-t{min(2, connections)}",
+            f"-c{connections}",
+            f"-d{round(seconds)}s",
+            "--timeout",
+            "30s",
+            "-s",
+            str(LUA),
+            url,
+        ],
+        env={**os.environ, "WRK_TEXT": text},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    stats = json.loads(done.stdout.strip().splitlines()[-1])
+    seconds_run = stats["duration_us"] / 1e6
+    errors = sum(stats[k] for k in ("errors_connect", "errors_read", "errors_timeout", "errors_status"))
+    return {
+        "connections": connections,
+        "requests": stats["requests"],
+        "per_s": stats["requests"] / seconds_run,
+        "p50_ms": stats["p50_us"] / 1000,
+        "p99_ms": stats["p99_us"] / 1000,
+        "errors": errors,
+    }
+
+
+def sweep(name: str, url: str, seconds: float) -> dict[str, list[dict[str, float]]]:
+    out: dict[str, list[dict[str, float]]] = {}
+    for size, text in TEXTS.items():
+        run_wrk(url, text, 64, min(seconds, 5))  # warm-up: lets the adaptive batcher fit its cost model
+        out[size] = []
+        for connections in CONCURRENCY:
+            point = run_wrk(url, text, connections, seconds)
+            print(
+                f"{name} {size} c={connections}: {point['per_s']:.0f} req/s, p50 {point['p50_ms']:.0f} ms, "
+                f"p99 {point['p99_ms']:.0f} ms, errors {point['errors']}",
+                flush=True,
+            )
+            out[size].append(point)
+    return out
+
+
+def batch_sizes(url: str) -> dict[str, float]:
+    import httpx
+
+    lines = httpx.get(f"{url}/metrics").text.splitlines()
+    value = {
+        k: float(line.split()[-1])
+        for line in lines
+        for k in ("_sum", "_count")
+        if line.startswith(f"fnserve_embedding_batch_size{k}")
+    }
+    return {"forward_passes": value["_count"], "mean_batch_size": value["_sum"] / value["_count"]}
+
+
+def plot(result: dict[str, object], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    for row, size in enumerate(TEXTS):
+        raw = result["raw"][size]
+        ax_tp, ax_lat = axes[row]
+        for name, style in (("served", "o-"), ("naive", "s--")):
+            points = result[name][size]
+            xs = [p["connections"] for p in points]
+            ax_tp.plot(xs, [p["per_s"] for p in points], style, label=name)
+            ax_lat.plot(xs, [p["p50_ms"] for p in points], style, label=f"{name} p50")
+            ax_lat.plot(xs, [p["p99_ms"] for p in points], style, alpha=0.5, label=f"{name} p99")
+        ax_tp.axhline(raw["per_s"], color="grey", linestyle=":", label=f"raw model ({raw['best']})")
+        ax_tp.set_title(f"{size} input (~{raw['tokens']} tokens): throughput")
+        ax_lat.set_title(f"{size} input: latency")
+        ax_tp.set_ylabel("requests/s")
+        ax_lat.set_ylabel("ms")
+        ax_lat.set_yscale("log")
+        for ax in (ax_tp, ax_lat):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("concurrent connections")
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--duration", type=float, default=15, help="seconds per wrk point")
+    parser.add_argument("--raw-seconds", type=float, default=3, help="seconds per raw batch-size point")
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+
+    result: dict[str, object] = {"machine": f"{os.cpu_count()} cores", "duration_s": args.duration}
+    result["raw"] = measure_raw(args.raw_seconds)
+    with serve() as url:
+        result["served"] = sweep("served", url, args.duration)
+        result["batching"] = batch_sizes(url)
+    port = free_port()
+    naive = [sys.executable, str(ROOT / "loadtests" / "naive_server.py"), "--port", str(port)]
+    with run_server(naive, port) as url:
+        result["naive"] = sweep("naive", url, args.duration)
+
+    at64 = {name: {p["connections"]: p for p in result[name]["short"]} for name in ("served", "naive")}
+    long64 = next(p for p in result["served"]["long"] if p["connections"] == 64)
+    ratios = {
+        "long_served_over_raw": long64["per_s"] / result["raw"]["long"]["per_s"],
+        "short_served_over_naive": at64["served"][64]["per_s"] / at64["naive"][64]["per_s"],
+        "short_served_over_raw": at64["served"][64]["per_s"] / result["raw"]["short"]["per_s"],
+    }
+    result["ratios"] = ratios
+    result["bars_met"] = {k: ratios[k] >= bar for k, bar in BARS.items()}
+    (RESULTS / "embeddings.json").write_text(json.dumps(result, indent=2))
+    plot(result, RESULTS / "embeddings.png")
+    for key, value in ratios.items():
+        print(f"{key}: {value:.2f} (bar {BARS[key]}) {'MET' if value >= BARS[key] else 'MISSED'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""The baseline people start with: one uvicorn process, the model called once per request, one request at
+a time. Same model, dtype, HTTP stack (uvicorn + httptools + uvloop) and request/response shape as fnserve,
+so the gap the benchmark shows is batching and nothing else.
+
+    python loadtests/naive_server.py --port 8001
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+import bentoml
+import orjson
+import torch
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from transformers import AutoModel, AutoTokenizer
+
+from models.catalog import CATALOG
+from services.config import get_settings
+
+
+def build_app() -> Starlette:
+    settings = get_settings()
+    path = bentoml.models.get(CATALOG[settings.embedding_model].tag).path
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path, dtype=getattr(torch, settings.embedding_dtype)).eval()
+    lock = asyncio.Lock()
+
+    def embed(text: str) -> list[float]:
+        batch = tokenizer(
+            [text], truncation=True, max_length=settings.embedding_max_tokens, return_tensors="pt"
+        )
+        with torch.inference_mode():
+            hidden = model(**batch).last_hidden_state
+        vector = torch.nn.functional.normalize(hidden.float().mean(dim=1), dim=-1)
+        return vector[0].tolist()
+
+    async def embeddings(request: Request) -> Response:
+        body = orjson.loads(await request.body())
+        async with lock:
+            vector = await asyncio.to_thread(embed, body["input"])
+        data = [{"object": "embedding", "index": 0, "embedding": vector}]
+        return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
+
+    async def ready(_: Request) -> Response:
+        return Response("ok")
+
+    return Starlette(routes=[Route("/v1/embeddings", embeddings, methods=["POST"]), Route("/readyz", ready)])
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, default=8001)
+    args = parser.parse_args()
+    uvicorn.run(build_app(), host="127.0.0.1", port=args.port, log_level="warning", access_log=False)

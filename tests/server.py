@@ -1,0 +1,90 @@
+"""Start and stop real servers: used by the tests and by the benchmarks in loadtests/."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+BENTOML = str(Path(sys.executable).with_name("bentoml"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_tree(proc: subprocess.Popen[bytes]) -> None:
+    """bentoml's workers run in their own sessions: signal the arbiter, then kill what is left."""
+    try:
+        family = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for child in family:
+        with suppress(psutil.NoSuchProcess):
+            child.kill()
+    psutil.wait_procs(family, timeout=10)
+
+
+@contextmanager
+def serve(
+    target: str = "services.embedding:Embedder", env: dict[str, str] | None = None, cwd: Path = ROOT
+) -> Iterator[str]:
+    """Serve `target` (an import string or a Bento tag) and yield its base URL once /readyz answers."""
+    port = free_port()
+    command = [BENTOML, "serve", target, "--host", "127.0.0.1", "--port", str(port)]
+    with run_server(command, port, env=env, cwd=cwd) as url:
+        yield url
+
+
+@contextmanager
+def run_server(
+    command: list[str], port: int, env: dict[str, str] | None = None, cwd: Path = ROOT
+) -> Iterator[str]:
+    """Run a server process listening on `port` and yield its URL once /readyz answers; always stop it."""
+    log = open(ROOT / f".pytest-server-{port}.log", "w+b")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        command,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError(f"server exited: {log.read().decode(errors='replace')[-3000:]}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not become ready in 180 s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        stop_tree(proc)
+        log.close()
+        Path(log.name).unlink(missing_ok=True)
