@@ -33,7 +33,9 @@ TEXTS = {
         "requests at unpredictable times. Adaptive batching waits a little to merge concurrent requests "
         "into one forward pass, trading a few milliseconds of queueing for several times the throughput. "
         "A naive server that runs one request at a time leaves most of the hardware idle and its queue "
-        "grows without bound under load, so latency collapses. Request %d measures the difference."
+        "grows without bound under load, so latency collapses. Serving systems therefore put a queue in "
+        "front of every model, bound it, and shed load early with a clear error instead of timing out. "
+        "Every shed request is counted and reported. Request %d measures the difference."
     ),
 }
 CONCURRENCY = [1, 4, 16, 64]

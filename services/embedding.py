@@ -76,7 +76,7 @@ def encode(
     resources={"cpu": str(os.cpu_count() or 1)},
     traffic={"timeout": 60},
     logging={"access": {"enabled": False}},
-    workers=1,
+    workers=settings.workers,
 )
 @bentoml.asgi_app(gateway.app, path="/")
 class Embedder:
@@ -89,8 +89,7 @@ class Embedder:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
+        torch.set_num_threads(settings.threads_per_worker)
         self.model_id = MODEL.name
         self.device = pick_device(settings.device)
         self.dtype: torch.dtype = getattr(torch, settings.embedding_dtype)
