@@ -42,8 +42,12 @@ CONCURRENCY = [1, 4, 16, 64]
 BARS = {"long_served_over_raw": 0.7, "short_served_over_naive": 3.0, "short_served_over_raw": 0.25}
 
 
-def measure_raw(seconds: float) -> dict[str, dict[str, object]]:
-    """Sequences/s of the bare model at each batch size and dtype; the best is the physical limit."""
+def measure_raw(
+    seconds: float, before: dict[str, dict[str, object]] | None = None
+) -> dict[str, dict[str, object]]:
+    """Sequences/s of the bare model at each batch size and dtype; the best is the physical limit.
+    Measured before and after the servers, keeping the better figure of each point: a noisy neighbour
+    on this shared machine can only make a point slower, never faster."""
     import bentoml
     import torch
     from transformers import AutoModel, AutoTokenizer
@@ -73,6 +77,13 @@ def measure_raw(seconds: float) -> dict[str, dict[str, object]]:
         tokens = len(tokenizer(template % 12345)["input_ids"])
         results[size] = {"tokens": tokens, "per_s": grid[best], "best": best, "grid": grid}
     return results
+
+
+def machine() -> str:
+    import torch
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    return f"{os.cpu_count()} cores, {gpu}"
 
 
 def run_wrk(url: str, text: str, connections: int, seconds: float) -> dict[str, float]:
@@ -145,12 +156,12 @@ def plot(result: dict[str, object], path: Path) -> None:
     for row, size in enumerate(TEXTS):
         raw = result["raw"][size]
         ax_tp, ax_lat = axes[row]
-        for name, style in (("served", "o-"), ("naive", "s--")):
+        for name, style, color in (("served", "o-", "tab:blue"), ("naive", "s--", "tab:orange")):
             points = result[name][size]
             xs = [p["connections"] for p in points]
-            ax_tp.plot(xs, [p["per_s"] for p in points], style, label=name)
-            ax_lat.plot(xs, [p["p50_ms"] for p in points], style, label=f"{name} p50")
-            ax_lat.plot(xs, [p["p99_ms"] for p in points], style, alpha=0.5, label=f"{name} p99")
+            ax_tp.plot(xs, [p["per_s"] for p in points], style, color=color, label=name)
+            ax_lat.plot(xs, [p["p50_ms"] for p in points], style, color=color, label=f"{name} p50")
+            ax_lat.plot(xs, [p["p99_ms"] for p in points], style, color=color, alpha=0.4, label=f"{name} p99")
         ax_tp.axhline(raw["per_s"], color="grey", linestyle=":", label=f"raw model ({raw['best']})")
         ax_tp.set_title(f"{size} input (~{raw['tokens']} tokens): throughput")
         ax_lat.set_title(f"{size} input: latency")
@@ -168,12 +179,12 @@ def plot(result: dict[str, object], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--duration", type=float, default=15, help="seconds per wrk point")
-    parser.add_argument("--raw-seconds", type=float, default=3, help="seconds per raw batch-size point")
+    parser.add_argument("--raw-seconds", type=float, default=2, help="seconds per raw batch-size point")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
 
-    result: dict[str, object] = {"machine": f"{os.cpu_count()} cores", "duration_s": args.duration}
-    result["raw"] = measure_raw(args.raw_seconds)
+    result: dict[str, object] = {"machine": machine(), "duration_s": args.duration}
+    raw_before = measure_raw(args.raw_seconds)
     with serve() as url:
         result["served"] = sweep("served", url, args.duration)
         result["batching"] = batch_sizes(url)
@@ -181,6 +192,7 @@ def main() -> None:
     naive = [sys.executable, str(ROOT / "loadtests" / "naive_server.py"), "--port", str(port)]
     with run_server(naive, port) as url:
         result["naive"] = sweep("naive", url, args.duration)
+    result["raw"] = measure_raw(args.raw_seconds, before=raw_before)
 
     at64 = {name: {p["connections"]: p for p in result[name]["short"]} for name in ("served", "naive")}
     long64 = next(p for p in result["served"]["long"] if p["connections"] == 64)

@@ -22,23 +22,19 @@ from transformers import AutoModel, AutoTokenizer
 
 from models.catalog import CATALOG
 from services.config import get_settings
+from services.embedding import encode, pick_device
 
 
 def build_app() -> Starlette:
     settings = get_settings()
     path = bentoml.models.get(CATALOG[settings.embedding_model].tag).path
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModel.from_pretrained(path, dtype=getattr(torch, settings.embedding_dtype)).eval()
+    device = pick_device(settings.device)
+    model = AutoModel.from_pretrained(path, dtype=getattr(torch, settings.embedding_dtype)).to(device).eval()
     lock = asyncio.Lock()
 
     def embed(text: str) -> list[float]:
-        batch = tokenizer(
-            [text], truncation=True, max_length=settings.embedding_max_tokens, return_tensors="pt"
-        )
-        with torch.inference_mode():
-            hidden = model(**batch).last_hidden_state
-        vector = torch.nn.functional.normalize(hidden.float().mean(dim=1), dim=-1)
-        return vector[0].tolist()
+        return encode(tokenizer, model, [text], settings.embedding_max_tokens, device)[0][0].tolist()
 
     async def embeddings(request: Request) -> Response:
         body = orjson.loads(await request.body())

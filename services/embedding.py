@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -17,6 +18,7 @@ from services.config import get_settings
 if TYPE_CHECKING:
     import torch
 
+logger = logging.getLogger("fnserve.embedding")
 settings = get_settings()
 MODEL = CATALOG[settings.embedding_model]
 
@@ -97,6 +99,13 @@ class Embedder:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModel.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
         self.dimensions: int = self.model.config.hidden_size
+        logger.info(
+            "embedding model %s on %s, %s, %d torch threads",
+            MODEL.tag,
+            self.device,
+            settings.embedding_dtype,
+            torch.get_num_threads(),
+        )
         self.max_tokens = settings.embedding_max_tokens
         # The OpenAI route calls the model in-process; see services/batching.py for why it does not
         # use the batcher BentoML puts in front of `encode`.

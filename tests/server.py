@@ -16,7 +16,7 @@ import httpx
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
-BENTOML = str(Path(sys.executable).with_name("bentoml"))
+BENTOML = [sys.executable, "-m", "bentoml"]
 
 
 def free_port() -> int:
@@ -50,7 +50,7 @@ def serve(
 ) -> Iterator[str]:
     """Serve `target` (an import string or a Bento tag) and yield its base URL once /readyz answers."""
     port = free_port()
-    command = [BENTOML, "serve", target, "--host", "127.0.0.1", "--port", str(port)]
+    command = [*BENTOML, "serve", target, "--host", "127.0.0.1", "--port", str(port)]
     with run_server(command, port, env=env, cwd=cwd) as url:
         yield url
 

@@ -14,7 +14,7 @@ from tests.server import BENTOML, ROOT, serve
 
 def test_bento_builds_and_serves(tmp_path: Path) -> None:
     done = subprocess.run(
-        [BENTOML, "build", "--output", "tag"], cwd=ROOT, capture_output=True, text=True, env=os.environ
+        [*BENTOML, "build", "--output", "tag"], cwd=ROOT, capture_output=True, text=True, env=os.environ
     )
     assert done.returncode == 0, done.stderr
     found = re.search(r"__tag__:(\S+)", done.stdout)
@@ -28,4 +28,4 @@ def test_bento_builds_and_serves(tmp_path: Path) -> None:
             assert response.status_code == 200, response.text
             assert len(response.json()["data"][0]["embedding"]) == 384
     finally:
-        subprocess.run([BENTOML, "delete", "--yes", tag], capture_output=True, check=True)
+        subprocess.run([*BENTOML, "delete", "--yes", tag], capture_output=True, check=True)

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One-shot check on a lent CUDA machine (no package index there): install the carried wheels, store the
+# carried fp16 copy of MiniLM under the catalogue tag, serve it on CUDA, call it, and run the embedding
+# benchmark at small scale. Needs .whl/ (wheels, wrk) and .devmodel/minilm/ carried beside the checkout;
+# see the README's GPU section. Results land in $OUT.
+set -euo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site:$PWD PATH=$PWD/.whl/bin:/tmp/site/bin:$PATH LD_LIBRARY_PATH=$PWD/.whl/bin
+export BENTOML_HOME=/tmp/bentoml BENTOML_DO_NOT_TRACK=true PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
+python3 - <<'PY'
+import shutil
+
+import bentoml
+
+from models.catalog import CATALOG
+
+entry = CATALOG["all-minilm-l6-v2"]
+with bentoml.models.create(entry.tag, labels={"task": entry.task}, metadata={"dtype": "float16"}) as model:
+    shutil.copytree(".devmodel/minilm", model.path, dirs_exist_ok=True)
+print("stored", entry.tag)
+PY
+python3 -m bentoml serve services.embedding:Embedder --host 127.0.0.1 --port 3300 > "$OUT/serve.log" 2>&1 &
+SERVER=$!
+for _ in $(seq 120); do curl -sf http://127.0.0.1:3300/readyz >/dev/null && break; sleep 1; done
+curl -s http://127.0.0.1:3300/v1/embeddings -H 'Content-Type: application/json' \
+  -d '{"model": "all-minilm-l6-v2", "input": ["A cat sits on the mat.", "A kitten is on a rug."]}' \
+  | python3 -c 'import json,sys; d=json.load(sys.stdin); import numpy as n; v=n.array([x["embedding"] for x in d["data"]]); print("cosine(cat, kitten) =", round(float(v[0]@v[1]),4), "usage", d["usage"])'
+nvidia-smi --query-compute-apps=pid,used_memory --format=csv
+grep -h "embedding model" "$OUT/serve.log" || true
+kill "$SERVER"; sleep 3; pkill -P "$SERVER" || true
+python3 loadtests/bench_embeddings.py --duration 5 --raw-seconds 1 2>&1 | grep -v Loading | tee "$OUT/bench.log"
+cp loadtests/results/embeddings.json "$OUT/embeddings-gpu.json"
+cp loadtests/results/embeddings.png "$OUT/embeddings-gpu.png"
