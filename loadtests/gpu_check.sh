@@ -24,10 +24,27 @@ print("stored", entry.tag)
 PY
 python3 -m bentoml serve services.embedding:Embedder --host 127.0.0.1 --port 3300 > "$OUT/serve.log" 2>&1 &
 SERVER=$!
-for _ in $(seq 120); do curl -sf http://127.0.0.1:3300/readyz >/dev/null && break; sleep 1; done
-curl -s http://127.0.0.1:3300/v1/embeddings -H 'Content-Type: application/json' \
-  -d '{"model": "all-minilm-l6-v2", "input": ["A cat sits on the mat.", "A kitten is on a rug."]}' \
-  | python3 -c 'import json,sys; d=json.load(sys.stdin); import numpy as n; v=n.array([x["embedding"] for x in d["data"]]); print("cosine(cat, kitten) =", round(float(v[0]@v[1]),4), "usage", d["usage"])'
+ls /dev/nvidia* /proc/driver/nvidia 2>&1 | head -5
+python3 - <<'PY'
+import time
+
+import httpx
+import numpy as np
+
+url = "http://127.0.0.1:3300"
+for _ in range(240):
+    try:
+        if httpx.get(f"{url}/readyz").status_code == 200:
+            break
+    except httpx.TransportError:
+        pass
+    time.sleep(0.5)
+texts = ["A cat sits on the mat.", "A kitten is on a rug.", "Quarterly tax filings are due in April."]
+body = httpx.post(f"{url}/v1/embeddings", json={"model": "all-minilm-l6-v2", "input": texts}).json()
+v = np.array([item["embedding"] for item in body["data"]])
+print("cosine(cat, kitten) =", round(float(v[0] @ v[1]), 4), "cosine(cat, tax) =", round(float(v[0] @ v[2]), 4))
+print("norms", np.linalg.norm(v, axis=1).round(4).tolist(), "usage", body["usage"])
+PY
 nvidia-smi --query-compute-apps=pid,used_memory --format=csv
 grep -h "embedding model" "$OUT/serve.log" || true
 kill "$SERVER"; sleep 3; pkill -P "$SERVER" || true

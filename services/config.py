@@ -35,7 +35,8 @@ class Settings(BaseSettings):
     @property
     def cuda_present(self) -> bool:
         """Checked from the device files, so the manager process need not import torch."""
-        return self.device == "cuda" or (self.device == "auto" and Path("/dev/nvidiactl").exists())
+        nodes = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia/version")
+        return self.device == "cuda" or (self.device == "auto" and any(Path(n).exists() for n in nodes))
 
     embedding_model: str = "all-minilm-l6-v2"
     embedding_dtype: Literal["bfloat16", "float32"] = Field(
