@@ -53,20 +53,22 @@ def measure_raw(
     from transformers import AutoModel, AutoTokenizer
 
     from models.catalog import CATALOG
-    from services.embedding import encode
+    from services.config import get_settings
+    from services.embedding import encode, pick_device
 
     path = bentoml.models.get(CATALOG["all-minilm-l6-v2"].tag).path
     tokenizer = AutoTokenizer.from_pretrained(path)
+    device = pick_device(get_settings().device)
     results: dict[str, dict[str, object]] = {}
     for size, template in TEXTS.items():
         grid = {}
         for dtype in ("float32", "bfloat16"):
-            model = AutoModel.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+            model = AutoModel.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
             for batch_size in (1, 8, 32, 64, 128):
                 texts = [template % i for i in range(batch_size)]
                 done, start = 0, time.perf_counter()
                 while time.perf_counter() - start < seconds or done < 2 * batch_size:
-                    encode(tokenizer, model, texts, max_tokens=256)
+                    encode(tokenizer, model, texts, 256, device)
                     done += batch_size
                 grid[f"{dtype}/{batch_size}"] = done / (time.perf_counter() - start)
                 print(

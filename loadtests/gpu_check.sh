@@ -24,8 +24,7 @@ print("stored", entry.tag)
 PY
 python3 -m bentoml serve services.embedding:Embedder --host 127.0.0.1 --port 3300 > "$OUT/serve.log" 2>&1 &
 SERVER=$!
-ls /dev/nvidia* /proc/driver/nvidia 2>&1 | head -5
-python3 - <<'PY'
+python3 - <<'PY' 2>&1 | tee "$OUT/check.log"
 import time
 
 import httpx
@@ -45,8 +44,8 @@ v = np.array([item["embedding"] for item in body["data"]])
 print("cosine(cat, kitten) =", round(float(v[0] @ v[1]), 4), "cosine(cat, tax) =", round(float(v[0] @ v[2]), 4))
 print("norms", np.linalg.norm(v, axis=1).round(4).tolist(), "usage", body["usage"])
 PY
-nvidia-smi --query-compute-apps=pid,used_memory --format=csv
-grep -h "embedding model" "$OUT/serve.log" || true
+nvidia-smi --query-compute-apps=pid,used_memory --format=csv | tee -a "$OUT/check.log"
+grep -h "embedding model" "$OUT/serve.log" | tee -a "$OUT/check.log" || true
 kill "$SERVER"; sleep 3; pkill -P "$SERVER" || true
 python3 loadtests/bench_embeddings.py --duration 5 --raw-seconds 1 2>&1 | grep -v Loading | tee "$OUT/bench.log"
 cp loadtests/results/embeddings.json "$OUT/embeddings-gpu.json"

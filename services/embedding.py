@@ -18,7 +18,7 @@ from services.config import get_settings
 if TYPE_CHECKING:
     import torch
 
-logger = logging.getLogger("fnserve.embedding")
+logger = logging.getLogger("bentoml.fnserve.embedding")  # under "bentoml": the server only logs that tree
 settings = get_settings()
 MODEL = CATALOG[settings.embedding_model]
 
