@@ -4,6 +4,7 @@
 # benchmark at small scale. Needs .whl/ (wheels, wrk) and .devmodel/minilm/ carried beside the checkout;
 # see the README's GPU section. Results land in $OUT.
 set -euo pipefail
+rm -rf /tmp/bentoml  # a fresh store each run: the machine may be a warm one from the last call
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PATH=$PWD/.whl/bin:/tmp/site/bin:$PATH LD_LIBRARY_PATH=$PWD/.whl/bin
 export BENTOML_HOME=/tmp/bentoml BENTOML_DO_NOT_TRACK=true PYTHONUNBUFFERED=1
