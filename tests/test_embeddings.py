@@ -103,11 +103,24 @@ def test_concurrent_requests_are_batched_and_correct(client: httpx.Client) -> No
     for text, vector in zip(texts[:4], vectors, strict=False):
         # bf16 kernels may block differently for another batch shape: equal up to rounding.
         assert float(vector @ alone[text]) > 0.999
-    metrics = client.get("/metrics").text
-    batches = [line for line in metrics.splitlines() if line.startswith("fnserve_embedding_batch_size_")]
-    count = next(float(line.split()[-1]) for line in batches if "_count" in line)
-    total = next(float(line.split()[-1]) for line in batches if "_sum" in line)
-    assert total / count > 1.5, "concurrent requests should have shared forward passes"
+    assert mean_batch_size(client, "fnserve_embedding_batch_size") > 1.5
+
+
+def mean_batch_size(client: httpx.Client, histogram: str) -> float:
+    """Mean observed batch size, summed over the workers' series."""
+    lines = [line for line in client.get("/metrics").text.splitlines() if line.startswith(f"{histogram}_")]
+    total = sum(float(line.split()[-1]) for line in lines if line.startswith(f"{histogram}_sum"))
+    count = sum(float(line.split()[-1]) for line in lines if line.startswith(f"{histogram}_count"))
+    return total / count
+
+
+def test_native_endpoint_batches_concurrent_calls(client: httpx.Client) -> None:
+    def call(i: int) -> int:
+        return client.post("/encode", json={"texts": [f"native call {i}"]}).status_code
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        assert set(pool.map(call, range(200))) == {200}
+    assert mean_batch_size(client, "bentoml_service_adaptive_batch_size") > 1.5
 
 
 BAD_REQUESTS = [
