@@ -55,6 +55,15 @@ class Settings(BaseSettings):
         "truncate", description="inputs over the token window: cut to it, or answer 400"
     )
 
+    generation_model: str = "smollm2-135m-instruct"
+    generation_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="fp32 output does not depend on what else is in the batch; bf16 can"
+    )
+    generation_max_tokens: int = Field(512, ge=1, description="cap on max_tokens per request")
+    generation_cache_blocks: int = Field(
+        64, ge=4, description="KV-cache blocks of 64 tokens shared by all running requests"
+    )
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

@@ -1,0 +1,99 @@
+"""Iteration-level continuous batching behind a small interface.
+
+`Engine` is what the generation service needs from a batching engine; `TransformersEngine` implements it
+with transformers' ContinuousBatchingManager (new requests join the running batch between decode steps,
+finished and cancelled ones leave it). A GPU engine such as vLLM can implement the same three methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+class EngineError(RuntimeError):
+    """The engine failed a request (the request only: the engine keeps serving others)."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """Tokens a request produced since its previous step; `finished` marks its last step."""
+
+    token_ids: list[int]
+    finished: bool
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int
+    waiting: int
+    free_cache: float  # share of the KV cache free, 0..1
+
+
+class Engine(Protocol):
+    def stream(self, prompt_ids: list[int], max_new_tokens: int) -> AsyncIterator[Step]:
+        """Greedy tokens for one request as they are produced. Closing the iterator early cancels the
+        request in the engine, which frees its cache at the next step."""
+        ...
+
+    def stats(self) -> EngineStats: ...
+
+    def shutdown(self) -> None: ...
+
+
+class TransformersEngine:
+    def __init__(self, model: Any, eos_token_id: int, pad_token_id: int | None, cache_blocks: int) -> None:
+        from transformers import GenerationConfig
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        generation = GenerationConfig(do_sample=False, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+        # Sized explicitly: the default sizing targets GPU memory and reserved ~10 GiB of RAM on CPU.
+        batching = ContinuousBatchingConfig(num_blocks=cache_blocks, page_size=64, max_batch_tokens=512)
+        self._manager = model.init_continuous_batching(
+            generation_config=generation, continuous_batching_config=batching
+        )
+        self._manager.start()
+        self._ids = itertools.count()
+
+    async def stream(self, prompt_ids: list[int], max_new_tokens: int) -> AsyncIterator[Step]:
+        request_id = f"req-{next(self._ids)}"
+        results: asyncio.Queue[Any] = asyncio.Queue()
+        # Registered before the request is added, so that no result can arrive unheard.
+        self._manager.register_result_handler(request_id, results.put_nowait)
+        self._manager.add_request(
+            prompt_ids, request_id=request_id, max_new_tokens=max_new_tokens, streaming=True
+        )
+        sent = 0
+        finished = False
+        try:
+            while not finished:
+                output = await results.get()
+                if output.error:
+                    raise EngineError(output.error)
+                finished = output.is_finished()
+                tokens = list(output.generated_tokens)
+                if len(tokens) > sent or finished:
+                    yield Step(tokens[sent:], finished)
+                    sent = len(tokens)
+        finally:
+            if not finished:
+                self._manager.cancel_request(request_id)
+                # The manager drops a handler only when its request finishes; a cancelled one would stay.
+                with self._manager.output_router._lock:
+                    self._manager.output_router.result_handlers.pop(request_id, None)
+
+    def stats(self) -> EngineStats:
+        processor = self._manager.batch_processor
+        if processor is None:
+            return EngineStats(running=0, waiting=0, free_cache=1.0)
+        return EngineStats(
+            running=len(processor.scheduler.active_requests),
+            waiting=len(processor.scheduler.waiting_requests),
+            free_cache=float(processor.cache.compute_free_capacity(relative=True)),
+        )
+
+    def shutdown(self) -> None:
+        self._manager.stop(block=True, timeout=10)

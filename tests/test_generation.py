@@ -1,0 +1,113 @@
+"""The generation runner: continuous batching and streaming, against a real `bentoml serve`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import bentoml
+import httpx
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from models.catalog import CATALOG
+from tests.server import serve
+
+QUESTIONS = [f"In one sentence, what is {n} plus {n}?" for n in range(1, 17)]
+
+
+@pytest.fixture(scope="module")
+def gen() -> Iterator[httpx.Client]:
+    env = {"FNSERVE_GENERATION_DTYPE": "float32"}
+    with serve("services.generation:Generator", env=env) as url, httpx.Client(base_url=url, timeout=120) as c:
+        yield c
+
+
+def chat(client: httpx.Client, question: str, max_tokens: int = 24) -> str:
+    body = {"messages": [{"role": "user", "content": question}], "max_tokens": max_tokens}
+    response = client.post("/chat", json=body)
+    assert response.status_code == 200, response.text
+    return response.text
+
+
+def reference(question: str, max_tokens: int) -> str:
+    """The same model run directly through transformers, greedy, fp32."""
+    path = bentoml.models.get(CATALOG["smollm2-135m-instruct"].tag).path
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=False,
+    )
+    out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_greedy_text_equals_transformers(gen: httpx.Client) -> None:
+    question = "What is the capital of France?"
+    assert chat(gen, question, 32) == reference(question, 32)
+
+
+def test_stream_arrives_in_several_chunks(gen: httpx.Client) -> None:
+    body = {"messages": [{"role": "user", "content": "Name three colours."}], "max_tokens": 32}
+    with gen.stream("POST", "/chat", json=body) as response:
+        chunks = [chunk for chunk in response.iter_text() if chunk]
+    assert len(chunks) > 3
+    assert "".join(chunks) == chat(gen, "Name three colours.", 32)
+
+
+def test_sixteen_concurrent_streams_equal_their_sequential_answers(gen: httpx.Client) -> None:
+    sequential = [chat(gen, q) for q in QUESTIONS[:4]]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        concurrent = list(pool.map(lambda q: chat(gen, q), QUESTIONS))
+    assert all(concurrent)
+    assert concurrent[:4] == sequential
+
+
+def stats(client: httpx.Client) -> dict[str, float]:
+    return client.post("/stats", json={}).json()
+
+
+def test_disconnect_cancels_the_request_and_frees_its_cache(gen: httpx.Client) -> None:
+    idle = stats(gen)
+    story = [{"role": "user", "content": "Write a very long story about a dragon."}]
+    body = {"messages": story, "max_tokens": 500}
+    with (
+        httpx.Client(base_url=str(gen.base_url), timeout=60) as own,
+        own.stream("POST", "/chat", json=body) as response,
+    ):
+        chunks = response.iter_text()
+        for _ in range(80):  # past the prompt's block: the request now holds cache of its own
+            next(chunks)
+        busy = stats(gen)
+        assert busy["running"] == 1 and busy["free_cache"] < idle["free_cache"]
+    deadline = time.monotonic() + 5  # the remaining ~420 tokens would take well over 5 s here
+    while (now := stats(gen))["running"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert now["running"] == 0 and now["waiting"] == 0
+    # Its partly filled block is freed; complete blocks stay cached for prefix sharing (and evictable).
+    assert now["free_cache"] > busy["free_cache"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"messages": [], "max_tokens": 8},
+        {"messages": [{"role": "wizard", "content": "hi"}]},
+        {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100_000},
+        {"messages": [{"role": "user", "content": 5}]},
+        {"messages": "hi"},
+    ],
+    ids=["empty-messages", "unknown-role", "max-tokens-over-cap", "wrong-type", "not-a-list"],
+)
+def test_bad_requests_get_400_and_the_engine_keeps_serving(
+    gen: httpx.Client, body: dict[str, object]
+) -> None:
+    response = gen.post("/chat", json=body)
+    assert response.status_code == 400, response.text
+    assert "error" in response.json()
+    assert chat(gen, "Say hi.", 4)
