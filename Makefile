@@ -22,7 +22,7 @@ models: $(VENV)/.installed
 	$(BIN)/python -m models.importer
 
 serve: models
-	@echo "fnserve: OpenAPI page at http://$(HOST):$(PORT)/docs (spec: /docs.json)"
+	@echo "fnserve: OpenAPI page at http://$(HOST):$(PORT)/ (spec: http://$(HOST):$(PORT)/docs.json)"
 	$(BIN)/bentoml serve $(SERVICE) --host $(HOST) --port $(PORT)
 
 test: models

@@ -48,6 +48,6 @@ PY
 nvidia-smi --query-compute-apps=pid,used_memory --format=csv | tee -a "$OUT/check.log"
 grep -h "embedding model" "$OUT/serve.log" | tee -a "$OUT/check.log" || true
 kill "$SERVER"; sleep 3; pkill -P "$SERVER" || true
-python3 loadtests/bench_embeddings.py --duration 5 --raw-seconds 1 2>&1 | grep -v Loading | tee "$OUT/bench.log"
+python3 loadtests/bench_embeddings.py --duration 4 --raw-seconds 1 2>&1 | grep -v Loading | tee "$OUT/bench.log"
 cp loadtests/results/embeddings.json "$OUT/embeddings-gpu.json"
 cp loadtests/results/embeddings.png "$OUT/embeddings-gpu.png"

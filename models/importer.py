@@ -119,16 +119,16 @@ def stored(entry: CatalogEntry) -> bool:
 
 def import_model(entry: CatalogEntry, force: bool = False) -> str:
     """Import one catalogue entry; returns its tag. Skips work when the tag is already stored."""
-    if stored(entry):
-        if not force:
-            return entry.tag
-        bentoml.models.delete(entry.tag)
+    if stored(entry) and not force:
+        return entry.tag
     with tempfile.TemporaryDirectory(prefix="fnserve-import-") as tmp:
         workdir = Path(tmp)
         folder = fetch(entry, workdir)
         verify(entry, folder)
         staged = workdir / "staged"
         stage(entry, folder, staged)
+        if stored(entry):  # --force: replaced only once the new copy has passed every check
+            bentoml.models.delete(entry.tag)
         with bentoml.models.create(
             entry.tag,
             labels={"task": entry.task, "source": entry.source.kind},

@@ -60,7 +60,7 @@ class GreedyBatcher(Generic[T, R]):
         try:
             parts = await asyncio.gather(*(job.future for job in jobs))
         except BaseException:
-            for job in jobs:  # a disconnected or failed caller's remaining chunks are skipped
+            for job in jobs:  # a cancelled (timed-out) or failed caller's queued chunks are skipped
                 job.future.cancel()
             raise
         return [result for part in parts for result in part]
@@ -83,19 +83,24 @@ class GreedyBatcher(Generic[T, R]):
     async def _drain(self) -> None:
         while self._queue:
             batch = self._next_batch()
-            if not batch:
-                continue
+            if batch:
+                await self._run(batch)
+
+    async def _run(self, batch: list[_Job[T, R]]) -> None:
+        try:
             items = [item for job in batch for item in job.items]
             self._on_batch(len(items), time.monotonic() - batch[0].enqueued)
-            try:
-                results = await asyncio.to_thread(self._run_batch, items)
-            except Exception as exc:  # the batch's callers get the error; the worker keeps serving
-                for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
-                continue
+            results = await asyncio.to_thread(self._run_batch, items)
             start = 0
             for job in batch:
                 if not job.future.done():
                     job.future.set_result(results[start : start + len(job.items)])
                 start += len(job.items)
+        except BaseException as exc:  # its callers get the error, never a hang; the worker keeps serving
+            for job in batch:
+                if not job.future.done():
+                    job.future.set_exception(
+                        exc if isinstance(exc, Exception) else RuntimeError("batch cancelled")
+                    )
+            if not isinstance(exc, Exception):
+                raise

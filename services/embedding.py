@@ -1,9 +1,11 @@
-"""The embedding function: all-MiniLM-L6-v2 with mean pooling, batched adaptively."""
+"""The embedding function: all-MiniLM-L6-v2 with mean pooling, batching concurrent requests."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import threading
 from typing import TYPE_CHECKING, Annotated, Any
 
 import bentoml
@@ -14,6 +16,7 @@ from models.catalog import CATALOG
 from services import gateway
 from services.batching import GreedyBatcher
 from services.config import get_settings
+from services.protocol import Text
 
 if TYPE_CHECKING:
     import torch
@@ -23,7 +26,7 @@ settings = get_settings()
 MODEL = CATALOG[settings.embedding_model]
 
 Texts = Annotated[
-    list[Annotated[str, Field(min_length=1, max_length=settings.embedding_max_input_chars)]],
+    list[Annotated[Text, Field(min_length=1, max_length=settings.embedding_max_input_chars)]],
     Field(min_length=1, max_length=settings.embedding_max_inputs),
 ]
 Embedded = tuple[np.ndarray, int]
@@ -97,6 +100,11 @@ class Embedder:
         self.dtype: torch.dtype = getattr(torch, settings.embedding_dtype)
         path = self.model_ref.path
         self.tokenizer = AutoTokenizer.from_pretrained(path)
+        # A fast tokenizer is not safe to share between threads that set truncation differently: the
+        # overflow check gets its own instance, and forward passes (greedy batcher and BentoML's batcher
+        # for /encode run in different threads) take turns.
+        self._counting_tokenizer = AutoTokenizer.from_pretrained(path)
+        self._forward_lock = threading.Lock()
         self.model = AutoModel.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
         self.dimensions: int = self.model.config.hidden_size
         logger.info(
@@ -117,7 +125,8 @@ class Embedder:
         )
 
     def _forward(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
-        return encode(self.tokenizer, self.model, texts, self.max_tokens, self.device)
+        with self._forward_lock:
+            return encode(self.tokenizer, self.model, texts, self.max_tokens, self.device)
 
     def _embed_batch(self, texts: list[str]) -> list[Embedded]:
         vectors, tokens = self._forward(texts)
@@ -127,9 +136,10 @@ class Embedder:
         """Vectors and token counts for one request's texts, batched with other requests' texts."""
         return await self._batcher.submit(texts)
 
-    def token_counts(self, texts: list[str]) -> list[int]:
-        """Untruncated token counts, for rejecting inputs over the window."""
-        return [len(ids) for ids in self.tokenizer(texts, truncation=False)["input_ids"]]
+    async def token_counts(self, texts: list[str]) -> list[int]:
+        """Untruncated token counts, for rejecting inputs over the window (off the event loop)."""
+        encoded = await asyncio.to_thread(self._counting_tokenizer, texts, truncation=False)
+        return [len(ids) for ids in encoded["input_ids"]]
 
     @bentoml.api(
         batchable=True,

@@ -41,7 +41,8 @@ class VectorsResponse(Response):
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-app = FastAPI(title="fnserve OpenAI-compatible API")
+# FastAPI's own docs would show only these routes; BentoML's UI (/) and spec (/docs.json) show them all.
+app = FastAPI(title="fnserve OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
 routes = APIRouter()
 
 
@@ -69,7 +70,8 @@ async def on_api_error(_: Request, exc: APIError) -> JSONResponse:
 async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
     first = exc.errors()[0]
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = location[0] if location else None
+    # A JSON syntax error's location is a character offset, not a parameter.
+    param = location[0] if location and first.get("type") != "json_invalid" else None
     message = f"{'.'.join(location)}: {first['msg']}" if location else first["msg"]
     if len(exc.errors()) > 1:
         message += f" (and {len(exc.errors()) - 1} more problems)"
@@ -96,7 +98,7 @@ def embedder() -> Embedder:
     return bentoml.get_current_service()
 
 
-def check_embedding_request(fn: Embedder, request: EmbeddingRequest) -> list[str]:
+async def check_embedding_request(fn: Embedder, request: EmbeddingRequest) -> list[str]:
     limits = get_settings()
     if request.model.lower() != fn.model_id:
         raise APIError(404, f"The model `{request.model}` does not exist", "model", "model_not_found")
@@ -113,7 +115,7 @@ def check_embedding_request(fn: Embedder, request: EmbeddingRequest) -> list[str
         if len(text) > limits.embedding_max_input_chars:
             raise APIError(400, f"input[{i}] is over {limits.embedding_max_input_chars} characters", "input")
     if limits.embedding_overflow == "reject":
-        for i, count in enumerate(fn.token_counts(texts)):
+        for i, count in enumerate(await fn.token_counts(texts)):
             if count > fn.max_tokens:
                 raise APIError(
                     400, f"input[{i}] is {count} tokens, over the model's window of {fn.max_tokens}", "input"
@@ -126,7 +128,7 @@ async def create_embeddings(request: EmbeddingRequest) -> VectorsResponse:
     """OpenAI embeddings. Inputs over the token window are truncated to it, or rejected with 400 when
     FNSERVE_EMBEDDING_OVERFLOW=reject."""
     fn = embedder()
-    texts = check_embedding_request(fn, request)
+    texts = await check_embedding_request(fn, request)
     results = await fn.embed(texts)
     as_base64 = request.encoding_format == "base64"
     data = [

@@ -13,6 +13,7 @@ from models.catalog import CATALOG
 from services.config import get_settings
 from services.embedding import pick_device
 from services.engine import Engine, TransformersEngine
+from services.protocol import Text
 
 logger = logging.getLogger("bentoml.fnserve.generation")  # under "bentoml": the server only logs that tree
 settings = get_settings()
@@ -21,7 +22,7 @@ MODEL = CATALOG[settings.generation_model]
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class IncrementalDecoder:

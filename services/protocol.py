@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+
+def encodable(text: str) -> str:
+    """JSON can carry lone surrogates (\\ud800) that no tokenizer or UTF-8 encoder accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError("text must be valid Unicode (it contains a lone surrogate)") from exc
+    return text
+
+
+Text = Annotated[str, AfterValidator(encodable)]
 
 
 class OpenAIModel(BaseModel):
@@ -23,18 +35,18 @@ class ErrorResponse(BaseModel):
 
 
 class EmbeddingRequest(OpenAIModel):
-    input: str | list[str] = Field(description="one text or a list of texts; each non-empty")
-    model: str
+    input: Text | list[Text] = Field(description="one text or a list of texts; each non-empty")
+    model: Text
     encoding_format: Literal["float", "base64"] = Field(
         "float", description="base64 is little-endian float32, as the openai client expects"
     )
     dimensions: int | None = Field(None, gt=0, description="only the model's own width is accepted")
-    user: str | None = None
+    user: Text | None = None
 
     @field_validator("input", mode="before")
     @classmethod
     def reject_token_arrays(cls, value: object) -> object:
-        if isinstance(value, list) and value and not isinstance(value[0], str):
+        if isinstance(value, list) and value and isinstance(value[0], int | list):
             raise ValueError("token-id arrays are not supported by this server; send text")
         return value
 

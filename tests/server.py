@@ -88,3 +88,11 @@ def run_server(
         stop_tree(proc)
         log.close()
         Path(log.name).unlink(missing_ok=True)
+
+
+def histogram(metrics: str, name: str) -> tuple[float, float]:
+    """Observation count and mean of a Prometheus histogram, summed over all its series (workers)."""
+    lines = metrics.splitlines()
+    total = sum(float(line.split()[-1]) for line in lines if line.startswith(f"{name}_sum"))
+    count = sum(float(line.split()[-1]) for line in lines if line.startswith(f"{name}_count"))
+    return count, total / count

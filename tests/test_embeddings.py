@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -10,9 +11,14 @@ import numpy as np
 import openai
 import pytest
 
-from tests.server import serve
+from tests.server import histogram, serve
 
 MODEL = "all-minilm-l6-v2"
+
+
+def post_json(client: httpx.Client, path: str, body: object) -> httpx.Response:
+    """JSON as a client in another language may send it: ASCII with escapes, lone surrogates included."""
+    return client.post(path, content=json.dumps(body), headers={"content-type": "application/json"})
 
 
 def embed(client: httpx.Client, texts: str | list[str], **extra: object) -> np.ndarray:
@@ -89,8 +95,8 @@ def test_native_bentoml_endpoint_agrees_with_openai_route(client: httpx.Client) 
 
 
 def test_native_endpoint_rejects_bad_input(client: httpx.Client) -> None:
-    for body in ({"texts": []}, {"texts": [""]}, {"texts": "not a list"}, {}):
-        response = client.post("/encode", json=body)
+    for body in ({"texts": []}, {"texts": [""]}, {"texts": "not a list"}, {}, {"texts": ["\ud800"]}):
+        response = post_json(client, "/encode", body)
         assert response.status_code == 400, (body, response.text)
         assert "error" in response.json()
 
@@ -106,12 +112,8 @@ def test_concurrent_requests_are_batched_and_correct(client: httpx.Client) -> No
     assert mean_batch_size(client, "fnserve_embedding_batch_size") > 1.5
 
 
-def mean_batch_size(client: httpx.Client, histogram: str) -> float:
-    """Mean observed batch size, summed over the workers' series."""
-    lines = [line for line in client.get("/metrics").text.splitlines() if line.startswith(f"{histogram}_")]
-    total = sum(float(line.split()[-1]) for line in lines if line.startswith(f"{histogram}_sum"))
-    count = sum(float(line.split()[-1]) for line in lines if line.startswith(f"{histogram}_count"))
-    return total / count
+def mean_batch_size(client: httpx.Client, name: str) -> float:
+    return histogram(client.get("/metrics").text, name)[1]
 
 
 def test_native_endpoint_batches_concurrent_calls(client: httpx.Client) -> None:
@@ -139,6 +141,9 @@ BAD_REQUESTS = [
     ),
     pytest.param({"model": MODEL, "input": "x", "temperature": 1}, 400, "temperature", id="unknown-field"),
     pytest.param([1, 2], 400, None, id="not-an-object"),
+    pytest.param({"model": MODEL, "input": ["ok", "\ud800"]}, 400, "input", id="lone-surrogate"),
+    pytest.param({"model": "\ud800", "input": "x"}, 400, "model", id="surrogate-model"),
+    pytest.param({"model": MODEL, "input": [None, "x"]}, 400, "input", id="null-item"),
 ]
 
 
@@ -146,7 +151,7 @@ BAD_REQUESTS = [
 def test_bad_requests_get_openai_errors(
     client: httpx.Client, body: object, status: int, param: str | None
 ) -> None:
-    response = client.post("/v1/embeddings", json=body)
+    response = post_json(client, "/v1/embeddings", body)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["message"] and error["type"] == "invalid_request_error"
