@@ -53,8 +53,8 @@ def measure_raw(
     from transformers import AutoModel, AutoTokenizer
 
     from models.catalog import CATALOG
-    from services.config import get_settings
-    from services.embedding import encode, pick_device
+    from services.config import get_settings, pick_device
+    from services.embedding import encode
 
     path = bentoml.models.get(CATALOG["all-minilm-l6-v2"].tag).path
     tokenizer = AutoTokenizer.from_pretrained(path)

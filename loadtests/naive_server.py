@@ -21,8 +21,8 @@ from starlette.routing import Route
 from transformers import AutoModel, AutoTokenizer
 
 from models.catalog import CATALOG
-from services.config import get_settings
-from services.embedding import encode, pick_device
+from services.config import get_settings, pick_device
+from services.embedding import encode
 
 
 def build_app() -> Starlette:

@@ -15,7 +15,8 @@ from pydantic import Field
 from models.catalog import CATALOG
 from services import gateway
 from services.batching import GreedyBatcher
-from services.config import get_settings
+from services.config import get_settings, pick_device
+from services.generation import Generator
 from services.protocol import Text
 
 if TYPE_CHECKING:
@@ -50,14 +51,6 @@ def observe_batch(size: int, wait: float) -> None:
     QUEUE_SECONDS.observe(wait)
 
 
-def pick_device(requested: str) -> str:
-    import torch
-
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return requested
-
-
 def encode(
     tokenizer: Any, model: Any, texts: list[str], max_tokens: int, device: str = "cpu"
 ) -> tuple[np.ndarray, list[int]]:
@@ -89,6 +82,7 @@ class Embedder:
     more than half the throughput on short inputs (README, benchmarks)."""
 
     model_ref = bentoml.models.BentoModel(MODEL.tag)
+    generator = bentoml.depends(Generator)
 
     def __init__(self) -> None:
         import torch

@@ -27,6 +27,18 @@ class Step:
 
 
 @dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+
+
+# The engine samples for every request (do_sample is one setting for the whole batch); a request asking
+# for greedy decoding gets this temperature, which turns its softmax into a one-hot on the argmax.
+GREEDY_TEMPERATURE = 1e-5
+
+
+@dataclass(frozen=True)
 class EngineStats:
     running: int
     waiting: int
@@ -34,9 +46,9 @@ class EngineStats:
 
 
 class Engine(Protocol):
-    def stream(self, prompt_ids: list[int], max_new_tokens: int) -> AsyncIterator[Step]:
-        """Greedy tokens for one request as they are produced. Closing the iterator early cancels the
-        request in the engine, which frees its cache at the next step."""
+    def stream(self, prompt_ids: list[int], sampling: Sampling) -> AsyncIterator[Step]:
+        """Tokens for one request as they are produced. Closing the iterator early cancels the request
+        in the engine, which frees its cache at the next step."""
         ...
 
     def stats(self) -> EngineStats: ...
@@ -49,22 +61,33 @@ class TransformersEngine:
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-        generation = GenerationConfig(do_sample=False, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+        # Temperature and top-p other than 1 make transformers build their warpers; every request then
+        # sets its own values (per-request processors).
+        generation = GenerationConfig(
+            do_sample=True, temperature=0.5, top_p=0.5, eos_token_id=eos_token_id, pad_token_id=pad_token_id
+        )
         # Sized explicitly: the default sizing targets GPU memory and reserved ~10 GiB of RAM on CPU.
-        batching = ContinuousBatchingConfig(num_blocks=cache_blocks, page_size=64, max_batch_tokens=512)
+        batching = ContinuousBatchingConfig(
+            num_blocks=cache_blocks, page_size=64, max_batch_tokens=512, per_request_processors=True
+        )
         self._manager = model.init_continuous_batching(
             generation_config=generation, continuous_batching_config=batching
         )
         self._manager.start()
         self._ids = itertools.count()
 
-    async def stream(self, prompt_ids: list[int], max_new_tokens: int) -> AsyncIterator[Step]:
+    async def stream(self, prompt_ids: list[int], sampling: Sampling) -> AsyncIterator[Step]:
         request_id = f"req-{next(self._ids)}"
         results: asyncio.Queue[Any] = asyncio.Queue()
         # Registered before the request is added, so that no result can arrive unheard.
         self._manager.register_result_handler(request_id, results.put_nowait)
         self._manager.add_request(
-            prompt_ids, request_id=request_id, max_new_tokens=max_new_tokens, streaming=True
+            prompt_ids,
+            request_id=request_id,
+            max_new_tokens=sampling.max_new_tokens,
+            streaming=True,
+            temperature=max(sampling.temperature, GREEDY_TEMPERATURE),
+            top_p=sampling.top_p,
         )
         sent = 0
         finished = False

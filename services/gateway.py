@@ -9,19 +9,35 @@ from __future__ import annotations
 import base64
 import logging
 import time
+import uuid
+from collections.abc import AsyncIterator
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import bentoml
 import orjson
 from bentoml.exceptions import ServiceUnavailable
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.sse import EventSourceResponse, format_sse_event
 from starlette.exceptions import HTTPException
+from starlette.types import Send
 
 from services.config import get_settings
-from services.protocol import EmbeddingRequest, EmbeddingResponse, ErrorResponse, ModelCard, ModelList
+from services.protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    ErrorResponse,
+    GenerationParams,
+    ModelCard,
+    ModelList,
+)
 
 if TYPE_CHECKING:
     from services.embedding import Embedder
@@ -31,7 +47,7 @@ STARTED = int(time.time())
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 404, 503)}
 
 
-class VectorsResponse(Response):
+class OrjsonResponse(Response):
     """JSON written by orjson, which serialises numpy arrays natively: validating 384 floats per input
     through a response model costs more than the forward pass of a short input."""
 
@@ -42,6 +58,19 @@ class VectorsResponse(Response):
 
 
 # FastAPI's own docs would show only these routes; BentoML's UI (/) and spec (/docs.json) show them all.
+class ClosingEventSourceResponse(EventSourceResponse):
+    """Closes its body iterator as soon as sending stops. Starlette leaves the iterator to the garbage
+    collector when the client has gone (the send raises), which delays the cancellation of a generation
+    by however long that takes."""
+
+    async def stream_response(self, send: Send) -> None:
+        try:
+            await super().stream_response(send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()  # type: ignore[union-attr]
+
+
 app = FastAPI(title="fnserve OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
 routes = APIRouter()
 
@@ -124,7 +153,7 @@ async def check_embedding_request(fn: Embedder, request: EmbeddingRequest) -> li
 
 
 @routes.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERRORS)
-async def create_embeddings(request: EmbeddingRequest) -> VectorsResponse:
+async def create_embeddings(request: EmbeddingRequest) -> OrjsonResponse:
     """OpenAI embeddings. Inputs over the token window are truncated to it, or rejected with 400 when
     FNSERVE_EMBEDDING_OVERFLOW=reject."""
     fn = embedder()
@@ -140,7 +169,7 @@ async def create_embeddings(request: EmbeddingRequest) -> VectorsResponse:
         for i, (vector, _) in enumerate(results)
     ]
     tokens = sum(count for _, count in results)
-    return VectorsResponse(
+    return OrjsonResponse(
         {
             "object": "list",
             "data": data,
@@ -150,9 +179,158 @@ async def create_embeddings(request: EmbeddingRequest) -> VectorsResponse:
     )
 
 
+async def generation_events(request: GenerationParams, **target: Any) -> AsyncIterator[dict[str, Any]]:
+    """Parsed events from the generation service (newline-delimited JSON over a streamed call).
+
+    Calls through the dependency's own HTTP session rather than the proxy method: the proxy's stream
+    wrapper (BentoML 1.4.40) does not close the response when closed early, so the generation would run
+    on until the garbage collector found it. Closing this iterator closes the call, which cancels the
+    request in the engine."""
+    session = await embedder().generator.to_async._session_manager.get_session()
+    body = {
+        **target,
+        "max_tokens": request.token_budget,
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "stop": request.stops,
+    }
+    response = await session.post("/generate", json=body)
+    try:
+        if response.status != 200:
+            detail = (await response.read()).decode(errors="replace")
+            raise APIError(response.status if response.status < 500 else 502, detail)
+        async for line in response.content:
+            if line.strip():
+                yield orjson.loads(line)
+    finally:
+        response.close()
+
+
+async def complete(request: GenerationParams, chat: bool, **target: Any) -> Response:
+    """One chat completion or completion, streamed as SSE or answered whole."""
+    model = get_settings().generation_model
+    if request.model.lower() != model:
+        raise APIError(404, f"The model `{request.model}` does not exist", "model", "model_not_found")
+    if request.n != 1:
+        raise APIError(400, "only n=1 is supported", "n")
+    events = generation_events(request, **target)
+    first = await anext(events)
+    if first["type"] == "error":
+        await events.aclose()
+        raise APIError(first["status"], first["message"], first.get("param"))
+    chunks = ChunkWriter(chat, model, first["prompt_tokens"], request)
+    if request.stream:
+        return ClosingEventSourceResponse(chunks.sse(events))
+    text: list[str] = []
+    async for item in events:
+        if item["type"] == "error":
+            raise APIError(item["status"], item["message"])
+        if item["type"] == "delta":
+            text.append(item["text"])
+        else:
+            return OrjsonResponse(chunks.whole("".join(text), item))
+    raise APIError(500, "the generation service ended the stream early")
+
+
+class ChunkWriter:
+    """OpenAI response and stream-chunk bodies for one request."""
+
+    def __init__(self, chat: bool, model: str, prompt_tokens: int, request: GenerationParams) -> None:
+        self.chat, self.model, self.prompt_tokens = chat, model, prompt_tokens
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.include_usage = bool(request.stream_options and request.stream_options.include_usage)
+
+    def usage(self, completion_tokens: int) -> dict[str, int]:
+        total = self.prompt_tokens + completion_tokens
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": total,
+        }
+
+    def whole(self, text: str, done: dict[str, Any]) -> dict[str, Any]:
+        reason = done["finish_reason"]
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": reason}
+        kind = "chat.completion" if self.chat else "text_completion"
+        return self.body(kind, [choice], usage=self.usage(done["completion_tokens"]))
+
+    def body(self, kind: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        head = {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+        return {**head, "choices": choices, **extra}
+
+    def chunk(self, text: str | None, reason: str | None = None, role: bool = False) -> bytes:
+        if self.chat:
+            delta: dict[str, str] = {"role": "assistant"} if role else {}
+            if text is not None:
+                delta["content"] = text
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": reason}
+        else:
+            choice = {"index": 0, "text": text or "", "finish_reason": reason}
+        extra = {"usage": None} if self.include_usage else {}
+        return self.sse_data(self.body(self.kind_chunk, [choice], **extra))
+
+    @property
+    def kind_chunk(self) -> str:
+        return "chat.completion.chunk" if self.chat else "text_completion"
+
+    @staticmethod
+    def sse_data(body: Any) -> bytes:
+        return format_sse_event(data_str=orjson.dumps(body).decode())
+
+    async def sse(self, events: AsyncIterator[dict[str, Any]]) -> AsyncIterator[bytes]:
+        """`data: {chunk}` events, then `data: [DONE]`; a failure after the first byte is sent as an
+        `event: error` with the OpenAI error body, never as a silently truncated 200."""
+        try:
+            if self.chat:
+                yield self.chunk("", role=True)
+            async for item in events:
+                if item["type"] == "delta":
+                    yield self.chunk(item["text"])
+                elif item["type"] == "done":
+                    yield self.chunk(None if self.chat else "", item["finish_reason"])
+                    if self.include_usage:
+                        yield self.sse_data(
+                            self.body(self.kind_chunk, [], usage=self.usage(item["completion_tokens"]))
+                        )
+                    yield format_sse_event(data_str="[DONE]")
+                    return
+                else:
+                    raise RuntimeError(item.get("message", "generation failed"))
+            raise RuntimeError("the generation service ended the stream early")
+        except Exception as exc:
+            logger.exception("stream failed")
+            error = {"message": str(exc), "type": "server_error", "param": None, "code": None}
+            yield format_sse_event(event="error", data_str=orjson.dumps({"error": error}).decode())
+        finally:
+            await events.aclose()
+
+
+@routes.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERRORS)
+async def create_chat_completion(request: ChatCompletionRequest) -> Response:
+    """OpenAI chat completions; `stream: true` answers with Server-Sent Events."""
+    return await complete(request, chat=True, messages=[m.model_dump() for m in request.messages])
+
+
+@routes.post("/v1/completions", response_model=Completion, responses=ERRORS)
+async def create_completion(request: CompletionRequest) -> Response:
+    """OpenAI (legacy) completions over a raw prompt; `stream: true` answers with Server-Sent Events."""
+    return await complete(request, chat=False, prompt=request.prompt)
+
+
+@routes.get("/engine/stats")
+async def engine_stats() -> dict[str, float]:
+    """The generation engine's occupancy: running and waiting requests, free share of its KV cache."""
+    return await embedder().generator.stats()
+
+
 @routes.get("/v1/models", response_model=ModelList)
 async def list_models() -> ModelList:
-    return ModelList(data=[ModelCard(id=embedder().model_id, created=STARTED)])
+    names = [embedder().model_id, get_settings().generation_model]
+    return ModelList(data=[ModelCard(id=name, created=STARTED) for name in names])
 
 
 app.include_router(routes)

@@ -2,27 +2,52 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncGenerator
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import bentoml
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from models.catalog import CATALOG
-from services.config import get_settings
-from services.embedding import pick_device
-from services.engine import Engine, TransformersEngine
-from services.protocol import Text
+from services.config import get_settings, pick_device
+from services.engine import Engine, EngineError, Sampling, TransformersEngine
+from services.protocol import ChatMessage, Text
 
 logger = logging.getLogger("bentoml.fnserve.generation")  # under "bentoml": the server only logs that tree
 settings = get_settings()
 MODEL = CATALOG[settings.generation_model]
 
 
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: Text
+def event(kind: str, **fields: Any) -> str:
+    return json.dumps({"type": kind, **fields}) + "\n"
+
+
+class StopMatcher:
+    """Cuts text at the first stop string. Text that could still be the start of a stop string is held
+    back until it is resolved, so a stop string never reaches the client, even split across tokens."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self._stops = [stop for stop in stops if stop]
+        self._hold = max((len(stop) for stop in self._stops), default=1) - 1
+        self._pending = ""
+        self.stopped = False
+
+    def push(self, delta: str) -> str:
+        self._pending += delta
+        cuts = [i for i in (self._pending.find(stop) for stop in self._stops) if i >= 0]
+        if cuts:
+            self.stopped = True
+            out, self._pending = self._pending[: min(cuts)], ""
+            return out
+        cut = max(len(self._pending) - self._hold, 0)
+        out, self._pending = self._pending[:cut], self._pending[cut:]
+        return out
+
+    def flush(self) -> str:
+        out, self._pending = self._pending, ""
+        return out
 
 
 class IncrementalDecoder:
@@ -44,7 +69,13 @@ class IncrementalDecoder:
 
 
 @bentoml.service(
-    name="generation", workers=1, traffic={"timeout": 600}, logging={"access": {"enabled": False}}
+    name="generation",
+    workers=1,
+    traffic={"timeout": 600},
+    logging={"access": {"enabled": False}},
+    # BentoML's client recycles its session every 100 calls by default and kills the calls in flight
+    # (about one 500 per 100 concurrent calls, field notes); streams live long, so never recycle.
+    runner_connection={"max_requests": 10**9, "max_age": 1e9},
 )
 class Generator:
     """Owns the chat model and its engine loop (one per process)."""
@@ -77,6 +108,68 @@ class Generator:
             )
         )
 
+    def prompt_ids(self, messages: list[ChatMessage] | None, prompt: str | None) -> list[int]:
+        if messages is not None:
+            return self.chat_prompt(messages)
+        return list(self.tokenizer(prompt or "")["input_ids"])
+
+    @bentoml.api
+    async def generate(
+        self,
+        messages: list[ChatMessage] | None = None,
+        prompt: Text | None = None,
+        max_tokens: Annotated[int | None, Field(ge=1)] = None,
+        temperature: Annotated[float, Field(ge=0, le=2)] = 1.0,
+        top_p: Annotated[float, Field(gt=0, le=1)] = 1.0,
+        stop: Annotated[list[Text], Field(max_length=4)] = [],  # noqa: B006 - pydantic copies defaults
+    ) -> AsyncGenerator[str, None]:
+        """Newline-delimited JSON events for the OpenAI routes: first `start` (prompt tokens) or `error`
+        (status, message, param), then `delta` (text), then `done` (finish reason, completion tokens) or
+        `error`. The first event comes before any generation, so callers can still answer 4xx."""
+        problem = self.check(messages, prompt, max_tokens)
+        if problem:
+            yield event("error", status=400, message=problem[0], param=problem[1])
+            return
+        ids = self.prompt_ids(messages, prompt)
+        budget = max_tokens or min(settings.generation_max_tokens, self.context_window - len(ids))
+        if len(ids) + budget > self.context_window:
+            message = (
+                f"the prompt is {len(ids)} tokens; with max_tokens {budget} that is over the model's "
+                f"context window of {self.context_window} tokens"
+            )
+            yield event("error", status=400, message=message, param="messages" if messages else "prompt")
+            return
+        yield event("start", prompt_tokens=len(ids))
+        decoder, matcher = IncrementalDecoder(self.tokenizer), StopMatcher(stop)
+        generated: list[int] = []
+        try:
+            async for step in self.engine.stream(ids, Sampling(budget, temperature, top_p)):
+                generated.extend(step.token_ids)
+                if text := matcher.push(decoder.push(step.token_ids)):
+                    yield event("delta", text=text)
+                if matcher.stopped:
+                    break  # closing the stream cancels the request in the engine
+        except EngineError as exc:
+            yield event("error", status=500, message=f"generation failed: {exc}")
+            return
+        if not matcher.stopped and (rest := matcher.flush()):
+            yield event("delta", text=rest)
+        ended = matcher.stopped or (generated and generated[-1] == self.tokenizer.eos_token_id)
+        reason = "stop" if ended or len(generated) < budget else "length"
+        yield event("done", finish_reason=reason, completion_tokens=len(generated))
+
+    def check(
+        self, messages: list[ChatMessage] | None, prompt: str | None, max_tokens: int | None
+    ) -> tuple[str, str] | None:
+        """A client error as (message, param), or None."""
+        if (messages is None) == (prompt is None):
+            return "send exactly one of messages and prompt", "messages"
+        if messages is not None and not messages:
+            return "messages must not be empty", "messages"
+        if max_tokens is not None and max_tokens > settings.generation_max_tokens:
+            return f"max_tokens is capped at {settings.generation_max_tokens}", "max_tokens"
+        return None
+
     @bentoml.api
     async def chat(
         self,
@@ -85,12 +178,12 @@ class Generator:
     ) -> AsyncGenerator[str, None]:
         """Native streaming endpoint: greedy text deltas as the model produces them."""
         decoder = IncrementalDecoder(self.tokenizer)
-        async for step in self.engine.stream(self.chat_prompt(messages), max_tokens):
+        async for step in self.engine.stream(self.chat_prompt(messages), Sampling(max_tokens)):
             if delta := decoder.push(step.token_ids):
                 yield delta
 
     @bentoml.api
-    def stats(self) -> dict[str, float]:
+    async def stats(self) -> dict[str, float]:
         """Engine occupancy: running and waiting requests, free share of the KV cache."""
         stats = self.engine.stats()
         return {"running": stats.running, "waiting": stats.waiting, "free_cache": stats.free_cache}

@@ -81,7 +81,7 @@ def test_openai_client_round_trips(server: str) -> None:
     np.testing.assert_allclose(
         [d.embedding for d in result.data], [d.embedding for d in as_floats.data], atol=1e-6
     )
-    assert [m.id for m in api.models.list().data] == [MODEL]
+    assert MODEL in [m.id for m in api.models.list().data]
     with pytest.raises(openai.NotFoundError) as err:
         api.embeddings.create(model="no-such-model", input="x")
     assert err.value.body["code"] == "model_not_found"

@@ -6,13 +6,10 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-import bentoml
 import httpx
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from models.catalog import CATALOG
+from tests.reference import reference
 from tests.server import serve
 
 QUESTIONS = [f"In one sentence, what is {n} plus {n}?" for n in range(1, 17)]
@@ -30,21 +27,6 @@ def chat(client: httpx.Client, question: str, max_tokens: int = 24) -> str:
     response = client.post("/chat", json=body)
     assert response.status_code == 200, response.text
     return response.text
-
-
-def reference(question: str, max_tokens: int) -> str:
-    """The same model run directly through transformers, greedy, fp32."""
-    path = bentoml.models.get(CATALOG["smollm2-135m-instruct"].tag).path
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=False,
-    )
-    out = model.generate(ids, max_new_tokens=max_tokens, do_sample=False)
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def test_greedy_text_equals_transformers(gen: httpx.Client) -> None:

@@ -1,0 +1,159 @@
+"""OpenAI chat completions and completions on the main server: real model, real streaming."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.reference import reference
+
+MODEL = "smollm2-135m-instruct"
+QUESTION = "What is the capital of France?"
+
+
+def chat_body(question: str = QUESTION, **extra: Any) -> dict[str, Any]:
+    return {"model": MODEL, "messages": [{"role": "user", "content": question}], "temperature": 0, **extra}
+
+
+def sse_events(response: httpx.Response) -> list[str]:
+    """The `data:` payloads of an SSE response, in order."""
+    return [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def ask(client: httpx.Client, question: str = QUESTION, **extra: Any) -> dict[str, Any]:
+    response = client.post("/v1/chat/completions", json=chat_body(question, **extra))
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_greedy_answer_equals_transformers(client: httpx.Client) -> None:
+    answer = ask(client, max_tokens=32)
+    assert answer["choices"][0]["message"] == {"role": "assistant", "content": reference(QUESTION, 32)}
+    assert answer["object"] == "chat.completion" and answer["model"] == MODEL
+    usage = answer["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"] > 0
+
+
+def test_stream_deltas_concatenate_to_the_answer(client: httpx.Client) -> None:
+    whole = ask(client, max_tokens=32)
+    body = chat_body(max_tokens=32, stream=True, stream_options={"include_usage": True})
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == whole["choices"][0]["message"]["content"]
+    assert len(chunks) > 5, "tokens should arrive one by one"
+    assert chunks[-2]["choices"][0]["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+
+
+def test_stop_string_cuts_and_is_not_returned(client: httpx.Client) -> None:
+    full = ask(client, max_tokens=32)["choices"][0]["message"]["content"]
+    assert " is " in full
+    cut = ask(client, max_tokens=32, stop=[" is "])["choices"][0]
+    assert cut["message"]["content"] == full[: full.index(" is ")]
+    assert cut["finish_reason"] == "stop"
+
+
+def test_max_tokens_is_honoured(client: httpx.Client) -> None:
+    for field in ("max_tokens", "max_completion_tokens"):
+        answer = ask(client, "Tell me a long story about a fox.", **{field: 5})
+        assert answer["choices"][0]["finish_reason"] == "length"
+        assert answer["usage"]["completion_tokens"] == 5
+
+
+def test_completions_route(client: httpx.Client) -> None:
+    body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}
+    answer = client.post("/v1/completions", json=body).json()
+    assert answer["object"] == "text_completion"
+    assert "Paris" in answer["choices"][0]["text"]
+
+
+def test_sixteen_concurrent_streams_complete_with_their_sequential_answers(client: httpx.Client) -> None:
+    questions = [f"In one sentence, what is {n} plus {n}?" for n in range(1, 17)]
+    sequential = {q: ask(client, q, max_tokens=24)["choices"][0]["message"]["content"] for q in questions[:3]}
+
+    def stream(question: str) -> str:
+        with client.stream(
+            "POST", "/v1/chat/completions", json=chat_body(question, max_tokens=24, stream=True)
+        ) as r:
+            chunks = [json.loads(event) for event in sse_events(r)[:-1]]
+        return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        answers = list(pool.map(stream, questions))
+    assert all(answers)
+    assert answers[:3] == [sequential[q] for q in questions[:3]]  # fp32: batching does not change text
+
+
+def test_disconnect_mid_stream_cancels_in_the_engine(server: str, client: httpx.Client) -> None:
+    body = chat_body("Write a very long story about a dragon.", max_tokens=500, stream=True)
+    with (
+        httpx.Client(base_url=server, timeout=60) as own,
+        own.stream("POST", "/v1/chat/completions", json=body) as r,
+    ):
+        lines = r.iter_lines()
+        for _ in range(10):
+            next(lines)
+        assert client.get("/engine/stats").json()["running"] == 1
+    deadline = time.monotonic() + 5  # the remaining ~490 tokens would take well over 5 s here
+    while client.get("/engine/stats").json()["running"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert client.get("/engine/stats").json()["running"] == 0
+
+
+def test_openai_client_chat_completions_streaming_and_models(server: str) -> None:
+    api = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
+    answer = api.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": QUESTION}], max_tokens=16, temperature=0
+    )
+    streamed = api.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": QUESTION}],
+        max_tokens=16,
+        temperature=0,
+        stream=True,
+    )
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices)
+    assert text == answer.choices[0].message.content
+    completion = api.completions.create(model=MODEL, prompt="One, two, three,", max_tokens=4, temperature=0)
+    assert completion.choices[0].text
+    assert MODEL in [m.id for m in api.models.list().data]
+    with pytest.raises(openai.BadRequestError):
+        api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2)
+
+
+LONG_PROMPT = "word " * 9000  # over SmolLM2's 8192-token window
+
+BAD = [
+    pytest.param({"messages": []}, 400, "messages", id="empty-messages"),
+    pytest.param({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages", id="unknown-role"),
+    pytest.param({"messages": [{"role": "user", "content": 7}]}, 400, "messages", id="wrong-type"),
+    pytest.param({"messages": "hi"}, 400, "messages", id="messages-not-a-list"),
+    pytest.param({"max_tokens": 100_000}, 400, "max_tokens", id="max-tokens-over-cap"),
+    pytest.param({"max_tokens": 0}, 400, "max_tokens", id="max-tokens-zero"),
+    pytest.param({"temperature": 5}, 400, "temperature", id="temperature"),
+    pytest.param({"n": 2}, 400, "n", id="n-over-one"),
+    pytest.param({"model": "gpt-9"}, 404, "model", id="unknown-model"),
+    pytest.param({"messages": [{"role": "user", "content": LONG_PROMPT}]}, 400, "messages", id="over-window"),
+    pytest.param({"logit_bias": {}}, 400, "logit_bias", id="unknown-field"),
+]
+
+
+@pytest.mark.parametrize(("override", "status", "param"), BAD)
+def test_bad_chat_requests_get_openai_errors(
+    client: httpx.Client, override: dict[str, Any], status: int, param: str
+) -> None:
+    response = client.post("/v1/chat/completions", json={**chat_body(max_tokens=4), **override})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["param"] == param
+    assert ask(client, max_tokens=2)["choices"][0]["message"]["content"]
