@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 
-from locust import FastHttpUser, between, task
+from locust import FastHttpUser, HttpUser, between, task
 
 from loadtests.bench_embeddings import TEXTS
 
@@ -35,3 +35,24 @@ class EmbeddingUser(FastHttpUser):
     @task(1)
     def document(self) -> None:
         self.embed(TEXTS["long"], "embeddings: document chunk")
+
+
+class ChatUser(HttpUser):
+    """Holds a streaming chat open until its last token, as a chat front end does."""
+
+    wait_time = between(0.5, 2.0)
+
+    @task
+    def stream_chat(self) -> None:
+        body = {
+            "model": "smollm2-135m-instruct",
+            "messages": [{"role": "user", "content": f"Write a haiku about the number {next(COUNTER)}."}],
+            "max_tokens": 48,
+            "stream": True,
+        }
+        with self.client.post(
+            "/v1/chat/completions", json=body, name="chat: stream", stream=True, catch_response=True
+        ) as response:
+            events = [line for line in response.iter_lines() if line.startswith(b"data: ")]
+            if response.status_code != 200 or not events or events[-1] != b"data: [DONE]":
+                response.failure(f"{response.status_code}: stream did not end with [DONE]")

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import threading
+from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Annotated, Any
 
 import bentoml
@@ -17,7 +18,7 @@ from services import gateway
 from services.batching import GreedyBatcher
 from services.config import get_settings, pick_device
 from services.generation import Generator
-from services.protocol import Text
+from services.protocol import ChatMessage, Text
 
 if TYPE_CHECKING:
     import torch
@@ -134,6 +135,17 @@ class Embedder:
         """Untruncated token counts, for rejecting inputs over the window (off the event loop)."""
         encoded = await asyncio.to_thread(self._counting_tokenizer, texts, truncation=False)
         return [len(ids) for ids in encoded["input_ids"]]
+
+    @bentoml.api
+    async def chat(
+        self,
+        messages: Annotated[list[ChatMessage], Field(min_length=1)],
+        max_tokens: Annotated[int, Field(ge=1, le=settings.generation_max_tokens)] = 128,
+    ) -> AsyncGenerator[str, None]:
+        """Native BentoML streaming chat (greedy text deltas), relayed from the generation service, whose
+        own port is private to `bentoml serve`."""
+        async for delta in self.generator.chat(messages=messages, max_tokens=max_tokens):
+            yield delta
 
     @bentoml.api(
         batchable=True,

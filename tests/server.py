@@ -57,9 +57,14 @@ def serve(
 
 @contextmanager
 def run_server(
-    command: list[str], port: int, env: dict[str, str] | None = None, cwd: Path = ROOT
+    command: list[str],
+    port: int,
+    env: dict[str, str] | None = None,
+    cwd: Path = ROOT,
+    ready_path: str = "/readyz",
 ) -> Iterator[str]:
-    """Run a server process listening on `port` and yield its URL once /readyz answers; always stop it."""
+    """Run a server process listening on `port` and yield its URL once `ready_path` answers 200;
+    always stop it."""
     log = open(ROOT / f".pytest-server-{port}.log", "w+b")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         command,
@@ -76,7 +81,7 @@ def run_server(
                 log.seek(0)
                 raise RuntimeError(f"server exited: {log.read().decode(errors='replace')[-3000:]}")
             try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                if httpx.get(f"{url}{ready_path}", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass

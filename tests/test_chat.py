@@ -157,3 +157,12 @@ def test_bad_chat_requests_get_openai_errors(
     error = response.json()["error"]
     assert error["message"] and error["param"] == param
     assert ask(client, max_tokens=2)["choices"][0]["message"]["content"]
+
+
+def test_native_bentoml_streaming_chat(server: str) -> None:
+    import bentoml
+
+    with bentoml.SyncHTTPClient(server) as native:
+        deltas = list(native.chat(messages=[{"role": "user", "content": QUESTION}], max_tokens=32))
+    assert len(deltas) > 3
+    assert "".join(deltas) == reference(QUESTION, 32)
