@@ -109,16 +109,16 @@ def plot(result: dict[str, object], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_tp, ax_ttft, ax_itl) = plt.subplots(1, 3, figsize=(15, 4.5))
-    for name in ("fnserve", "naive", "transformers_serve"):
+    colors = {"fnserve": "tab:blue", "naive": "tab:orange", "transformers_serve": "tab:green"}
+    for name, color in colors.items():
         points = result.get(name)
         if not points:
             continue
         xs = [p["streams"] for p in points]
-        ax_tp.plot(xs, [p["tokens_per_s"] for p in points], "o-", label=name)
-        ax_ttft.plot(xs, [p["ttft_p50_ms"] for p in points], "o-", label=f"{name} p50")
-        ax_ttft.plot(xs, [p["ttft_p99_ms"] for p in points], "x:", label=f"{name} p99")
-        ax_itl.plot(xs, [p["itl_p50_ms"] for p in points], "o-", label=f"{name} p50")
-        ax_itl.plot(xs, [p["itl_p99_ms"] for p in points], "x:", label=f"{name} p99")
+        ax_tp.plot(xs, [p["tokens_per_s"] for p in points], "o-", color=color, label=name)
+        for ax, key in ((ax_ttft, "ttft"), (ax_itl, "itl")):
+            ax.plot(xs, [p[f"{key}_p50_ms"] for p in points], "o-", color=color, label=f"{name} p50")
+            ax.plot(xs, [p[f"{key}_p99_ms"] for p in points], "x:", color=color, label=f"{name} p99")
     for ax, title, unit in (
         (ax_tp, "output tokens/s", "tokens/s"),
         (ax_ttft, "time to first token", "ms"),
