@@ -222,13 +222,17 @@ async def complete(request: GenerationParams, chat: bool, **target: Any) -> Resp
     if request.stream:
         return ClosingEventSourceResponse(chunks.sse(events))
     text: list[str] = []
-    async for item in events:
-        if item["type"] == "error":
-            raise APIError(item["status"], item["message"])
-        if item["type"] == "delta":
-            text.append(item["text"])
-        else:
-            return OrjsonResponse(chunks.whole("".join(text), item))
+    try:
+        async for item in events:
+            if item["type"] == "error":
+                raise APIError(item["status"], item["message"])
+            if item["type"] == "delta":
+                text.append(item["text"])
+            else:
+                return OrjsonResponse(chunks.whole("".join(text), item))
+    finally:  # also when the handler is cancelled: the engine must drop the request then
+        with anyio.CancelScope(shield=True):
+            await events.aclose()
     raise APIError(500, "the generation service ended the stream early")
 
 
