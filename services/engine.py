@@ -34,7 +34,8 @@ class Sampling:
 
 
 # The engine samples for every request (do_sample is one setting for the whole batch); a request asking
-# for greedy decoding gets this temperature, which turns its softmax into a one-hot on the argmax.
+# for greedy decoding gets this temperature, which makes its softmax one-hot on the argmax unless two
+# logits lie within about 1e-4 of each other.
 GREEDY_TEMPERATURE = 1e-5
 
 
@@ -79,19 +80,21 @@ class TransformersEngine:
     async def stream(self, prompt_ids: list[int], sampling: Sampling) -> AsyncIterator[Step]:
         request_id = f"req-{next(self._ids)}"
         results: asyncio.Queue[Any] = asyncio.Queue()
-        # Registered before the request is added, so that no result can arrive unheard.
-        self._manager.register_result_handler(request_id, results.put_nowait)
-        self._manager.add_request(
-            prompt_ids,
-            request_id=request_id,
-            max_new_tokens=sampling.max_new_tokens,
-            streaming=True,
-            temperature=max(sampling.temperature, GREEDY_TEMPERATURE),
-            top_p=sampling.top_p,
-        )
         sent = 0
         finished = False
         try:
+            # Registered before the request is added, so that no result can arrive unheard.
+            self._manager.register_result_handler(request_id, results.put_nowait)
+            added = self._manager.add_request(
+                prompt_ids,
+                request_id=request_id,
+                max_new_tokens=sampling.max_new_tokens,
+                streaming=True,
+                temperature=max(sampling.temperature, GREEDY_TEMPERATURE),
+                top_p=sampling.top_p,
+            )
+            if added is None:  # the manager refuses work once its loop has stopped or failed
+                raise EngineError("the generation engine is not running")
             while not finished:
                 output = await results.get()
                 if output.error:
@@ -107,6 +110,14 @@ class TransformersEngine:
                 # The manager drops a handler only when its request finishes; a cancelled one would stay.
                 with self._manager.output_router._lock:
                     self._manager.output_router.result_handlers.pop(request_id, None)
+            self._drop_orphans()
+
+    def _drop_orphans(self) -> None:
+        """Outputs of requests whose handler is gone (a step already running when they were cancelled)
+        land in the manager's shared queue, which this engine never reads: drop them."""
+        orphans = self._manager.output_router.output_queue
+        while not orphans.empty():
+            orphans.get_nowait()
 
     def stats(self) -> EngineStats:
         processor = self._manager.batch_processor

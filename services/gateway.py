@@ -42,7 +42,7 @@ from services.protocol import (
 if TYPE_CHECKING:
     from services.embedding import Embedder
 
-logger = logging.getLogger("fnserve.gateway")
+logger = logging.getLogger("bentoml.fnserve.gateway")  # the server logs only the bentoml tree
 STARTED = int(time.time())
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 404, 503)}
 

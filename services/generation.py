@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from typing import Annotated, Any
 
 import bentoml
+from bentoml.exceptions import BadInput
 from pydantic import Field
 
 from models.catalog import CATALOG
@@ -59,10 +61,10 @@ class IncrementalDecoder:
         self._ids: list[int] = []
         self.text = ""
 
-    def push(self, token_ids: list[int]) -> str:
+    def push(self, token_ids: list[int], last: bool = False) -> str:
         self._ids.extend(token_ids)
         text = self._tokenizer.decode(self._ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
+        if text.endswith("\ufffd") and not last:
             return ""
         delta, self.text = text[len(self.text) :], text
         return delta
@@ -93,6 +95,7 @@ class Generator:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, settings.generation_dtype))
         model = model.to(device).eval()
         self.context_window: int = model.config.max_position_embeddings
+        self.cache_tokens = (settings.generation_cache_blocks - 1) * 64  # one block of headroom
         self.engine: Engine = TransformersEngine(
             model,
             eos_token_id=self.tokenizer.eos_token_id,
@@ -127,36 +130,49 @@ class Generator:
         (status, message, param), then `delta` (text), then `done` (finish reason, completion tokens) or
         `error`. The first event comes before any generation, so callers can still answer 4xx."""
         problem = self.check(messages, prompt, max_tokens)
+        ids: list[int] = []
+        budget = 0
+        if problem is None:
+            ids = self.prompt_ids(messages, prompt)
+            try:
+                budget = self.token_budget(ids, max_tokens)
+            except ValueError as exc:
+                problem = (str(exc), "messages" if messages else "prompt")
         if problem:
             yield event("error", status=400, message=problem[0], param=problem[1])
-            return
-        ids = self.prompt_ids(messages, prompt)
-        budget = max_tokens or min(settings.generation_max_tokens, self.context_window - len(ids))
-        if len(ids) + budget > self.context_window:
-            message = (
-                f"the prompt is {len(ids)} tokens; with max_tokens {budget} that is over the model's "
-                f"context window of {self.context_window} tokens"
-            )
-            yield event("error", status=400, message=message, param="messages" if messages else "prompt")
             return
         yield event("start", prompt_tokens=len(ids))
         decoder, matcher = IncrementalDecoder(self.tokenizer), StopMatcher(stop)
         generated: list[int] = []
         try:
-            async for step in self.engine.stream(ids, Sampling(budget, temperature, top_p)):
-                generated.extend(step.token_ids)
-                if text := matcher.push(decoder.push(step.token_ids)):
-                    yield event("delta", text=text)
-                if matcher.stopped:
-                    break  # closing the stream cancels the request in the engine
+            async with aclosing(self.engine.stream(ids, Sampling(budget, temperature, top_p))) as steps:
+                async for step in steps:
+                    generated.extend(step.token_ids)
+                    if text := matcher.push(decoder.push(step.token_ids, step.finished)):
+                        yield event("delta", text=text)
+                    if matcher.stopped:
+                        break  # leaving the block closes the stream, which cancels the request
         except EngineError as exc:
             yield event("error", status=500, message=f"generation failed: {exc}")
             return
         if not matcher.stopped and (rest := matcher.flush()):
             yield event("delta", text=rest)
         ended = matcher.stopped or (generated and generated[-1] == self.tokenizer.eos_token_id)
-        reason = "stop" if ended or len(generated) < budget else "length"
-        yield event("done", finish_reason=reason, completion_tokens=len(generated))
+        yield event("done", finish_reason="stop" if ended else "length", completion_tokens=len(generated))
+
+    def token_budget(self, ids: list[int], max_tokens: int | None) -> int:
+        """Tokens the request may generate. The window is the model's context or the KV cache, the
+        smaller: a request the cache cannot hold would stop the engine, not just fail."""
+        window = min(self.context_window, self.cache_tokens)
+        room = window - len(ids)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if room < 1 or (max_tokens is not None and max_tokens > room):
+            raise ValueError(
+                f"the prompt is {len(ids)} tokens; with max_tokens {max_tokens or 1} that is over the "
+                f"{window}-token window this server holds per request"
+            )
+        return min(max_tokens or settings.generation_max_tokens, room)
 
     def check(
         self, messages: list[ChatMessage] | None, prompt: str | None, max_tokens: int | None
@@ -177,10 +193,16 @@ class Generator:
         max_tokens: Annotated[int, Field(ge=1, le=settings.generation_max_tokens)] = 128,
     ) -> AsyncGenerator[str, None]:
         """Native streaming endpoint: greedy text deltas as the model produces them."""
+        ids = self.chat_prompt(messages)
+        try:
+            budget = self.token_budget(ids, max_tokens)
+        except ValueError as exc:
+            raise BadInput(str(exc)) from exc
         decoder = IncrementalDecoder(self.tokenizer)
-        async for step in self.engine.stream(self.chat_prompt(messages), Sampling(max_tokens)):
-            if delta := decoder.push(step.token_ids):
-                yield delta
+        async with aclosing(self.engine.stream(ids, Sampling(budget))) as steps:
+            async for step in steps:
+                if delta := decoder.push(step.token_ids, step.finished):
+                    yield delta
 
     @bentoml.api
     async def stats(self) -> dict[str, float]:

@@ -105,7 +105,9 @@ class GenerationParams(OpenAIModel):
     seed: int | None = Field(
         None, description="accepted; sampled output is not reproducible, since the batch shares one RNG"
     )
-    stop: Text | list[Text] | None = Field(None, description="up to 4 strings; the stop text is not returned")
+    stop: Text | Annotated[list[Text], Field(max_length=4)] | None = Field(
+        None, description="up to 4 strings; the stop text is not returned"
+    )
     n: int = Field(1, ge=1, description="only 1 is supported")
     stream: bool = False
     stream_options: StreamOptions | None = None

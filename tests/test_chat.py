@@ -145,6 +145,16 @@ BAD = [
     pytest.param({"model": "gpt-9"}, 404, "model", id="unknown-model"),
     pytest.param({"messages": [{"role": "user", "content": LONG_PROMPT}]}, 400, "messages", id="over-window"),
     pytest.param({"logit_bias": {}}, 400, "logit_bias", id="unknown-field"),
+    pytest.param(
+        {"messages": [{"role": "user", "content": "word " * 4500}]}, 400, "messages", id="over-cache"
+    ),
+    pytest.param(
+        {"messages": [{"role": "user", "content": "word " * 4500}], "max_tokens": None},
+        400,
+        "messages",
+        id="over-cache-no-max-tokens",
+    ),
+    pytest.param({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop", id="five-stop-strings"),
 ]
 
 
@@ -166,3 +176,10 @@ def test_native_bentoml_streaming_chat(server: str) -> None:
         deltas = list(native.chat(messages=[{"role": "user", "content": QUESTION}], max_tokens=32))
     assert len(deltas) > 3
     assert "".join(deltas) == reference(QUESTION, 32)
+
+
+def test_empty_prompt_is_refused_and_the_engine_keeps_serving(client: httpx.Client) -> None:
+    response = client.post("/v1/completions", json={"model": MODEL, "prompt": "", "max_tokens": 4})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "prompt"
+    assert ask(client, max_tokens=2)["choices"][0]["message"]["content"]
