@@ -51,7 +51,7 @@ class Settings(BaseSettings):
 
     embedding_model: str = Field("all-minilm-l6-v2", description="catalogue name of an embedding model")
     embedding_dtype: Literal["bfloat16", "float32"] = Field(
-        "bfloat16", description="bf16 ran 1.6-2.1x fp32 on this CPU (README, benchmarks)"
+        "bfloat16", description="bf16 ran 1.4-2.1x fp32 on this CPU (README, benchmarks)"
     )
     embedding_max_batch_size: int = Field(
         32, ge=1, description="largest batch one forward pass takes; 128 gained at most 13% raw here"
