@@ -17,8 +17,8 @@ from models.catalog import CATALOG
 from services import gateway
 from services.batching import GreedyBatcher
 from services.config import get_settings, pick_device
-from services.generation import Generator
-from services.protocol import ChatMessage, Text
+from services.generation import ChatMaxTokens, ChatMessages, Generator
+from services.protocol import Text
 
 if TYPE_CHECKING:
     import torch
@@ -139,8 +139,8 @@ class Embedder:
     @bentoml.api
     async def chat(
         self,
-        messages: Annotated[list[ChatMessage], Field(min_length=1)],
-        max_tokens: Annotated[int, Field(ge=1, le=settings.generation_max_tokens)] = 128,
+        messages: ChatMessages,
+        max_tokens: ChatMaxTokens = 128,
     ) -> AsyncGenerator[str, None]:
         """Native BentoML streaming chat (greedy text deltas), relayed from the generation service, whose
         own port is private to `bentoml serve`."""

@@ -22,6 +22,11 @@ settings = get_settings()
 MODEL = CATALOG[settings.generation_model]
 
 
+# The native chat endpoint's parameters, shared with its relay on the entry service.
+ChatMessages = Annotated[list[ChatMessage], Field(min_length=1)]
+ChatMaxTokens = Annotated[int, Field(ge=1, le=settings.generation_max_tokens)]
+
+
 def event(kind: str, **fields: Any) -> str:
     return json.dumps({"type": kind, **fields}) + "\n"
 
@@ -189,8 +194,8 @@ class Generator:
     @bentoml.api
     async def chat(
         self,
-        messages: Annotated[list[ChatMessage], Field(min_length=1)],
-        max_tokens: Annotated[int, Field(ge=1, le=settings.generation_max_tokens)] = 128,
+        messages: ChatMessages,
+        max_tokens: ChatMaxTokens = 128,
     ) -> AsyncGenerator[str, None]:
         """Native streaming endpoint: greedy text deltas as the model produces them."""
         ids = self.chat_prompt(messages)
