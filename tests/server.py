@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -51,8 +52,24 @@ def serve(
     """Serve `target` (an import string or a Bento tag) and yield its base URL once /readyz answers."""
     port = free_port()
     command = [*BENTOML, "serve", target, "--host", "127.0.0.1", "--port", str(port)]
-    with run_server(command, port, env=env, cwd=cwd) as url:
+    with (
+        private_home() as home,
+        run_server(command, port, env={**(env or {}), "BENTOML_HOME": home}, cwd=cwd) as url,
+    ):
         yield url
+
+
+@contextmanager
+def private_home() -> Iterator[str]:
+    """A BENTOML_HOME of the server's own that shares the model and Bento stores. `bentoml serve` empties
+    $BENTOML_HOME/prometheus_multiproc_dir at start, so servers sharing a home wipe each other's
+    metrics (a second server in the session erased the first one's batch-size histograms)."""
+    store = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
+    with tempfile.TemporaryDirectory(prefix="fnserve-home-") as home:
+        for shared in ("models", "bentos"):
+            (store / shared).mkdir(parents=True, exist_ok=True)
+            (Path(home) / shared).symlink_to(store / shared)
+        yield home
 
 
 @contextmanager
