@@ -40,4 +40,4 @@ bench: models
 	$(BIN)/python loadtests/bench_embeddings.py
 
 bench-chat: models
-	$(BIN)/python loadtests/bench_generation.py --requests-per-stream 1
+	$(BIN)/python loadtests/bench_generation.py

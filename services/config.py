@@ -68,7 +68,9 @@ class Settings(BaseSettings):
 
     generation_model: str = "smollm2-135m-instruct"
     generation_dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="fp32 output does not depend on what else is in the batch; bf16 can"
+        "bfloat16",
+        description="bf16 served 1.45x the tokens/s of fp32 at 16 streams here (README); fp32 greedy output "
+        "does not depend on what else is in the batch, bf16's can",
     )
     generation_max_tokens: int = Field(512, ge=1, description="cap on max_tokens per request")
     generation_cache_blocks: int = Field(

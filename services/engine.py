@@ -57,10 +57,32 @@ class Engine(Protocol):
     def shutdown(self) -> None: ...
 
 
+def top_p_only_where_asked() -> None:
+    """Makes the engine's per-request top-p skip the rows that do not ask for it. Its own warper sorts the
+    whole vocabulary for every row at every step; with greedy or top_p=1 requests that sort was pure cost
+    (bf16, 16 streams: 90 tokens/s with it, 114 without). Installed through the engine's own map from
+    classic to per-request processors, before the engine is built."""
+    import torch
+    from transformers.generation.continuous_batching import cb_logits_processors as cb
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    class TopPWhereAsked(cb.ContinuousBatchingTopPLogitsWarper):
+        def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+            top_p = tensor_arg[: scores.size(0)].view(dtype=torch.float32)
+            rows = (top_p < 1.0).nonzero().squeeze(-1)
+            if rows.numel():
+                scores[rows] = super().__call__(scores[rows], tensor_arg[rows])
+            return scores
+
+    cb.CLASSIC_TO_CB_PROCESSORS_MAP[TopPLogitsWarper] = TopPWhereAsked
+
+
 class TransformersEngine:
     def __init__(self, model: Any, eos_token_id: int, pad_token_id: int | None, cache_blocks: int) -> None:
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+        top_p_only_where_asked()
 
         # Temperature and top-p other than 1 make transformers build their warpers; every request then
         # sets its own values (per-request processors).

@@ -63,6 +63,18 @@ def test_stop_string_cuts_and_is_not_returned(client: httpx.Client) -> None:
     assert cut["finish_reason"] == "stop"
 
 
+def test_top_p_and_temperature_apply_per_request(client: httpx.Client) -> None:
+    """Sampled and greedy requests share batches: a tiny nucleus leaves only the top token, so that
+    request answers greedily, while full-nucleus sampling at a high temperature wanders off."""
+    greedy = ask(client, max_tokens=32)["choices"][0]["message"]["content"]
+    kinds = [{"temperature": 1.5, "top_p": 1e-6}, *[{"temperature": 1.5, "top_p": 1.0}] * 3]
+    with ThreadPoolExecutor(len(kinds)) as pool:
+        answers = list(pool.map(lambda extra: ask(client, max_tokens=32, **extra), kinds))
+    texts = [a["choices"][0]["message"]["content"] for a in answers]
+    assert texts[0] == greedy
+    assert any(text != greedy for text in texts[1:])
+
+
 def test_max_tokens_is_honoured(client: httpx.Client) -> None:
     for field in ("max_tokens", "max_completion_tokens"):
         answer = ask(client, "Tell me a long story about a fox.", **{field: 5})
