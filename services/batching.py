@@ -15,10 +15,15 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from bentoml.exceptions import ServiceUnavailable
+
+# Set in the batch runner's context: its requests fill what room online requests leave in each forward
+# pass, and are never shed for waiting (they are not waited on by a client).
+BACKGROUND: ContextVar[bool] = ContextVar("background", default=False)
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -47,6 +52,7 @@ class GreedyBatcher(Generic[T, R]):
         self._max_queue_seconds = max_queue_seconds
         self._on_batch = on_batch
         self._queue: deque[_Job[T, R]] = deque()
+        self._background: deque[_Job[T, R]] = deque()
         self._worker: asyncio.Task[None] | None = None
 
     async def submit(self, items: list[T]) -> list[R]:
@@ -54,7 +60,7 @@ class GreedyBatcher(Generic[T, R]):
         size = self._max_batch_size
         loop = asyncio.get_running_loop()
         jobs = [_Job(items[i : i + size], loop.create_future()) for i in range(0, len(items), size)]
-        self._queue.extend(jobs)
+        (self._background if BACKGROUND.get() else self._queue).extend(jobs)
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._drain())
         try:
@@ -78,10 +84,15 @@ class GreedyBatcher(Generic[T, R]):
                 continue
             batch.append(job)
             count += len(job.items)
+        while self._background and count + len(self._background[0].items) <= self._max_batch_size:
+            job = self._background.popleft()
+            if not job.future.done():
+                batch.append(job)
+                count += len(job.items)
         return batch
 
     async def _drain(self) -> None:
-        while self._queue:
+        while self._queue or self._background:
             batch = self._next_batch()
             if batch:
                 await self._run(batch)

@@ -77,6 +77,20 @@ class Settings(BaseSettings):
         64, ge=4, description="KV-cache blocks of 64 tokens shared by all running requests"
     )
 
+    batch_dir: Path = Field(Path(".fnserve"), description="the batch store (SQLite, WAL) and its files")
+    batch_max_file_bytes: int = Field(200 * 2**20, ge=1, description="largest uploaded file (413 above)")
+    batch_max_lines: int = Field(100_000, ge=1, description="most lines in one batch input file")
+    batch_concurrency: int = Field(64, ge=1, description="batch lines in flight per worker process")
+    batch_generation_concurrency: int = Field(
+        4, ge=1, description="of those, chat and completion lines: online chats share the same engine"
+    )
+    batch_lease_seconds: float = Field(
+        600, gt=0, description="a line claimed longer ago than this by a live server is run again"
+    )
+    batch_retention_seconds: float = Field(
+        7 * 24 * 3600, gt=0, description="finished batches and their files are deleted after this long"
+    )
+
 
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:

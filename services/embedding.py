@@ -15,6 +15,8 @@ from pydantic import Field
 
 from models.catalog import CATALOG
 from services import gateway
+from services.batch import BatchRunner
+from services.batch_store import BatchStore
 from services.batching import GreedyBatcher
 from services.config import get_settings, pick_device
 from services.generation import ChatMaxTokens, ChatMessages, Generator
@@ -70,6 +72,15 @@ def encode(
     return vectors.cpu().numpy(), batch["attention_mask"].sum(dim=1).tolist()
 
 
+def server_instance() -> str:
+    """Names this run of `bentoml serve` (its arbiter, the workers' parent): batch lines claimed under
+    another name were left by a server that is gone."""
+    import psutil
+
+    parent = psutil.Process(os.getppid())
+    return f"{parent.pid}-{parent.create_time():.3f}"
+
+
 @bentoml.service(
     name="embedding",
     resources={"cpu": str(os.cpu_count() or 1)},
@@ -118,6 +129,19 @@ class Embedder:
             max_queue_seconds=settings.embedding_max_latency_ms / 1000,
             on_batch=observe_batch,
         )
+        self.batch_runner = BatchRunner(
+            BatchStore(settings.batch_dir, server_instance()), gateway.run_line, settings
+        )
+        self._batch_task: asyncio.Task[None] | None = None
+
+    @bentoml.on_startup
+    async def start_batch_runner(self) -> None:
+        self._batch_task = asyncio.create_task(self.batch_runner.run())
+
+    @bentoml.on_shutdown
+    async def stop_batch_runner(self) -> None:
+        if self._batch_task:
+            self._batch_task.cancel()
 
     def _forward(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
         with self._forward_lock:

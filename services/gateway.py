@@ -10,7 +10,7 @@ import base64
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
@@ -22,11 +22,14 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.sse import EventSourceResponse, format_sse_event
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.types import Send
 
+from services import batch
 from services.config import get_settings
 from services.protocol import (
+    APIError,
     ChatCompletion,
     ChatCompletionRequest,
     Completion,
@@ -37,6 +40,7 @@ from services.protocol import (
     GenerationParams,
     ModelCard,
     ModelList,
+    error_body,
 )
 
 if TYPE_CHECKING:
@@ -75,19 +79,11 @@ app = FastAPI(title="fnserve OpenAI-compatible API", docs_url=None, redoc_url=No
 routes = APIRouter()
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-
 def error_response(
     status: int, message: str, param: str | None = None, code: str | None = None
 ) -> JSONResponse:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     headers = {"Retry-After": "1"} if status == 503 else None
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
 @app.exception_handler(APIError)
@@ -95,16 +91,21 @@ async def on_api_error(_: Request, exc: APIError) -> JSONResponse:
     return error_response(exc.status, exc.message, exc.param, exc.code)
 
 
-@app.exception_handler(RequestValidationError)
-async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0]
+def invalid(errors: Sequence[Any]) -> APIError:
+    """A 400 that names the first problem pydantic found, and how many more there are."""
+    first = errors[0]
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
     # A JSON syntax error's location is a character offset, not a parameter.
     param = location[0] if location and first.get("type") != "json_invalid" else None
     message = f"{'.'.join(location)}: {first['msg']}" if location else first["msg"]
-    if len(exc.errors()) > 1:
-        message += f" (and {len(exc.errors()) - 1} more problems)"
-    return error_response(400, message, param, first.get("type"))
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problems)"
+    return APIError(400, message, param, first.get("type"))
+
+
+@app.exception_handler(RequestValidationError)
+async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    return await on_api_error(_, invalid(exc.errors()))
 
 
 @app.exception_handler(HTTPException)
@@ -337,7 +338,38 @@ async def list_models() -> ModelList:
     return ModelList(data=[ModelCard(id=name, created=STARTED) for name in names])
 
 
+async def run_line(endpoint: str, body: dict[str, Any]) -> tuple[bool, str]:
+    """One batch line through its online route's handler: (True, the output line's `response`) or
+    (False, the error line's `error` with the `response`), as JSON text. Server-side failures raise."""
+    schema, handler = BATCH_HANDLERS[endpoint]
+    try:
+        try:
+            request = schema.model_validate(body)
+        except ValidationError as exc:
+            raise invalid(exc.errors()) from exc
+        if getattr(request, "stream", False):
+            raise APIError(400, "stream is not supported in batch requests", "stream")
+        response = await handler(request)
+    except APIError as exc:
+        if exc.status >= 500:
+            raise  # the server's fault, not the line's: the runner tries it again
+        status, detail = exc.status, error_body(exc.status, exc.message, exc.param, exc.code)
+    else:  # the body is spliced in as it is: decoding and re-encoding its floats would cost more
+        head = orjson.dumps({"status_code": 200, "request_id": uuid.uuid4().hex}).decode()
+        return True, f'{head[:-1]},"body":{response.body.decode()}}}'
+    error = {**detail["error"], "response": {"status_code": status, "body": detail}}
+    error["code"] = error["code"] or HTTPStatus(status).phrase.lower().replace(" ", "_")
+    return False, orjson.dumps(error).decode()
+
+
+BATCH_HANDLERS: dict[str, tuple[type[BaseModel], Any]] = {
+    "/v1/embeddings": (EmbeddingRequest, create_embeddings),
+    "/v1/chat/completions": (ChatCompletionRequest, create_chat_completion),
+    "/v1/completions": (CompletionRequest, create_completion),
+}
+
 app.include_router(routes)
+app.include_router(batch.routes)
 
 
 @app.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)

@@ -34,6 +34,19 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+class APIError(Exception):
+    """Raised anywhere in request handling; answered in the OpenAI error shape with `status`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
 class EmbeddingRequest(OpenAIModel):
     input: Text | list[Text] = Field(description="one text or a list of texts; each non-empty")
     model: Text
@@ -163,3 +176,84 @@ class CompletionChoice(BaseModel):
 class Completion(CompletionBase):
     object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
+
+
+BatchEndpoint = Literal["/v1/embeddings", "/v1/chat/completions", "/v1/completions"]
+
+
+class FileObject(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str
+    purpose: str
+    status: Literal["processed"] = "processed"
+
+
+class FileList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FileObject]
+
+
+class FileDeleted(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    deleted: bool
+
+
+class BatchCreateRequest(OpenAIModel):
+    input_file_id: Text
+    endpoint: BatchEndpoint
+    completion_window: Text = Field("24h", description="hours, as `<n>h`; OpenAI accepts only 24h")
+    metadata: dict[str, Text] | None = Field(None, max_length=16)
+
+    @field_validator("completion_window")
+    @classmethod
+    def hours(cls, window: str) -> str:
+        if not (window.endswith("h") and window[:-1].isdigit() and 0 < int(window[:-1]) <= 24 * 7):
+            raise ValueError("completion_window must be hours between 1h and 168h, like 24h")
+        return window
+
+    @property
+    def window_seconds(self) -> int:
+        return int(self.completion_window[:-1]) * 3600
+
+
+class BatchRequestCounts(BaseModel):
+    total: int
+    completed: int
+    failed: int
+
+
+class Batch(BaseModel):
+    id: str
+    object: Literal["batch"] = "batch"
+    endpoint: str
+    errors: None = None
+    input_file_id: str
+    completion_window: str
+    status: Literal[
+        "validating", "failed", "in_progress", "finalizing", "completed", "expired", "cancelling", "cancelled"
+    ]
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    created_at: int
+    in_progress_at: int | None = None
+    expires_at: int | None = None
+    finalizing_at: int | None = None
+    completed_at: int | None = None
+    failed_at: int | None = None
+    expired_at: int | None = None
+    cancelling_at: int | None = None
+    cancelled_at: int | None = None
+    request_counts: BatchRequestCounts
+    metadata: dict[str, str] | None = None
+
+
+class BatchList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Batch]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False

@@ -1,0 +1,415 @@
+"""The durable part of batch jobs: files, batches and per-line state in SQLite (WAL), file bodies on disk.
+
+Every input line is one row, committed as it changes state (pending -> running -> done or failed), so a
+server killed mid-job resumes where it stopped: lines claimed by a server instance that no longer runs
+are claimed again, and the output and error files are written once, from the rows, when no line is
+left. That gives every input line exactly one output or error line.
+
+Written on the standard library's sqlite3: BentoML's own task store is deleted at every start of
+`bentoml serve` (../shared/FIELD-NOTES.md), and a queue server is not something a single-machine
+function should need.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (
+    id TEXT PRIMARY KEY, purpose TEXT NOT NULL, filename TEXT NOT NULL, bytes INTEGER NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS batches (
+    id TEXT PRIMARY KEY, endpoint TEXT NOT NULL, input_file_id TEXT NOT NULL,
+    completion_window TEXT NOT NULL, metadata TEXT, status TEXT NOT NULL, ending TEXT,
+    created_at INTEGER NOT NULL, expires_at INTEGER NOT NULL, in_progress_at INTEGER,
+    finalizing_at INTEGER, completed_at INTEGER, cancelling_at INTEGER, cancelled_at INTEGER,
+    expired_at INTEGER, finalizer TEXT, output_file_id TEXT, error_file_id TEXT
+);
+CREATE TABLE IF NOT EXISTS lines (
+    batch_id TEXT NOT NULL, idx INTEGER NOT NULL, custom_id TEXT, body TEXT, state TEXT NOT NULL,
+    owner TEXT, claimed_at REAL, attempts INTEGER NOT NULL DEFAULT 0, result TEXT,
+    PRIMARY KEY (batch_id, idx)
+);
+CREATE INDEX IF NOT EXISTS lines_by_state ON lines (state, batch_id);
+"""
+
+FINAL = ("completed", "failed", "expired", "cancelled")
+# What a batch becomes when its last line is settled, by how it was ending.
+FINAL_STATUS = {None: "completed", "cancelled": "cancelled", "expired": "expired"}
+
+
+class BadFile(ValueError):
+    """The input file cannot be a batch (rejected at creation, with this message)."""
+
+
+@dataclass(frozen=True)
+class Line:
+    batch_id: str
+    idx: int
+    custom_id: str
+    body: dict[str, Any]
+    endpoint: str
+    attempts: int  # this one included: a line that keeps failing (or killing its server) is given up on
+
+
+@dataclass(frozen=True)
+class Outcome:
+    line: Line
+    ok: bool
+    result: str  # JSON: the output line's `response` (ok), or its `error` with the `response` if any
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+def parse_line(raw: str, endpoint: str) -> tuple[str, dict[str, Any] | None, dict[str, Any] | None]:
+    """(custom_id, request body, None) for a good line, or (custom_id, None, error) for a bad one."""
+    try:
+        line = json.loads(raw)
+    except ValueError as exc:
+        found = re.search(r'"custom_id"\s*:\s*"([^"\\]*)"', raw)  # still worth naming the line by it
+        return found[1] if found else "", None, {"code": "invalid_json", "message": f"not JSON: {exc}"}
+    if not isinstance(line, dict):
+        return "", None, {"code": "invalid_request", "message": "the line is not a JSON object"}
+    custom_id = line.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        return "", None, {"code": "missing_custom_id", "message": "custom_id must be a non-empty string"}
+    if line.get("method", "POST") != "POST":
+        return custom_id, None, {"code": "invalid_method", "message": "method must be POST"}
+    if line.get("url") != endpoint:
+        message = f"url is {line.get('url')!r}, but this batch's endpoint is {endpoint}"
+        return custom_id, None, {"code": "invalid_url", "message": message}
+    if not isinstance(line.get("body"), dict):
+        return custom_id, None, {"code": "invalid_body", "message": "body must be a JSON object"}
+    return custom_id, line["body"], None
+
+
+def ended_error(ending: str) -> str:
+    return json.dumps({"code": f"batch_{ending}", "message": f"the batch was {ending} before this line ran"})
+
+
+class BatchStore:
+    def __init__(self, root: Path, instance: str) -> None:
+        """`instance` names the running server: lines claimed under another name were left by a server
+        that died, and are claimed again."""
+        self.root = root
+        self.instance = instance
+        (root / "files").mkdir(parents=True, exist_ok=True)
+        # One connection per process, used from worker threads in turn.
+        self._db = sqlite3.connect(root / "batches.db", check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode survives a killed process (what the tests check), not a power cut.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA busy_timeout=10000")
+            self._db.executescript(SCHEMA)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _rows(self, sql: str, *args: Any) -> list[dict[str, Any]]:
+        with self._lock:
+            cursor = self._db.execute(sql, args)
+            names = [c[0] for c in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+    def file_path(self, file_id: str) -> Path:
+        return self.root / "files" / file_id
+
+    # Files
+
+    def add_file(self, content: bytes, filename: str, purpose: str, file_id: str | None = None) -> dict:
+        file_id = file_id or new_id("file")
+        path = self.file_path(file_id)
+        partial = path.with_suffix(".part")
+        partial.write_bytes(content)
+        os.replace(partial, path)  # the row below never points at a half-written file
+        row = (file_id, purpose, filename, len(content), int(time.time()))
+        with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)", row)
+        return self.get_file(file_id)  # type: ignore[return-value]
+
+    def get_file(self, file_id: str) -> dict | None:
+        rows = self._rows("SELECT * FROM files WHERE id = ?", file_id)
+        return rows[0] if rows else None
+
+    def list_files(self, purpose: str | None = None) -> list[dict]:
+        if purpose:
+            return self._rows("SELECT * FROM files WHERE purpose = ? ORDER BY created_at DESC", purpose)
+        return self._rows("SELECT * FROM files ORDER BY created_at DESC")
+
+    def delete_file(self, file_id: str) -> bool:
+        with self._transaction() as db:
+            deleted = db.execute("DELETE FROM files WHERE id = ?", (file_id,)).rowcount
+        self.file_path(file_id).unlink(missing_ok=True)
+        return bool(deleted)
+
+    # Batches
+
+    def create_batch(
+        self,
+        file_id: str,
+        endpoint: str,
+        window_seconds: int,
+        window: str,
+        metadata: dict | None,
+        max_lines: int,
+    ) -> dict:
+        """Splits the input file into lines. Bad lines are settled at once as errors; a file that is not
+        JSONL at all raises BadFile."""
+        try:
+            text = self.file_path(file_id).read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadFile(f"the input file is not UTF-8 text: {exc}") from exc
+        raws = [raw for raw in text.splitlines() if raw.strip()]
+        if not raws:
+            raise BadFile("the input file has no lines")
+        if len(raws) > max_lines:
+            raise BadFile(f"the input file has {len(raws)} lines; a batch takes at most {max_lines}")
+        parsed = [parse_line(raw, endpoint) for raw in raws]
+        if all(body is None and error["code"] == "invalid_json" for _, body, error in parsed):  # type: ignore[index]
+            raise BadFile("the input file is not JSONL: no line of it is JSON")
+        batch_id = new_id("batch")
+        now = int(time.time())
+        rows = []
+        seen: set[str] = set()
+        for idx, (custom_id, body, error) in enumerate(parsed):
+            if error is None and custom_id in seen:
+                error = {"code": "duplicate_custom_id", "message": f"custom_id {custom_id!r} is used twice"}
+            seen.add(custom_id)
+            if error is None:
+                rows.append((batch_id, idx, custom_id, json.dumps(body), "pending", None, None, 0, None))
+            else:
+                rows.append((batch_id, idx, custom_id, None, "failed", None, None, 0, json.dumps(error)))
+        batch = (
+            batch_id, endpoint, file_id, window, json.dumps(metadata) if metadata else None, "in_progress",
+            None, now, now + window_seconds, now,
+        )  # fmt: skip
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO batches (id, endpoint, input_file_id, completion_window, metadata, status,"
+                " ending, created_at, expires_at, in_progress_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                batch,
+            )
+            db.executemany("INSERT INTO lines VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        return self.get_batch(batch_id)  # type: ignore[return-value]
+
+    def get_batch(self, batch_id: str) -> dict | None:
+        rows = self._rows("SELECT * FROM batches WHERE id = ?", batch_id)
+        if not rows:
+            return None
+        batch = rows[0]
+        batch["metadata"] = json.loads(batch["metadata"]) if batch["metadata"] else None
+        counts = dict(
+            (row["state"], row["n"])
+            for row in self._rows(
+                "SELECT state, count(*) AS n FROM lines WHERE batch_id = ? GROUP BY state", batch_id
+            )
+        )
+        batch["request_counts"] = {
+            "total": sum(counts.values()),
+            "completed": counts.get("done", 0),
+            "failed": counts.get("failed", 0),
+        }
+        return batch
+
+    def list_batches(self, limit: int, after: str | None) -> list[dict]:
+        ids = self._rows(
+            "SELECT id FROM batches WHERE ? IS NULL"
+            " OR created_at < (SELECT created_at FROM batches WHERE id = ?)"
+            " OR (created_at = (SELECT created_at FROM batches WHERE id = ?) AND id < ?)"
+            " ORDER BY created_at DESC, id DESC LIMIT ?",
+            after, after, after, after, limit,
+        )  # fmt: skip
+        return [self.get_batch(row["id"]) for row in ids]  # type: ignore[misc]
+
+    def end_batch(self, batch_id: str, ending: str, now: float | None = None) -> bool:
+        """Cancel or expire: lines not yet started are settled as errors that say why; lines running
+        finish and are kept. False if the batch was already ending or final."""
+        now = int(now or time.time())
+        error = ended_error(ending)
+        status = "cancelling" if ending == "cancelled" else "in_progress"
+        stamp = "cancelling_at" if ending == "cancelled" else "expired_at"
+        with self._transaction() as db:
+            changed = db.execute(
+                f"UPDATE batches SET ending = ?, status = ?, {stamp} = ?"
+                " WHERE id = ? AND status = 'in_progress' AND ending IS NULL",
+                (ending, status, now, batch_id),
+            ).rowcount
+            if changed:
+                db.execute(
+                    "UPDATE lines SET state = 'failed', result = ? WHERE batch_id = ? AND state = 'pending'",
+                    (error, batch_id),
+                )
+        return bool(changed)
+
+    def endings(self) -> dict[str, str]:
+        """Batches being cancelled or expired, and which: lines of theirs already claimed are not run."""
+        rows = self._rows(
+            "SELECT id, ending FROM batches WHERE ending IS NOT NULL AND status NOT IN (?, ?, ?, ?)", *FINAL
+        )
+        return {row["id"]: row["ending"] for row in rows}
+
+    def expire_overdue(self, now: float | None = None) -> list[str]:
+        now = now or time.time()
+        overdue = self._rows(
+            "SELECT id FROM batches WHERE status = 'in_progress' AND ending IS NULL AND expires_at < ?", now
+        )
+        return [row["id"] for row in overdue if self.end_batch(row["id"], "expired", now)]
+
+    # Lines
+
+    def claim(self, limit: int, lease_seconds: float) -> list[Line]:
+        """Up to `limit` lines to run, oldest batch first: pending ones, and running ones whose server
+        died (another instance) or whose lease ran out."""
+        now = time.time()
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT l.batch_id, l.idx, l.custom_id, l.body, b.endpoint, l.attempts + 1 FROM lines l"
+                " JOIN batches b ON b.id = l.batch_id"
+                " WHERE b.status IN ('in_progress', 'cancelling') AND (l.state = 'pending'"
+                "   OR (l.state = 'running' AND (l.owner != ? OR l.claimed_at < ?)))"
+                " ORDER BY b.created_at, l.idx LIMIT ?",
+                (self.instance, now - lease_seconds, limit),
+            ).fetchall()
+            db.executemany(
+                "UPDATE lines SET state = 'running', owner = ?, claimed_at = ?, attempts = attempts + 1"
+                " WHERE batch_id = ? AND idx = ?",
+                [(self.instance, now, row[0], row[1]) for row in rows],
+            )
+        return [Line(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5]) for row in rows]
+
+    def release(self, line: Line) -> None:
+        """Put a line that failed for a passing reason back in the queue."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE lines SET state = 'pending', owner = NULL WHERE batch_id = ? AND idx = ?"
+                " AND state = 'running' AND owner = ?",
+                (line.batch_id, line.idx, self.instance),
+            )
+
+    def settle(self, outcomes: list[Outcome]) -> None:
+        """Record finished lines, in one commit. Only a line still claimed by this instance is written,
+        so a line claimed again after a lease ran out is recorded once."""
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE lines SET state = ?, result = ? WHERE batch_id = ? AND idx = ?"
+                " AND state = 'running' AND owner = ?",
+                [
+                    ("done" if o.ok else "failed", o.result, o.line.batch_id, o.line.idx, self.instance)
+                    for o in outcomes
+                ],
+            )
+
+    def finalize_ready(self, lease_seconds: float) -> list[str]:
+        """Write the output and error files of every batch with no line left to run, and mark it final.
+        A batch left half-finalized by a dead server is finalized again (the file ids are fixed)."""
+        now = int(time.time())
+        with self._transaction() as db:
+            ready = [
+                row[0]
+                for row in db.execute(
+                    "SELECT id FROM batches b WHERE (status IN ('in_progress', 'cancelling')"
+                    "   OR (status = 'finalizing' AND (finalizer != ? OR finalizing_at < ?)))"
+                    " AND NOT EXISTS (SELECT 1 FROM lines WHERE batch_id = b.id"
+                    "   AND state IN ('pending', 'running'))",
+                    (self.instance, now - lease_seconds),
+                ).fetchall()
+            ]
+            db.executemany(
+                "UPDATE batches SET status = 'finalizing', finalizing_at = ?, finalizer = ? WHERE id = ?",
+                [(now, self.instance, batch_id) for batch_id in ready],
+            )
+        for batch_id in ready:
+            self._finalize(batch_id)
+        return ready
+
+    def _finalize(self, batch_id: str) -> None:
+        outputs: list[bytes] = []
+        errors: list[bytes] = []
+        for row in self._rows(
+            "SELECT idx, custom_id, state, result FROM lines WHERE batch_id = ? ORDER BY idx", batch_id
+        ):
+            head = json.dumps({"id": f"batch_req_{batch_id[6:]}_{row['idx']}", "custom_id": row["custom_id"]})
+            if (
+                row["state"] == "done"
+            ):  # spliced as text: re-encoding 384 floats per line cost more than the run
+                outputs.append(f'{head[:-1]}, "response": {row["result"]}, "error": null}}'.encode())
+            else:
+                error = json.loads(row["result"])
+                response = error.pop("response", None)
+                line = {**json.loads(head), "response": response, "error": error}
+                errors.append(json.dumps(line).encode())
+        ids = {}
+        for kind, lines in (("output", outputs), ("error", errors)):
+            if lines:
+                file_id = f"file-{kind}-{batch_id.removeprefix('batch_')}"
+                self.add_file(b"\n".join(lines) + b"\n", f"{batch_id}_{kind}.jsonl", f"batch_{kind}", file_id)
+                ids[kind] = file_id
+        ending = self._rows("SELECT ending FROM batches WHERE id = ?", batch_id)[0]["ending"]
+        status = FINAL_STATUS[ending]
+        stamp = "completed_at" if status == "completed" else f"{status}_at"
+        with self._transaction() as db:
+            db.execute(
+                f"UPDATE batches SET status = ?, {stamp} = coalesce({stamp}, ?), output_file_id = ?,"
+                " error_file_id = ? WHERE id = ?",
+                (status, int(time.time()), ids.get("output"), ids.get("error"), batch_id),
+            )
+
+    def has_work(self) -> bool:
+        rows = self._rows(
+            "SELECT 1 AS x FROM batches WHERE status IN ('in_progress', 'cancelling', 'finalizing') LIMIT 1"
+        )
+        return bool(rows)
+
+    # Retention
+
+    def clean_up(self, retention_seconds: float, now: float | None = None) -> int:
+        """Delete batches final for longer than the retention time, with their lines and files, and files
+        older than it that no unfinished batch reads. Returns the number of batches deleted."""
+        cutoff = (now or time.time()) - retention_seconds
+        old = self._rows(
+            "SELECT id, input_file_id, output_file_id, error_file_id FROM batches"
+            " WHERE status IN (?, ?, ?, ?)"
+            " AND coalesce(completed_at, cancelled_at, expired_at, created_at) < ?",
+            *FINAL, cutoff,
+        )  # fmt: skip
+        files = {f for row in old for f in (row["output_file_id"], row["error_file_id"]) if f}
+        files |= {
+            row["id"]
+            for row in self._rows(
+                "SELECT id FROM files f WHERE created_at < ? AND NOT EXISTS (SELECT 1 FROM batches"
+                " WHERE input_file_id = f.id AND status NOT IN (?, ?, ?, ?))",
+                cutoff,
+                *FINAL,
+            )  # fmt: skip
+        }
+        with self._transaction() as db:
+            for row in old:
+                db.execute("DELETE FROM lines WHERE batch_id = ?", (row["id"],))
+                db.execute("DELETE FROM batches WHERE id = ?", (row["id"],))
+        for file_id in files:
+            self.delete_file(file_id)
+        return len(old)

@@ -1,0 +1,271 @@
+"""Batch jobs against a real server with a real SQLite store: results, crash recovery, cancel, bad input,
+the openai client and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import openai
+import psutil
+import pytest
+
+from services.batch_store import BatchStore, Outcome
+from tests.reference import reference
+from tests.server import serve
+
+EMBEDDER = "all-minilm-l6-v2"
+CHAT = "smollm2-135m-instruct"
+MAX_FILE_BYTES = 2_000_000
+
+
+def server_env(store: Path) -> dict[str, str]:
+    return {
+        "FNSERVE_BATCH_DIR": str(store),
+        "FNSERVE_GENERATION_DTYPE": "float32",  # exact text against transformers
+        "FNSERVE_BATCH_MAX_FILE_BYTES": str(MAX_FILE_BYTES),
+    }
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
+    with (
+        serve(env=server_env(tmp_path_factory.mktemp("store"))) as url,
+        httpx.Client(base_url=url, timeout=60) as c,
+    ):
+        yield c
+
+
+def embedding_line(i: int) -> dict[str, Any]:
+    text = f"Document {i}: batch jobs run through the same batcher as online traffic."
+    return {
+        "custom_id": f"e{i}",
+        "method": "POST",
+        "url": "/v1/embeddings",
+        "body": {"model": EMBEDDER, "input": text},
+    }
+
+
+def chat_line(i: int, max_tokens: int = 16) -> dict[str, Any]:
+    body = {
+        "model": CHAT,
+        "messages": [{"role": "user", "content": f"What is {i} plus {i}?"}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+    }
+    return {"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}
+
+
+def jsonl(lines: list[Any]) -> bytes:
+    return "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines).encode()
+
+
+def submit(client: httpx.Client, content: bytes, endpoint: str) -> dict[str, Any]:
+    uploaded = client.post("/v1/files", files={"file": ("in.jsonl", content)}, data={"purpose": "batch"})
+    assert uploaded.status_code == 200, uploaded.text
+    batch = client.post("/v1/batches", json={"input_file_id": uploaded.json()["id"], "endpoint": endpoint})
+    assert batch.status_code == 200, batch.text
+    return batch.json()
+
+
+def wait_until(client: httpx.Client, batch_id: str, done: Any, timeout: float = 240) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while not done(batch := client.get(f"/v1/batches/{batch_id}").json()):
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.3)
+    return batch
+
+
+def final(batch: dict[str, Any]) -> bool:
+    return batch["status"] in ("completed", "failed", "expired", "cancelled")
+
+
+def lines_of(client: httpx.Client, file_id: str | None) -> list[dict[str, Any]]:
+    if file_id is None:
+        return []
+    response = client.get(f"/v1/files/{file_id}/content")
+    assert response.status_code == 200
+    return [json.loads(line) for line in response.text.splitlines()]
+
+
+def test_embedding_batch_matches_the_online_endpoint(api: httpx.Client) -> None:
+    good = [embedding_line(i) for i in range(300)]
+    bad = [
+        '{"custom_id": "broken", "method": "POST", "url": "/v1/embeddings", "body": {',
+        {**embedding_line(900), "custom_id": "empty-input", "body": {"model": EMBEDDER, "input": ""}},
+        {**embedding_line(901), "custom_id": "wrong-url", "url": "/v1/completions"},
+    ]
+    batch = submit(api, jsonl(good[:150] + bad + good[150:]), "/v1/embeddings")
+    batch = wait_until(api, batch["id"], final)
+    assert batch["status"] == "completed"
+    assert batch["request_counts"] == {"total": 303, "completed": 300, "failed": 3}
+
+    outputs = {line["custom_id"]: line for line in lines_of(api, batch["output_file_id"])}
+    assert sorted(outputs) == sorted(line["custom_id"] for line in good)
+    for i in (0, 149, 299):
+        online = api.post("/v1/embeddings", json=good[i]["body"]).json()["data"][0]["embedding"]
+        response = outputs[f"e{i}"]["response"]
+        assert response["status_code"] == 200
+        batched = response["body"]["data"][0]["embedding"]
+        assert np.dot(online, batched) > 0.999  # unit vectors; bf16 results move slightly with the batch
+
+    errors = {line["custom_id"]: line["error"] for line in lines_of(api, batch["error_file_id"])}
+    assert errors["broken"]["code"] == "invalid_json"
+    assert errors["wrong-url"]["code"] == "invalid_url"
+    assert errors["empty-input"]["param"] == "input"
+
+
+def test_openai_client_drives_a_chat_batch(api: httpx.Client) -> None:
+    client = openai.OpenAI(base_url=f"{api.base_url}/v1", api_key="unused")
+    uploaded = client.files.create(
+        file=("chat.jsonl", jsonl([chat_line(i) for i in range(6)])), purpose="batch"
+    )
+    assert client.files.retrieve(uploaded.id).bytes == uploaded.bytes
+    batch = client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    deadline = time.monotonic() + 180
+    while (batch := client.batches.retrieve(batch.id)).status not in ("completed", "failed"):
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    assert batch.status == "completed" and batch.request_counts.completed == 6
+    assert batch.id in [b.id for b in client.batches.list(limit=100).data]
+    outputs = [json.loads(line) for line in client.files.content(batch.output_file_id).text.splitlines()]
+    answers = {
+        line["custom_id"]: line["response"]["body"]["choices"][0]["message"]["content"] for line in outputs
+    }
+    assert answers == {f"c{i}": reference(f"What is {i} plus {i}?", 16) for i in range(6)}
+
+
+def test_cancel_settles_every_line_and_keeps_what_finished(api: httpx.Client) -> None:
+    lines = [chat_line(i, max_tokens=48) for i in range(30)]
+    batch = submit(api, jsonl(lines), "/v1/chat/completions")
+    wait_until(api, batch["id"], lambda b: b["request_counts"]["completed"] >= 1)
+    cancelled = api.post(f"/v1/batches/{batch['id']}/cancel")
+    assert cancelled.json()["status"] in ("cancelling", "cancelled")
+    batch = wait_until(api, batch["id"], final)
+    assert batch["status"] == "cancelled"
+    outputs = lines_of(api, batch["output_file_id"])
+    errors = lines_of(api, batch["error_file_id"])
+    assert outputs and errors
+    assert sorted(line["custom_id"] for line in outputs + errors) == sorted(
+        line["custom_id"] for line in lines
+    )
+    assert {line["error"]["code"] for line in errors} == {"batch_cancelled"}
+
+
+@pytest.mark.parametrize(
+    ("content", "endpoint", "status"),
+    [
+        (b"\xff\xfe not utf-8", "/v1/embeddings", 400),
+        (b"\n\n", "/v1/embeddings", 400),
+        (b"no json here\nnor here\n", "/v1/embeddings", 400),
+        (jsonl([embedding_line(0)]), "/v1/images", 400),
+    ],
+    ids=["not-utf8", "empty", "not-jsonl", "wrong-endpoint"],
+)
+def test_bad_batches_are_refused_at_creation(
+    api: httpx.Client, content: bytes, endpoint: str, status: int
+) -> None:
+    uploaded = api.post("/v1/files", files={"file": ("in.jsonl", content)}, data={"purpose": "batch"}).json()
+    response = api.post("/v1/batches", json={"input_file_id": uploaded["id"], "endpoint": endpoint})
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["message"]
+
+
+def test_bad_uploads_and_unknown_ids(api: httpx.Client) -> None:
+    too_big = api.post(
+        "/v1/files", files={"file": ("big.jsonl", b"x" * (MAX_FILE_BYTES + 1))}, data={"purpose": "batch"}
+    )
+    assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "file_too_large"
+    wrong_purpose = api.post("/v1/files", files={"file": ("a.jsonl", b"{}")}, data={"purpose": "fine-tune"})
+    assert wrong_purpose.status_code == 400
+    assert (
+        api.post("/v1/batches", json={"input_file_id": "file_nope", "endpoint": "/v1/embeddings"}).status_code
+        == 404
+    )
+    assert api.get("/v1/batches/batch_nope").status_code == 404
+    assert api.get("/v1/files/file_nope/content").status_code == 404
+    assert api.post("/v1/embeddings", json={"model": EMBEDDER, "input": "still serving"}).status_code == 200
+
+
+def test_cli_submits_waits_and_downloads(api: httpx.Client, tmp_path: Path) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(jsonl([embedding_line(i) for i in range(40)]))
+    fnserve = [str(Path(sys.executable).with_name("fnserve")), "--url", str(api.base_url), "batch"]
+    submitted = subprocess.run(
+        [*fnserve, "submit", str(source), "--endpoint", "/v1/embeddings", "--wait"],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    batch_id = submitted.stdout.split()[0]
+    assert "completed" in submitted.stdout and "40/40" in submitted.stderr  # the progress bar's last state
+    output = tmp_path / "out.jsonl"
+    fetched = subprocess.run(
+        [*fnserve, "download", batch_id, "--output", str(output)], capture_output=True, text=True, timeout=60
+    )
+    assert fetched.returncode == 0, fetched.stderr
+    assert len(output.read_text().splitlines()) == 40
+
+
+def kill_server(url: str) -> None:
+    """kill -9 the whole `bentoml serve` tree listening at `url`: no shutdown hook runs."""
+    port = url.rsplit(":", 1)[1]
+    arbiter = next(
+        p for p in psutil.Process().children(recursive=True) if "serve" in p.cmdline() and port in p.cmdline()
+    )
+    family = [arbiter, *arbiter.children(recursive=True)]
+    for process in family:
+        os.kill(process.pid, signal.SIGKILL)
+    psutil.wait_procs(family, timeout=10)
+
+
+def test_kill_9_mid_job_then_restart_resumes_with_exact_accounting(tmp_path: Path) -> None:
+    lines = [chat_line(i, max_tokens=24) for i in range(40)]
+    with serve(env=server_env(tmp_path)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        batch = submit(client, jsonl(lines), "/v1/chat/completions")
+        before = wait_until(client, batch["id"], lambda b: b["request_counts"]["completed"] >= 4)
+        kill_server(url)
+    assert before["request_counts"]["completed"] < 40, "the job finished before the kill: make it longer"
+    with serve(env=server_env(tmp_path)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        batch = wait_until(client, batch["id"], final)
+        outputs = lines_of(client, batch["output_file_id"])
+        errors = lines_of(client, batch["error_file_id"])
+    assert batch["status"] == "completed" and not errors
+    assert batch["request_counts"] == {"total": 40, "completed": 40, "failed": 0}
+    assert sorted(line["custom_id"] for line in outputs) == sorted(line["custom_id"] for line in lines)
+    assert all(line["response"]["status_code"] == 200 for line in outputs)
+
+
+def test_expiry_and_retention_in_the_store(tmp_path: Path) -> None:
+    store = BatchStore(tmp_path, instance="test")
+    file_id = store.add_file(jsonl([embedding_line(i) for i in range(5)]), "in.jsonl", "batch")["id"]
+    batch = store.create_batch(file_id, "/v1/embeddings", 3600, "1h", None, max_lines=10)
+    [running] = store.claim(1, lease_seconds=60)
+    assert store.expire_overdue(now=time.time() + 7200) == [batch["id"]]
+    assert store.finalize_ready(lease_seconds=60) == []  # one line is still running
+    store.settle([Outcome(running, True, '{"status_code": 200, "body": {}}')])
+    assert store.finalize_ready(lease_seconds=60) == [batch["id"]]
+    ended = store.get_batch(batch["id"])
+    assert ended["status"] == "expired" and ended["request_counts"] == {
+        "total": 5,
+        "completed": 1,
+        "failed": 4,
+    }
+    error_lines = store.file_path(ended["error_file_id"]).read_text().splitlines()
+    assert {json.loads(line)["error"]["code"] for line in error_lines} == {"batch_expired"}
+
+    later = time.time() + 7200  # the expiry above happened at this (simulated) time
+    assert store.clean_up(retention_seconds=3600, now=later + 60) == 0  # not old enough yet
+    assert store.clean_up(retention_seconds=3600, now=later + 3700) == 1
+    assert store.get_batch(batch["id"]) is None
+    assert store.list_files() == [] and not any((tmp_path / "files").iterdir())
