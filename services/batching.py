@@ -24,6 +24,7 @@ from bentoml.exceptions import ServiceUnavailable
 # Set in the batch runner's context: its requests fill what room online requests leave in each forward
 # pass, and are never shed for waiting (they are not waited on by a client).
 BACKGROUND: ContextVar[bool] = ContextVar("background", default=False)
+ONLINE_QUIET_SECONDS = 1.0  # background batches grow back to full size after this long without online work
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -53,6 +54,7 @@ class GreedyBatcher(Generic[T, R]):
         self._on_batch = on_batch
         self._queue: deque[_Job[T, R]] = deque()
         self._background: deque[_Job[T, R]] = deque()
+        self._online_seen = -ONLINE_QUIET_SECONDS
         self._worker: asyncio.Task[None] | None = None
 
     async def submit(self, items: list[T]) -> list[R]:
@@ -60,7 +62,11 @@ class GreedyBatcher(Generic[T, R]):
         size = self._max_batch_size
         loop = asyncio.get_running_loop()
         jobs = [_Job(items[i : i + size], loop.create_future()) for i in range(0, len(items), size)]
-        (self._background if BACKGROUND.get() else self._queue).extend(jobs)
+        if BACKGROUND.get():
+            self._background.extend(jobs)
+        else:
+            self._queue.extend(jobs)
+            self._online_seen = time.monotonic()
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._drain())
         try:
@@ -84,7 +90,13 @@ class GreedyBatcher(Generic[T, R]):
                 continue
             batch.append(job)
             count += len(job.items)
-        while self._background and count + len(self._background[0].items) <= self._max_batch_size:
+        if batch:
+            return batch
+        # Background work runs only in forwards with no online request in them, and in small ones
+        # while online requests keep coming: an online request then waits for a short forward at most.
+        recent = now - self._online_seen < ONLINE_QUIET_SECONDS
+        limit = max(1, self._max_batch_size // 4) if recent else self._max_batch_size
+        while self._background and (not batch or count + len(self._background[0].items) <= limit):
             job = self._background.popleft()
             if not job.future.done():
                 batch.append(job)
