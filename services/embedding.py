@@ -84,7 +84,9 @@ def server_instance() -> str:
 @bentoml.service(
     name="embedding",
     resources={"cpu": str(os.cpu_count() or 1)},
-    traffic={"timeout": 60},
+    # `concurrency` is the autoscaling target on a cluster; stated because a task endpoint would
+    # otherwise set it to 1 (BentoML does that for services with tasks).
+    traffic={"timeout": 60, "concurrency": 64},
     logging={"access": {"enabled": False}},
     workers=settings.workers,
 )
@@ -170,6 +172,15 @@ class Embedder:
         own port is private to `bentoml serve`."""
         async for delta in self.generator.chat(messages=messages, max_tokens=max_tokens):
             yield delta
+
+    @bentoml.task
+    async def write(self, messages: ChatMessages, max_tokens: ChatMaxTokens = 128) -> str:
+        """BentoML task: one long greedy answer, submitted and collected later by BentoML's clients.
+        BentoML keeps task state in a file that `bentoml serve` deletes at start, and cannot cancel
+        locally: durable, resumable or bulk work belongs in /v1/batches."""
+        return "".join(
+            [delta async for delta in self.generator.chat(messages=messages, max_tokens=max_tokens)]
+        )
 
     @bentoml.api(
         batchable=True,

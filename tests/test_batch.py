@@ -217,6 +217,24 @@ def test_cli_submits_waits_and_downloads(api: httpx.Client, tmp_path: Path) -> N
     assert len(output.read_text().splitlines()) == 40
 
 
+def test_bentoml_task_endpoint_with_bentoml_client(api: httpx.Client) -> None:
+    import asyncio
+
+    import bentoml
+
+    async def run() -> str:
+        async with bentoml.AsyncHTTPClient(str(api.base_url)) as client:
+            question = [{"role": "user", "content": "What is the capital of France?"}]
+            task = await client.write.submit(messages=question, max_tokens=16)
+            deadline = time.monotonic() + 120
+            while (await task.get_status()).value not in ("completed", "failed", "canceled"):
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.2)
+            return await task.get()
+
+    assert asyncio.run(run()) == reference("What is the capital of France?", 16)
+
+
 def kill_server(url: str) -> None:
     """kill -9 the whole `bentoml serve` tree listening at `url`: no shutdown hook runs."""
     port = url.rsplit(":", 1)[1]
