@@ -77,6 +77,21 @@ class Settings(BaseSettings):
         64, ge=4, description="KV-cache blocks of 64 tokens shared by all running requests"
     )
 
+    max_concurrency: int = Field(
+        256, ge=1, description="requests one server takes at once (429 above); also the cluster manifests'"
+    )
+    request_timeout_seconds: int = Field(
+        600, ge=1, description="longest request, streams included (504 after); also the manifests'"
+    )
+    idle_release_seconds: float = Field(
+        600, ge=0, description="a model unused this long is released, and loaded again on use; 0 = never"
+    )
+
+    @field_validator("idle_release_seconds", mode="before")
+    @classmethod
+    def never(cls, value: object) -> object:
+        return 0 if value == "never" else value
+
     batch_dir: Path = Field(Path(".fnserve"), description="the batch store (SQLite, WAL) and its files")
     batch_max_file_bytes: int = Field(200 * 2**20, ge=1, description="largest uploaded file (413 above)")
     batch_max_lines: int = Field(100_000, ge=1, description="most lines in one batch input file")

@@ -20,6 +20,7 @@ from services.batch_store import BatchStore
 from services.batching import GreedyBatcher
 from services.config import get_settings, pick_device
 from services.generation import ChatMaxTokens, ChatMessages, Generator
+from services.lifecycle import ModelSlot
 from services.protocol import Text
 
 if TYPE_CHECKING:
@@ -84,9 +85,14 @@ def server_instance() -> str:
 @bentoml.service(
     name="embedding",
     resources={"cpu": str(os.cpu_count() or 1)},
-    # `concurrency` is the autoscaling target on a cluster; stated because a task endpoint would
-    # otherwise set it to 1 (BentoML does that for services with tasks).
-    traffic={"timeout": 60, "concurrency": 64},
+    # `concurrency` is the autoscaling target on a cluster (as in deploy/), stated because a task
+    # endpoint would otherwise set it to 1 (BentoML does that for services with tasks). Streams pass
+    # through this service, so its timeout is the generation service's.
+    traffic={
+        "timeout": settings.request_timeout_seconds,
+        "max_concurrency": settings.max_concurrency,
+        "concurrency": settings.max_concurrency // 2,
+    },
     logging={"access": {"enabled": False}},
     workers=settings.workers,
 )
@@ -113,8 +119,14 @@ class Embedder:
         # for /encode run in different threads) take turns.
         self._counting_tokenizer = AutoTokenizer.from_pretrained(path)
         self._forward_lock = threading.Lock()
-        self.model = AutoModel.from_pretrained(path, dtype=self.dtype).to(self.device).eval()
-        self.dimensions: int = self.model.config.hidden_size
+        self.slot = ModelSlot(
+            MODEL.name,
+            lambda: AutoModel.from_pretrained(path, dtype=self.dtype).to(self.device).eval(),
+            lambda model: None,
+            settings.idle_release_seconds,
+        )
+        self.slot.load_now()
+        self.dimensions: int = self.slot.model.config.hidden_size
         logger.info(
             "embedding model %s on %s, %s, %d torch threads",
             MODEL.tag,
@@ -134,20 +146,23 @@ class Embedder:
         self.batch_runner = BatchRunner(
             BatchStore(settings.batch_dir, server_instance()), gateway.run_line, settings
         )
-        self._batch_task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     @bentoml.on_startup
-    async def start_batch_runner(self) -> None:
-        self._batch_task = asyncio.create_task(self.batch_runner.run())
+    async def start_background_tasks(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self.batch_runner.run()),
+            asyncio.create_task(self.slot.release_when_idle()),
+        ]
 
     @bentoml.on_shutdown
-    async def stop_batch_runner(self) -> None:
-        if self._batch_task:
-            self._batch_task.cancel()
+    async def stop_background_tasks(self) -> None:
+        for task in self._tasks:
+            task.cancel()
 
     def _forward(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
         with self._forward_lock:
-            return encode(self.tokenizer, self.model, texts, self.max_tokens, self.device)
+            return encode(self.tokenizer, self.slot.model, texts, self.max_tokens, self.device)
 
     def _embed_batch(self, texts: list[str]) -> list[Embedded]:
         vectors, tokens = self._forward(texts)
@@ -155,7 +170,8 @@ class Embedder:
 
     async def embed(self, texts: list[str]) -> list[Embedded]:
         """Vectors and token counts for one request's texts, batched with other requests' texts."""
-        return await self._batcher.submit(texts)
+        async with self.slot.use():
+            return await self._batcher.submit(texts)
 
     async def token_counts(self, texts: list[str]) -> list[int]:
         """Untruncated token counts, for rejecting inputs over the window (off the event loop)."""
@@ -187,6 +203,8 @@ class Embedder:
         max_batch_size=settings.embedding_max_batch_size,
         max_latency_ms=settings.embedding_max_latency_ms,
     )
-    def encode(self, texts: Texts) -> np.ndarray:
+    async def encode(self, texts: Texts) -> np.ndarray:
         """Native BentoML endpoint: unit vectors for a list of texts, truncated to the model window."""
-        return self._forward(texts)[0]
+        async with self.slot.use():
+            vectors, _ = await asyncio.to_thread(self._forward, texts)
+        return vectors

@@ -332,6 +332,13 @@ async def engine_stats() -> dict[str, float]:
     return await embedder().generator.stats()
 
 
+@routes.get("/models/status")
+async def model_status() -> dict[str, str]:
+    """Each model's state, `loaded`, `sleeping` or `loading`. The embedding model's is the answering
+    worker's: every worker process holds its own copy."""
+    return {embedder().model_id: embedder().slot.state, **await embedder().generator.status()}
+
+
 @routes.get("/v1/models", response_model=ModelList)
 async def list_models() -> ModelList:
     names = [embedder().model_id, get_settings().generation_model]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncGenerator
@@ -15,6 +16,7 @@ from pydantic import Field
 from models.catalog import CATALOG
 from services.config import get_settings, pick_device
 from services.engine import Engine, EngineError, Sampling, TransformersEngine
+from services.lifecycle import ModelSlot
 from services.protocol import ChatMessage, Text
 
 logger = logging.getLogger("bentoml.fnserve.generation")  # under "bentoml": the server only logs that tree
@@ -78,7 +80,7 @@ class IncrementalDecoder:
 @bentoml.service(
     name="generation",
     workers=1,
-    traffic={"timeout": 600},
+    traffic={"timeout": settings.request_timeout_seconds},
     logging={"access": {"enabled": False}},
     # BentoML's client recycles its session every 100 calls by default and kills the calls in flight
     # (about one 500 per 100 concurrent calls, field notes); streams live long, so never recycle.
@@ -90,24 +92,34 @@ class Generator:
     model_ref = bentoml.models.BentoModel(MODEL.tag)
 
     def __init__(self) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoTokenizer
 
         self.model_id = MODEL.name
-        device = pick_device(settings.device)
-        path = self.model_ref.path
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, settings.generation_dtype))
-        model = model.to(device).eval()
-        self.context_window: int = model.config.max_position_embeddings
+        self.device = pick_device(settings.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_ref.path)
+        self.context_window: int = AutoConfig.from_pretrained(self.model_ref.path).max_position_embeddings
         self.cache_tokens = (settings.generation_cache_blocks - 1) * 64  # one block of headroom
-        self.engine: Engine = TransformersEngine(
+        self.slot = ModelSlot(MODEL.name, self.start_engine, self.stop_engine, settings.idle_release_seconds)
+        self.slot.load_now()
+        logger.info("generation model %s on %s, %s", MODEL.tag, self.device, settings.generation_dtype)
+        self._release_task: asyncio.Task[None] | None = None
+
+    def start_engine(self) -> Engine:
+        """Weights from the model store (safetensors, memory-mapped) and a fresh engine loop."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        dtype = getattr(torch, settings.generation_dtype)
+        model = AutoModelForCausalLM.from_pretrained(self.model_ref.path, dtype=dtype).to(self.device).eval()
+        return TransformersEngine(
             model,
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
             cache_blocks=settings.generation_cache_blocks,
         )
-        logger.info("generation model %s on %s, %s", MODEL.tag, device, settings.generation_dtype)
+
+    def stop_engine(self, engine: Engine) -> None:
+        engine.shutdown()
 
     def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
         return list(
@@ -150,7 +162,10 @@ class Generator:
         decoder, matcher = IncrementalDecoder(self.tokenizer), StopMatcher(stop)
         generated: list[int] = []
         try:
-            async with aclosing(self.engine.stream(ids, Sampling(budget, temperature, top_p))) as steps:
+            async with (
+                self.slot.use() as engine,
+                aclosing(engine.stream(ids, Sampling(budget, temperature, top_p))) as steps,
+            ):
                 async for step in steps:
                     generated.extend(step.token_ids)
                     if text := matcher.push(decoder.push(step.token_ids, step.finished)):
@@ -204,7 +219,7 @@ class Generator:
         except ValueError as exc:
             raise BadInput(str(exc)) from exc
         decoder = IncrementalDecoder(self.tokenizer)
-        async with aclosing(self.engine.stream(ids, Sampling(budget))) as steps:
+        async with self.slot.use() as engine, aclosing(engine.stream(ids, Sampling(budget))) as steps:
             async for step in steps:
                 if delta := decoder.push(step.token_ids, step.finished):
                     yield delta
@@ -212,9 +227,22 @@ class Generator:
     @bentoml.api
     async def stats(self) -> dict[str, float]:
         """Engine occupancy: running and waiting requests, free share of the KV cache."""
-        stats = self.engine.stats()
+        if self.slot.state != "loaded":
+            return {"running": 0, "waiting": 0, "free_cache": 1.0}
+        stats = self.slot.model.stats()
         return {"running": stats.running, "waiting": stats.waiting, "free_cache": stats.free_cache}
 
+    @bentoml.api
+    async def status(self) -> dict[str, str]:
+        return {self.model_id: self.slot.state}
+
+    @bentoml.on_startup
+    async def start_idle_release(self) -> None:
+        self._release_task = asyncio.create_task(self.slot.release_when_idle())
+
     @bentoml.on_shutdown
-    def stop_engine(self) -> None:
-        self.engine.shutdown()
+    def shutdown(self) -> None:
+        if self._release_task:
+            self._release_task.cancel()
+        if self.slot.state == "loaded":
+            self.slot.model.shutdown()

@@ -112,6 +112,15 @@ def run_server(
         Path(log.name).unlink(missing_ok=True)
 
 
+def server_processes(url: str) -> list[psutil.Process]:
+    """The `bentoml serve` started by this test process that listens at `url`, and all its workers."""
+    port = url.rsplit(":", 1)[1]
+    arbiter = next(
+        p for p in psutil.Process().children(recursive=True) if "serve" in p.cmdline() and port in p.cmdline()
+    )
+    return [arbiter, *arbiter.children(recursive=True)]
+
+
 def histogram(metrics: str, name: str) -> tuple[float, float]:
     """Observation count and mean of a Prometheus histogram, summed over all its series (workers)."""
     lines = metrics.splitlines()

@@ -21,7 +21,7 @@ import pytest
 
 from services.batch_store import BatchStore, Outcome
 from tests.reference import reference
-from tests.server import serve
+from tests.server import serve, server_processes
 
 EMBEDDER = "all-minilm-l6-v2"
 CHAT = "smollm2-135m-instruct"
@@ -237,11 +237,7 @@ def test_bentoml_task_endpoint_with_bentoml_client(api: httpx.Client) -> None:
 
 def kill_server(url: str) -> None:
     """kill -9 the whole `bentoml serve` tree listening at `url`: no shutdown hook runs."""
-    port = url.rsplit(":", 1)[1]
-    arbiter = next(
-        p for p in psutil.Process().children(recursive=True) if "serve" in p.cmdline() and port in p.cmdline()
-    )
-    family = [arbiter, *arbiter.children(recursive=True)]
+    family = server_processes(url)
     for process in family:
         os.kill(process.pid, signal.SIGKILL)
     psutil.wait_procs(family, timeout=10)

@@ -1,0 +1,196 @@
+"""Cluster manifests for fnserve, generated from one source so ports, probes, concurrency and timeouts agree.
+
+    .venv/bin/python deploy/generate.py          # rewrites deploy/*.yaml
+    IMAGE=registry.example.com/fnserve:1 .venv/bin/python deploy/generate.py
+
+The values come from `services.config.Settings` (concurrency, timeout) and `Deployment` below (image,
+port, resources); `tests/test_deploy.py` validates the files offline and checks they are up to date.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from services.config import Settings, get_settings  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Deployment:
+    image: str = os.environ.get("IMAGE", "fnserve:latest")
+    name: str = "fnserve"
+    port: int = 3000  # `bentoml serve` and the container's default
+    cpu: str = "2000m"
+    memory: str = "4Gi"
+    env: dict[str, str] = field(default_factory=lambda: {"BENTOML_DO_NOT_TRACK": "true"})
+
+
+def container(spec: Deployment, settings: Settings) -> dict[str, Any]:
+    probe = {"httpGet": {"path": "/readyz", "port": spec.port}, "periodSeconds": 5, "failureThreshold": 3}
+    return {
+        "name": spec.name,
+        "image": spec.image,
+        "ports": [{"name": "http1", "containerPort": spec.port, "protocol": "TCP"}],
+        "env": [{"name": key, "value": value} for key, value in spec.env.items()],
+        "resources": {
+            "requests": {"cpu": spec.cpu, "memory": spec.memory},
+            "limits": {"cpu": spec.cpu, "memory": spec.memory},
+        },
+        # Ready while models sleep (a request wakes them); loading at start takes seconds, not minutes.
+        "readinessProbe": probe,
+        "livenessProbe": {
+            **probe,
+            "httpGet": {"path": "/livez", "port": spec.port},
+            "initialDelaySeconds": 10,
+        },
+    }
+
+
+def knative(spec: Deployment, settings: Settings) -> dict[str, Any]:
+    retention = f"{int(settings.idle_release_seconds)}s"  # keep the pod while its models would be warm
+    annotations = {
+        "autoscaling.knative.dev/min-scale": "0",
+        "autoscaling.knative.dev/max-scale": "4",
+        "autoscaling.knative.dev/metric": "concurrency",
+        "autoscaling.knative.dev/target": str(settings.max_concurrency // 2),
+        "autoscaling.knative.dev/scale-to-zero-pod-retention-period": retention,
+    }
+    return {
+        "apiVersion": "serving.knative.dev/v1",
+        "kind": "Service",
+        "metadata": {"name": spec.name},
+        "spec": {
+            "template": {
+                "metadata": {"annotations": annotations},
+                "spec": {
+                    "containerConcurrency": settings.max_concurrency,
+                    "timeoutSeconds": settings.request_timeout_seconds,
+                    "responseStartTimeoutSeconds": settings.request_timeout_seconds,
+                    "containers": [container(spec, settings)],
+                },
+            }
+        },
+    }
+
+
+def kserve(spec: Deployment, settings: Settings) -> dict[str, Any]:
+    return {
+        "apiVersion": "serving.kserve.io/v1beta1",
+        "kind": "InferenceService",
+        "metadata": {
+            "name": spec.name,
+            "annotations": {"serving.kserve.io/deploymentMode": "Serverless"},  # Knative mode
+        },
+        "spec": {
+            "predictor": {
+                "minReplicas": 0,
+                "maxReplicas": 4,
+                "scaleMetric": "concurrency",
+                "scaleTarget": settings.max_concurrency // 2,
+                "containerConcurrency": settings.max_concurrency,
+                "timeout": settings.request_timeout_seconds,
+                "containers": [container(spec, settings)],
+            }
+        },
+    }
+
+
+def keda_http(spec: Deployment, settings: Settings) -> list[dict[str, Any]]:
+    labels = {"app": spec.name}
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": spec.name, "labels": labels},
+        "spec": {
+            "replicas": 0,  # the add-on scales it up on the first request
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "terminationGracePeriodSeconds": settings.request_timeout_seconds,
+                    "containers": [container(spec, settings)],
+                },
+            },
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": spec.name, "labels": labels},
+        "spec": {"selector": labels, "ports": [{"name": "http", "port": spec.port, "targetPort": spec.port}]},
+    }
+    scaled = {
+        "apiVersion": "http.keda.sh/v1alpha1",
+        "kind": "HTTPScaledObject",
+        "metadata": {"name": spec.name},
+        "spec": {
+            "hosts": [f"{spec.name}.example.com"],
+            "scaleTargetRef": {
+                "name": spec.name,
+                "kind": "Deployment",
+                "apiVersion": "apps/v1",
+                "service": spec.name,
+                "port": spec.port,
+            },
+            "replicas": {"min": 0, "max": 4},
+            "scaledownPeriod": int(settings.idle_release_seconds),
+            "scalingMetric": {"concurrency": {"targetValue": settings.max_concurrency // 2}},
+            "timeouts": {"conditionWait": 60, "responseHeader": settings.request_timeout_seconds},
+        },
+    }
+    return [deployment, service, scaled]
+
+
+def bentocloud(spec: Deployment, settings: Settings) -> dict[str, Any]:
+    return {
+        "name": spec.name,
+        "bento": f"{spec.name}:latest",
+        "access_authorization": True,
+        "envs": [{"name": key, "value": value} for key, value in spec.env.items()],
+        "services": {
+            "embedding": {
+                "instance_type": "cpu.2",
+                "scaling": {
+                    "min_replicas": 0,
+                    "max_replicas": 4,
+                    "policy": {"scale_down_stabilization_window": int(settings.idle_release_seconds)},
+                },
+            },
+            "generation": {"instance_type": "cpu.2", "scaling": {"min_replicas": 0, "max_replicas": 2}},
+        },
+    }
+
+
+def manifests(spec: Deployment | None = None, settings: Settings | None = None) -> dict[str, list[dict]]:
+    spec, settings = spec or Deployment(), settings or get_settings()
+    return {
+        "knative-service.yaml": [knative(spec, settings)],
+        "kserve-inferenceservice.yaml": [kserve(spec, settings)],
+        "keda-http.yaml": keda_http(spec, settings),
+        "bentocloud-deployment.yaml": [bentocloud(spec, settings)],
+    }
+
+
+def render(documents: list[dict]) -> str:
+    header = "# Generated by deploy/generate.py: edit that, not this.\n"
+    return header + yaml.safe_dump_all(documents, sort_keys=False)
+
+
+def main() -> None:
+    for name, documents in manifests().items():
+        (HERE / name).write_text(render(documents))
+        print(f"wrote deploy/{name}")
+
+
+if __name__ == "__main__":
+    main()

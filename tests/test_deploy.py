@@ -1,0 +1,86 @@
+"""The cluster manifests: valid against real schemas, offline, and in agreement with the service config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from cloudcoil.models.keda.v1alpha1 import ScaledObject  # noqa: F401 - the KEDA models load
+from cloudcoil.models.knative_serving.serving.v1 import Service as KnativeService
+
+from deploy.generate import HERE, Deployment, manifests, render
+from services.config import get_settings
+
+K8S = "1.37.0"
+settings = get_settings()
+spec = Deployment()
+
+
+def load(name: str) -> list[dict[str, Any]]:
+    return list(yaml.safe_load_all((HERE / name).read_text()))
+
+
+@pytest.mark.parametrize("name", sorted(manifests()))
+def test_committed_manifests_are_generated_from_the_current_config(name: str) -> None:
+    assert (HERE / name).read_text() == render(manifests()[name]), "run deploy/generate.py"
+
+
+def check_container(container: dict[str, Any]) -> None:
+    """Probes and port agree with what `bentoml serve` exposes; valid as a core Pod's container."""
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "check"},
+        "spec": {"containers": [container]},
+    }
+    kubernetes_validate.validate(pod, K8S, strict=True)
+    assert container["ports"][0]["containerPort"] == spec.port
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": spec.port}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": spec.port}
+
+
+def test_knative_service() -> None:
+    [document] = load("knative-service.yaml")
+    service = KnativeService.model_validate(document)
+    template = service.spec.template
+    assert template.metadata.annotations["autoscaling.knative.dev/min-scale"] == "0"
+    assert template.spec.container_concurrency == settings.max_concurrency
+    assert template.spec.timeout_seconds == settings.request_timeout_seconds  # streams fit
+    check_container(document["spec"]["template"]["spec"]["containers"][0])
+
+
+def test_kserve_inference_service_in_knative_mode() -> None:
+    [document] = load("kserve-inferenceservice.yaml")
+    assert document["apiVersion"] == "serving.kserve.io/v1beta1" and document["kind"] == "InferenceService"
+    assert document["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Serverless"
+    predictor = document["spec"]["predictor"]
+    assert predictor["minReplicas"] == 0
+    assert predictor["containerConcurrency"] == settings.max_concurrency
+    assert predictor["timeout"] == settings.request_timeout_seconds
+    check_container(predictor["containers"][0])
+
+
+def test_keda_http_add_on_variant() -> None:
+    deployment, service, scaled = load("keda-http.yaml")
+    for document in (deployment, service):
+        kubernetes_validate.validate(document, K8S, strict=True)
+    check_container(deployment["spec"]["template"]["spec"]["containers"][0])
+    target = scaled["spec"]["scaleTargetRef"]
+    assert scaled["kind"] == "HTTPScaledObject" and scaled["spec"]["replicas"]["min"] == 0
+    assert (target["name"], target["service"]) == (
+        deployment["metadata"]["name"],
+        service["metadata"]["name"],
+    )
+    assert target["port"] == service["spec"]["ports"][0]["port"] == spec.port
+    assert scaled["spec"]["timeouts"]["responseHeader"] == settings.request_timeout_seconds
+
+
+def test_bentocloud_deployment_scales_every_service_to_zero() -> None:
+    from services.embedding import Embedder
+
+    [document] = load("bentocloud-deployment.yaml")
+    names = {Embedder.name, *(dep.on.name for dep in Embedder.dependencies.values())}
+    assert set(document["services"]) == names
+    assert all(service["scaling"]["min_replicas"] == 0 for service in document["services"].values())
