@@ -8,7 +8,7 @@ import httpx
 
 from tests.server import serve, server_processes
 
-IDLE_SECONDS = 2
+IDLE_SECONDS = 3
 EMBEDDER, CHAT = "all-minilm-l6-v2", "smollm2-135m-instruct"
 
 
@@ -47,12 +47,13 @@ def test_idle_models_are_released_and_wake_on_the_next_request() -> None:
         body = {"model": CHAT, "messages": [{"role": "user", "content": "What is the capital of France?"}]}
         answer = client.post("/v1/chat/completions", json={**body, "max_tokens": 16, "temperature": 0})
         assert answer.status_code == 200 and "Paris" in answer.json()["choices"][0]["message"]["content"]
+        assert client.get("/models/status").json()[CHAT] == "loaded"
         vectors = client.post("/v1/embeddings", json={"model": EMBEDDER, "input": "awake again"})
         assert vectors.status_code == 200 and len(vectors.json()["data"][0]["embedding"]) == 384
-        assert client.get("/models/status").json()[CHAT] == "loaded"
 
+        # At least: a slow machine may already have released them again.
         metrics = client.get("/metrics").text
-        assert metric(metrics, "fnserve_model_loads_total", CHAT) == 2  # at start, and on wake-up
-        assert metric(metrics, "fnserve_model_unloads_total", CHAT) == 1
-        assert metric(metrics, "fnserve_model_cold_start_seconds_count", CHAT) == 1
+        assert metric(metrics, "fnserve_model_loads_total", CHAT) >= 2  # at start, and on wake-up
+        assert metric(metrics, "fnserve_model_unloads_total", CHAT) >= 1
+        assert metric(metrics, "fnserve_model_cold_start_seconds_count", CHAT) >= 1
         assert metric(metrics, "fnserve_model_unloads_total", EMBEDDER) >= 2  # both workers
