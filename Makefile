@@ -8,7 +8,7 @@ SERVICE := services.embedding:Embedder
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: serve test models bench bench-chat bench-batch bench-coldstart lint build
+.PHONY: serve test models bench bench-chat bench-batch bench-coldstart lint build container container-test
 
 # torch is installed first, alone: `pip install torch==2.13.0` takes the local CPU wheel on a machine
 # without a GPU, so the project install that follows finds it satisfied instead of fetching a CUDA build.
@@ -48,3 +48,11 @@ bench-batch: models
 
 bench-coldstart: models
 	$(BIN)/python loadtests/bench_coldstart.py
+
+# Builds fnserve:latest with `bentoml containerize` (see deploy/container/build.sh for machines with no
+# Docker engine or registry); the smoke test runs it on a loopback port and removes it afterwards.
+container: models
+	BIN=$(BIN) deploy/container/build.sh
+
+container-test: $(VENV)/.installed
+	$(BIN)/python deploy/container/smoke_test.py

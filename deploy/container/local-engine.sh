@@ -24,11 +24,13 @@ fi
 
 if ! docker image inspect python:3.11-slim >/dev/null 2>&1; then
   mirror=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources 2>/dev/null || true)
-  rootfs=$STATE/rootfs
-  rm -rf "$rootfs"
-  debootstrap --variant=minbase bookworm "$rootfs" "${mirror:-http://deb.debian.org/debian}" >&2
-  tar -C "$rootfs" -c . | docker import - local/debian:bookworm >&2
-  rm -rf "$rootfs"
+  if ! docker image inspect local/debian:bookworm >/dev/null 2>&1; then
+    rootfs=$STATE/rootfs
+    rm -rf "$rootfs"
+    debootstrap --variant=minbase bookworm "$rootfs" "${mirror:-http://deb.debian.org/debian}" >&2
+    tar -C "$rootfs" -c . | docker import - local/debian:bookworm >&2
+    rm -rf "$rootfs"
+  fi
   context=$(mktemp -d)
   cp /etc/ssl/certs/ca-certificates.crt "$context/"
   cat >"$context/Dockerfile" <<'DOCKERFILE'
@@ -37,7 +39,8 @@ COPY ca-certificates.crt /usr/local/share/ca-certificates/host.crt
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-pip \
       ca-certificates curl && update-ca-certificates && rm -rf /var/lib/apt/lists/* \
     && rm -f /usr/lib/python3.*/EXTERNALLY-MANAGED && ln -sf /usr/bin/python3 /usr/local/bin/python
-ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt
+# pip and uv inside the image trust this machine's certificate authority, as the host does.
+ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt UV_NATIVE_TLS=1
 DOCKERFILE
   docker build --network host -t python:3.11-slim "$context" >&2
   rm -rf "$context"
