@@ -23,6 +23,7 @@ models: $(VENV)/.installed
 
 serve: models
 	@echo "fnserve: OpenAPI page at http://$(HOST):$(PORT)/ (spec: http://$(HOST):$(PORT)/docs.json)"
+	@[ -n "$$FNSERVE_API_KEYS" ] || echo "fnserve: no FNSERVE_API_KEYS set: every route is open; bound to $(HOST)"
 	$(BIN)/bentoml serve $(SERVICE) --host $(HOST) --port $(PORT)
 
 test: models

@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -30,6 +30,11 @@ class Settings(BaseSettings):
         if name not in names:
             raise ValueError(f"{name!r} is not a {task} model of the catalogue; choose one of {names}")
         return name
+
+    @property
+    def keys(self) -> list[str]:
+        raw = self.api_keys.get_secret_value() if self.api_keys else ""
+        return [key.strip() for key in raw.split(",") if key.strip()]
 
     @property
     def workers(self) -> int:
@@ -77,6 +82,12 @@ class Settings(BaseSettings):
         64, ge=4, description="KV-cache blocks of 64 tokens shared by all running requests"
     )
 
+    api_keys: SecretStr | None = Field(
+        None, description="comma-separated keys; when set, every route but the probes needs `Bearer <key>`"
+    )
+    max_body_bytes: int = Field(
+        16 * 2**20, ge=1, description="largest request body (413 above); uploads excepted"
+    )
     max_concurrency: int = Field(
         256, ge=1, description="requests one server takes at once (429 above); also the cluster manifests'"
     )

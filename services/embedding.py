@@ -22,6 +22,7 @@ from services.config import get_settings, pick_device
 from services.generation import ChatMaxTokens, ChatMessages, Generator
 from services.lifecycle import ModelSlot
 from services.protocol import Text
+from services.security import Guard
 
 if TYPE_CHECKING:
     import torch
@@ -135,6 +136,11 @@ class Embedder:
             torch.get_num_threads(),
         )
         self.max_tokens = settings.embedding_max_tokens
+        if not settings.keys:
+            logger.warning(
+                "no API keys configured (FNSERVE_API_KEYS): every route is open to whoever reaches this "
+                "port; keep it on loopback (`make serve` binds 127.0.0.1 unless HOST is set)"
+            )
         # The OpenAI route calls the model in-process; see services/batching.py for why it does not
         # use the batcher BentoML puts in front of `encode`.
         self._batcher = GreedyBatcher(
@@ -208,3 +214,11 @@ class Embedder:
         async with self.slot.use():
             vectors, _ = await asyncio.to_thread(self._forward, texts)
         return vectors
+
+
+Embedder.add_asgi_middleware(
+    Guard,
+    keys=settings.keys,
+    max_body_bytes=settings.max_body_bytes,
+    upload_bytes=settings.batch_max_file_bytes,
+)
