@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from typing import Annotated, Any
@@ -31,6 +32,39 @@ ChatMaxTokens = Annotated[int, Field(ge=1, le=settings.generation_max_tokens)]
 
 def event(kind: str, **fields: Any) -> str:
     return json.dumps({"type": kind, **fields}) + "\n"
+
+
+TTFT = bentoml.metrics.Histogram(
+    name="fnserve_generation_time_to_first_token_seconds",
+    documentation="From a request's admission to its first generated token",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+)
+INTER_TOKEN = bentoml.metrics.Histogram(
+    name="fnserve_generation_inter_token_seconds",
+    documentation="Between consecutive generated tokens of one request",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1, 2),
+)
+PROMPT_TOKENS = bentoml.metrics.Counter(name="fnserve_generation_prompt_tokens", documentation="Tokens in")
+COMPLETION_TOKENS = bentoml.metrics.Counter(
+    name="fnserve_generation_completion_tokens", documentation="Tokens out"
+)
+
+
+class TokenClock:
+    """Records one request's time to first token, inter-token latencies and token counts."""
+
+    def __init__(self, prompt_tokens: int) -> None:
+        PROMPT_TOKENS.inc(prompt_tokens)
+        self._last = time.perf_counter()
+        self._first = True
+
+    def tick(self, tokens: int) -> None:
+        if not tokens:
+            return
+        now = time.perf_counter()
+        (TTFT if self._first else INTER_TOKEN).observe(now - self._last)
+        self._first, self._last = False, now
+        COMPLETION_TOKENS.inc(tokens)
 
 
 class StopMatcher:
@@ -159,6 +193,7 @@ class Generator:
             yield event("error", status=400, message=problem[0], param=problem[1])
             return
         yield event("start", prompt_tokens=len(ids))
+        clock = TokenClock(len(ids))
         decoder, matcher = IncrementalDecoder(self.tokenizer), StopMatcher(stop)
         generated: list[int] = []
         try:
@@ -168,6 +203,7 @@ class Generator:
             ):
                 async for step in steps:
                     generated.extend(step.token_ids)
+                    clock.tick(len(step.token_ids))
                     if text := matcher.push(decoder.push(step.token_ids, step.finished)):
                         yield event("delta", text=text)
                     if matcher.stopped:
@@ -218,9 +254,10 @@ class Generator:
             budget = self.token_budget(ids, max_tokens)
         except ValueError as exc:
             raise BadInput(str(exc)) from exc
-        decoder = IncrementalDecoder(self.tokenizer)
+        decoder, clock = IncrementalDecoder(self.tokenizer), TokenClock(len(ids))
         async with self.slot.use() as engine, aclosing(engine.stream(ids, Sampling(budget))) as steps:
             async for step in steps:
+                clock.tick(len(step.token_ids))
                 if delta := decoder.push(step.token_ids, step.finished):
                     yield delta
 

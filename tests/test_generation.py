@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tests.reference import reference
-from tests.server import serve
+from tests.server import histogram, serve
 
 QUESTIONS = [f"In one sentence, what is {n} plus {n}?" for n in range(1, 17)]
 
@@ -60,6 +60,29 @@ def test_bf16_default_answers_concurrent_streams() -> None:
     ):
         answers = list(pool.map(lambda _: chat(client, "What is the capital of France?"), range(8)))
     assert all("Paris" in answer for answer in answers), answers
+
+
+def generation_counts(client: httpx.Client) -> tuple[float, float, float]:
+    metrics = client.get("/metrics").text
+    tokens = sum(
+        float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("fnserve_generation_completion_tokens_total")
+    )
+    ttft = (
+        histogram(metrics, "fnserve_generation_time_to_first_token_seconds")[0]
+        if "first_token" in metrics
+        else 0
+    )
+    itl = histogram(metrics, "fnserve_generation_inter_token_seconds")[0] if "inter_token" in metrics else 0
+    return ttft, itl, tokens
+
+
+def test_latency_and_token_metrics(gen: httpx.Client) -> None:
+    before = generation_counts(gen)
+    assert chat(gen, "Tell me a long story about a fox.", 8)
+    after = generation_counts(gen)
+    assert [b - a for a, b in zip(before, after, strict=True)] == [1, 7, 8]  # one request, 8 tokens
 
 
 def stats(client: httpx.Client) -> dict[str, float]:
