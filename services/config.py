@@ -67,6 +67,11 @@ class Settings(BaseSettings):
     embedding_max_inputs: int = Field(512, ge=1, description="inputs per request")
     embedding_max_input_chars: int = Field(8192, ge=1, description="characters per input")
     embedding_max_tokens: int = Field(256, ge=8, le=512, description="the model's window, in tokens")
+    embedding_cache_size: int = Field(
+        10_000,
+        ge=0,
+        description="inputs whose vectors each worker keeps for repeats (about 1.5 kB each); 0 = off",
+    )
     embedding_overflow: Literal["truncate", "reject"] = Field(
         "truncate", description="inputs over the token window: cut to it, or answer 400"
     )

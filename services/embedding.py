@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import bentoml
 import numpy as np
+from cachetools import LRUCache
 from pydantic import Field
 
 from models.catalog import CATALOG
@@ -48,6 +49,13 @@ QUEUE_SECONDS = bentoml.metrics.Histogram(
     name="fnserve_embedding_queue_seconds",
     documentation="Time the oldest request of each batch waited for the model (OpenAI route)",
     buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+
+CACHE_LOOKUPS = bentoml.metrics.Counter(
+    name="fnserve_embedding_cache_lookups",
+    documentation="Inputs looked up in the embedding response cache, by result",
+    labelnames=["result"],
 )
 
 
@@ -149,6 +157,8 @@ class Embedder:
             max_queue_seconds=settings.embedding_max_latency_ms / 1000,
             on_batch=observe_batch,
         )
+        size = settings.embedding_cache_size
+        self._cache: LRUCache[str, Embedded] | None = LRUCache(maxsize=size) if size else None
         self.batch_runner = BatchRunner(
             BatchStore(settings.batch_dir, server_instance()), gateway.run_line, settings
         )
@@ -174,10 +184,23 @@ class Embedder:
         vectors, tokens = self._forward(texts)
         return list(zip(vectors, tokens, strict=True))
 
-    async def embed(self, texts: list[str]) -> list[Embedded]:
-        """Vectors and token counts for one request's texts, batched with other requests' texts."""
-        async with self.slot.use():
-            return await self._batcher.submit(texts)
+    async def embed(self, texts: list[str]) -> tuple[list[Embedded], int]:
+        """Vectors and token counts for one request's texts, and how many came from the cache. The rest
+        are batched with other requests' texts. The cache is per worker and keyed on the text alone:
+        the model, its version and the token window are fixed for the life of the process."""
+        cache = self._cache if self._cache is not None else {}
+        cached = {i: hit for i, text in enumerate(texts) if (hit := cache.get(text)) is not None}
+        CACHE_LOOKUPS.labels(result="hit").inc(len(cached))
+        CACHE_LOOKUPS.labels(result="miss").inc(len(texts) - len(cached))
+        missing = [text for i, text in enumerate(texts) if i not in cached]
+        computed: list[Embedded] = []
+        if missing:
+            async with self.slot.use():
+                computed = await self._batcher.submit(missing)
+            if self._cache is not None:
+                self._cache.update(zip(missing, computed, strict=True))
+        fresh = iter(computed)
+        return [cached[i] if i in cached else next(fresh) for i in range(len(texts))], len(cached)
 
     async def token_counts(self, texts: list[str]) -> list[int]:
         """Untruncated token counts, for rejecting inputs over the window (off the event loop)."""

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("bentoml.fnserve.gateway")  # the server logs only the bentoml tree
 STARTED = int(time.time())
+CACHE_HEADER = "x-fnserve-cache"  # hit, partial or miss: how many inputs came from the response cache
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 404, 503)}
 
 
@@ -156,10 +157,10 @@ async def check_embedding_request(fn: Embedder, request: EmbeddingRequest) -> li
 @routes.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERRORS)
 async def create_embeddings(request: EmbeddingRequest) -> OrjsonResponse:
     """OpenAI embeddings. Inputs over the token window are truncated to it, or rejected with 400 when
-    FNSERVE_EMBEDDING_OVERFLOW=reject."""
+    FNSERVE_EMBEDDING_OVERFLOW=reject. Vectors of inputs seen recently come from a cache (x-fnserve-cache)."""
     fn = embedder()
     texts = await check_embedding_request(fn, request)
-    results = await fn.embed(texts)
+    results, hits = await fn.embed(texts)
     as_base64 = request.encoding_format == "base64"
     data = [
         {
@@ -176,7 +177,8 @@ async def create_embeddings(request: EmbeddingRequest) -> OrjsonResponse:
             "data": data,
             "model": fn.model_id,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        }
+        },
+        headers={CACHE_HEADER: "hit" if hits == len(texts) else "partial" if hits else "miss"},
     )
 
 

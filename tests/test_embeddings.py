@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -62,6 +63,30 @@ def test_same_input_gives_same_vector(client: httpx.Client) -> None:
     np.testing.assert_array_equal(first, second)
 
 
+def test_repeated_inputs_come_from_the_cache(client: httpx.Client) -> None:
+    def post(inputs: list[str]) -> httpx.Response:
+        response = client.post("/v1/embeddings", json={"model": MODEL, "input": inputs})
+        assert response.status_code == 200
+        return response
+
+    def lookups(result: str) -> float:
+        lines = client.get("/metrics").text.splitlines()
+        prefix = f'fnserve_embedding_cache_lookups_total{{result="{result}"'
+        return sum(float(line.split()[-1]) for line in lines if line.startswith(prefix))
+
+    text = f"cache me {time.time_ns()}"
+    hits_before = lookups("hit")
+    first = post([text])
+    assert first.headers["x-fnserve-cache"] == "miss"
+    # Each worker has its own cache: repeat until the worker that saw it answers.
+    repeats = [post([text]) for _ in range(8)]
+    hit = next(r for r in repeats if r.headers["x-fnserve-cache"] == "hit")
+    assert hit.json()["data"] == first.json()["data"] and hit.json()["usage"] == first.json()["usage"]
+    assert lookups("hit") > hits_before
+    mixed = [post([text, f"new {time.time_ns()}"]).headers["x-fnserve-cache"] for _ in range(8)]
+    assert "partial" in mixed
+
+
 def test_base64_encoding_matches_floats(client: httpx.Client) -> None:
     floats = embed(client, "encode me")
     response = client.post(
@@ -103,7 +128,9 @@ def test_native_endpoint_rejects_bad_input(client: httpx.Client) -> None:
 
 def test_concurrent_requests_are_batched_and_correct(client: httpx.Client) -> None:
     texts = [f"sentence number {i} about serving models" for i in range(96)]
-    alone = {text: embed(client, text)[0] for text in texts[:4]}
+    # Each alone through the native endpoint, which has no response cache: the OpenAI route would
+    # answer the concurrent repeats from its cache.
+    alone = {text: np.array(client.post("/encode", json={"texts": [text]}).json()[0]) for text in texts[:4]}
     with ThreadPoolExecutor(max_workers=32) as pool:
         vectors = list(pool.map(lambda text: embed(client, text)[0], texts))
     for text, vector in zip(texts[:4], vectors, strict=False):
