@@ -8,7 +8,7 @@ SERVICE := services.embedding:Embedder
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: serve test models bench bench-chat bench-batch bench-coldstart lint build container container-test
+.PHONY: serve test models bench bench-chat bench-batch bench-coldstart bench-spike lint build container container-test
 
 # torch is installed first, alone: `pip install torch==2.13.0` takes the local CPU wheel on a machine
 # without a GPU, so the project install that follows finds it satisfied instead of fetching a CUDA build.
@@ -49,6 +49,9 @@ bench-batch: models
 
 bench-coldstart: models
 	$(BIN)/python loadtests/bench_coldstart.py
+
+bench-spike: models
+	$(BIN)/python loadtests/spike.py
 
 # Builds fnserve:latest with `bentoml containerize` (see deploy/container/build.sh for machines with no
 # Docker engine or registry); the smoke test runs it on a loopback port and removes it afterwards.

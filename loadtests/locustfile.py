@@ -41,13 +41,14 @@ class ChatUser(HttpUser):
     """Holds a streaming chat open until its last token, as a chat front end does."""
 
     wait_time = between(0.5, 2.0)
+    max_tokens = 48
 
     @task
     def stream_chat(self) -> None:
         body = {
             "model": "smollm2-135m-instruct",
             "messages": [{"role": "user", "content": f"Write a haiku about the number {next(COUNTER)}."}],
-            "max_tokens": 48,
+            "max_tokens": self.max_tokens,
             "stream": True,
         }
         with self.client.post(
