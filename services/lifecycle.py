@@ -61,12 +61,14 @@ class ModelSlot(Generic[M]):
         self._in_use = 0
         self._last_used = time.monotonic()
         self._loading = False
+        self._releasing = False
 
     @property
     def state(self) -> State:
+        """`sleeping` only once its memory is released; `loaded` while it is being released."""
         if self._loading:
             return "loading"
-        return "sleeping" if self._model is None else "loaded"
+        return "sleeping" if self._model is None and not self._releasing else "loaded"
 
     @property
     def model(self) -> M:
@@ -110,12 +112,15 @@ class ModelSlot(Generic[M]):
             idle = time.monotonic() - self._last_used
             if self._model is None or self._in_use or idle < self.idle_seconds:
                 continue
-            async with self._lock:
+            async with self._lock:  # requests that come meanwhile wait, then load it again
                 if self._in_use or self._model is None:
                     continue
-                model, self._model = self._model, None
-                await asyncio.to_thread(self._unload, model)
-                del model
-                await asyncio.to_thread(release_memory)
+                self._releasing = True
+                try:
+                    await asyncio.to_thread(self._unload, self._model)
+                    self._model = None  # the last reference: its memory is freed here
+                    await asyncio.to_thread(release_memory)
+                finally:
+                    self._releasing = False
             UNLOADS.labels(model=self.name).inc()
             logger.info("%s released after %.0f s idle", self.name, idle)
