@@ -86,7 +86,8 @@ def run(url: str, user: type, base: int) -> dict[str, Any]:
     runner = env.create_local_runner()
     start = time.monotonic()
     runner.start_shape()
-    runner.greenlet.join()
+    runner.shape_greenlet.join()  # the shape stops the users when its last phase ends
+    runner.quit()
     return summarize(samples, start)
 
 

@@ -1,8 +1,9 @@
 """Batch jobs: the OpenAI Files and Batches routes, and the runner that works through the lines.
 
 Lines run through the same handlers as the online routes, so embedding lines join the greedy batcher
-and chat lines the engine's continuous batch, at background priority (services/batching.py): online
-requests go first into every forward pass. State lives in services/batch_store.py.
+(at background priority: online requests go first into every forward pass, services/batching.py) and
+chat lines the engine's continuous batch (as equals of online chats, but at most
+FNSERVE_BATCH_GENERATION_CONCURRENCY at a time per worker). State lives in services/batch_store.py.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Annotated, Any
 
 import bentoml
 from fastapi import APIRouter, File, Form, Query, UploadFile
-from fastapi.responses import Response
+from fastapi.responses import FileResponse, Response
 
 from services.batch_store import BadFile, BatchStore, Line, Outcome, ended_error
 from services.batching import BACKGROUND
@@ -47,16 +48,16 @@ class BatchRunner:
         self._generation_slots = asyncio.Semaphore(settings.batch_generation_concurrency)
         self._wake = asyncio.Event()
         self._done: list[Outcome] = []
-        self._in_flight: set[asyncio.Task[None]] = set()
+        self._in_flight: dict[asyncio.Task[None], Line] = {}
         self._endings: dict[str, str] = {}
+        self._renewed = time.monotonic()
 
     def wake(self) -> None:
         self._wake.set()
 
     async def run(self) -> None:
-        BACKGROUND.set(
-            True
-        )  # every line task inherits this context: its model calls queue behind online ones
+        # Every line task inherits this context: its embedding forwards queue behind online ones.
+        BACKGROUND.set(True)
         last_cleanup = 0.0
         while True:
             try:
@@ -77,25 +78,44 @@ class BatchRunner:
         """Claim lines while there is room, record finished ones; True if more may be waiting."""
         settings = self.settings
         room = settings.batch_concurrency - len(self._in_flight)
-        lines = await asyncio.to_thread(self.store.claim, room, settings.batch_lease_seconds) if room else []
+        lease = settings.batch_lease_seconds
+        lines = await asyncio.to_thread(self.store.claim, room, lease, MAX_ATTEMPTS) if room else []
+        self._endings = await asyncio.to_thread(self.store.endings)
         for line in lines:
             task = asyncio.create_task(self._run_line(line))
-            self._in_flight.add(task)
-            task.add_done_callback(self._in_flight.discard)
-        self._endings = await asyncio.to_thread(self.store.endings)
-        if self._done:
-            done, self._done = self._done, []
-            await asyncio.to_thread(self.store.settle, done)
+            self._in_flight[task] = line
+            task.add_done_callback(self._in_flight.pop)
+        await self.settle()
+        if time.monotonic() - self._renewed > lease / 4:  # lines waiting for a slot keep their claim
+            await asyncio.to_thread(self.store.renew, list(self._in_flight.values()))
+            self._renewed = time.monotonic()
         if len(lines) < room:
             await asyncio.to_thread(self.store.finalize_ready, settings.batch_lease_seconds)
         return bool(lines) and len(lines) == room
+
+    async def settle(self) -> None:
+        """Record finished lines; if the store refuses, they are kept for the next try."""
+        if not self._done:
+            return
+        done, self._done = self._done, []
+        try:
+            await asyncio.to_thread(self.store.settle, done)
+        except BaseException:
+            self._done = done + self._done
+            raise
+
+    async def stop(self) -> None:
+        """At shutdown: record what finished; lines still running are claimed again by the next server."""
+        await self.settle()
 
     async def _sleep(self) -> None:
         """Until a line finishes, a batch is created in this worker, or the poll interval passes (another
         worker may have created one)."""
         waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._wake.wait())]
         if self._in_flight:
-            waits.append(asyncio.ensure_future(asyncio.wait(self._in_flight, return_when="FIRST_COMPLETED")))
+            waits.append(
+                asyncio.ensure_future(asyncio.wait(list(self._in_flight), return_when="FIRST_COMPLETED"))
+            )
         _, pending = await asyncio.wait(waits, timeout=0.5, return_when="FIRST_COMPLETED")
         for future in pending:
             future.cancel()
@@ -161,28 +181,28 @@ async def list_files(purpose: str | None = None) -> FileList:
     return FileList(data=[FileObject.model_validate(row) for row in rows])
 
 
-def existing_file(file_id: str) -> dict[str, Any]:
-    row = runner().store.get_file(file_id)
-    if row is None:
+async def existing_file(file_id: str) -> dict[str, Any]:
+    row = await asyncio.to_thread(runner().store.get_file, file_id)
+    if row is None or not runner().store.file_path(file_id).exists():
         raise APIError(404, f"no file {file_id}", "file_id", "not_found")
     return row
 
 
 @routes.get("/v1/files/{file_id}", response_model=FileObject)
 async def retrieve_file(file_id: str) -> FileObject:
-    return FileObject.model_validate(existing_file(file_id))
+    return FileObject.model_validate(await existing_file(file_id))
 
 
 @routes.get("/v1/files/{file_id}/content")
 async def file_content(file_id: str) -> Response:
-    existing_file(file_id)
-    content = await asyncio.to_thread(runner().store.file_path(file_id).read_bytes)
-    return Response(content, media_type="application/jsonl")
+    await existing_file(file_id)
+    # Streamed from disk: an output file can be larger than memory should hold.
+    return FileResponse(runner().store.file_path(file_id), media_type="application/jsonl")
 
 
 @routes.delete("/v1/files/{file_id}", response_model=FileDeleted)
 async def delete_file(file_id: str) -> FileDeleted:
-    existing_file(file_id)
+    await existing_file(file_id)
     return FileDeleted(id=file_id, deleted=await asyncio.to_thread(runner().store.delete_file, file_id))
 
 
@@ -190,7 +210,7 @@ async def delete_file(file_id: str) -> FileDeleted:
 async def create_batch(request: BatchCreateRequest) -> Batch:
     """Start a batch over an uploaded file. Bad lines go to the error file; a file that is not JSONL, or
     has more lines than the configured cap, is refused here."""
-    row = existing_file(request.input_file_id)
+    row = await existing_file(request.input_file_id)
     if row["purpose"] != "batch":
         raise APIError(400, f"file {request.input_file_id} is not a batch input file", "input_file_id")
     store, settings = runner().store, runner().settings
@@ -206,6 +226,8 @@ async def create_batch(request: BatchCreateRequest) -> Batch:
         )
     except BadFile as exc:
         raise APIError(400, str(exc), "input_file_id", "invalid_file") from exc
+    except FileNotFoundError as exc:  # deleted between the check and the read
+        raise APIError(404, f"no file {request.input_file_id}", "input_file_id", "not_found") from exc
     runner().wake()
     return batch_model(batch)
 
@@ -224,8 +246,8 @@ async def list_batches(
     )
 
 
-def existing_batch(batch_id: str) -> dict[str, Any]:
-    row = runner().store.get_batch(batch_id)
+async def existing_batch(batch_id: str) -> dict[str, Any]:
+    row = await asyncio.to_thread(runner().store.get_batch, batch_id)
     if row is None:
         raise APIError(404, f"no batch {batch_id}", "batch_id", "not_found")
     return row
@@ -233,13 +255,13 @@ def existing_batch(batch_id: str) -> dict[str, Any]:
 
 @routes.get("/v1/batches/{batch_id}", response_model=Batch)
 async def retrieve_batch(batch_id: str) -> Batch:
-    return batch_model(await asyncio.to_thread(existing_batch, batch_id))
+    return batch_model(await existing_batch(batch_id))
 
 
 @routes.post("/v1/batches/{batch_id}/cancel", response_model=Batch)
 async def cancel_batch(batch_id: str) -> Batch:
     """Lines not started are settled as cancelled; running ones finish and are kept in the output."""
-    existing_batch(batch_id)
+    await existing_batch(batch_id)
     await asyncio.to_thread(runner().store.end_batch, batch_id, "cancelled")
     runner().wake()
-    return batch_model(await asyncio.to_thread(existing_batch, batch_id))
+    return batch_model(await existing_batch(batch_id))

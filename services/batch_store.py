@@ -103,10 +103,12 @@ def ended_error(ending: str) -> str:
 
 class BatchStore:
     def __init__(self, root: Path, instance: str) -> None:
-        """`instance` names the running server: lines claimed under another name were left by a server
-        that died, and are claimed again."""
+        """`instance` names the running server: lines claimed under another server's name were left by
+        one that is gone, and are claimed again at once. Each worker process claims as
+        `instance/pid`; a worker that died inside a live server leaves lines whose lease runs out."""
         self.root = root
         self.instance = instance
+        self.owner = f"{instance}/{os.getpid()}"
         (root / "files").mkdir(parents=True, exist_ok=True)
         # One connection per process, used from worker threads in turn.
         self._db = sqlite3.connect(root / "batches.db", check_same_thread=False, isolation_level=None)
@@ -124,10 +126,11 @@ class BatchStore:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # SQLite has rolled back already after some errors
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     def _rows(self, sql: str, *args: Any) -> list[dict[str, Any]]:
         with self._lock:
@@ -140,16 +143,21 @@ class BatchStore:
 
     # Files
 
-    def add_file(self, content: bytes, filename: str, purpose: str, file_id: str | None = None) -> dict:
-        file_id = file_id or new_id("file")
-        path = self.file_path(file_id)
-        partial = path.with_suffix(".part")
+    def add_file(self, content: bytes, filename: str, purpose: str) -> dict:
+        file_id = new_id("file")
+        partial = self.file_path(file_id).with_suffix(".part")
         partial.write_bytes(content)
-        os.replace(partial, path)  # the row below never points at a half-written file
-        row = (file_id, purpose, filename, len(content), int(time.time()))
-        with self._transaction() as db:
-            db.execute("INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)", row)
+        self._register_file(file_id, partial, filename, purpose)
         return self.get_file(file_id)  # type: ignore[return-value]
+
+    def _register_file(self, file_id: str, partial: Path, filename: str, purpose: str) -> None:
+        size = partial.stat().st_size
+        os.replace(partial, self.file_path(file_id))  # the row below never points at a half-written file
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)",
+                (file_id, purpose, filename, size, int(time.time())),
+            )
 
     def get_file(self, file_id: str) -> dict | None:
         rows = self._rows("SELECT * FROM files WHERE id = ?", file_id)
@@ -183,7 +191,8 @@ class BatchStore:
             text = self.file_path(file_id).read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:
             raise BadFile(f"the input file is not UTF-8 text: {exc}") from exc
-        raws = [raw for raw in text.splitlines() if raw.strip()]
+        # "\n" only: splitlines() would also cut at U+2028 and the like, which JSON strings may hold.
+        raws = [raw.removesuffix("\r") for raw in text.split("\n") if raw.strip()]
         if not raws:
             raise BadFile("the input file has no lines")
         if len(raws) > max_lines:
@@ -281,25 +290,42 @@ class BatchStore:
 
     # Lines
 
-    def claim(self, limit: int, lease_seconds: float) -> list[Line]:
+    def claim(self, limit: int, lease_seconds: float, max_attempts: int) -> list[Line]:
         """Up to `limit` lines to run, oldest batch first: pending ones, and running ones whose server
-        died (another instance) or whose lease ran out."""
+        is gone or whose lease ran out. A line claimed `max_attempts` times already (it failed, or its
+        worker died running it, each time) is settled as failed instead."""
         now = time.time()
         with self._transaction() as db:
             rows = db.execute(
                 "SELECT l.batch_id, l.idx, l.custom_id, l.body, b.endpoint, l.attempts + 1 FROM lines l"
                 " JOIN batches b ON b.id = l.batch_id"
                 " WHERE b.status IN ('in_progress', 'cancelling') AND (l.state = 'pending'"
-                "   OR (l.state = 'running' AND (l.owner != ? OR l.claimed_at < ?)))"
+                "   OR (l.state = 'running' AND (l.owner NOT LIKE ? OR l.claimed_at < ?)))"
                 " ORDER BY b.created_at, l.idx LIMIT ?",
-                (self.instance, now - lease_seconds, limit),
+                (f"{self.instance}/%", now - lease_seconds, limit),
             ).fetchall()
+            given_up = [row for row in rows if row[5] > max_attempts]
+            rows = [row for row in rows if row[5] <= max_attempts]
+            error = json.dumps({"code": "server_error", "message": f"given up after {max_attempts} attempts"})
+            db.executemany(
+                "UPDATE lines SET state = 'failed', result = ? WHERE batch_id = ? AND idx = ?",
+                [(error, row[0], row[1]) for row in given_up],
+            )
             db.executemany(
                 "UPDATE lines SET state = 'running', owner = ?, claimed_at = ?, attempts = attempts + 1"
                 " WHERE batch_id = ? AND idx = ?",
-                [(self.instance, now, row[0], row[1]) for row in rows],
+                [(self.owner, now, row[0], row[1]) for row in rows],
             )
         return [Line(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5]) for row in rows]
+
+    def renew(self, lines: list[Line]) -> None:
+        """Extend the lease of lines this worker is still running (or holding for a free slot)."""
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE lines SET claimed_at = ? WHERE batch_id = ? AND idx = ? AND state = 'running'"
+                " AND owner = ?",
+                [(time.time(), line.batch_id, line.idx, self.owner) for line in lines],
+            )
 
     def release(self, line: Line) -> None:
         """Put a line that failed for a passing reason back in the queue."""
@@ -307,18 +333,18 @@ class BatchStore:
             db.execute(
                 "UPDATE lines SET state = 'pending', owner = NULL WHERE batch_id = ? AND idx = ?"
                 " AND state = 'running' AND owner = ?",
-                (line.batch_id, line.idx, self.instance),
+                (line.batch_id, line.idx, self.owner),
             )
 
     def settle(self, outcomes: list[Outcome]) -> None:
-        """Record finished lines, in one commit. Only a line still claimed by this instance is written,
-        so a line claimed again after a lease ran out is recorded once."""
+        """Record finished lines, in one commit. Only a line still claimed by this worker is written, so
+        a line claimed again after a lease ran out is recorded once."""
         with self._transaction() as db:
             db.executemany(
                 "UPDATE lines SET state = ?, result = ? WHERE batch_id = ? AND idx = ?"
                 " AND state = 'running' AND owner = ?",
                 [
-                    ("done" if o.ok else "failed", o.result, o.line.batch_id, o.line.idx, self.instance)
+                    ("done" if o.ok else "failed", o.result, o.line.batch_id, o.line.idx, self.owner)
                     for o in outcomes
                 ],
             )
@@ -347,27 +373,43 @@ class BatchStore:
         return ready
 
     def _finalize(self, batch_id: str) -> None:
-        outputs: list[bytes] = []
-        errors: list[bytes] = []
-        for row in self._rows(
-            "SELECT idx, custom_id, state, result FROM lines WHERE batch_id = ? ORDER BY idx", batch_id
-        ):
-            head = json.dumps({"id": f"batch_req_{batch_id[6:]}_{row['idx']}", "custom_id": row["custom_id"]})
-            if (
-                row["state"] == "done"
-            ):  # spliced as text: re-encoding 384 floats per line cost more than the run
-                outputs.append(f'{head[:-1]}, "response": {row["result"]}, "error": null}}'.encode())
-            else:
-                error = json.loads(row["result"])
-                response = error.pop("response", None)
-                line = {**json.loads(head), "response": response, "error": error}
-                errors.append(json.dumps(line).encode())
+        """Streams the rows into the two files a page at a time: a batch's results can be far larger
+        than memory should hold at once."""
+        short = batch_id.removeprefix("batch_")
+        paths = {
+            kind: self.file_path(f"file-{kind}-{short}").with_suffix(".part") for kind in ("output", "error")
+        }
+        counts = dict.fromkeys(paths, 0)
+        with paths["output"].open("wb") as output, paths["error"].open("wb") as errors:
+            after = -1
+            while page := self._rows(
+                "SELECT idx, custom_id, state, result FROM lines WHERE batch_id = ? AND idx > ?"
+                " ORDER BY idx LIMIT 1000",
+                batch_id, after,
+            ):  # fmt: skip
+                for row in page:
+                    head = json.dumps(
+                        {"id": f"batch_req_{short}_{row['idx']}", "custom_id": row["custom_id"]}
+                    )
+                    if (
+                        row["state"] == "done"
+                    ):  # spliced as text: re-encoding its floats cost more than the run
+                        output.write(f'{head[:-1]}, "response": {row["result"]}, "error": null}}\n'.encode())
+                        counts["output"] += 1
+                    else:
+                        error = json.loads(row["result"])
+                        response = error.pop("response", None)
+                        line = {**json.loads(head), "response": response, "error": error}
+                        errors.write((json.dumps(line) + "\n").encode())
+                        counts["error"] += 1
+                after = page[-1]["idx"]
         ids = {}
-        for kind, lines in (("output", outputs), ("error", errors)):
-            if lines:
-                file_id = f"file-{kind}-{batch_id.removeprefix('batch_')}"
-                self.add_file(b"\n".join(lines) + b"\n", f"{batch_id}_{kind}.jsonl", f"batch_{kind}", file_id)
-                ids[kind] = file_id
+        for kind, partial in paths.items():
+            if counts[kind]:
+                ids[kind] = f"file-{kind}-{short}"
+                self._register_file(ids[kind], partial, f"{batch_id}_{kind}.jsonl", f"batch_{kind}")
+            else:
+                partial.unlink()
         ending = self._rows("SELECT ending FROM batches WHERE id = ?", batch_id)[0]["ending"]
         status = FINAL_STATUS[ending]
         stamp = "completed_at" if status == "completed" else f"{status}_at"

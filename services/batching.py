@@ -55,14 +55,17 @@ class GreedyBatcher(Generic[T, R]):
         self._queue: deque[_Job[T, R]] = deque()
         self._background: deque[_Job[T, R]] = deque()
         self._online_seen = -ONLINE_QUIET_SECONDS
+        self._background_size = max(1, max_batch_size // 4)
         self._worker: asyncio.Task[None] | None = None
 
     async def submit(self, items: list[T]) -> list[R]:
         """Results for `items`, in order. Inputs larger than a batch are split across batches."""
-        size = self._max_batch_size
+        background = BACKGROUND.get()
+        # Background work is cut small, so that an online request never waits behind a full forward.
+        size = self._background_size if background else self._max_batch_size
         loop = asyncio.get_running_loop()
         jobs = [_Job(items[i : i + size], loop.create_future()) for i in range(0, len(items), size)]
-        if BACKGROUND.get():
+        if background:
             self._background.extend(jobs)
         else:
             self._queue.extend(jobs)
@@ -95,7 +98,7 @@ class GreedyBatcher(Generic[T, R]):
         # Background work runs only in forwards with no online request in them, and in small ones
         # while online requests keep coming: an online request then waits for a short forward at most.
         recent = now - self._online_seen < ONLINE_QUIET_SECONDS
-        limit = max(1, self._max_batch_size // 4) if recent else self._max_batch_size
+        limit = self._background_size if recent else self._max_batch_size
         while self._background and (not batch or count + len(self._background[0].items) <= limit):
             job = self._background.popleft()
             if not job.future.done():

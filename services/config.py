@@ -116,7 +116,7 @@ class Settings(BaseSettings):
         4, ge=1, description="of those, chat and completion lines: online chats share the same engine"
     )
     batch_lease_seconds: float = Field(
-        600, gt=0, description="a line claimed longer ago than this by a live server is run again"
+        120, gt=0, description="a worker renews its claims; a line whose claim is older is run again"
     )
     batch_retention_seconds: float = Field(
         7 * 24 * 3600, gt=0, description="finished batches and their files are deleted after this long"

@@ -175,6 +175,7 @@ class Embedder:
     async def stop_background_tasks(self) -> None:
         for task in self._tasks:
             task.cancel()
+        await self.batch_runner.stop()
 
     def _forward(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
         with self._forward_lock:
@@ -243,5 +244,6 @@ Embedder.add_asgi_middleware(
     Guard,
     keys=settings.keys,
     max_body_bytes=settings.max_body_bytes,
-    upload_bytes=settings.batch_max_file_bytes,
+    upload_bytes=settings.batch_max_file_bytes
+    + 2**20,  # room for multipart framing: the route checks the file
 )

@@ -62,6 +62,7 @@ class ModelSlot(Generic[M]):
         self._last_used = time.monotonic()
         self._loading = False
         self._releasing = False
+        self._pending: asyncio.Future[None] | None = None
 
     @property
     def state(self) -> State:
@@ -86,22 +87,30 @@ class ModelSlot(Generic[M]):
     async def use(self) -> AsyncIterator[M]:
         async with self._lock:
             if self._model is None:
-                self._loading = True
-                start = time.perf_counter()
-                try:
-                    self._model = await asyncio.to_thread(self._load)
-                finally:
-                    self._loading = False
-                seconds = time.perf_counter() - start
-                LOADS.labels(model=self.name).inc()
-                COLD_START.labels(model=self.name).observe(seconds)
-                logger.info("%s loaded again in %.2f s", self.name, seconds)
+                self._pending = self._pending or asyncio.ensure_future(self._wake())
+                # Shielded: a caller that gives up (timeout, disconnect) does not abandon the load
+                # halfway, which would leave a started engine that nothing stops; the next caller
+                # waits for the same load.
+                await asyncio.shield(self._pending)
             self._in_use += 1
         try:
-            yield self._model
+            yield self.model
         finally:
             self._in_use -= 1
             self._last_used = time.monotonic()
+
+    async def _wake(self) -> None:
+        self._loading = True
+        start = time.perf_counter()
+        try:
+            self._model = await asyncio.to_thread(self._load)
+        finally:
+            self._loading = False
+            self._pending = None
+        seconds = time.perf_counter() - start
+        LOADS.labels(model=self.name).inc()
+        COLD_START.labels(model=self.name).observe(seconds)
+        logger.info("%s loaded again in %.2f s", self.name, seconds)
 
     async def release_when_idle(self) -> None:
         """Runs for the life of the worker."""

@@ -264,7 +264,7 @@ def test_expiry_and_retention_in_the_store(tmp_path: Path) -> None:
     store = BatchStore(tmp_path, instance="test")
     file_id = store.add_file(jsonl([embedding_line(i) for i in range(5)]), "in.jsonl", "batch")["id"]
     batch = store.create_batch(file_id, "/v1/embeddings", 3600, "1h", None, max_lines=10)
-    [running] = store.claim(1, lease_seconds=60)
+    [running] = store.claim(1, lease_seconds=60, max_attempts=5)
     assert store.expire_overdue(now=time.time() + 7200) == [batch["id"]]
     assert store.finalize_ready(lease_seconds=60) == []  # one line is still running
     store.settle([Outcome(running, True, '{"status_code": 200, "body": {}}')])
@@ -283,3 +283,21 @@ def test_expiry_and_retention_in_the_store(tmp_path: Path) -> None:
     assert store.clean_up(retention_seconds=3600, now=later + 3700) == 1
     assert store.get_batch(batch["id"]) is None
     assert store.list_files() == [] and not any((tmp_path / "files").iterdir())
+
+
+def test_store_gives_up_on_a_line_that_keeps_failing_and_keeps_unicode_lines_whole(tmp_path: Path) -> None:
+    store = BatchStore(tmp_path, instance="first")
+    line = embedding_line(0)
+    line["body"]["input"] = "a line separator \u2028 inside a JSON string"
+    file_id = store.add_file(jsonl([line]), "in.jsonl", "batch")["id"]
+    batch = store.create_batch(file_id, "/v1/embeddings", 3600, "1h", None, max_lines=10)
+    assert store.get_batch(batch["id"])["request_counts"] == {"total": 1, "completed": 0, "failed": 0}
+    for attempt in (1, 2):  # each time claimed, then its server "dies": a new server claims it again
+        store = BatchStore(tmp_path, instance=f"server-{attempt}")
+        [claimed] = store.claim(10, lease_seconds=600, max_attempts=2)
+        assert claimed.attempts == attempt and claimed.body["input"] == line["body"]["input"]
+    store = BatchStore(tmp_path, instance="server-3")
+    assert store.claim(10, lease_seconds=600, max_attempts=2) == []
+    assert store.finalize_ready(lease_seconds=600) == [batch["id"]]
+    [error] = store.file_path(store.get_batch(batch["id"])["error_file_id"]).read_text().splitlines()
+    assert json.loads(error)["error"]["code"] == "server_error"
