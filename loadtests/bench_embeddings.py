@@ -181,7 +181,8 @@ def main() -> None:
 
     result: dict[str, object] = {"machine": machine(), "duration_s": args.duration}
     raw_before = measure_raw(args.raw_seconds)
-    with serve() as url:
+    # Cache off: every wrk run numbers its inputs from 1 again, and repeats must reach the model here.
+    with serve(env={"FNSERVE_EMBEDDING_CACHE_SIZE": "0"}) as url:
         result["served"] = sweep("served", url, args.duration)
         result["batching"] = batch_sizes(url)
     port = free_port()

@@ -55,7 +55,8 @@ class GreedyBatcher(Generic[T, R]):
         self._queue: deque[_Job[T, R]] = deque()
         self._background: deque[_Job[T, R]] = deque()
         self._online_seen = -ONLINE_QUIET_SECONDS
-        self._background_size = max(1, max_batch_size // 4)
+        # An eighth of a batch: at a quarter, online p50 under a running job was 2.1x its idle value.
+        self._background_size = max(1, max_batch_size // 8)
         self._worker: asyncio.Task[None] | None = None
 
     async def submit(self, items: list[T]) -> list[R]:
