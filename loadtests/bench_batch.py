@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from loadtests.bench_embeddings import TEXTS, machine, measure_raw, run_wrk  # noqa: E402
+from services.batch_store import FINAL  # noqa: E402
 from tests.server import serve  # noqa: E402
 
 RESULTS = ROOT / "loadtests" / "results"
@@ -56,7 +57,7 @@ def run_batch(client: httpx.Client, lines: int, first: int) -> dict[str, Any]:
     batch = client.post(
         "/v1/batches", json={"input_file_id": file["id"], "endpoint": "/v1/embeddings"}
     ).json()
-    while batch["status"] not in ("completed", "failed", "expired", "cancelled"):
+    while batch["status"] not in FINAL:
         time.sleep(1)
         batch = client.get(f"/v1/batches/{batch['id']}").json()
     elapsed = time.perf_counter() - start

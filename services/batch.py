@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
 from typing import Annotated, Any
 
 import bentoml
@@ -104,10 +105,6 @@ class BatchRunner:
             self._done = done + self._done
             raise
 
-    async def stop(self) -> None:
-        """At shutdown: record what finished; lines still running are claimed again by the next server."""
-        await self.settle()
-
     async def _sleep(self) -> None:
         """Until a line finishes, a batch is created in this worker, or the poll interval passes (another
         worker may have created one)."""
@@ -122,11 +119,9 @@ class BatchRunner:
         self._wake.clear()
 
     async def _run_line(self, line: Line) -> None:
+        slot = self._generation_slots if line.endpoint in GENERATION_ENDPOINTS else nullcontext()
         try:
-            if line.endpoint in GENERATION_ENDPOINTS:
-                async with self._generation_slots:
-                    ok, result = await self._execute_unless_ended(line)
-            else:
+            async with slot:
                 ok, result = await self._execute_unless_ended(line)
         except Exception as exc:  # a server-side failure (5xx, a runner not up yet): retried, then given up
             if line.attempts < MAX_ATTEMPTS:
@@ -151,10 +146,6 @@ class BatchRunner:
 
 def runner() -> BatchRunner:
     return bentoml.get_current_service().batch_runner
-
-
-def batch_model(row: dict[str, Any]) -> Batch:
-    return Batch.model_validate(row)
 
 
 routes = APIRouter()
@@ -229,7 +220,7 @@ async def create_batch(request: BatchCreateRequest) -> Batch:
     except FileNotFoundError as exc:  # deleted between the check and the read
         raise APIError(404, f"no file {request.input_file_id}", "input_file_id", "not_found") from exc
     runner().wake()
-    return batch_model(batch)
+    return Batch.model_validate(batch)
 
 
 @routes.get("/v1/batches", response_model=BatchList)
@@ -237,7 +228,7 @@ async def list_batches(
     limit: Annotated[int, Query(ge=1, le=100)] = 20, after: str | None = None
 ) -> BatchList:
     rows = await asyncio.to_thread(runner().store.list_batches, limit + 1, after)
-    data = [batch_model(row) for row in rows[:limit]]
+    data = [Batch.model_validate(row) for row in rows[:limit]]
     return BatchList(
         data=data,
         first_id=data[0].id if data else None,
@@ -255,7 +246,7 @@ async def existing_batch(batch_id: str) -> dict[str, Any]:
 
 @routes.get("/v1/batches/{batch_id}", response_model=Batch)
 async def retrieve_batch(batch_id: str) -> Batch:
-    return batch_model(await existing_batch(batch_id))
+    return Batch.model_validate(await existing_batch(batch_id))
 
 
 @routes.post("/v1/batches/{batch_id}/cancel", response_model=Batch)
@@ -264,4 +255,4 @@ async def cancel_batch(batch_id: str) -> Batch:
     await existing_batch(batch_id)
     await asyncio.to_thread(runner().store.end_batch, batch_id, "cancelled")
     runner().wake()
-    return batch_model(await existing_batch(batch_id))
+    return Batch.model_validate(await existing_batch(batch_id))

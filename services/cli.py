@@ -12,12 +12,13 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import httpx
 from tqdm import tqdm
 
-FINAL = ("completed", "failed", "expired", "cancelled")
+from services.batch_store import FINAL
+from services.protocol import BatchEndpoint
 
 
 class Client:
@@ -100,9 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     batch = commands.add_parser("batch", help="batch jobs").add_subparsers(dest="command", required=True)
     one = batch.add_parser("submit", help="upload a JSONL file and start a batch over it")
     one.add_argument("file")
-    one.add_argument(
-        "--endpoint", required=True, choices=["/v1/embeddings", "/v1/chat/completions", "/v1/completions"]
-    )
+    one.add_argument("--endpoint", required=True, choices=get_args(BatchEndpoint))
     one.add_argument("--wait", action="store_true", help="follow it to the end with a progress bar")
     one.set_defaults(run=submit)
     for name, run, help_text in (("status", status, "show a batch"), ("cancel", cancel, "cancel a batch")):

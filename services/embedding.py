@@ -175,7 +175,7 @@ class Embedder:
     async def stop_background_tasks(self) -> None:
         for task in self._tasks:
             task.cancel()
-        await self.batch_runner.stop()
+        await self.batch_runner.settle()  # lines still running are claimed again by the next server
 
     def _forward(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
         with self._forward_lock:

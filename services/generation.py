@@ -264,9 +264,9 @@ class Generator:
     @bentoml.api
     async def stats(self) -> dict[str, float]:
         """Engine occupancy: running and waiting requests, free share of the KV cache."""
-        if self.slot.state != "loaded":
+        if (engine := self.slot.current) is None:
             return {"running": 0, "waiting": 0, "free_cache": 1.0}
-        stats = self.slot.model.stats()
+        stats = engine.stats()
         return {"running": stats.running, "waiting": stats.waiting, "free_cache": stats.free_cache}
 
     @bentoml.api
@@ -281,5 +281,5 @@ class Generator:
     def shutdown(self) -> None:
         if self._release_task:
             self._release_task.cancel()
-        if self.slot.state == "loaded":
-            self.slot.model.shutdown()
+        if (engine := self.slot.current) is not None:
+            engine.shutdown()

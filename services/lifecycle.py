@@ -60,14 +60,13 @@ class ModelSlot(Generic[M]):
         self._lock = asyncio.Lock()
         self._in_use = 0
         self._last_used = time.monotonic()
-        self._loading = False
         self._releasing = False
         self._pending: asyncio.Future[None] | None = None
 
     @property
     def state(self) -> State:
         """`sleeping` only once its memory is released; `loaded` while it is being released."""
-        if self._loading:
+        if self._pending is not None:
             return "loading"
         return "sleeping" if self._model is None and not self._releasing else "loaded"
 
@@ -76,6 +75,11 @@ class ModelSlot(Generic[M]):
         """The model, for code that runs inside `use()` (a batcher thread, for example)."""
         if self._model is None:
             raise RuntimeError(f"{self.name} is not loaded; call it inside `use()`")
+        return self._model
+
+    @property
+    def current(self) -> M | None:
+        """The model if it is in memory now, for looks that must not wake it (stats, shutdown)."""
         return self._model
 
     def load_now(self) -> None:
@@ -100,12 +104,10 @@ class ModelSlot(Generic[M]):
             self._last_used = time.monotonic()
 
     async def _wake(self) -> None:
-        self._loading = True
         start = time.perf_counter()
         try:
             self._model = await asyncio.to_thread(self._load)
         finally:
-            self._loading = False
             self._pending = None
         seconds = time.perf_counter() - start
         LOADS.labels(model=self.name).inc()
