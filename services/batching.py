@@ -26,6 +26,11 @@ from bentoml.exceptions import ServiceUnavailable
 BACKGROUND: ContextVar[bool] = ContextVar("background", default=False)
 ONLINE_QUIET_SECONDS = 1.0  # background batches grow back to full size after this long without online work
 
+
+class QueueFull(Exception):
+    """Raised instead of queueing past the bound: the caller answers 429 with Retry-After."""
+
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -43,14 +48,17 @@ class GreedyBatcher(Generic[T, R]):
         run_batch: Callable[[list[T]], list[R]],
         max_batch_size: int,
         max_queue_seconds: float,
-        on_batch: Callable[[int, float], None] = lambda size, wait: None,
+        max_queue: int,
+        on_batch: Callable[[int, float, int], None] = lambda size, wait, queued: None,
     ) -> None:
         """`run_batch` maps items to results in order and runs in a worker thread; `on_batch` receives
-        each batch's size and the queue wait of its oldest job. Jobs queued longer than
-        `max_queue_seconds` are shed with ServiceUnavailable (503) instead of running late."""
+        each batch's size, the queue wait of its oldest job and the online items still queued. Jobs
+        queued longer than `max_queue_seconds` are shed with ServiceUnavailable (503) instead of running
+        late; an online request that would take a non-empty queue past `max_queue` items raises QueueFull."""
         self._run_batch = run_batch
         self._max_batch_size = max_batch_size
         self._max_queue_seconds = max_queue_seconds
+        self._max_queue = max_queue
         self._on_batch = on_batch
         self._queue: deque[_Job[T, R]] = deque()
         self._background: deque[_Job[T, R]] = deque()
@@ -62,6 +70,9 @@ class GreedyBatcher(Generic[T, R]):
     async def submit(self, items: list[T]) -> list[R]:
         """Results for `items`, in order. Inputs larger than a batch are split across batches."""
         background = BACKGROUND.get()
+        queued = self.queued
+        if not background and queued and queued + len(items) > self._max_queue:  # one always fits
+            raise QueueFull(f"{queued} inputs are waiting for the model; try again shortly")
         # Background work is cut small, so that an online request never waits behind a full forward.
         size = self._background_size if background else self._max_batch_size
         loop = asyncio.get_running_loop()
@@ -80,6 +91,11 @@ class GreedyBatcher(Generic[T, R]):
                 job.future.cancel()
             raise
         return [result for part in parts for result in part]
+
+    @property
+    def queued(self) -> int:
+        """Online items waiting; those of cancelled (timed-out) requests no longer count."""
+        return sum(len(job.items) for job in self._queue if not job.future.done())
 
     def _next_batch(self) -> list[_Job[T, R]]:
         batch: list[_Job[T, R]] = []
@@ -116,7 +132,7 @@ class GreedyBatcher(Generic[T, R]):
     async def _run(self, batch: list[_Job[T, R]]) -> None:
         try:
             items = [item for job in batch for item in job.items]
-            self._on_batch(len(items), time.monotonic() - batch[0].enqueued)
+            self._on_batch(len(items), time.monotonic() - batch[0].enqueued, self.queued)
             results = await asyncio.to_thread(self._run_batch, items)
             start = 0
             for job in batch:

@@ -10,6 +10,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+TIMEOUT_GRACE_SECONDS = 10  # BentoML's own timeouts fire this long after fnserve's deadline has answered
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FNSERVE_")
@@ -64,6 +66,12 @@ class Settings(BaseSettings):
     embedding_max_latency_ms: int = Field(
         10_000, ge=1, description="queue deadline: a request waiting longer is shed with 503"
     )
+    embedding_max_queue: int = Field(
+        1024,
+        ge=1,
+        description="texts waiting for the model per worker (about 1 s of work at full batches); "
+        "a request that would pass it gets 429",
+    )
     embedding_max_inputs: int = Field(512, ge=1, description="inputs per request")
     embedding_max_input_chars: int = Field(8192, ge=1, description="characters per input")
     embedding_max_tokens: int = Field(256, ge=8, le=512, description="the model's window, in tokens")
@@ -83,6 +91,9 @@ class Settings(BaseSettings):
         "does not depend on what else is in the batch, bf16's can",
     )
     generation_max_tokens: int = Field(512, ge=1, description="cap on max_tokens per request")
+    generation_max_queue: int = Field(
+        64, ge=1, description="chat requests admitted but not yet generating; one more gets 429"
+    )
     generation_cache_blocks: int = Field(
         64, ge=4, description="KV-cache blocks of 64 tokens shared by all running requests"
     )
@@ -97,7 +108,17 @@ class Settings(BaseSettings):
         256, ge=1, description="requests one server takes at once (429 above); also the cluster manifests'"
     )
     request_timeout_seconds: int = Field(
-        600, ge=1, description="longest request, streams included (504 after); also the manifests'"
+        600,
+        ge=1,
+        description="a request's deadline, streams included: it is dropped from the queue or cancelled "
+        "after it (504, or an error event on a stream). A request may ask for less with the "
+        "x-fnserve-timeout header (seconds); also the manifests'",
+    )
+    redis_url: str | None = Field(
+        None, description="redis://host:port/db: the response cache lives there, shared by every worker"
+    )
+    generation_cache_size: int = Field(
+        1000, ge=0, description="greedy answers each worker keeps (without Redis); 0 = off"
     )
     idle_release_seconds: float = Field(
         600, ge=0, description="a model unused this long is released, and loaded again on use; 0 = never"

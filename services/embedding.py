@@ -4,26 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
+import struct
 import threading
 from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Annotated, Any
 
 import bentoml
 import numpy as np
-from cachetools import LRUCache
+from bentoml.validators import Shape
 from pydantic import Field
 
 from models.catalog import CATALOG
 from services import gateway
+from services.admission import Guard
 from services.batch import BatchRunner
 from services.batch_store import BatchStore
 from services.batching import GreedyBatcher
-from services.config import get_settings, pick_device
+from services.cache import cache_key, count, response_cache
+from services.config import TIMEOUT_GRACE_SECONDS, get_settings, pick_device
 from services.generation import ChatMaxTokens, ChatMessages, Generator
 from services.lifecycle import ModelSlot
 from services.protocol import Text
-from services.security import Guard
 
 if TYPE_CHECKING:
     import torch
@@ -36,6 +39,7 @@ Texts = Annotated[
     list[Annotated[Text, Field(min_length=1, max_length=settings.embedding_max_input_chars)]],
     Field(min_length=1, max_length=settings.embedding_max_inputs),
 ]
+Vectors = Annotated[np.ndarray, Shape((-1, -1))]  # the shape makes the OpenAPI response a 2-D array
 Embedded = tuple[np.ndarray, int]
 """One input's unit vector (float32) and the number of tokens the model read for it."""
 
@@ -52,16 +56,26 @@ QUEUE_SECONDS = bentoml.metrics.Histogram(
 )
 
 
-CACHE_LOOKUPS = bentoml.metrics.Counter(
-    name="fnserve_embedding_cache_lookups",
-    documentation="Inputs looked up in the embedding response cache, by result",
-    labelnames=["result"],
+QUEUE_TEXTS = bentoml.metrics.Gauge(
+    name="fnserve_embedding_queue_texts",
+    documentation="Texts of online requests waiting for the embedding model",
+    multiprocess_mode="livesum",
 )
 
 
-def observe_batch(size: int, wait: float) -> None:
+def observe_batch(size: int, wait: float, queued: int) -> None:
     BATCH_SIZE.observe(size)
     QUEUE_SECONDS.observe(wait)
+    QUEUE_TEXTS.set(queued)
+
+
+def pack(embedded: Embedded) -> bytes:
+    vector, tokens = embedded
+    return struct.pack("<I", tokens) + vector.astype(np.float32).tobytes()
+
+
+def unpack(value: bytes) -> Embedded:
+    return np.frombuffer(value, dtype=np.float32, offset=4), struct.unpack_from("<I", value)[0]
 
 
 def encode(
@@ -94,12 +108,13 @@ def server_instance() -> str:
 @bentoml.service(
     name="embedding",
     resources={"cpu": str(os.cpu_count() or 1)},
-    # `concurrency` is the autoscaling target on a cluster (as in deploy/), stated because a task
-    # endpoint would otherwise set it to 1 (BentoML does that for services with tasks). Streams pass
-    # through this service, so its timeout is the generation service's.
+    # Guard (services/admission.py) enforces max_concurrency and the request deadline in the OpenAI error
+    # shape; BentoML's own bounds sit above them as a backstop (its 429 and 504 are plain). `concurrency`
+    # is the autoscaling target on a cluster (as in deploy/), stated because a task endpoint would
+    # otherwise set it to 1 (BentoML does that for services with tasks).
     traffic={
-        "timeout": settings.request_timeout_seconds,
-        "max_concurrency": settings.max_concurrency,
+        "timeout": settings.request_timeout_seconds + TIMEOUT_GRACE_SECONDS,
+        "max_concurrency": settings.max_concurrency * 2,
         "concurrency": settings.max_concurrency // 2,
     },
     logging={"access": {"enabled": False}},
@@ -155,10 +170,12 @@ class Embedder:
             self._embed_batch,
             max_batch_size=settings.embedding_max_batch_size,
             max_queue_seconds=settings.embedding_max_latency_ms / 1000,
+            max_queue=settings.embedding_max_queue,
             on_batch=observe_batch,
         )
-        size = settings.embedding_cache_size
-        self._cache: LRUCache[str, Embedded] | None = LRUCache(maxsize=size) if size else None
+        self._cache = response_cache(settings.redis_url, settings.embedding_cache_size)
+        self._cache_scope = (MODEL.tag, settings.embedding_dtype, self.max_tokens)
+        self.chat_cache = response_cache(settings.redis_url, settings.generation_cache_size)  # the gateway's
         self.batch_runner = BatchRunner(
             BatchStore(settings.batch_dir, server_instance()), gateway.run_line, settings
         )
@@ -187,19 +204,18 @@ class Embedder:
 
     async def embed(self, texts: list[str]) -> tuple[list[Embedded], int]:
         """Vectors and token counts for one request's texts, and how many came from the cache. The rest
-        are batched with other requests' texts. The cache is per worker and keyed on the text alone:
-        the model, its version and the token window are fixed for the life of the process."""
-        cache = self._cache if self._cache is not None else {}
-        cached = {i: hit for i, text in enumerate(texts) if (hit := cache.get(text)) is not None}
-        CACHE_LOOKUPS.labels(result="hit").inc(len(cached))
-        CACHE_LOOKUPS.labels(result="miss").inc(len(texts) - len(cached))
-        missing = [text for i, text in enumerate(texts) if i not in cached]
+        are batched with other requests' texts."""
+        keys = [cache_key("embedding", *self._cache_scope, text) for text in texts]
+        stored = await self._cache.get_many(keys) if self._cache else [None] * len(texts)
+        cached = {i: unpack(value) for i, value in enumerate(stored) if value is not None}
+        count("embedding", len(cached), len(texts))
+        missing = [i for i in range(len(texts)) if i not in cached]
         computed: list[Embedded] = []
         if missing:
             async with self.slot.use():
-                computed = await self._batcher.submit(missing)
-            if self._cache is not None:
-                self._cache.update(zip(missing, computed, strict=True))
+                computed = await self._batcher.submit([texts[i] for i in missing])
+            if self._cache:
+                await self._cache.set_many({keys[i]: pack(e) for i, e in zip(missing, computed, strict=True)})
         fresh = iter(computed)
         return [cached[i] if i in cached else next(fresh) for i in range(len(texts))], len(cached)
 
@@ -233,7 +249,7 @@ class Embedder:
         max_batch_size=settings.embedding_max_batch_size,
         max_latency_ms=settings.embedding_max_latency_ms,
     )
-    async def encode(self, texts: Texts) -> np.ndarray:
+    async def encode(self, texts: Texts) -> Vectors:
         """Native BentoML endpoint: unit vectors for a list of texts, truncated to the model window."""
         async with self.slot.use():
             vectors, _ = await asyncio.to_thread(self._forward, texts)
@@ -244,6 +260,7 @@ Embedder.add_asgi_middleware(
     Guard,
     keys=settings.keys,
     max_body_bytes=settings.max_body_bytes,
-    upload_bytes=settings.batch_max_file_bytes
-    + 2**20,  # room for multipart framing: the route checks the file
+    upload_bytes=settings.batch_max_file_bytes + 2**20,  # room for multipart framing: the route checks it
+    max_concurrency=math.ceil(settings.max_concurrency / settings.workers),  # BentoML's split, too
+    timeout_seconds=settings.request_timeout_seconds,
 )

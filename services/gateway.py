@@ -6,6 +6,7 @@ Every error leaves as the OpenAI error shape, `{"error": {"message", "type", "pa
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import time
@@ -26,7 +27,11 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.types import Send
 
+from models.catalog import CATALOG
 from services import batch
+from services.admission import rejected, remaining
+from services.batching import QueueFull
+from services.cache import cache_key, count
 from services.config import get_settings
 from services.protocol import (
     APIError,
@@ -48,8 +53,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("bentoml.fnserve.gateway")  # the server logs only the bentoml tree
 STARTED = int(time.time())
-CACHE_HEADER = "x-fnserve-cache"  # hit, partial or miss: how many inputs came from the response cache
-ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (400, 404, 503)}
+CACHE_HEADER = "x-fnserve-cache"  # hit, partial or miss: how much of the answer came from the cache
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 404, 429, 503, 504)
+}
+DEADLINE_PASSED = "the request's deadline passed (x-fnserve-timeout or FNSERVE_REQUEST_TIMEOUT_SECONDS)"
 
 
 class OrjsonResponse(Response):
@@ -83,12 +91,14 @@ routes = APIRouter()
 def error_response(
     status: int, message: str, param: str | None = None, code: str | None = None
 ) -> JSONResponse:
-    headers = {"Retry-After": "1"} if status == 503 else None
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
 @app.exception_handler(APIError)
 async def on_api_error(_: Request, exc: APIError) -> JSONResponse:
+    if exc.status in (400, 404, 405, 413, 422):  # 429, 503 and 504 are counted where they are decided
+        rejected("too_large" if exc.status == 413 else "invalid")
     return error_response(exc.status, exc.message, exc.param, exc.code)
 
 
@@ -116,7 +126,14 @@ async def on_http_error(_: Request, exc: HTTPException) -> JSONResponse:
 
 @app.exception_handler(ServiceUnavailable)
 async def on_overload(_: Request, exc: ServiceUnavailable) -> JSONResponse:
+    rejected("overloaded")
     return error_response(503, str(exc), code="overloaded")
+
+
+@app.exception_handler(QueueFull)
+async def on_queue_full(_: Request, exc: QueueFull) -> JSONResponse:
+    rejected("queue_full")
+    return error_response(429, str(exc), code="queue_full")
 
 
 @app.exception_handler(Exception)
@@ -160,7 +177,12 @@ async def create_embeddings(request: EmbeddingRequest) -> OrjsonResponse:
     FNSERVE_EMBEDDING_OVERFLOW=reject. Vectors of inputs seen recently come from a cache (x-fnserve-cache)."""
     fn = embedder()
     texts = await check_embedding_request(fn, request)
-    results, hits = await fn.embed(texts)
+    try:
+        async with asyncio.timeout(remaining()):  # queued inputs of a request that times out are dropped
+            results, hits = await fn.embed(texts)
+    except TimeoutError:
+        rejected("deadline")
+        raise APIError(504, DEADLINE_PASSED, code="deadline_exceeded") from None
     as_base64 = request.encoding_format == "base64"
     data = [
         {
@@ -196,6 +218,7 @@ async def generation_events(request: GenerationParams, **target: Any) -> AsyncIt
         "temperature": request.temperature,
         "top_p": request.top_p,
         "stop": request.stops,
+        "timeout": remaining(),
     }
     response = await session.post("/generate", json=body)
     try:
@@ -210,33 +233,73 @@ async def generation_events(request: GenerationParams, **target: Any) -> AsyncIt
 
 
 async def complete(request: GenerationParams, chat: bool, **target: Any) -> Response:
-    """One chat completion or completion, streamed as SSE or answered whole."""
+    """One chat completion or completion, streamed as SSE or answered whole. Deterministic requests
+    (temperature 0, or a seed) are answered from the response cache when they repeat."""
     model = get_settings().generation_model
     if request.model.lower() != model:
         raise APIError(404, f"The model `{request.model}` does not exist", "model", "model_not_found")
     if request.n != 1:
         raise APIError(400, "only n=1 is supported", "n")
-    events = generation_events(request, **target)
+    key, cached = await cached_answer(request, target)
+    events = replay(cached) if cached else recorded(generation_events(request, **target), key)
     first = await anext(events)
     if first["type"] == "error":
         await events.aclose()
-        raise APIError(first["status"], first["message"], first.get("param"))
+        raise APIError(first["status"], first["message"], first.get("param"), first.get("code"))
     chunks = ChunkWriter(chat, model, first["prompt_tokens"], request)
+    headers = {CACHE_HEADER: "hit" if cached else "miss"} if key else None
     if request.stream:
-        return ClosingEventSourceResponse(chunks.sse(events))
+        return ClosingEventSourceResponse(chunks.sse(events), headers=headers)
     text: list[str] = []
     try:
         async for item in events:
             if item["type"] == "error":
-                raise APIError(item["status"], item["message"])
+                raise APIError(item["status"], item["message"], code=item.get("code"))
             if item["type"] == "delta":
                 text.append(item["text"])
             else:
-                return OrjsonResponse(chunks.whole("".join(text), item))
+                return OrjsonResponse(chunks.whole("".join(text), item), headers=headers)
     finally:  # also when the handler is cancelled: the engine must drop the request then
         with anyio.CancelScope(shield=True):
             await events.aclose()
     raise APIError(500, "the generation service ended the stream early")
+
+
+async def cached_answer(request: GenerationParams, target: dict[str, Any]) -> tuple[str | None, bytes | None]:
+    """The cache key of a deterministic request (None for others) and its cached answer, if any."""
+    cache = embedder().chat_cache
+    if cache is None or (request.temperature and request.seed is None):
+        return None, None
+    settings = get_settings()
+    parts = (CATALOG[settings.generation_model].tag, settings.generation_dtype, target, request.token_budget)
+    key = cache_key("generation", *parts, request.temperature, request.top_p, request.seed, request.stops)
+    (value,) = await cache.get_many([key])
+    count("generation", value is not None, 1)
+    return key, value
+
+
+async def replay(answer: bytes) -> AsyncIterator[dict[str, Any]]:
+    """A cached answer as the generation service's events; a stream gets its text as one delta."""
+    saved = orjson.loads(answer)
+    yield {"type": "start", "prompt_tokens": saved["prompt_tokens"]}
+    yield {"type": "delta", "text": saved["text"]}
+    yield {"type": "done", **saved["done"]}
+
+
+async def recorded(events: AsyncIterator[dict[str, Any]], key: str | None) -> AsyncIterator[dict[str, Any]]:
+    """The events, passed on; a complete answer is stored under `key` (errors and cut streams are not)."""
+    saved: dict[str, Any] = {"text": ""}
+    try:
+        async for item in events:
+            if item["type"] == "start":
+                saved["prompt_tokens"] = item["prompt_tokens"]
+            elif item["type"] == "delta":
+                saved["text"] += item["text"]
+            elif item["type"] == "done" and key:
+                await embedder().chat_cache.set_many({key: orjson.dumps({**saved, "done": item})})
+            yield item
+    finally:
+        await events.aclose()
 
 
 class ChunkWriter:
@@ -306,12 +369,14 @@ class ChunkWriter:
                     yield format_sse_event(data_str="[DONE]")
                     return
                 else:
-                    raise RuntimeError(item.get("message", "generation failed"))
-            raise RuntimeError("the generation service ended the stream early")
+                    raise APIError(item["status"], item["message"], code=item.get("code"))
+            raise APIError(500, "the generation service ended the stream early")
         except Exception as exc:
-            logger.exception("stream failed")
-            error = {"message": str(exc), "type": "server_error", "param": None, "code": None}
-            yield format_sse_event(event="error", data_str=orjson.dumps({"error": error}).decode())
+            if not isinstance(exc, APIError):
+                logger.exception("stream failed")
+                exc = APIError(500, str(exc))
+            body = error_body(exc.status, exc.message, exc.param, exc.code)
+            yield format_sse_event(event="error", data_str=orjson.dumps(body).decode())
         finally:
             await events.aclose()
 

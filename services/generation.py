@@ -6,16 +6,17 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import bentoml
 from bentoml.exceptions import BadInput
 from pydantic import Field
 
 from models.catalog import CATALOG
-from services.config import get_settings, pick_device
+from services.admission import rejected
+from services.config import TIMEOUT_GRACE_SECONDS, get_settings, pick_device
 from services.engine import Engine, EngineError, Sampling, TransformersEngine
 from services.lifecycle import ModelSlot
 from services.protocol import ChatMessage, Text
@@ -48,6 +49,26 @@ PROMPT_TOKENS = bentoml.metrics.Counter(name="fnserve_generation_prompt_tokens",
 COMPLETION_TOKENS = bentoml.metrics.Counter(
     name="fnserve_generation_completion_tokens", documentation="Tokens out"
 )
+QUEUE_REQUESTS = bentoml.metrics.Gauge(
+    name="fnserve_generation_queue_requests",
+    documentation="Chat requests admitted that have no token yet (queued in the engine, or in prefill)",
+    multiprocess_mode="livesum",
+)
+
+T = TypeVar("T")
+DEADLINE_PASSED = "the request's deadline passed (x-fnserve-timeout or FNSERVE_REQUEST_TIMEOUT_SECONDS)"
+
+
+async def until(deadline: float | None, items: AsyncIterator[T]) -> AsyncIterator[T]:
+    """The items, until the deadline (time.monotonic()); TimeoutError after it. Each wait has its own
+    timeout: one around a generator's yields would cancel whoever iterates it, not the wait."""
+    while True:
+        try:
+            async with asyncio.timeout(None if deadline is None else deadline - time.monotonic()):
+                item = await anext(items)
+        except StopAsyncIteration:
+            return
+        yield item
 
 
 class TokenClock:
@@ -114,7 +135,7 @@ class IncrementalDecoder:
 @bentoml.service(
     name="generation",
     workers=1,
-    traffic={"timeout": settings.request_timeout_seconds},
+    traffic={"timeout": settings.request_timeout_seconds + TIMEOUT_GRACE_SECONDS},
     logging={"access": {"enabled": False}},
     # BentoML's client recycles its session every 100 calls by default and kills the calls in flight
     # (about one 500 per 100 concurrent calls, field notes); streams live long, so never recycle.
@@ -137,6 +158,7 @@ class Generator:
         self.slot.load_now()
         logger.info("generation model %s on %s, %s", MODEL.tag, self.device, settings.generation_dtype)
         self._release_task: asyncio.Task[None] | None = None
+        self._waiting = 0  # admitted requests without a token yet: the bounded queue
 
     def start_engine(self) -> Engine:
         """Weights from the model store (safetensors, memory-mapped) and a fresh engine loop."""
@@ -176,10 +198,20 @@ class Generator:
         temperature: Annotated[float, Field(ge=0, le=2)] = 1.0,
         top_p: Annotated[float, Field(gt=0, le=1)] = 1.0,
         stop: Annotated[list[Text], Field(max_length=4)] = [],  # noqa: B006 - pydantic copies defaults
+        timeout: Annotated[float | None, Field(description="seconds left to the request's deadline")] = None,
     ) -> AsyncGenerator[str, None]:
         """Newline-delimited JSON events for the OpenAI routes: first `start` (prompt tokens) or `error`
-        (status, message, param), then `delta` (text), then `done` (finish reason, completion tokens) or
-        `error`. The first event comes before any generation, so callers can still answer 4xx."""
+        (status, message, param, code), then `delta` (text), then `done` (finish reason, completion
+        tokens) or `error`. The first event comes before any generation, so callers can still answer
+        4xx, 429 (queue full) or 503 (queue full while the model loads)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self._waiting >= settings.generation_max_queue:
+            loading = self.slot.state == "loading"
+            rejected("loading" if loading else "queue_full")
+            message = f"{self._waiting} chat requests are waiting for the model; try again shortly"
+            code = "model_loading" if loading else "queue_full"
+            yield event("error", status=503 if loading else 429, message=message, code=code)
+            return
         problem = self.check(messages, prompt, max_tokens)
         ids: list[int] = []
         budget = 0
@@ -196,12 +228,17 @@ class Generator:
         clock = TokenClock(len(ids))
         decoder, matcher = IncrementalDecoder(self.tokenizer), StopMatcher(stop)
         generated: list[int] = []
+        waiting = True
+        self._queued(1)
         try:
             async with (
                 self.slot.use() as engine,
                 aclosing(engine.stream(ids, Sampling(budget, temperature, top_p))) as steps,
             ):
-                async for step in steps:
+                async for step in until(deadline, steps):
+                    if waiting:
+                        waiting = False
+                        self._queued(-1)
                     generated.extend(step.token_ids)
                     clock.tick(len(step.token_ids))
                     if text := matcher.push(decoder.push(step.token_ids, step.finished)):
@@ -211,10 +248,21 @@ class Generator:
         except EngineError as exc:
             yield event("error", status=500, message=f"generation failed: {exc}")
             return
+        except TimeoutError:
+            rejected("deadline")
+            yield event("error", status=504, message=DEADLINE_PASSED, code="deadline_exceeded")
+            return
+        finally:
+            if waiting:
+                self._queued(-1)
         if not matcher.stopped and (rest := matcher.flush()):
             yield event("delta", text=rest)
         ended = matcher.stopped or (generated and generated[-1] == self.tokenizer.eos_token_id)
         yield event("done", finish_reason="stop" if ended else "length", completion_tokens=len(generated))
+
+    def _queued(self, change: int) -> None:
+        self._waiting += change
+        QUEUE_REQUESTS.set(self._waiting)
 
     def token_budget(self, ids: list[int], max_tokens: int | None) -> int:
         """Tokens the request may generate. The window is the model's context or the KV cache, the

