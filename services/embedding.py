@@ -24,7 +24,7 @@ from services.batch_store import BatchStore
 from services.batching import GreedyBatcher
 from services.cache import cache_key, count, response_cache
 from services.config import TIMEOUT_GRACE_SECONDS, get_settings, pick_device
-from services.generation import ChatMaxTokens, ChatMessages, Generator
+from services.generation import CHAT_DEFAULT_TOKENS, ChatMaxTokens, ChatMessages, Generator
 from services.lifecycle import ModelSlot
 from services.protocol import Text
 
@@ -228,7 +228,7 @@ class Embedder:
     async def chat(
         self,
         messages: ChatMessages,
-        max_tokens: ChatMaxTokens = 128,
+        max_tokens: ChatMaxTokens = CHAT_DEFAULT_TOKENS,
     ) -> AsyncGenerator[str, None]:
         """Native BentoML streaming chat (greedy text deltas), relayed from the generation service, whose
         own port is private to `bentoml serve`."""
@@ -236,7 +236,7 @@ class Embedder:
             yield delta
 
     @bentoml.task
-    async def write(self, messages: ChatMessages, max_tokens: ChatMaxTokens = 128) -> str:
+    async def write(self, messages: ChatMessages, max_tokens: ChatMaxTokens = CHAT_DEFAULT_TOKENS) -> str:
         """BentoML task: one long greedy answer, submitted and collected later by BentoML's clients.
         BentoML keeps task state in a file that `bentoml serve` deletes at start, and cannot cancel
         locally: durable, resumable or bulk work belongs in /v1/batches."""

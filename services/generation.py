@@ -29,6 +29,7 @@ MODEL = CATALOG[settings.generation_model]
 # The native chat endpoint's parameters, shared with its relay on the entry service.
 ChatMessages = Annotated[list[ChatMessage], Field(min_length=1)]
 ChatMaxTokens = Annotated[int, Field(ge=1, le=settings.generation_max_tokens)]
+CHAT_DEFAULT_TOKENS = min(128, settings.generation_max_tokens)
 
 
 def event(kind: str, **fields: Any) -> str:
@@ -294,7 +295,7 @@ class Generator:
     async def chat(
         self,
         messages: ChatMessages,
-        max_tokens: ChatMaxTokens = 128,
+        max_tokens: ChatMaxTokens = CHAT_DEFAULT_TOKENS,
     ) -> AsyncGenerator[str, None]:
         """Native streaming endpoint: greedy text deltas as the model produces them."""
         ids = self.chat_prompt(messages)

@@ -5,12 +5,24 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import pytest
+
+from tests.server import serve
 
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 CASES_PER_OPERATION = 25  # bounded: `make test` runs it; the seed makes a failure repeatable
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    """Its own server, with answers capped at 16 tokens: most valid chats the fuzzer sends would
+    otherwise generate 128 to 512 tokens each (nine minutes in all here)."""
+    with serve(env={"FNSERVE_GENERATION_MAX_TOKENS": "16"}) as url:
+        yield url
 
 
 def test_fuzzing_finds_no_server_errors_and_no_schema_violations(server: str, tmp_path: Path) -> None:
