@@ -22,6 +22,8 @@ TIMEOUT_HEADER = b"x-fnserve-timeout"  # seconds; lowers the request's deadline,
 # (batch lines run without one).
 DEADLINE: ContextVar[float | None] = ContextVar("deadline", default=None)
 
+DEADLINE_PASSED = "the request's deadline passed (x-fnserve-timeout or FNSERVE_REQUEST_TIMEOUT_SECONDS)"
+
 REJECTIONS = bentoml.metrics.Counter(
     name="fnserve_rejections",
     documentation="Requests refused or cut short, by reason (queue_full, loading, deadline, "
@@ -73,6 +75,8 @@ class Guard:
         kind = (header(scope, b"content-type") or "").lower()
         if kind.startswith("multipart/") and "boundary=" not in kind:  # BentoML's parser answers 500
             return await reject(send, 400, "a multipart body needs a boundary in its Content-Type")
+        if path in UNBOUNDED_PATHS:
+            return await self.app(scope, capped(receive, limit), send)
         asked = header(scope, TIMEOUT_HEADER)
         timeout = self._timeout
         if asked is not None:
@@ -84,8 +88,6 @@ class Guard:
                 return await reject(
                     send, 400, f"x-fnserve-timeout must be a number of seconds above 0, not {asked!r}"
                 )
-        if path in UNBOUNDED_PATHS:
-            return await self.app(scope, capped(receive, limit), send)
         if self._in_flight >= self._max_concurrency:
             return await reject(
                 send, 429, f"this server is at its limit of {self._max_concurrency} requests", "concurrency"

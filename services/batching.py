@@ -49,10 +49,12 @@ class GreedyBatcher(Generic[T, R]):
         max_batch_size: int,
         max_queue_seconds: float,
         max_queue: int,
-        on_batch: Callable[[int, float, int], None] = lambda size, wait, queued: None,
+        on_batch: Callable[[int, float], None] = lambda size, wait: None,
+        on_queue: Callable[[int], None] = lambda queued: None,
     ) -> None:
         """`run_batch` maps items to results in order and runs in a worker thread; `on_batch` receives
-        each batch's size, the queue wait of its oldest job and the online items still queued. Jobs
+        each batch's size and the queue wait of its oldest job; `on_queue` the online items waiting,
+        whenever that changes. Jobs
         queued longer than `max_queue_seconds` are shed with ServiceUnavailable (503) instead of running
         late; an online request that would take a non-empty queue past `max_queue` items raises QueueFull."""
         self._run_batch = run_batch
@@ -60,6 +62,7 @@ class GreedyBatcher(Generic[T, R]):
         self._max_queue_seconds = max_queue_seconds
         self._max_queue = max_queue
         self._on_batch = on_batch
+        self._on_queue = on_queue
         self._queue: deque[_Job[T, R]] = deque()
         self._background: deque[_Job[T, R]] = deque()
         self._online_seen = -ONLINE_QUIET_SECONDS
@@ -82,6 +85,7 @@ class GreedyBatcher(Generic[T, R]):
         else:
             self._queue.extend(jobs)
             self._online_seen = time.monotonic()
+            self._on_queue(self.queued)
         if self._worker is None or self._worker.done():
             self._worker = asyncio.create_task(self._drain())
         try:
@@ -89,6 +93,7 @@ class GreedyBatcher(Generic[T, R]):
         except BaseException:
             for job in jobs:  # a cancelled (timed-out) or failed caller's queued chunks are skipped
                 job.future.cancel()
+            self._on_queue(self.queued)
             raise
         return [result for part in parts for result in part]
 
@@ -126,13 +131,14 @@ class GreedyBatcher(Generic[T, R]):
     async def _drain(self) -> None:
         while self._queue or self._background:
             batch = self._next_batch()
+            self._on_queue(self.queued)
             if batch:
                 await self._run(batch)
 
     async def _run(self, batch: list[_Job[T, R]]) -> None:
         try:
             items = [item for job in batch for item in job.items]
-            self._on_batch(len(items), time.monotonic() - batch[0].enqueued, self.queued)
+            self._on_batch(len(items), time.monotonic() - batch[0].enqueued)
             results = await asyncio.to_thread(self._run_batch, items)
             start = 0
             for job in batch:

@@ -13,6 +13,8 @@ import bentoml
 import orjson
 from cachetools import LRUCache
 
+FORMAT = "v1"  # in every key: values stored by a version that encodes them differently are never read
+
 LOOKUPS = bentoml.metrics.Counter(
     name="fnserve_cache_lookups",
     documentation="Response-cache lookups (one per embedding input, one per chat request), by result",
@@ -44,7 +46,8 @@ class RedisCache:
     def __init__(self, url: str, ttl_seconds: int = 7 * 24 * 3600) -> None:
         from redis.asyncio import Redis
 
-        self._redis = Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+        # Short timeouts: a lookup that would take longer than a small forward pass is not worth it.
+        self._redis = Redis.from_url(url, socket_timeout=0.25, socket_connect_timeout=0.25)
         self._ttl = ttl_seconds
 
     async def get_many(self, keys: list[str]) -> list[bytes | None]:
@@ -68,17 +71,17 @@ class RedisCache:
 
 
 def response_cache(redis_url: str | None, size: int) -> ResponseCache | None:
-    """Redis when a URL is configured; otherwise an LRU of `size` entries, or None when size is 0."""
-    if redis_url:
-        return RedisCache(redis_url)
-    return LocalCache(size) if size else None
+    """None when `size` is 0; otherwise Redis when a URL is configured, or an LRU of `size` entries."""
+    if not size:
+        return None
+    return RedisCache(redis_url) if redis_url else LocalCache(size)
 
 
 def cache_key(namespace: str, *parts: Any) -> str:
     digest = hashlib.sha256(orjson.dumps(parts, option=orjson.OPT_SORT_KEYS)).hexdigest()
-    return f"fnserve:{namespace}:{digest}"
+    return f"fnserve:{namespace}:{FORMAT}:{digest}"
 
 
-def count(function: str, hits: int, lookups: int) -> None:
+def count_lookups(function: str, hits: int, lookups: int) -> None:
     LOOKUPS.labels(function=function, result="hit").inc(hits)
     LOOKUPS.labels(function=function, result="miss").inc(lookups - hits)

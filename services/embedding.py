@@ -22,7 +22,7 @@ from services.admission import Guard
 from services.batch import BatchRunner
 from services.batch_store import BatchStore
 from services.batching import GreedyBatcher
-from services.cache import cache_key, count, response_cache
+from services.cache import cache_key, count_lookups, response_cache
 from services.config import TIMEOUT_GRACE_SECONDS, get_settings, pick_device
 from services.generation import CHAT_DEFAULT_TOKENS, ChatMaxTokens, ChatMessages, Generator
 from services.lifecycle import ModelSlot
@@ -63,10 +63,9 @@ QUEUE_TEXTS = bentoml.metrics.Gauge(
 )
 
 
-def observe_batch(size: int, wait: float, queued: int) -> None:
+def observe_batch(size: int, wait: float) -> None:
     BATCH_SIZE.observe(size)
     QUEUE_SECONDS.observe(wait)
-    QUEUE_TEXTS.set(queued)
 
 
 def pack(embedded: Embedded) -> bytes:
@@ -172,6 +171,7 @@ class Embedder:
             max_queue_seconds=settings.embedding_max_latency_ms / 1000,
             max_queue=settings.embedding_max_queue,
             on_batch=observe_batch,
+            on_queue=QUEUE_TEXTS.set,
         )
         self._cache = response_cache(settings.redis_url, settings.embedding_cache_size)
         self._cache_scope = (MODEL.tag, settings.embedding_dtype, self.max_tokens)
@@ -208,7 +208,7 @@ class Embedder:
         keys = [cache_key("embedding", *self._cache_scope, text) for text in texts]
         stored = await self._cache.get_many(keys) if self._cache else [None] * len(texts)
         cached = {i: unpack(value) for i, value in enumerate(stored) if value is not None}
-        count("embedding", len(cached), len(texts))
+        count_lookups("embedding", len(cached), len(texts))
         missing = [i for i in range(len(texts)) if i not in cached]
         computed: list[Embedded] = []
         if missing:

@@ -29,9 +29,9 @@ from starlette.types import Send
 
 from models.catalog import CATALOG
 from services import batch
-from services.admission import rejected, remaining
-from services.batching import QueueFull
-from services.cache import cache_key, count
+from services.admission import DEADLINE_PASSED, rejected, remaining
+from services.batching import BACKGROUND, QueueFull
+from services.cache import cache_key, count_lookups
 from services.config import get_settings
 from services.protocol import (
     APIError,
@@ -57,7 +57,6 @@ CACHE_HEADER = "x-fnserve-cache"  # hit, partial or miss: how much of the answer
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 404, 429, 503, 504)
 }
-DEADLINE_PASSED = "the request's deadline passed (x-fnserve-timeout or FNSERVE_REQUEST_TIMEOUT_SECONDS)"
 
 
 class OrjsonResponse(Response):
@@ -219,6 +218,7 @@ async def generation_events(request: GenerationParams, **target: Any) -> AsyncIt
         "top_p": request.top_p,
         "stop": request.stops,
         "timeout": remaining(),
+        "background": BACKGROUND.get(),
     }
     response = await session.post("/generate", json=body)
     try:
@@ -271,30 +271,34 @@ async def cached_answer(request: GenerationParams, target: dict[str, Any]) -> tu
     if cache is None or (request.temperature and request.seed is None):
         return None, None
     settings = get_settings()
-    parts = (CATALOG[settings.generation_model].tag, settings.generation_dtype, target, request.token_budget)
-    key = cache_key("generation", *parts, request.temperature, request.top_p, request.seed, request.stops)
+    # The server's caps are in the key too: without max_tokens they set the answer's length.
+    model = (CATALOG[settings.generation_model].tag, settings.generation_dtype)
+    caps = (settings.generation_max_tokens, settings.generation_cache_blocks)
+    asked = (target, request.token_budget, request.temperature, request.top_p, request.seed, request.stops)
+    key = cache_key("generation", *model, *caps, *asked)
     (value,) = await cache.get_many([key])
-    count("generation", value is not None, 1)
+    count_lookups("generation", value is not None, 1)
     return key, value
 
 
 async def replay(answer: bytes) -> AsyncIterator[dict[str, Any]]:
-    """A cached answer as the generation service's events; a stream gets its text as one delta."""
+    """A cached answer as the generation service's events, the same deltas as when it was generated."""
     saved = orjson.loads(answer)
     yield {"type": "start", "prompt_tokens": saved["prompt_tokens"]}
-    yield {"type": "delta", "text": saved["text"]}
+    for text in saved["deltas"]:
+        yield {"type": "delta", "text": text}
     yield {"type": "done", **saved["done"]}
 
 
 async def recorded(events: AsyncIterator[dict[str, Any]], key: str | None) -> AsyncIterator[dict[str, Any]]:
     """The events, passed on; a complete answer is stored under `key` (errors and cut streams are not)."""
-    saved: dict[str, Any] = {"text": ""}
+    saved: dict[str, Any] = {"deltas": []}
     try:
         async for item in events:
             if item["type"] == "start":
                 saved["prompt_tokens"] = item["prompt_tokens"]
             elif item["type"] == "delta":
-                saved["text"] += item["text"]
+                saved["deltas"].append(item["text"])
             elif item["type"] == "done" and key:
                 await embedder().chat_cache.set_many({key: orjson.dumps({**saved, "done": item})})
             yield item

@@ -6,8 +6,9 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import aclosing
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from contextlib import AsyncExitStack, aclosing
+from dataclasses import replace
 from typing import Annotated, Any, TypeVar
 
 import bentoml
@@ -15,7 +16,7 @@ from bentoml.exceptions import BadInput
 from pydantic import Field
 
 from models.catalog import CATALOG
-from services.admission import rejected
+from services.admission import DEADLINE_PASSED, rejected
 from services.config import TIMEOUT_GRACE_SECONDS, get_settings, pick_device
 from services.engine import Engine, EngineError, Sampling, TransformersEngine
 from services.lifecycle import ModelSlot
@@ -57,7 +58,6 @@ QUEUE_REQUESTS = bentoml.metrics.Gauge(
 )
 
 T = TypeVar("T")
-DEADLINE_PASSED = "the request's deadline passed (x-fnserve-timeout or FNSERVE_REQUEST_TIMEOUT_SECONDS)"
 
 
 async def until(deadline: float | None, items: AsyncIterator[T]) -> AsyncIterator[T]:
@@ -200,19 +200,50 @@ class Generator:
         top_p: Annotated[float, Field(gt=0, le=1)] = 1.0,
         stop: Annotated[list[Text], Field(max_length=4)] = [],  # noqa: B006 - pydantic copies defaults
         timeout: Annotated[float | None, Field(description="seconds left to the request's deadline")] = None,
+        background: Annotated[
+            bool, Field(description="a batch line: never refused for a full queue")
+        ] = False,
     ) -> AsyncGenerator[str, None]:
         """Newline-delimited JSON events for the OpenAI routes: first `start` (prompt tokens) or `error`
         (status, message, param, code), then `delta` (text), then `done` (finish reason, completion
         tokens) or `error`. The first event comes before any generation, so callers can still answer
         4xx, 429 (queue full) or 503 (queue full while the model loads)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if self._waiting >= settings.generation_max_queue:
+        if not background and self._waiting >= settings.generation_max_queue:
             loading = self.slot.state == "loading"
             rejected("loading" if loading else "queue_full")
             message = f"{self._waiting} chat requests are waiting for the model; try again shortly"
             code = "model_loading" if loading else "queue_full"
             yield event("error", status=503 if loading else 429, message=message, code=code)
             return
+        # Counted from admission, before any await, so that requests arriving together cannot all pass
+        # the check; uncounted at the first token or at the end, whichever comes first.
+        self._queued(1)
+        waiting = [True]
+
+        def first_token() -> None:
+            if waiting:
+                waiting.clear()
+                self._queued(-1)
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        request = (messages, prompt, max_tokens, Sampling(0, temperature, top_p), stop, deadline)
+        try:
+            async with aclosing(self._events(*request, first_token)) as events:
+                async for line in events:
+                    yield line
+        finally:
+            first_token()
+
+    async def _events(
+        self,
+        messages: list[ChatMessage] | None,
+        prompt: str | None,
+        max_tokens: int | None,
+        sampling: Sampling,
+        stop: list[str],
+        deadline: float | None,
+        first_token: Callable[[], None],
+    ) -> AsyncGenerator[str, None]:
         problem = self.check(messages, prompt, max_tokens)
         ids: list[int] = []
         budget = 0
@@ -229,17 +260,14 @@ class Generator:
         clock = TokenClock(len(ids))
         decoder, matcher = IncrementalDecoder(self.tokenizer), StopMatcher(stop)
         generated: list[int] = []
-        waiting = True
-        self._queued(1)
         try:
-            async with (
-                self.slot.use() as engine,
-                aclosing(engine.stream(ids, Sampling(budget, temperature, top_p))) as steps,
-            ):
+            async with AsyncExitStack() as stack:
+                async with asyncio.timeout(None if deadline is None else deadline - time.monotonic()):
+                    engine = await stack.enter_async_context(self.slot.use())  # a sleeping model loads
+                stream = engine.stream(ids, replace(sampling, max_new_tokens=budget))
+                steps = await stack.enter_async_context(aclosing(stream))
                 async for step in until(deadline, steps):
-                    if waiting:
-                        waiting = False
-                        self._queued(-1)
+                    first_token()
                     generated.extend(step.token_ids)
                     clock.tick(len(step.token_ids))
                     if text := matcher.push(decoder.push(step.token_ids, step.finished)):
@@ -253,9 +281,6 @@ class Generator:
             rejected("deadline")
             yield event("error", status=504, message=DEADLINE_PASSED, code="deadline_exceeded")
             return
-        finally:
-            if waiting:
-                self._queued(-1)
         if not matcher.stopped and (rest := matcher.flush()):
             yield event("delta", text=rest)
         ended = matcher.stopped or (generated and generated[-1] == self.tokenizer.eos_token_id)

@@ -116,7 +116,7 @@ class GenerationParams(OpenAIModel):
     temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy")
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = Field(
-        None, description="accepted; sampled output is not reproducible, since the batch shares one RNG"
+        None, description="a seeded request is cached: its repeats get the first answer (README)"
     )
     stop: Text | Annotated[list[Text], Field(max_length=4)] | None = Field(
         None, description="up to 4 strings; the stop text is not returned"
