@@ -5,12 +5,12 @@ its UI alike, and answers what it refuses in the OpenAI error shape."""
 from __future__ import annotations
 
 import hmac
-import json
 import math
 import time
 from contextvars import ContextVar
 
 import bentoml
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.protocol import error_body
@@ -36,10 +36,14 @@ def rejected(reason: str) -> None:
     REJECTIONS.labels(reason=reason).inc()
 
 
-def remaining() -> float | None:
-    """Seconds left before the current request's deadline, or None without one."""
-    deadline = DEADLINE.get()
+def seconds_left(deadline: float | None) -> float | None:
+    """Seconds left before `deadline` (time.monotonic()), or None without one."""
     return None if deadline is None else deadline - time.monotonic()
+
+
+def remaining() -> float | None:
+    """Seconds left before the current request's deadline."""
+    return seconds_left(DEADLINE.get())
 
 
 class Guard:
@@ -136,13 +140,23 @@ def capped(receive: Receive, limit: int) -> Receive:
 REASONS = {401: "unauthorized", 413: "too_large", 400: "invalid", 429: "concurrency"}
 
 
+def error_response(
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """The OpenAI error shape, for the middleware and the routes alike; refusals for load (429, 503)
+    say when to try again."""
+    retry = {"Retry-After": "1"} if status in (429, 503) else {}
+    body = error_body(status, message, param, code)
+    return JSONResponse(body, status_code=status, headers={**retry, **(headers or {})})
+
+
 async def reject(send: Send, status: int, message: str, code: str | None = None) -> None:
     rejected(REASONS[status])
-    body = error_body(status, message, code=code)
-    headers = [(b"content-type", b"application/json")]
-    if status == 401:
-        headers.append((b"www-authenticate", b"Bearer"))
-    if status == 429:
-        headers.append((b"retry-after", b"1"))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": json.dumps(body).encode()})
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    response = error_response(status, message, code=code, headers=headers)
+    await send({"type": "http.response.start", "status": status, "headers": response.raw_headers})
+    await send({"type": "http.response.body", "body": response.body})

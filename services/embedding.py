@@ -205,9 +205,11 @@ class Embedder:
     async def embed(self, texts: list[str]) -> tuple[list[Embedded], int]:
         """Vectors and token counts for one request's texts, and how many came from the cache. The rest
         are batched with other requests' texts."""
-        keys = [cache_key("embedding", *self._cache_scope, text) for text in texts]
-        stored = await self._cache.get_many(keys) if self._cache else [None] * len(texts)
-        cached = {i: unpack(value) for i, value in enumerate(stored) if value is not None}
+        cached: dict[int, Embedded] = {}
+        if self._cache:  # keys are hashed only when there is a cache to look in
+            keys = [cache_key("embedding", *self._cache_scope, text) for text in texts]
+            stored = await self._cache.get_many(keys)
+            cached = {i: unpack(value) for i, value in enumerate(stored) if value is not None}
         count_lookups("embedding", len(cached), len(texts))
         missing = [i for i in range(len(texts)) if i not in cached]
         computed: list[Embedded] = []

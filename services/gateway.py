@@ -29,7 +29,7 @@ from starlette.types import Send
 
 from models.catalog import CATALOG
 from services import batch
-from services.admission import DEADLINE_PASSED, rejected, remaining
+from services.admission import DEADLINE_PASSED, error_response, rejected, remaining
 from services.batching import BACKGROUND, QueueFull
 from services.cache import cache_key, count_lookups
 from services.config import get_settings
@@ -85,13 +85,6 @@ class ClosingEventSourceResponse(EventSourceResponse):
 
 app = FastAPI(title="fnserve OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
 routes = APIRouter()
-
-
-def error_response(
-    status: int, message: str, param: str | None = None, code: str | None = None
-) -> JSONResponse:
-    headers = {"Retry-After": "1"} if status in (429, 503) else None
-    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
 @app.exception_handler(APIError)

@@ -16,7 +16,7 @@ from bentoml.exceptions import BadInput
 from pydantic import Field
 
 from models.catalog import CATALOG
-from services.admission import DEADLINE_PASSED, rejected
+from services.admission import DEADLINE_PASSED, rejected, seconds_left
 from services.config import TIMEOUT_GRACE_SECONDS, get_settings, pick_device
 from services.engine import Engine, EngineError, Sampling, TransformersEngine
 from services.lifecycle import ModelSlot
@@ -65,7 +65,7 @@ async def until(deadline: float | None, items: AsyncIterator[T]) -> AsyncIterato
     timeout: one around a generator's yields would cancel whoever iterates it, not the wait."""
     while True:
         try:
-            async with asyncio.timeout(None if deadline is None else deadline - time.monotonic()):
+            async with asyncio.timeout(seconds_left(deadline)):
                 item = await anext(items)
         except StopAsyncIteration:
             return
@@ -262,7 +262,7 @@ class Generator:
         generated: list[int] = []
         try:
             async with AsyncExitStack() as stack:
-                async with asyncio.timeout(None if deadline is None else deadline - time.monotonic()):
+                async with asyncio.timeout(seconds_left(deadline)):
                     engine = await stack.enter_async_context(self.slot.use())  # a sleeping model loads
                 stream = engine.stream(ids, replace(sampling, max_new_tokens=budget))
                 steps = await stack.enter_async_context(aclosing(stream))
