@@ -85,7 +85,12 @@ def main() -> None:
         EMBEDDER: [bare_load(EMBEDDER, "AutoModel", settings.embedding_dtype) for _ in range(REPEATS)],
         CHAT: [bare_load(CHAT, "AutoModelForCausalLM", settings.generation_dtype) for _ in range(REPEATS)],
     }
-    env = {"FNSERVE_IDLE_RELEASE_SECONDS": str(IDLE_SECONDS)}
+    # Response caches off: a cached answer is served without waking the model, which is not what is timed.
+    env = {
+        "FNSERVE_IDLE_RELEASE_SECONDS": str(IDLE_SECONDS),
+        "FNSERVE_EMBEDDING_CACHE_SIZE": "0",
+        "FNSERVE_GENERATION_CACHE_SIZE": "0",
+    }
     cold: dict[str, list[float]] = {EMBEDDER: [], CHAT: []}
     with serve(env=env) as url, httpx.Client(base_url=url, timeout=120) as client:
         for path, body in REQUESTS.values():

@@ -25,7 +25,7 @@ from services.batching import GreedyBatcher
 from services.cache import cache_key, count_lookups, response_cache
 from services.config import TIMEOUT_GRACE_SECONDS, get_settings, pick_device
 from services.generation import CHAT_DEFAULT_TOKENS, ChatMaxTokens, ChatMessages, Generator
-from services.lifecycle import ModelSlot
+from services.lifecycle import ModelSlot, Reloadable
 from services.protocol import Text
 
 if TYPE_CHECKING:
@@ -142,11 +142,14 @@ class Embedder:
         # for /encode run in different threads) take turns.
         self._counting_tokenizer = AutoTokenizer.from_pretrained(path)
         self._forward_lock = threading.Lock()
-        self.slot = ModelSlot(
-            MODEL.name,
+        weights = Reloadable(
             lambda: AutoModel.from_pretrained(path, dtype=self.dtype).to(self.device).eval(),
-            lambda model: None,
-            settings.idle_release_seconds,
+            path,
+            self.dtype,
+            self.device,
+        )
+        self.slot = ModelSlot(
+            MODEL.name, weights.load, lambda model: weights.release(), settings.idle_release_seconds
         )
         self.slot.load_now()
         self.dimensions: int = self.slot.model.config.hidden_size

@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import replace
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import bentoml
 from bentoml.exceptions import BadInput
@@ -19,8 +19,11 @@ from models.catalog import CATALOG
 from services.admission import DEADLINE_PASSED, rejected, seconds_left
 from services.config import TIMEOUT_GRACE_SECONDS, get_settings, pick_device
 from services.engine import Engine, EngineError, Sampling, TransformersEngine
-from services.lifecycle import ModelSlot
+from services.lifecycle import ModelSlot, Reloadable
 from services.protocol import ChatMessage, Text
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger("bentoml.fnserve.generation")  # under "bentoml": the server only logs that tree
 settings = get_settings()
@@ -148,28 +151,33 @@ class Generator:
     model_ref = bentoml.models.BentoModel(MODEL.tag)
 
     def __init__(self) -> None:
+        import torch
         from transformers import AutoConfig, AutoTokenizer
 
         self.model_id = MODEL.name
         self.device = pick_device(settings.device)
+        self.dtype: torch.dtype = getattr(torch, settings.generation_dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_ref.path)
         self.context_window: int = AutoConfig.from_pretrained(self.model_ref.path).max_position_embeddings
         self.cache_tokens = (settings.generation_cache_blocks - 1) * 64  # one block of headroom
+        self.weights = Reloadable(self.build_model, self.model_ref.path, self.dtype, self.device)
         self.slot = ModelSlot(MODEL.name, self.start_engine, self.stop_engine, settings.idle_release_seconds)
         self.slot.load_now()
         logger.info("generation model %s on %s, %s", MODEL.tag, self.device, settings.generation_dtype)
         self._release_task: asyncio.Task[None] | None = None
         self._waiting = 0  # admitted requests without a token yet: the bounded queue
 
-    def start_engine(self) -> Engine:
-        """Weights from the model store (safetensors, memory-mapped) and a fresh engine loop."""
-        import torch
+    def build_model(self) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
 
-        dtype = getattr(torch, settings.generation_dtype)
-        model = AutoModelForCausalLM.from_pretrained(self.model_ref.path, dtype=dtype).to(self.device).eval()
+        return (
+            AutoModelForCausalLM.from_pretrained(self.model_ref.path, dtype=self.dtype).to(self.device).eval()
+        )
+
+    def start_engine(self) -> Engine:
+        """The weights from the model store and a fresh engine loop."""
         return TransformersEngine(
-            model,
+            self.weights.load(),
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
             cache_blocks=settings.generation_cache_blocks,
@@ -177,6 +185,7 @@ class Generator:
 
     def stop_engine(self, engine: Engine) -> None:
         engine.shutdown()
+        self.weights.release()
 
     def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
         return list(

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import time
 
+import bentoml
 import httpx
+import pytest
+import torch
+from transformers import AutoModel
 
+from models.catalog import CATALOG
+from services.lifecycle import Reloadable
 from tests.server import serve, server_processes
 
 IDLE_SECONDS = 3
@@ -33,12 +39,41 @@ def wait_for_state(client: httpx.Client, state: str, timeout: float = 30) -> dic
     return status
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_released_weights_come_back_the_same(dtype: torch.dtype) -> None:
+    """The store holds fp32: served as fp32, a wake reads the store; as bf16, a copy written once."""
+    path = bentoml.models.get(CATALOG[EMBEDDER].tag).path
+    weights = Reloadable(lambda: AutoModel.from_pretrained(path, dtype=dtype).eval(), path, dtype, "cpu")
+    ids = torch.tensor([[101, 7592, 2088, 102]])
+    with torch.inference_mode():
+        before = weights.load()(ids).last_hidden_state
+        for _ in range(2):
+            weights.release()
+            assert all(param.is_meta for param in weights._tree.parameters())
+            after = weights.load()(ids).last_hidden_state
+            assert torch.equal(before, after)
+    assert (weights._source == weights._store) == (dtype == torch.float32)
+
+
 def test_idle_models_are_released_and_wake_on_the_next_request() -> None:
-    env = {"FNSERVE_IDLE_RELEASE_SECONDS": str(IDLE_SECONDS)}
-    body = {"model": CHAT, "messages": [{"role": "user", "content": "What is the capital of France?"}]}
+    env = {
+        "FNSERVE_IDLE_RELEASE_SECONDS": str(IDLE_SECONDS),
+        # Off: a cached answer would not wake the model.
+        "FNSERVE_EMBEDDING_CACHE_SIZE": "0",
+        "FNSERVE_GENERATION_CACHE_SIZE": "0",
+    }
+    body = {
+        "model": CHAT,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 16,
+        "temperature": 0,
+    }
     with serve(env=env) as url, httpx.Client(base_url=url, timeout=120) as client:
         # The idle clock starts when a worker is up, so a slow start-up may find models asleep already.
-        assert client.post("/v1/chat/completions", json={**body, "max_tokens": 2}).status_code == 200
+        first = client.post("/v1/chat/completions", json=body)
+        assert first.status_code == 200 and "Paris" in first.json()["choices"][0]["message"]["content"]
+        embedding = {"model": EMBEDDER, "input": "awake again"}
+        vectors = client.post("/v1/embeddings", json=embedding).json()["data"]
         loaded_rss = generation_rss(url)
         assert client.get("/models/status").json()[CHAT] == "loaded"
         wait_for_state(client, "sleeping")
@@ -47,11 +82,14 @@ def test_idle_models_are_released_and_wake_on_the_next_request() -> None:
         released_rss = generation_rss(url)
         assert loaded_rss - released_rss > 150 * 2**20, (loaded_rss, released_rss)  # bf16 weights: 269 MB
 
-        answer = client.post("/v1/chat/completions", json={**body, "max_tokens": 16, "temperature": 0})
-        assert answer.status_code == 200 and "Paris" in answer.json()["choices"][0]["message"]["content"]
-        assert client.get("/models/status").json()[CHAT] == "loaded"
-        vectors = client.post("/v1/embeddings", json={"model": EMBEDDER, "input": "awake again"})
-        assert vectors.status_code == 200 and len(vectors.json()["data"][0]["embedding"]) == 384
+        for _ in range(2):  # the first wake after the weights were released, and one more
+            answer = client.post("/v1/chat/completions", json=body)
+            assert answer.status_code == 200
+            assert answer.json()["choices"] == first.json()["choices"]
+            assert client.get("/models/status").json()[CHAT] == "loaded"
+            wait_for_state(client, "sleeping")
+        woken = client.post("/v1/embeddings", json=embedding)
+        assert woken.status_code == 200 and woken.json()["data"] == vectors
 
         # At least: a slow machine may already have released them again.
         metrics = client.get("/metrics").text
