@@ -77,12 +77,38 @@ def top_p_only_where_asked() -> None:
     cb.CLASSIC_TO_CB_PROCESSORS_MAP[TopPLogitsWarper] = TopPWhereAsked
 
 
+def sample_by_inverse_cdf() -> None:
+    """Draws each row's token from its cumulative distribution with one uniform number. The engine's
+    `torch.multinomial` took 16 ms per step for 16 rows of SmolLM2's 49k-token vocabulary on this CPU
+    (inverse CDF: 0.4 ms), a sixth of a decode step at 16 streams; the distribution is the same."""
+    import torch
+    from transformers.generation.continuous_batching.model_runner import ModelRunner
+
+    library_sample = ModelRunner._sample
+    if getattr(library_sample, "inverse_cdf", False):
+        return
+
+    def sample(runner: Any, scores: torch.Tensor, output_ids: torch.Tensor) -> None:
+        if not runner.do_sample or runner.return_logprobs:
+            library_sample(runner, scores, output_ids)
+            return
+        cdf = scores[0].softmax(dim=-1).cumsum(dim=-1)  # [rows, vocab]
+        draws = torch.rand(cdf.size(0), 1, device=cdf.device) * cdf[:, -1:]
+        # "right": the first token whose cumulative probability exceeds the draw, never one of probability 0
+        tokens = torch.searchsorted(cdf, draws, side="right").clamp_(max=cdf.size(-1) - 1).squeeze(-1)
+        output_ids[0, : tokens.size(0)].copy_(tokens)
+
+    sample.inverse_cdf = True  # type: ignore[attr-defined]
+    ModelRunner._sample = sample
+
+
 class TransformersEngine:
     def __init__(self, model: Any, eos_token_id: int, pad_token_id: int | None, cache_blocks: int) -> None:
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
         top_p_only_where_asked()
+        sample_by_inverse_cdf()
 
         # Temperature and top-p other than 1 make transformers build their warpers; every request then
         # sets its own values (per-request processors).
