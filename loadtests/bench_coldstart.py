@@ -24,7 +24,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.server import serve, server_processes  # noqa: E402
+from tests.server import CACHES_OFF, serve, server_processes  # noqa: E402
 
 RESULTS = ROOT / "loadtests" / "results"
 IDLE_SECONDS = 3
@@ -85,12 +85,7 @@ def main() -> None:
         EMBEDDER: [bare_load(EMBEDDER, "AutoModel", settings.embedding_dtype) for _ in range(REPEATS)],
         CHAT: [bare_load(CHAT, "AutoModelForCausalLM", settings.generation_dtype) for _ in range(REPEATS)],
     }
-    # Response caches off: a cached answer is served without waking the model, which is not what is timed.
-    env = {
-        "FNSERVE_IDLE_RELEASE_SECONDS": str(IDLE_SECONDS),
-        "FNSERVE_EMBEDDING_CACHE_SIZE": "0",
-        "FNSERVE_GENERATION_CACHE_SIZE": "0",
-    }
+    env = {"FNSERVE_IDLE_RELEASE_SECONDS": str(IDLE_SECONDS), **CACHES_OFF}
     cold: dict[str, list[float]] = {EMBEDDER: [], CHAT: []}
     with serve(env=env) as url, httpx.Client(base_url=url, timeout=120) as client:
         for path, body in REQUESTS.values():

@@ -6,8 +6,11 @@ For 1, 4, 16 and 32 concurrent streams, each stream sends greedy chat requests (
 back; reported: aggregate output tokens/s, p50/p99 time to first token and inter-token latency. The
 client is Python (httpx, asyncio): it has to parse SSE to time tokens, and a few hundred events/s
 cost it little next to the servers' tens to hundreds of tokens/s here. `transformers serve` runs with
-its continuous batching on and its KV cache sized as fnserve's. Writes loadtests/results/generation.json
-and generation.png.
+its continuous batching on and its KV cache sized as fnserve's. The three servers run side by side and
+are measured in turn at each concurrency, so that drift on this shared machine falls on all alike. The
+bar against `transformers serve` is the median of fnserve / `transformers serve` over that 16-stream pair
+and four more rounds at 16 streams, alternating which goes first. Response caches are off (the prompts
+repeat). Writes loadtests/results/generation.json and generation.png.
 """
 
 from __future__ import annotations
@@ -18,18 +21,21 @@ import json
 import statistics
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.server import free_port, run_server, serve  # noqa: E402
+from tests.server import CACHES_OFF, free_port, run_server, serve, server_processes  # noqa: E402
 
 RESULTS = ROOT / "loadtests" / "results"
 STREAMS = [1, 4, 16, 32]
 MAX_TOKENS = 64
+HEAD_TO_HEAD_ROUNDS = 4  # extra rounds at 16 streams, fnserve and transformers serve in turn
 TOPICS = ["the sea", "a fox", "mountains", "a city at night", "rain", "an old clock", "bread", "a river"]
 
 
@@ -87,19 +93,23 @@ async def load(url: str, model: str, streams: int, per_stream: int) -> dict[str,
     }
 
 
-def sweep(name: str, url: str, model: str, per_stream: int) -> list[dict[str, float]]:
-    asyncio.run(load(url, model, 2, 1))  # warm-up
-    points = []
-    for streams in STREAMS:
-        point = asyncio.run(load(url, model, streams, per_stream))
-        print(
-            f"{name} streams={streams}: {point['tokens_per_s']:.0f} tok/s, "
-            f"TTFT p50 {point['ttft_p50_ms']:.0f} ms p99 {point['ttft_p99_ms']:.0f} ms, "
-            f"ITL p50 {point['itl_p50_ms']:.0f} ms p99 {point['itl_p99_ms']:.0f} ms",
-            flush=True,
-        )
-        points.append(point)
-    return points
+def measure(name: str, url: str, model: str, streams: int, per_stream: int) -> dict[str, float]:
+    point = asyncio.run(load(url, model, streams, per_stream))
+    print(
+        f"{name} streams={streams}: {point['tokens_per_s']:.0f} tok/s, "
+        f"TTFT p50 {point['ttft_p50_ms']:.0f} ms p99 {point['ttft_p99_ms']:.0f} ms, "
+        f"ITL p50 {point['itl_p50_ms']:.0f} ms p99 {point['itl_p99_ms']:.0f} ms",
+        flush=True,
+    )
+    return point
+
+
+def idle_cores(urls: list[str], seconds: float = 5) -> float:
+    """CPU that idle servers take from the one being measured: they all run side by side."""
+    processes = [p for url in urls for p in server_processes(url)]
+    before = sum(sum(p.cpu_times()[:2]) for p in processes)
+    time.sleep(seconds)
+    return (sum(sum(p.cpu_times()[:2]) for p in processes) - before) / seconds
 
 
 def plot(result: dict[str, object], path: Path) -> None:
@@ -135,6 +145,18 @@ def plot(result: dict[str, object], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def transformers_serve(path: str, port: int, settings: Any) -> list[str]:
+    """Its continuous batching on, with fnserve's KV-cache size, batch-token budget and dtype."""
+    return [
+        str(Path(sys.executable).with_name("transformers")),
+        "serve",
+        path,
+        *("--port", str(port), "--host", "127.0.0.1", "--continuous-batching"),
+        *("--cb-num-blocks", str(settings.generation_cache_blocks), "--cb-block-size", "64"),
+        *("--cb-max-batch-tokens", "512", "--dtype", settings.generation_dtype),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests-per-stream", type=int, default=2)
@@ -150,41 +172,42 @@ def main() -> None:
     settings = get_settings()
     model = settings.generation_model
     result: dict[str, object] = {"max_tokens": MAX_TOKENS, "dtype": settings.generation_dtype}
-    with serve() as url:
-        result["fnserve"] = sweep("fnserve", url, model, args.requests_per_stream)
-    port = free_port()
-    naive = [sys.executable, str(ROOT / "loadtests" / "naive_chat_server.py"), "--port", str(port)]
-    with run_server(naive, port) as url:
-        result["naive"] = sweep("naive", url, model, args.requests_per_stream)
-    if not args.skip_transformers_serve:
-        path = bentoml.models.get(CATALOG[model].tag).path
+    servers: dict[str, tuple[str, str]] = {}  # name: (url, model name to ask for)
+    with ExitStack() as running:
+        servers["fnserve"] = (running.enter_context(serve(env=CACHES_OFF)), model)
         port = free_port()
-        command = [
-            str(Path(sys.executable).with_name("transformers")),
-            "serve",
-            path,
-            "--port",
-            str(port),
-            "--host",
-            "127.0.0.1",
-            "--continuous-batching",
-            "--cb-num-blocks",
-            str(settings.generation_cache_blocks),
-            "--cb-block-size",
-            "64",
-            "--cb-max-batch-tokens",
-            "512",
-            "--dtype",
-            settings.generation_dtype,
-        ]
-        try:
-            with run_server(command, port, ready_path="/health") as url:
-                result["transformers_serve"] = sweep(
-                    "transformers_serve", url, path, args.requests_per_stream
-                )
-        except Exception as exc:  # reported, not fatal: the peer is optional
-            print(f"transformers serve did not run: {exc}", flush=True)
-            result["transformers_serve_error"] = str(exc)[-2000:]
+        naive = [sys.executable, str(ROOT / "loadtests" / "naive_chat_server.py"), "--port", str(port)]
+        servers["naive"] = (running.enter_context(run_server(naive, port)), model)
+        if not args.skip_transformers_serve:
+            path = bentoml.models.get(CATALOG[model].tag).path
+            port = free_port()
+            command = transformers_serve(path, port, settings)
+            try:
+                url = running.enter_context(run_server(command, port, ready_path="/health"))
+                servers["transformers_serve"] = (url, path)
+            except Exception as exc:  # reported, not fatal: the peer is optional
+                print(f"transformers serve did not run: {exc}", flush=True)
+                result["transformers_serve_error"] = str(exc)[-2000:]
+        for url, name in servers.values():
+            asyncio.run(load(url, name, 2, 1))  # warm-up
+        peers = [url for name, (url, _) in servers.items() if name != "naive"]  # the naive one: not bentoml
+        result["idle_cpu_cores"] = idle_cores(peers)
+        # Interleaved, so that the machine's drift over a run (this one is shared) falls on all alike.
+        for name in servers:
+            result[name] = []
+        for streams in STREAMS:
+            for name, (url, asked) in servers.items():
+                result[name].append(measure(name, url, asked, streams, args.requests_per_stream))
+        head_to_head = []
+        if "transformers_serve" in servers:
+            for round_ in range(HEAD_TO_HEAD_ROUNDS):  # alternating which goes first
+                pair = ["fnserve", "transformers_serve"][:: 1 if round_ % 2 else -1]
+                tokens = {
+                    name: measure(name, *servers[name], 16, args.requests_per_stream)["tokens_per_s"]
+                    for name in pair
+                }
+                head_to_head.append(tokens)
+        result["head_to_head_at_16"] = head_to_head
 
     at16 = {
         name: next(p for p in result[name] if p["streams"] == 16)
@@ -195,10 +218,10 @@ def main() -> None:
         "fnserve_over_naive_at_16": at16["fnserve"]["tokens_per_s"] / at16["naive"]["tokens_per_s"],
         "ttft_p50_ms_at_16": at16["fnserve"]["ttft_p50_ms"],
     }
-    if "transformers_serve" in at16:
-        ratios["fnserve_over_transformers_serve_at_16"] = (
-            at16["fnserve"]["tokens_per_s"] / at16["transformers_serve"]["tokens_per_s"]
-        )
+    if head_to_head:
+        pairs = [(r["fnserve"], r["transformers_serve"]) for r in head_to_head]
+        pairs.append((at16["fnserve"]["tokens_per_s"], at16["transformers_serve"]["tokens_per_s"]))
+        ratios["fnserve_over_transformers_serve_at_16"] = statistics.median(f / t for f, t in pairs)
     result["ratios"] = ratios
     (RESULTS / "generation.json").write_text(json.dumps(result, indent=2))
     plot(result, RESULTS / "generation.png")

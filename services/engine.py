@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -89,17 +90,48 @@ def sample_by_inverse_cdf() -> None:
         return
 
     def sample(runner: Any, scores: torch.Tensor, output_ids: torch.Tensor) -> None:
-        if not runner.do_sample or runner.return_logprobs:
+        if runner.return_logprobs:
             library_sample(runner, scores, output_ids)
             return
-        cdf = scores[0].softmax(dim=-1).cumsum(dim=-1)  # [rows, vocab]
-        draws = torch.rand(cdf.size(0), 1, device=cdf.device) * cdf[:, -1:]
-        # "right": the first token whose cumulative probability exceeds the draw, never one of probability 0
-        tokens = torch.searchsorted(cdf, draws, side="right").clamp_(max=cdf.size(-1) - 1).squeeze(-1)
+        if not runner.do_sample or not runner.logit_processor.do_processing:  # all greedy: see GreedyBatches
+            tokens = scores[0].argmax(dim=-1)
+        else:
+            cdf = scores[0].softmax(dim=-1).cumsum(dim=-1)  # [rows, vocab]
+            draws = torch.rand(cdf.size(0), 1, device=cdf.device) * cdf[:, -1:]
+            # "right": the first token whose cumulative probability exceeds the draw, never one of
+            # probability 0
+            tokens = torch.searchsorted(cdf, draws, side="right").clamp_(max=cdf.size(-1) - 1).squeeze(-1)
         output_ids[0, : tokens.size(0)].copy_(tokens)
 
     sample.inverse_cdf = True  # type: ignore[attr-defined]
     ModelRunner._sample = sample
+
+
+class GreedyBatches:
+    """Turns the engine's logits processing off while no running request samples, so that an all-greedy
+    batch is decoded with a plain argmax, as vLLM's sampler does for its all-greedy batches. The
+    per-request temperature and top-p, and sampling every row, cost fnserve about 4% of its tokens/s
+    at 16 greedy streams against the same engine built greedy-only (the engine alone, bf16). Only where
+    nothing is captured: a CUDA graph would replay whichever path it captured."""
+
+    def __init__(self, processors: Any, enabled: bool) -> None:
+        self._processors, self._enabled = processors, enabled
+        self._sampling = 0
+        self._update()
+
+    @contextmanager
+    def request(self, samples: bool) -> Iterator[None]:
+        """Around a request's whole life in the engine; processing is on before it is added."""
+        self._sampling += samples
+        self._update()
+        try:
+            yield
+        finally:
+            self._sampling -= samples
+            self._update()
+
+    def _update(self) -> None:
+        self._processors.do_processing = self._sampling > 0 or not self._enabled
 
 
 class TransformersEngine:
@@ -122,6 +154,7 @@ class TransformersEngine:
         self._manager = model.init_continuous_batching(
             generation_config=generation, continuous_batching_config=batching
         )
+        self._greedy = GreedyBatches(self._manager.logit_processor, enabled=model.device.type == "cpu")
         self._manager.start()
         self._ids = itertools.count()
 
@@ -130,35 +163,36 @@ class TransformersEngine:
         results: asyncio.Queue[Any] = asyncio.Queue()
         sent = 0
         finished = False
-        try:
-            # Registered before the request is added, so that no result can arrive unheard.
-            self._manager.register_result_handler(request_id, results.put_nowait)
-            added = self._manager.add_request(
-                prompt_ids,
-                request_id=request_id,
-                max_new_tokens=sampling.max_new_tokens,
-                streaming=True,
-                temperature=max(sampling.temperature, GREEDY_TEMPERATURE),
-                top_p=sampling.top_p,
-            )
-            if added is None:  # the manager refuses work once its loop has stopped or failed
-                raise EngineError("the generation engine is not running")
-            while not finished:
-                output = await results.get()
-                if output.error:
-                    raise EngineError(output.error)
-                finished = output.is_finished()
-                tokens = list(output.generated_tokens)
-                if len(tokens) > sent or finished:
-                    yield Step(tokens[sent:], finished)
-                    sent = len(tokens)
-        finally:
-            if not finished:
-                self._manager.cancel_request(request_id)
-                # The manager drops a handler only when its request finishes; a cancelled one would stay.
-                with self._manager.output_router._lock:
-                    self._manager.output_router.result_handlers.pop(request_id, None)
-            self._drop_orphans()
+        with self._greedy.request(sampling.temperature > 0):
+            try:
+                # Registered before the request is added, so that no result can arrive unheard.
+                self._manager.register_result_handler(request_id, results.put_nowait)
+                added = self._manager.add_request(
+                    prompt_ids,
+                    request_id=request_id,
+                    max_new_tokens=sampling.max_new_tokens,
+                    streaming=True,
+                    temperature=max(sampling.temperature, GREEDY_TEMPERATURE),
+                    top_p=sampling.top_p,
+                )
+                if added is None:  # the manager refuses work once its loop has stopped or failed
+                    raise EngineError("the generation engine is not running")
+                while not finished:
+                    output = await results.get()
+                    if output.error:
+                        raise EngineError(output.error)
+                    finished = output.is_finished()
+                    tokens = list(output.generated_tokens)
+                    if len(tokens) > sent or finished:
+                        yield Step(tokens[sent:], finished)
+                        sent = len(tokens)
+            finally:
+                if not finished:
+                    self._manager.cancel_request(request_id)
+                    # The manager drops a handler only when its request finishes; a cancelled one would stay.
+                    with self._manager.output_router._lock:
+                        self._manager.output_router.result_handlers.pop(request_id, None)
+                self._drop_orphans()
 
     def _drop_orphans(self) -> None:
         """Outputs of requests whose handler is gone (a step already running when they were cancelled)

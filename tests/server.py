@@ -18,6 +18,8 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 BENTOML = [sys.executable, "-m", "bentoml"]
+# For measurements and tests that must reach the model: a cached answer is served without it.
+CACHES_OFF = {"FNSERVE_EMBEDDING_CACHE_SIZE": "0", "FNSERVE_GENERATION_CACHE_SIZE": "0"}
 
 
 def free_port() -> int:

@@ -12,7 +12,7 @@ from transformers import AutoModel
 
 from models.catalog import CATALOG
 from services.lifecycle import Reloadable
-from tests.server import serve, server_processes
+from tests.server import CACHES_OFF, serve, server_processes
 
 IDLE_SECONDS = 3
 EMBEDDER, CHAT = "all-minilm-l6-v2", "smollm2-135m-instruct"
@@ -56,12 +56,7 @@ def test_released_weights_come_back_the_same(dtype: torch.dtype) -> None:
 
 
 def test_idle_models_are_released_and_wake_on_the_next_request() -> None:
-    env = {
-        "FNSERVE_IDLE_RELEASE_SECONDS": str(IDLE_SECONDS),
-        # Off: a cached answer would not wake the model.
-        "FNSERVE_EMBEDDING_CACHE_SIZE": "0",
-        "FNSERVE_GENERATION_CACHE_SIZE": "0",
-    }
+    env = {"FNSERVE_IDLE_RELEASE_SECONDS": str(IDLE_SECONDS), **CACHES_OFF}
     body = {
         "model": CHAT,
         "messages": [{"role": "user", "content": "What is the capital of France?"}],

@@ -10,11 +10,14 @@ from transformers.generation.continuous_batching.model_runner import ModelRunner
 from services.engine import sample_by_inverse_cdf
 
 
-def draw(probs: list[float], rows: int) -> torch.Tensor:
+def draw(probs: list[float], rows: int, processing: bool = True) -> torch.Tensor:
+    """`processing` off: no running request samples (GreedyBatches), so the engine takes the argmax."""
     sample_by_inverse_cdf()
     scores = torch.tensor(probs).log().expand(1, rows, len(probs)).contiguous()  # log 0 = -inf: excluded
     output_ids = torch.full((1, rows), -1, dtype=torch.int32)
-    ModelRunner._sample(SimpleNamespace(do_sample=True, return_logprobs=False), scores, output_ids)
+    processors = SimpleNamespace(do_processing=processing)
+    runner = SimpleNamespace(do_sample=True, return_logprobs=False, logit_processor=processors)
+    ModelRunner._sample(runner, scores, output_ids)
     return output_ids[0]
 
 
@@ -29,3 +32,7 @@ def test_frequencies_follow_the_distribution() -> None:
 
 def test_a_one_hot_row_always_gives_its_token() -> None:
     assert set(draw([0.0, 0.0, 1.0, 0.0], rows=1000).tolist()) == {2}
+
+
+def test_an_all_greedy_batch_takes_the_most_likely_token() -> None:
+    assert set(draw([0.2, 0.1, 0.4, 0.3], rows=1000, processing=False).tolist()) == {2}
