@@ -34,9 +34,9 @@ class Sampling:
     top_p: float = 1.0
 
 
-# The engine samples for every request (do_sample is one setting for the whole batch); a request asking
-# for greedy decoding gets this temperature, which makes its softmax one-hot on the argmax unless two
-# logits lie within about 1e-4 of each other.
+# In a batch where any request samples, the engine samples every row (do_sample is one setting for the
+# whole batch); a request asking for greedy decoding gets this temperature, which makes its softmax
+# one-hot on the argmax unless two logits lie within about 1e-4 of each other.
 GREEDY_TEMPERATURE = 1e-5
 
 
