@@ -149,7 +149,7 @@ class Embedder:
             self.device,
         )
         self.slot = ModelSlot(
-            MODEL.name, weights.load, lambda model: weights.release(), settings.idle_release_seconds
+            MODEL.name, weights.load, lambda model: self._release(weights), settings.idle_release_seconds
         )
         self.slot.load_now()
         self.dimensions: int = self.slot.model.config.hidden_size
@@ -196,6 +196,11 @@ class Embedder:
         for task in self._tasks:
             task.cancel()
         await self.batch_runner.settle()  # lines still running are claimed again by the next server
+
+    def _release(self, weights: Reloadable) -> None:
+        """After any forward still running: a cancelled request's thread runs on after it gave up."""
+        with self._forward_lock:
+            weights.release()
 
     def _forward(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
         with self._forward_lock:

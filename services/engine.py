@@ -85,7 +85,7 @@ def sample_by_inverse_cdf() -> None:
     import torch
     from transformers.generation.continuous_batching.model_runner import ModelRunner
 
-    library_sample = ModelRunner._sample
+    library_sample, library_step = ModelRunner._sample, ModelRunner._forward_process_and_sample
     if getattr(library_sample, "inverse_cdf", False):
         return
 
@@ -101,10 +101,21 @@ def sample_by_inverse_cdf() -> None:
             # "right": the first token whose cumulative probability exceeds the draw, never one of
             # probability 0
             tokens = torch.searchsorted(cdf, draws, side="right").clamp_(max=cdf.size(-1) - 1).squeeze(-1)
+            # A row with no finite distribution (NaN logits) takes its argmax rather than a made-up draw.
+            broken = ~(cdf[:, -1] > 0)
+            if broken.any():
+                tokens = torch.where(broken, scores[0].nan_to_num(nan=float("-inf")).argmax(dim=-1), tokens)
         output_ids[0, : tokens.size(0)].copy_(tokens)
 
+    def step(runner: Any, *args: Any) -> None:
+        """Reads GreedyBatches' wish once, in the engine's thread, so that processing and sampling in one
+        step agree: a flip from the event loop between the two would sample unprocessed greedy rows."""
+        processors = runner.logit_processor
+        processors.do_processing = getattr(processors, "wanted", processors.do_processing)
+        library_step(runner, *args)
+
     sample.inverse_cdf = True  # type: ignore[attr-defined]
-    ModelRunner._sample = sample
+    ModelRunner._sample, ModelRunner._forward_process_and_sample = sample, step
 
 
 class GreedyBatches:
@@ -131,7 +142,8 @@ class GreedyBatches:
             self._update()
 
     def _update(self) -> None:
-        self._processors.do_processing = self._sampling > 0 or not self._enabled
+        """Taken up by the engine thread at its next step (see `sample_by_inverse_cdf`)."""
+        self._processors.wanted = self._sampling > 0 or not self._enabled
 
 
 class TransformersEngine:

@@ -36,3 +36,8 @@ def test_a_one_hot_row_always_gives_its_token() -> None:
 
 def test_an_all_greedy_batch_takes_the_most_likely_token() -> None:
     assert set(draw([0.2, 0.1, 0.4, 0.3], rows=1000, processing=False).tolist()) == {2}
+
+
+def test_a_row_without_a_distribution_takes_its_argmax() -> None:
+    """NaN logits (a broken forward) give no distribution to draw from: the best finite logit wins."""
+    assert set(draw([float("nan"), 0.2, 0.5, 0.3], rows=10).tolist()) == {2}
