@@ -56,7 +56,9 @@ class Engine(Protocol):
 
     def stats(self) -> EngineStats: ...
 
-    def shutdown(self) -> None: ...
+    def shutdown(self) -> bool:
+        """Stops the engine loop; False if it is still running when the wait ends."""
+        ...
 
 
 def top_p_only_where_asked() -> None:
@@ -236,5 +238,6 @@ class TransformersEngine:
             free_cache=float(processor.cache.compute_free_capacity(relative=True)),
         )
 
-    def shutdown(self) -> None:
+    def shutdown(self) -> bool:
         self._manager.stop(block=True, timeout=10)
+        return not self._manager.is_running()

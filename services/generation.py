@@ -184,8 +184,10 @@ class Generator:
         )
 
     def stop_engine(self, engine: Engine) -> None:
-        engine.shutdown()
-        self.weights.release()
+        if engine.shutdown():
+            self.weights.release()
+        else:  # a loop still running would read released weights; the next wake reads them in again
+            logger.warning("the engine loop did not stop within its wait; its weights stay in memory")
 
     def chat_prompt(self, messages: list[ChatMessage]) -> list[int]:
         return list(

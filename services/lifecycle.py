@@ -132,8 +132,12 @@ class Reloadable:
         from safetensors.torch import save_file
 
         state = tree.state_dict()
+        # A tied copy that the store also holds is left out: safetensors refuses tensors that share
+        # memory, and `tie_weights()` restores it on load.
+        tied = getattr(tree, "all_tied_weights_keys", {})
+        kept = [key for key in self._stored if key in state and tied.get(key) not in self._stored]
         self._spill = tempfile.TemporaryDirectory(prefix="fnserve-weights-")
-        spilled = {key: state[key].contiguous() for key in self._stored if key in state}
+        spilled = {key: state[key].contiguous() for key in kept}
         save_file(spilled, f"{self._spill.name}/model.safetensors")
         self._source = Path(self._spill.name)
 

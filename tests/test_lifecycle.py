@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
 import time
+from pathlib import Path
 
 import bentoml
 import httpx
 import pytest
 import torch
-from transformers import AutoModel
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel, AutoModelForCausalLM
 
 from models.catalog import CATALOG
 from services.lifecycle import Reloadable
@@ -53,6 +56,28 @@ def test_released_weights_come_back_the_same(dtype: torch.dtype) -> None:
             after = weights.load()(ids).last_hidden_state
             assert torch.equal(before, after)
     assert (weights._source == weights._store) == (dtype == torch.float32)
+
+
+def test_a_store_holding_both_tied_weights_is_spilled_and_read_back(tmp_path: Path) -> None:
+    """Some checkpoints store the tied output embedding as well; the bf16 spill must still be written."""
+    store = Path(bentoml.models.get(CATALOG[CHAT].tag).path)
+    for file in ("config.json", "generation_config.json"):
+        shutil.copy(store / file, tmp_path / file)
+    weights = load_file(store / "model.safetensors")
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    save_file(weights, tmp_path / "model.safetensors")
+    dtype = torch.bfloat16
+
+    def build() -> torch.nn.Module:
+        return AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype).eval()
+
+    model = Reloadable(build, str(tmp_path), dtype, "cpu")
+    ids = torch.tensor([[1, 4093, 314, 260, 3575, 282, 4649, 47]])
+    with torch.inference_mode():
+        before = model.load()(ids).logits
+        model.release()
+        assert model._source != model._store  # read back from the spill
+        assert torch.equal(before, model.load()(ids).logits)
 
 
 def test_idle_models_are_released_and_wake_on_the_next_request() -> None:
