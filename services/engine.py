@@ -125,9 +125,10 @@ def attention_on_kv_heads() -> None:
     """Lets SDPA read SmolLM2's 3 key/value heads directly (`enable_gqa`) instead of copying them out to
     its 9 query heads first, which transformers does whenever there is a mask, as there always is in a
     continuous batch. On this CPU the results are bit-identical, the attention 1.7-2.3x faster at 16
-    packed queries (1.6k-3.2k cached tokens), and the engine at 16 greedy streams 2.6% faster in bf16,
-    6.8% in fp32. CPU only: transformers notes that CUDA kernels fall back to plain math with a mask. This is
-    the switch transformers offers for it; an explicit setting of the variable is left alone."""
+    packed queries (1.6k-3.2k cached tokens), and the engine at 16 greedy streams 3-7% faster in bf16,
+    7-9% in fp32 (loadtests/bench_engine.py). CPU only: transformers notes that CUDA kernels fall back to
+    plain math with a mask. This is the switch transformers offers for it; an explicit setting of the
+    variable is left alone."""
     os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
 
 
