@@ -8,7 +8,7 @@ SERVICE := services.embedding:Embedder
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: serve test models bench bench-chat bench-batch bench-coldstart bench-spike lint build container container-test
+.PHONY: serve test models bench bench-chat bench-batch bench-engine bench-coldstart bench-spike lint build container container-test
 
 # torch is installed first, alone: `pip install torch==2.13.0` takes the local CPU wheel on a machine
 # without a GPU, so the project install that follows finds it satisfied instead of fetching a CUDA build.
@@ -46,6 +46,9 @@ bench-chat: models
 bench-batch: models
 	command -v wrk >/dev/null || (apt-get install -y wrk || (apt-get update && apt-get install -y wrk))
 	$(BIN)/python loadtests/bench_batch.py
+
+bench-engine: models
+	$(BIN)/python loadtests/bench_engine.py
 
 bench-coldstart: models
 	$(BIN)/python loadtests/bench_coldstart.py
