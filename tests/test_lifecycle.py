@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import bentoml
 import httpx
@@ -117,3 +118,15 @@ def test_idle_models_are_released_and_wake_on_the_next_request() -> None:
         assert metric(metrics, "fnserve_model_unloads_total", CHAT) >= 1
         assert metric(metrics, "fnserve_model_cold_start_seconds_count", CHAT) >= 1
         assert metric(metrics, "fnserve_model_unloads_total", EMBEDDER) >= 2  # both workers
+
+
+@pytest.mark.parametrize("stopped", [True, False])
+def test_weights_are_released_only_once_the_engine_loop_has_stopped(stopped: bool) -> None:
+    """A loop still running after its stop wait would read meta tensors; its weights must stay."""
+    from services.generation import Generator
+
+    released: list[bool] = []
+    host = SimpleNamespace(weights=SimpleNamespace(release=lambda: released.append(True)))
+    engine = SimpleNamespace(shutdown=lambda: stopped)
+    Generator.inner.stop_engine(host, engine)
+    assert released == ([True] if stopped else [])
