@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 
 RESULTS = ROOT / "loadtests" / "results"
 STREAMS = 16
-SWITCH = "TRANSFORMERS_SDPA_FORCE_GQA"  # read by transformers at every attention call
 
 
 async def wave(engine: TransformersEngine, prompts: list[list[int]]) -> tuple[float, list[list[int]]]:
@@ -52,6 +51,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
 
     import bentoml
     import torch
@@ -59,7 +60,7 @@ def main() -> None:
 
     from models.catalog import CATALOG
     from services.config import get_settings
-    from services.engine import TransformersEngine
+    from services.engine import SDPA_GQA_SWITCH, TransformersEngine
 
     settings = get_settings()
     path = bentoml.models.get(CATALOG[settings.generation_model].tag).path
@@ -84,7 +85,7 @@ def main() -> None:
     for round_ in range(args.rounds):
         order = ["copied_heads", "kv_heads"][:: 1 if round_ % 2 else -1]
         for name in order:
-            os.environ[SWITCH] = "1" if name == "kv_heads" else "0"
+            os.environ[SDPA_GQA_SWITCH] = "1" if name == "kv_heads" else "0"
             speed, outputs[name] = asyncio.run(wave(engine, prompts))
             speeds[name].append(speed)
             print(f"{name}: {speed:.1f} tokens/s", flush=True)

@@ -121,6 +121,9 @@ def sample_by_inverse_cdf() -> None:
     ModelRunner._sample, ModelRunner._forward_process_and_sample = sample, step
 
 
+SDPA_GQA_SWITCH = "TRANSFORMERS_SDPA_FORCE_GQA"  # read by transformers at every attention call
+
+
 def attention_on_kv_heads() -> None:
     """Lets SDPA read SmolLM2's 3 key/value heads directly (`enable_gqa`) instead of copying them out to
     its 9 query heads first, which transformers does whenever there is a mask, as there always is in a
@@ -129,7 +132,7 @@ def attention_on_kv_heads() -> None:
     7-9% in fp32 (loadtests/bench_engine.py). CPU only: transformers notes that CUDA kernels fall back to
     plain math with a mask. This is the switch transformers offers for it; an explicit setting of the
     variable is left alone."""
-    os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
+    os.environ.setdefault(SDPA_GQA_SWITCH, "1")
 
 
 class GreedyBatches:

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations import sdpa_attention
 
 from models.catalog import CATALOG
+from services.engine import SDPA_GQA_SWITCH
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -31,7 +32,7 @@ def test_masked_attention_on_kv_heads_gives_the_same_logits(
     monkeypatch.setattr(sdpa_attention, "repeat_kv", repeat_kv)
     logits, copied = {}, {}
     for flag in ("0", "1"):
-        monkeypatch.setenv("TRANSFORMERS_SDPA_FORCE_GQA", flag)
+        monkeypatch.setenv(SDPA_GQA_SWITCH, flag)
         copies.clear()
         with torch.no_grad():
             logits[flag] = model(**batch).logits
