@@ -26,8 +26,9 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from loadtests.bench_embeddings import TEXTS, machine, measure_raw, run_wrk  # noqa: E402
+from loadtests.bench_embeddings import TEXTS, measure_raw, run_wrk  # noqa: E402
 from services.batch_store import FINAL  # noqa: E402
+from services.hardware import describe  # noqa: E402
 from tests.server import serve  # noqa: E402
 
 RESULTS = ROOT / "loadtests" / "results"
@@ -97,7 +98,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10, help="seconds of online load per wrk point")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"machine": machine()}
+    result: dict[str, Any] = {"machine": describe()}
     raw = measure_raw(1.5)["short"]
     result["raw_per_s"], result["raw_best"] = raw["per_s"], raw["best"]
 

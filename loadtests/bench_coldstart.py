@@ -24,7 +24,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.server import CACHES_OFF, serve, server_processes  # noqa: E402
+from services.hardware import describe  # noqa: E402
+from tests.server import CACHES_OFF, serve, served_dtypes, server_processes  # noqa: E402
 
 RESULTS = ROOT / "loadtests" / "results"
 IDLE_SECONDS = 3
@@ -69,25 +70,19 @@ def worker_rss_mb(url: str, service: str) -> float:
 
 def wait_asleep(client: httpx.Client) -> None:
     deadline = time.monotonic() + 60
-    while set(client.get("/models/status").json().values()) != {"sleeping"}:
+    while {model["state"] for model in client.get("/models/status").json().values()} != {"sleeping"}:
         assert time.monotonic() < deadline
         time.sleep(0.2)
     time.sleep(1)  # every embedding worker (the status answers for one)
 
 
 def main() -> None:
-    from services.config import get_settings
-
-    settings = get_settings()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    result: dict[str, object] = {"idle_seconds": IDLE_SECONDS}
-    bare = {
-        EMBEDDER: [bare_load(EMBEDDER, "AutoModel", settings.embedding_dtype) for _ in range(REPEATS)],
-        CHAT: [bare_load(CHAT, "AutoModelForCausalLM", settings.generation_dtype) for _ in range(REPEATS)],
-    }
+    result: dict[str, object] = {"machine": describe(), "idle_seconds": IDLE_SECONDS}
     env = {"FNSERVE_IDLE_RELEASE_SECONDS": str(IDLE_SECONDS), **CACHES_OFF}
     cold: dict[str, list[float]] = {EMBEDDER: [], CHAT: []}
     with serve(env=env) as url, httpx.Client(base_url=url, timeout=120) as client:
+        dtypes = result["served_dtypes"] = served_dtypes(url)
         for path, body in REQUESTS.values():
             client.post(path, json=body).raise_for_status()
         rss_loaded = {
@@ -111,6 +106,11 @@ def main() -> None:
                 start = time.perf_counter()
                 client.post(path, json=body).raise_for_status()
                 warm[name].append(time.perf_counter() - start)
+    # The bare loads after the server, in the dtypes it chose (the same weights, the same cast).
+    bare = {
+        EMBEDDER: [bare_load(EMBEDDER, "AutoModel", dtypes[EMBEDDER]) for _ in range(REPEATS)],
+        CHAT: [bare_load(CHAT, "AutoModelForCausalLM", dtypes[CHAT]) for _ in range(REPEATS)],
+    }
     result["rss_mb"] = {"loaded": rss_loaded, "asleep": rss_asleep}
     result["models"] = {
         name: {

@@ -22,7 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.server import free_port, histogram, run_server, serve  # noqa: E402
+from services.hardware import describe, label  # noqa: E402
+from tests.server import free_port, histogram, run_server, serve, served_dtypes  # noqa: E402
 
 RESULTS = ROOT / "loadtests" / "results"
 LUA = ROOT / "loadtests" / "embeddings.lua"
@@ -79,13 +80,6 @@ def measure_raw(
         tokens = len(tokenizer(template % 12345)["input_ids"])
         results[size] = {"tokens": tokens, "per_s": grid[best], "best": best, "grid": grid}
     return results
-
-
-def machine() -> str:
-    import torch
-
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()} cores, {gpu}"
 
 
 def run_wrk(url: str, text: str, connections: int, seconds: float) -> dict[str, float]:
@@ -168,6 +162,7 @@ def plot(result: dict[str, object], path: Path) -> None:
             ax.set_xscale("log", base=2)
             ax.set_xlabel("concurrent connections")
             ax.legend(fontsize=8)
+    fig.suptitle(f"{label(result['machine'])}; served in {result['served_dtype']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -179,14 +174,16 @@ def main() -> None:
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
 
-    result: dict[str, object] = {"machine": machine(), "duration_s": args.duration}
+    result: dict[str, object] = {"machine": describe(), "duration_s": args.duration}
     raw_before = measure_raw(args.raw_seconds)
     # Cache off: every wrk run numbers its inputs from 1 again, and repeats must reach the model here.
     with serve(env={"FNSERVE_EMBEDDING_CACHE_SIZE": "0"}) as url:
         result["served"] = sweep("served", url, args.duration)
         result["batching"] = batch_sizes(url)
+        result["served_dtype"] = served_dtypes(url)["all-minilm-l6-v2"]
     port = free_port()
     naive = [sys.executable, str(ROOT / "loadtests" / "naive_server.py"), "--port", str(port)]
+    naive += ["--dtype", result["served_dtype"]]  # the same model in the same dtype: only batching differs
     with run_server(naive, port) as url:
         result["naive"] = sweep("naive", url, args.duration)
     result["raw"] = measure_raw(args.raw_seconds, before=raw_before)

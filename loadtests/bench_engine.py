@@ -2,7 +2,7 @@
 (`services.engine.attention_on_kv_heads`) against the copy to every query head, in alternating rounds;
 the ratio is the median over rounds.
 
-    .venv/bin/python loadtests/bench_engine.py [--dtype float32] [--rounds 4]
+    .venv/bin/python loadtests/bench_engine.py [--dtype auto|float32|bfloat16] [--rounds 4]
 
 No server and no HTTP: this isolates the engine's decode speed from the serving path.
 """
@@ -48,7 +48,9 @@ async def wave(engine: TransformersEngine, prompts: list[list[int]]) -> tuple[fl
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="auto: as the server picks"
+    )
     parser.add_argument("--rounds", type=int, default=4)
     args = parser.parse_args()
     if args.rounds < 1:
@@ -61,14 +63,17 @@ def main() -> None:
     from models.catalog import CATALOG
     from services.config import get_settings
     from services.engine import SDPA_GQA_SWITCH, TransformersEngine
+    from services.generation import probe_decoding
+    from services.hardware import describe, fastest_dtype
 
     settings = get_settings()
     path = bentoml.models.get(CATALOG[settings.generation_model].tag).path
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).eval()
-    engine = TransformersEngine(
-        model, tokenizer.eos_token_id, tokenizer.pad_token_id, settings.generation_cache_blocks
-    )
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    args.dtype, _, reason = fastest_dtype(args.dtype, "cpu", model, probe_decoding)
+    print(f"dtype {args.dtype}: {reason}", flush=True)
+    model = model.to(getattr(torch, args.dtype))
+    engine = TransformersEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id, settings.cache_blocks)
     prompts = [
         list(
             tokenizer.apply_chat_template(
@@ -93,6 +98,7 @@ def main() -> None:
     # Per-round ratios: drift on this shared machine falls on both halves of a round alike.
     ratios = [kv / copied for kv, copied in zip(speeds["kv_heads"], speeds["copied_heads"], strict=True)]
     result = {
+        "machine": describe(),
         "dtype": args.dtype,
         "streams": STREAMS,
         "max_tokens": MAX_TOKENS,

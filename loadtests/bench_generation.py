@@ -23,13 +23,13 @@ import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from services.hardware import describe  # noqa: E402
 from tests.server import CACHES_OFF, free_port, run_server, serve, server_processes  # noqa: E402
 
 RESULTS = ROOT / "loadtests" / "results"
@@ -145,15 +145,15 @@ def plot(result: dict[str, object], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def transformers_serve(path: str, port: int, settings: Any) -> list[str]:
+def transformers_serve(path: str, port: int, blocks: str, dtype: str) -> list[str]:
     """Its continuous batching on, with fnserve's KV-cache size, batch-token budget and dtype."""
     return [
         str(Path(sys.executable).with_name("transformers")),
         "serve",
         path,
         *("--port", str(port), "--host", "127.0.0.1", "--continuous-batching"),
-        *("--cb-num-blocks", str(settings.generation_cache_blocks), "--cb-block-size", "64"),
-        *("--cb-max-batch-tokens", "512", "--dtype", settings.generation_dtype),
+        *("--cb-num-blocks", blocks, "--cb-block-size", "64"),
+        *("--cb-max-batch-tokens", "512", "--dtype", dtype),
     ]
 
 
@@ -171,17 +171,21 @@ def main() -> None:
 
     settings = get_settings()
     model = settings.generation_model
-    result: dict[str, object] = {"max_tokens": MAX_TOKENS, "dtype": settings.generation_dtype}
+    result: dict[str, object] = {"machine": describe(), "max_tokens": MAX_TOKENS}
     servers: dict[str, tuple[str, str]] = {}  # name: (url, model name to ask for)
     with ExitStack() as running:
         servers["fnserve"] = (running.enter_context(serve(env=CACHES_OFF)), model)
+        # The peers get what fnserve chose for this machine: the same dtype and KV-cache size.
+        choices = httpx.get(f"{servers['fnserve'][0]}/models/status").json()[model]["choices"]
+        dtype = result["dtype"] = choices["dtype"]["value"]
         port = free_port()
         naive = [sys.executable, str(ROOT / "loadtests" / "naive_chat_server.py"), "--port", str(port)]
+        naive += ["--dtype", dtype]
         servers["naive"] = (running.enter_context(run_server(naive, port)), model)
         if not args.skip_transformers_serve:
             path = bentoml.models.get(CATALOG[model].tag).path
             port = free_port()
-            command = transformers_serve(path, port, settings)
+            command = transformers_serve(path, port, choices["cache_blocks"]["value"], dtype)
             try:
                 url = running.enter_context(run_server(command, port, ready_path="/health"))
                 servers["transformers_serve"] = (url, path)

@@ -26,12 +26,12 @@ from models.catalog import CATALOG
 from services.config import get_settings, pick_device
 
 
-def build_app() -> Starlette:
+def build_app(dtype: str) -> Starlette:
     settings = get_settings()
     path = bentoml.models.get(CATALOG[settings.generation_model].tag).path
     device = pick_device(settings.device)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, settings.generation_dtype))
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     model = model.to(device).eval()
     one_at_a_time = asyncio.Lock()
 
@@ -69,5 +69,8 @@ def build_app() -> Starlette:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=8002)
+    parser.add_argument("--dtype", default="float32", help="the dtype fnserve chose (its /models/status)")
     args = parser.parse_args()
-    uvicorn.run(build_app(), host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+    uvicorn.run(
+        build_app(args.dtype), host="127.0.0.1", port=args.port, log_level="warning", access_log=False
+    )

@@ -25,12 +25,12 @@ from services.config import get_settings, pick_device
 from services.embedding import encode
 
 
-def build_app() -> Starlette:
+def build_app(dtype: str) -> Starlette:
     settings = get_settings()
     path = bentoml.models.get(CATALOG[settings.embedding_model].tag).path
     tokenizer = AutoTokenizer.from_pretrained(path)
     device = pick_device(settings.device)
-    model = AutoModel.from_pretrained(path, dtype=getattr(torch, settings.embedding_dtype)).to(device).eval()
+    model = AutoModel.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
     lock = asyncio.Lock()
 
     def embed(text: str) -> list[float]:
@@ -52,5 +52,8 @@ def build_app() -> Starlette:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, default=8001)
+    parser.add_argument("--dtype", default="float32", help="the dtype fnserve chose (its /models/status)")
     args = parser.parse_args()
-    uvicorn.run(build_app(), host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+    uvicorn.run(
+        build_app(args.dtype), host="127.0.0.1", port=args.port, log_level="warning", access_log=False
+    )

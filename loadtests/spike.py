@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from loadtests.locustfile import ChatUser, EmbeddingUser  # noqa: E402
-from tests.server import serve  # noqa: E402
+from services.hardware import describe  # noqa: E402
+from tests.server import serve, served_dtypes  # noqa: E402
 
 RESULTS = ROOT / "loadtests" / "results"
 PHASES = (("before", 40), ("spike", 60), ("after", 40))
@@ -152,8 +153,9 @@ def main() -> None:
     parser.add_argument("--base-chat", type=int, default=2)
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"phases_s": dict(PHASES)}
+    result: dict[str, Any] = {"machine": describe(), "phases_s": dict(PHASES)}
     with serve() as url:
+        result["served_dtypes"] = served_dtypes(url)
         for name, user, base in (
             ("embeddings", PacedEmbeddingUser, args.base_embed),
             ("chat", SpikeChatUser, args.base_chat),

@@ -10,6 +10,11 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+DTYPE_HELP = (
+    "auto: bf16 on a GPU that has it (else fp16); on CPU the faster of fp32 and bf16, timed on the real "
+    "model at start-up where the CPU computes bf16 natively (AVX-512 bf16 or AMX), else fp32"
+)
 TIMEOUT_GRACE_SECONDS = 10  # BentoML's own timeouts fire this long after fnserve's deadline has answered
 
 
@@ -20,7 +25,12 @@ class Settings(BaseSettings):
     embedding_workers: int = Field(
         0, ge=0, description="worker processes, each with its own model; 0 = one per core on CPU, 1 on GPU"
     )
-    torch_threads: int = Field(0, ge=0, description="intra-op threads per worker; 0 = cores / workers")
+    torch_threads: int = Field(
+        0, ge=0, description="intra-op threads per embedding worker; 0 = cores / workers"
+    )
+    generation_threads: int = Field(
+        0, ge=0, description="intra-op threads of the generation engine; 0 = every core"
+    )
 
     @field_validator("embedding_model", "generation_model")
     @classmethod
@@ -40,15 +50,26 @@ class Settings(BaseSettings):
 
     @property
     def workers(self) -> int:
-        # One single-threaded worker per core beat one worker with all cores by 1.4x on short inputs
-        # (README): torch's thread pool and the event loop no longer fight over the same cores.
-        if self.embedding_workers:
-            return self.embedding_workers
-        return 1 if self.cuda_present else os.cpu_count() or 1
+        return self.embedding_workers or (1 if self.cuda_present else os.cpu_count() or 1)
+
+    @property
+    def workers_reason(self) -> str:
+        if self.cuda_present:
+            return "one process owns the GPU"
+        # Measured on a 2-core Xeon: 1.4x one worker with all cores on short inputs (README).
+        return "one single-threaded worker per core: torch's threads and the event loop do not share a core"
 
     @property
     def threads_per_worker(self) -> int:
         return self.torch_threads or max(1, (os.cpu_count() or 1) // self.workers)
+
+    @property
+    def embedding_batch_size(self) -> int:
+        return self.embedding_max_batch_size or (128 if self.cuda_present else 32)
+
+    @property
+    def cache_blocks(self) -> int:
+        return self.generation_cache_blocks or (512 if self.cuda_present else 64)
 
     @property
     def cuda_present(self) -> bool:
@@ -57,11 +78,9 @@ class Settings(BaseSettings):
         return self.device == "cuda" or (self.device == "auto" and any(Path(n).exists() for n in nodes))
 
     embedding_model: str = Field("all-minilm-l6-v2", description="catalogue name of an embedding model")
-    embedding_dtype: Literal["bfloat16", "float32"] = Field(
-        "bfloat16", description="bf16 ran 1.4-2.1x fp32 on this CPU (README, benchmarks)"
-    )
+    embedding_dtype: Dtype = Field("auto", description=DTYPE_HELP)
     embedding_max_batch_size: int = Field(
-        32, ge=1, description="largest batch one forward pass takes; 128 gained at most 13% raw here"
+        0, ge=0, description="largest batch one forward pass takes; 0 = 32 on CPU, 128 on a GPU"
     )
     embedding_max_latency_ms: int = Field(
         10_000, ge=1, description="queue deadline: a request waiting longer is shed with 503"
@@ -85,18 +104,27 @@ class Settings(BaseSettings):
     )
 
     generation_model: str = "smollm2-135m-instruct"
-    generation_dtype: Literal["float32", "bfloat16"] = Field(
-        "bfloat16",
-        description="bf16 served 1.45x the tokens/s of fp32 at 16 streams here (README); fp32 greedy output "
-        "does not depend on what else is in the batch, bf16's can",
+    generation_dtype: Dtype = Field(
+        "auto",
+        description=DTYPE_HELP
+        + "; fp32 greedy output does not depend on what else is in the batch, bf16's can",
     )
     generation_max_tokens: int = Field(512, ge=1, description="cap on max_tokens per request")
     generation_max_queue: int = Field(
         64, ge=1, description="chat requests admitted but not yet generating; one more gets 429"
     )
     generation_cache_blocks: int = Field(
-        64, ge=4, description="KV-cache blocks of 64 tokens shared by all running requests"
+        0,
+        description="KV-cache blocks of 64 tokens shared by all running requests (at least 4); 0 = 64 on "
+        "CPU, 512 on a GPU",
     )
+
+    @field_validator("generation_cache_blocks")
+    @classmethod
+    def enough_blocks(cls, blocks: int) -> int:
+        if blocks and blocks < 4:
+            raise ValueError("at least 4 blocks, or 0 for the per-device default")
+        return blocks
 
     api_keys: SecretStr | None = Field(
         None, description="comma-separated keys; when set, every route but the probes needs `Bearer <key>`"

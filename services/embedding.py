@@ -25,6 +25,7 @@ from services.batching import GreedyBatcher
 from services.cache import cache_key, count_lookups, response_cache
 from services.config import TIMEOUT_GRACE_SECONDS, get_settings, pick_device
 from services.generation import CHAT_DEFAULT_TOKENS, ChatMaxTokens, ChatMessages, Generator
+from services.hardware import Choices, model_status, server_instance
 from services.lifecycle import ModelSlot, Reloadable
 from services.protocol import Text
 
@@ -95,15 +96,6 @@ def encode(
     return vectors.cpu().numpy(), batch["attention_mask"].sum(dim=1).tolist()
 
 
-def server_instance() -> str:
-    """Names this run of `bentoml serve` (its arbiter, the workers' parent): batch lines claimed under
-    another name were left by a server that is gone."""
-    import psutil
-
-    parent = psutil.Process(os.getppid())
-    return f"{parent.pid}-{parent.create_time():.3f}"
-
-
 @bentoml.service(
     name="embedding",
     resources={"cpu": str(os.cpu_count() or 1)},
@@ -131,10 +123,22 @@ class Embedder:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
-        torch.set_num_threads(settings.threads_per_worker)
+        self.choices = Choices("embedding")
+        self.choices.setting_or(
+            "workers", "FNSERVE_EMBEDDING_WORKERS", settings.embedding_workers, settings.workers,
+            settings.workers_reason,
+        )  # fmt: skip
+        threads = self.choices.setting_or(
+            "threads", "FNSERVE_TORCH_THREADS", settings.torch_threads, settings.threads_per_worker,
+            "the worker's share of the cores",
+        )  # fmt: skip
+        torch.set_num_threads(threads)
+        self.choices.setting_or(
+            "max_batch_size", "FNSERVE_EMBEDDING_MAX_BATCH_SIZE", settings.embedding_max_batch_size,
+            settings.embedding_batch_size, "texts per forward pass: a GPU keeps gaining past 32, a CPU not",
+        )  # fmt: skip
         self.model_id = MODEL.name
         self.device = pick_device(settings.device)
-        self.dtype: torch.dtype = getattr(torch, settings.embedding_dtype)
         path = self.model_ref.path
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         # A fast tokenizer is not safe to share between threads that set truncation differently: the
@@ -142,25 +146,24 @@ class Embedder:
         # for /encode run in different threads) take turns.
         self._counting_tokenizer = AutoTokenizer.from_pretrained(path)
         self._forward_lock = threading.Lock()
-        weights = Reloadable(
-            lambda: AutoModel.from_pretrained(path, dtype=self.dtype).to(self.device).eval(),
-            path,
-            self.dtype,
-            self.device,
+        self.max_tokens = settings.embedding_max_tokens
+        stored = AutoModel.from_pretrained(path).to(self.device).eval()
+        probe = [f"a short sentence of about a dozen tokens, number {i}" for i in range(32)]
+        self.dtype: torch.dtype = self.choices.dtype(
+            settings.embedding_dtype,
+            "FNSERVE_EMBEDDING_DTYPE",
+            stored,
+            lambda model: encode(self.tokenizer, model, probe, self.max_tokens, self.device),
+            key=MODEL.name,
         )
+        served = stored.to(self.dtype)
+        weights = Reloadable(lambda: served, path, self.dtype, self.device)
         self.slot = ModelSlot(
             MODEL.name, weights.load, lambda model: self._release(weights), settings.idle_release_seconds
         )
         self.slot.load_now()
         self.dimensions: int = self.slot.model.config.hidden_size
-        logger.info(
-            "embedding model %s on %s, %s, %d torch threads",
-            MODEL.tag,
-            self.device,
-            settings.embedding_dtype,
-            torch.get_num_threads(),
-        )
-        self.max_tokens = settings.embedding_max_tokens
+        logger.info("embedding model %s on %s", MODEL.tag, self.device)
         if not settings.keys:
             logger.warning(
                 "no API keys configured (FNSERVE_API_KEYS): every route is open to whoever reaches this "
@@ -170,19 +173,32 @@ class Embedder:
         # use the batcher BentoML puts in front of `encode`.
         self._batcher = GreedyBatcher(
             self._embed_batch,
-            max_batch_size=settings.embedding_max_batch_size,
+            max_batch_size=settings.embedding_batch_size,
             max_queue_seconds=settings.embedding_max_latency_ms / 1000,
             max_queue=settings.embedding_max_queue,
             on_batch=observe_batch,
             on_queue=QUEUE_TEXTS.set,
         )
         self._cache = response_cache(settings.redis_url, settings.embedding_cache_size)
-        self._cache_scope = (MODEL.tag, settings.embedding_dtype, self.max_tokens)
+        self._cache_scope = (MODEL.tag, str(self.dtype), self.max_tokens)
         self.chat_cache = response_cache(settings.redis_url, settings.generation_cache_size)  # the gateway's
         self.batch_runner = BatchRunner(
             BatchStore(settings.batch_dir, server_instance()), gateway.run_line, settings
         )
         self._tasks: list[asyncio.Task[None]] = []
+        self._generation_scope: tuple[str, ...] | None = None
+
+    def status(self) -> dict[str, Any]:
+        return {self.model_id: model_status(self.slot.state, self.device, self.choices)}
+
+    async def generation_scope(self) -> tuple[str, ...]:
+        """What the generation service chose at start-up that changes its answers (dtype, KV-cache size),
+        for the chat cache's keys; asked once."""
+        if self._generation_scope is None:
+            (status,) = (await self.generator.status()).values()
+            choices = status["choices"]
+            self._generation_scope = (choices["dtype"]["value"], choices["cache_blocks"]["value"])
+        return self._generation_scope
 
     @bentoml.on_startup
     async def start_background_tasks(self) -> None:
@@ -256,7 +272,7 @@ class Embedder:
 
     @bentoml.api(
         batchable=True,
-        max_batch_size=settings.embedding_max_batch_size,
+        max_batch_size=settings.embedding_batch_size,
         max_latency_ms=settings.embedding_max_latency_ms,
     )
     async def encode(self, texts: Texts) -> Vectors:

@@ -265,8 +265,8 @@ async def cached_answer(request: GenerationParams, target: dict[str, Any]) -> tu
         return None, None
     settings = get_settings()
     # The server's caps are in the key too: without max_tokens they set the answer's length.
-    model = (CATALOG[settings.generation_model].tag, settings.generation_dtype)
-    caps = (settings.generation_max_tokens, settings.generation_cache_blocks)
+    model = (CATALOG[settings.generation_model].tag, *await embedder().generation_scope())
+    caps = (settings.generation_max_tokens,)
     asked = (target, request.token_budget, request.temperature, request.top_p, request.seed, request.stops)
     key = cache_key("generation", *model, *caps, *asked)
     (value,) = await cache.get_many([key])
@@ -397,10 +397,11 @@ async def engine_stats() -> dict[str, float]:
 
 
 @routes.get("/models/status")
-async def model_status() -> dict[str, str]:
-    """Each model's state, `loaded`, `sleeping` or `loading`. The embedding model's is the answering
-    worker's: every worker process holds its own copy."""
-    return {embedder().model_id: embedder().slot.state, **await embedder().generator.status()}
+async def models_status() -> dict[str, Any]:
+    """Each model's state (`loaded`, `sleeping` or `loading`), device, and the choices made for it at
+    start-up with their reasons. The embedding model's state is the answering worker's: every worker
+    process holds its own copy."""
+    return {**embedder().status(), **await embedder().generator.status()}
 
 
 @routes.get("/v1/models", response_model=ModelList)

@@ -19,6 +19,7 @@ from models.catalog import CATALOG
 from services.admission import DEADLINE_PASSED, rejected, seconds_left
 from services.config import TIMEOUT_GRACE_SECONDS, get_settings, pick_device
 from services.engine import Engine, EngineError, Sampling, TransformersEngine
+from services.hardware import Choices, model_status
 from services.lifecycle import ModelSlot, Reloadable
 from services.protocol import ChatMessage, Text
 
@@ -61,6 +62,15 @@ QUEUE_REQUESTS = bentoml.metrics.Gauge(
 )
 
 T = TypeVar("T")
+
+
+def probe_decoding(model: torch.nn.Module) -> None:
+    """What the engine's steps cost: 16 packed decode tokens, and a 128-token prefill."""
+    import torch
+
+    for tokens in (16, 128):
+        ids = torch.arange(1000, 1000 + tokens, device=model.device).unsqueeze(0)
+        model(input_ids=ids, use_cache=False)
 
 
 async def until(deadline: float | None, items: AsyncIterator[T]) -> AsyncIterator[T]:
@@ -151,28 +161,38 @@ class Generator:
     model_ref = bentoml.models.BentoModel(MODEL.tag)
 
     def __init__(self) -> None:
-        import torch
-        from transformers import AutoConfig, AutoTokenizer
+        import os
 
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.choices = Choices("generation")
+        threads = self.choices.setting_or(
+            "threads", "FNSERVE_GENERATION_THREADS", settings.generation_threads, os.cpu_count() or 1,
+            "one engine loop per server: its forward passes may use every core",
+        )  # fmt: skip
+        torch.set_num_threads(threads)
+        self.cache_blocks = self.choices.setting_or(
+            "cache_blocks", "FNSERVE_GENERATION_CACHE_BLOCKS", settings.generation_cache_blocks,
+            settings.cache_blocks, "KV-cache blocks of 64 tokens: a CPU's step time grows with the batch, a "
+            "GPU's hardly",
+        )  # fmt: skip
         self.model_id = MODEL.name
         self.device = pick_device(settings.device)
-        self.dtype: torch.dtype = getattr(torch, settings.generation_dtype)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_ref.path)
-        self.context_window: int = AutoConfig.from_pretrained(self.model_ref.path).max_position_embeddings
-        self.cache_tokens = (settings.generation_cache_blocks - 1) * 64  # one block of headroom
-        self.weights = Reloadable(self.build_model, self.model_ref.path, self.dtype, self.device)
+        stored = AutoModelForCausalLM.from_pretrained(self.model_ref.path).to(self.device).eval()
+        self.context_window: int = stored.config.max_position_embeddings
+        self.cache_tokens = (self.cache_blocks - 1) * 64  # one block of headroom
+        self.dtype: torch.dtype = self.choices.dtype(
+            settings.generation_dtype, "FNSERVE_GENERATION_DTYPE", stored, probe_decoding, key=MODEL.name
+        )
+        served = stored.to(self.dtype)
+        self.weights = Reloadable(lambda: served, self.model_ref.path, self.dtype, self.device)
         self.slot = ModelSlot(MODEL.name, self.start_engine, self.stop_engine, settings.idle_release_seconds)
         self.slot.load_now()
-        logger.info("generation model %s on %s, %s", MODEL.tag, self.device, settings.generation_dtype)
+        logger.info("generation model %s on %s", MODEL.tag, self.device)
         self._release_task: asyncio.Task[None] | None = None
         self._waiting = 0  # admitted requests without a token yet: the bounded queue
-
-    def build_model(self) -> torch.nn.Module:
-        from transformers import AutoModelForCausalLM
-
-        return (
-            AutoModelForCausalLM.from_pretrained(self.model_ref.path, dtype=self.dtype).to(self.device).eval()
-        )
 
     def start_engine(self) -> Engine:
         """The weights from the model store and a fresh engine loop."""
@@ -180,7 +200,7 @@ class Generator:
             self.weights.load(),
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
-            cache_blocks=settings.generation_cache_blocks,
+            cache_blocks=self.cache_blocks,
         )
 
     def stop_engine(self, engine: Engine) -> None:
@@ -355,8 +375,9 @@ class Generator:
         return {"running": stats.running, "waiting": stats.waiting, "free_cache": stats.free_cache}
 
     @bentoml.api
-    async def status(self) -> dict[str, str]:
-        return {self.model_id: self.slot.state}
+    async def status(self) -> dict[str, Any]:
+        """The model's state, device and the choices made for it at start-up."""
+        return {self.model_id: model_status(self.slot.state, self.device, self.choices)}
 
     @bentoml.on_startup
     async def start_idle_release(self) -> None:

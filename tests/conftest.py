@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.server import serve
+from tests.server import LONG, serve
 
 
 @pytest.fixture(scope="session")
@@ -20,5 +20,5 @@ def server() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def client(server: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server, timeout=60) as c:
+    with httpx.Client(base_url=server, timeout=LONG) as c:
         yield c

@@ -18,6 +18,9 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 BENTOML = [sys.executable, "-m", "bentoml"]
+# A request's outer limit in tests: generous, so that a slow or busy machine makes a test slower, never
+# failing; what a test asserts is exact.
+LONG = 600
 # For measurements and tests that must reach the model: a cached answer is served without it.
 CACHES_OFF = {"FNSERVE_EMBEDDING_CACHE_SIZE": "0", "FNSERVE_GENERATION_CACHE_SIZE": "0"}
 
@@ -121,6 +124,23 @@ def server_processes(url: str) -> list[psutil.Process]:
         p for p in psutil.Process().children(recursive=True) if "serve" in p.cmdline() and port in p.cmdline()
     )
     return [arbiter, *arbiter.children(recursive=True)]
+
+
+def served_dtypes(url: str) -> dict[str, str]:
+    """The dtype each model of a running server chose at start-up (its `/models/status`)."""
+    status = httpx.get(f"{url}/models/status", timeout=30).json()
+    return {name: model["choices"]["dtype"]["value"] for name, model in status.items()}
+
+
+def counter(url: str, name: str, **labels: str) -> float:
+    """A Prometheus series of a running server, summed over its workers and over the labels not given."""
+    wanted = [f'{key}="{value}"' for key, value in labels.items()]
+    lines = httpx.get(f"{url}/metrics", timeout=LONG).text.splitlines()
+    return sum(
+        float(line.split()[-1])
+        for line in lines
+        if line.startswith(name) and all(label in line for label in wanted)
+    )
 
 
 def histogram(metrics: str, name: str) -> tuple[float, float]:

@@ -11,7 +11,7 @@ import pytest
 from starlette.types import Receive, Scope, Send
 
 from services.admission import Guard
-from tests.server import serve
+from tests.server import LONG, serve
 
 KEYS = ("first-key", "second-key")
 MAX_BODY = 100_000
@@ -27,7 +27,7 @@ def url() -> Iterator[str]:
 
 def test_every_route_but_the_probes_needs_a_key(url: str) -> None:
     for path in ("/readyz", "/livez"):
-        assert httpx.get(f"{url}{path}").status_code == 200
+        assert httpx.get(f"{url}{path}", timeout=LONG).status_code == 200
     for method, path in (
         ("GET", "/v1/models"),
         ("POST", "/encode"),
@@ -40,7 +40,12 @@ def test_every_route_but_the_probes_needs_a_key(url: str) -> None:
             assert response.json()["error"]["code"] == "invalid_api_key"
             assert response.headers["www-authenticate"] == "Bearer"
     for key in KEYS:
-        assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        assert (
+            httpx.get(
+                f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=LONG
+            ).status_code
+            == 200
+        )
 
 
 def test_openai_client_with_a_key(url: str) -> None:
@@ -53,7 +58,7 @@ def test_openai_client_with_a_key(url: str) -> None:
 def test_oversized_bodies_get_413_and_the_next_request_is_served(url: str) -> None:
     headers = {"Authorization": f"Bearer {KEYS[0]}"}
     big = {"model": EMBEDDER, "input": ["word " * 1000] * 30}  # ~150 kB
-    response = httpx.post(f"{url}/v1/embeddings", json=big, headers=headers)
+    response = httpx.post(f"{url}/v1/embeddings", json=big, headers=headers, timeout=LONG)
     assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
 
     def chunked() -> Iterator[bytes]:  # no Content-Length: cut at the limit, so no longer valid JSON
@@ -65,7 +70,9 @@ def test_oversized_bodies_get_413_and_the_next_request_is_served(url: str) -> No
         f"{url}/v1/embeddings", content=chunked(), headers={**headers, "content-type": "application/json"}
     )
     assert cut.status_code == 400
-    ok = httpx.post(f"{url}/v1/embeddings", json={"model": EMBEDDER, "input": "fine"}, headers=headers)
+    ok = httpx.post(
+        f"{url}/v1/embeddings", json={"model": EMBEDDER, "input": "fine"}, headers=headers, timeout=LONG
+    )
     assert ok.status_code == 200
 
 

@@ -21,7 +21,7 @@ import pytest
 
 from services.batch_store import BatchStore, Outcome
 from tests.reference import reference
-from tests.server import serve, server_processes
+from tests.server import LONG, serve, server_processes
 
 EMBEDDER = "all-minilm-l6-v2"
 CHAT = "smollm2-135m-instruct"
@@ -40,7 +40,7 @@ def server_env(store: Path) -> dict[str, str]:
 def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
     with (
         serve(env=server_env(tmp_path_factory.mktemp("store"))) as url,
-        httpx.Client(base_url=url, timeout=60) as c,
+        httpx.Client(base_url=url, timeout=LONG) as c,
     ):
         yield c
 
@@ -77,7 +77,7 @@ def submit(client: httpx.Client, content: bytes, endpoint: str) -> dict[str, Any
     return batch.json()
 
 
-def wait_until(client: httpx.Client, batch_id: str, done: Any, timeout: float = 240) -> dict[str, Any]:
+def wait_until(client: httpx.Client, batch_id: str, done: Any, timeout: float = LONG) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while not done(batch := client.get(f"/v1/batches/{batch_id}").json()):
         assert time.monotonic() < deadline, batch
@@ -211,7 +211,10 @@ def test_cli_submits_waits_and_downloads(api: httpx.Client, tmp_path: Path) -> N
     assert "completed" in submitted.stdout and "40/40" in submitted.stderr  # the progress bar's last state
     output = tmp_path / "out.jsonl"
     fetched = subprocess.run(
-        [*fnserve, "download", batch_id, "--output", str(output)], capture_output=True, text=True, timeout=60
+        [*fnserve, "download", batch_id, "--output", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=LONG,
     )
     assert fetched.returncode == 0, fetched.stderr
     assert len(output.read_text().splitlines()) == 40
@@ -245,12 +248,12 @@ def kill_server(url: str) -> None:
 
 def test_kill_9_mid_job_then_restart_resumes_with_exact_accounting(tmp_path: Path) -> None:
     lines = [chat_line(i, max_tokens=24) for i in range(40)]
-    with serve(env=server_env(tmp_path)) as url, httpx.Client(base_url=url, timeout=60) as client:
+    with serve(env=server_env(tmp_path)) as url, httpx.Client(base_url=url, timeout=LONG) as client:
         batch = submit(client, jsonl(lines), "/v1/chat/completions")
         before = wait_until(client, batch["id"], lambda b: b["request_counts"]["completed"] >= 4)
         kill_server(url)
     assert before["request_counts"]["completed"] < 40, "the job finished before the kill: make it longer"
-    with serve(env=server_env(tmp_path)) as url, httpx.Client(base_url=url, timeout=60) as client:
+    with serve(env=server_env(tmp_path)) as url, httpx.Client(base_url=url, timeout=LONG) as client:
         batch = wait_until(client, batch["id"], final)
         outputs = lines_of(client, batch["output_file_id"])
         errors = lines_of(client, batch["error_file_id"])

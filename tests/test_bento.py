@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.server import BENTOML, ROOT, serve
+from tests.server import BENTOML, LONG, ROOT, serve
 
 
 def test_bento_builds_and_serves(tmp_path: Path) -> None:
@@ -24,7 +24,7 @@ def test_bento_builds_and_serves(tmp_path: Path) -> None:
         # Served from an empty folder, so the code comes from the Bento and not from the checkout.
         with serve(tag, cwd=tmp_path) as url:
             body = {"model": "all-minilm-l6-v2", "input": "from the bento"}
-            response = httpx.post(f"{url}/v1/embeddings", json=body, timeout=60)
+            response = httpx.post(f"{url}/v1/embeddings", json=body, timeout=LONG)
             assert response.status_code == 200, response.text
             assert len(response.json()["data"][0]["embedding"]) == 384
     finally:

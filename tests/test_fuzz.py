@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server import serve
+from tests.server import LONG, serve
 
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 CASES_PER_OPERATION = 25  # bounded: `make test` runs it; the seed makes a failure repeatable
@@ -26,7 +26,7 @@ def server() -> Iterator[str]:
 
 
 def test_fuzzing_finds_no_server_errors_and_no_schema_violations(server: str, tmp_path: Path) -> None:
-    document = httpx.get(f"{server}/docs.json").json()
+    document = httpx.get(f"{server}/docs.json", timeout=LONG).json()
     # BentoML 1.4.40 labels the merged document 3.0.2, but the schemas FastAPI contributes to it are
     # OpenAPI 3.1 (JSON Schema 2020-12: numeric exclusiveMinimum, `type: null`), so it is read as 3.1.
     assert document["openapi"] == "3.0.2"

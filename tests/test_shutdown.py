@@ -7,7 +7,7 @@ import signal
 
 import httpx
 
-from tests.server import serve, server_processes
+from tests.server import LONG, serve, server_processes
 
 
 def test_a_stream_in_flight_completes_after_sigterm() -> None:
@@ -20,7 +20,7 @@ def test_a_stream_in_flight_completes_after_sigterm() -> None:
     }
     with serve() as url:
         arbiter = server_processes(url)[0]
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as response:
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=LONG) as response:
             lines = response.iter_lines()
             events = [next(line for line in lines if line.startswith("data: "))]
             arbiter.send_signal(signal.SIGTERM)
@@ -28,4 +28,4 @@ def test_a_stream_in_flight_completes_after_sigterm() -> None:
         assert events[-1] == "data: [DONE]"
         chunks = [json.loads(event[6:]) for event in events[:-1]]
         assert chunks[-1]["choices"][0]["finish_reason"] == "length"  # all 48 tokens, not cut short
-        arbiter.wait(timeout=60)
+        arbiter.wait(timeout=LONG)

@@ -1,0 +1,219 @@
+"""Per-machine choices made at start-up: which dtype a device computes fastest, how many threads and workers
+share its cores, how big batches and caches are. Nothing here is tuned on one machine's numbers: a choice
+is the user's setting, a measurement of the real model on this device, or a rule that says why.
+
+The machine's description is also what every benchmark writes beside its figures (`describe()`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import bentoml
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger("bentoml.fnserve.hardware")
+
+# bf16 must beat fp32 by this much to be served: it costs precision (and bf16 greedy text can depend on
+# the batch), so a tie goes to fp32.
+BF16_MARGIN = 1.1
+FLAGS_THAT_MATTER = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+Source = Literal["setting", "measured", "rule"]
+
+CHOICES = bentoml.metrics.Gauge(
+    name="fnserve_choice_info",
+    documentation="Choices made at start-up per function (value 1): the value, and whether a setting, a "
+    "measurement or a rule made it",
+    labelnames=["function", "choice", "value", "source"],
+    multiprocess_mode="livemax",  # every worker of a function makes the same choices
+)
+
+
+@dataclass(frozen=True)
+class Machine:
+    cpu: str
+    cores: int
+    flags: tuple[str, ...]  # of FLAGS_THAT_MATTER, those this CPU has
+    torch_cpu_capability: str | None  # what torch's own kernels were built to use here
+    gpu: str | None
+
+    @property
+    def native_bf16(self) -> bool:
+        """bf16 arithmetic in hardware; without it torch emulates bf16 and runs it slower than fp32."""
+        return "avx512_bf16" in self.flags or "amx_bf16" in self.flags
+
+
+@lru_cache(maxsize=1)
+def machine() -> Machine:
+    """Read from /proc/cpuinfo; torch is asked only where it is already imported (the manager process
+    stays without it)."""
+    import sys
+
+    cpu, flags = platform.processor() or platform.machine(), set()
+    with open("/proc/cpuinfo", encoding="utf-8") as info:
+        for line in info:
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                cpu = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    torch = sys.modules.get("torch")
+    capability = gpu = None
+    if torch is not None:
+        capability = torch.backends.cpu.get_cpu_capability()
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name()
+    present = tuple(flag for flag in FLAGS_THAT_MATTER if flag in flags)
+    return Machine(cpu, os.cpu_count() or 1, present, capability, gpu)
+
+
+def describe() -> dict[str, object]:
+    """The machine, for a benchmark's JSON."""
+    import torch  # noqa: F401 - so that the capability and the GPU are filled in
+
+    machine.cache_clear()
+    described = asdict(machine())
+    described["native_bf16"] = machine().native_bf16
+    described["torch"] = torch.__version__
+    return described
+
+
+def label(described: dict[str, object]) -> str:
+    """One line naming a machine, for plots and printouts."""
+    flags = "/".join(described["flags"]) or "no AVX2"  # type: ignore[arg-type]
+    gpu = described.get("gpu") or "no GPU"
+    return f"{described['cpu']}, {described['cores']} cores ({flags}), {gpu}"
+
+
+@dataclass(frozen=True)
+class Choice:
+    name: str
+    value: str
+    source: Source
+    reason: str
+
+
+class Choices:
+    """One function's choices: logged with their reasons, exported as an info metric, and shown in
+    `/models/status`."""
+
+    def __init__(self, function: str) -> None:
+        self.function = function
+        self.made: dict[str, Choice] = {}
+
+    def add(self, name: str, value: object, source: Source, reason: str) -> str:
+        choice = Choice(name, str(value), source, reason)
+        self.made[name] = choice
+        CHOICES.labels(function=self.function, choice=name, value=choice.value, source=source).set(1)
+        logger.info("%s %s = %s (%s: %s)", self.function, name, choice.value, source, reason)
+        return choice.value
+
+    def setting_or(self, name: str, variable: str, setting: int, auto: int, reason: str) -> int:
+        """`setting` where the user gave one (non-zero, in `variable`), else `auto` for `reason`."""
+        if setting:
+            return int(self.add(name, setting, "setting", f"{variable} is set"))
+        return int(self.add(name, auto, "rule", reason))
+
+    def dtype(
+        self,
+        setting: str,
+        variable: str,
+        model: torch.nn.Module,
+        forward: Callable[[torch.nn.Module], object],
+        key: str,
+    ) -> torch.dtype:
+        """The dtype to serve `model` in (loaded as stored, fp32), decided once for all of this server's
+        workers of the function (`key`), then logged and exported."""
+        import torch
+
+        def decide() -> dict[str, str]:
+            value, source, reason = fastest_dtype(setting, model.device.type, model, forward)
+            return {"value": value, "source": source, "reason": f"{variable}={setting}: {reason}"}
+
+        decided = once_per_server(f"{server_instance()}-{key}", decide)
+        self.add("dtype", decided["value"], decided["source"], decided["reason"])  # type: ignore[arg-type]
+        return getattr(torch, decided["value"])
+
+    def as_dict(self) -> dict[str, dict[str, str]]:
+        return {
+            name: {"value": c.value, "source": c.source, "reason": c.reason} for name, c in self.made.items()
+        }
+
+
+def once_per_server(key: str, decide: Callable[[], dict[str, str]]) -> dict[str, str]:
+    """Runs `decide` in the first worker of this server that asks, and gives the others its answer, so
+    that every worker of a function serves the same dtype (and only one pays for the measurement).
+    `key` must name this server run (`server_instance()`)."""
+    folder = Path(tempfile.gettempdir()) / "fnserve-choices"
+    folder.mkdir(exist_ok=True)
+    path = folder / f"{key}.json"
+    with open(folder / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if path.exists():
+            return json.loads(path.read_text())
+        decided = decide()
+        path.write_text(json.dumps(decided))
+        return decided
+
+
+def server_instance() -> str:
+    """Names this run of `bentoml serve` (its arbiter, the workers' parent)."""
+    import psutil
+
+    parent = psutil.Process(os.getppid())
+    return f"{parent.pid}-{parent.create_time():.3f}"
+
+
+def fastest_dtype(
+    setting: str, device: str, model: torch.nn.Module, forward: Callable[[torch.nn.Module], object]
+) -> tuple[str, Source, str]:
+    """The dtype to serve `model` (loaded in its stored fp32) in, why, and what decided it. On a CPU
+    with native bf16 both are timed on `forward`, a representative pass of the real model, alternating,
+    best of each: well under a second for the models served here."""
+    import torch
+
+    if setting != "auto":
+        return setting, "setting", "set"
+    if device == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bfloat16", "rule", f"{torch.cuda.get_device_name()} computes bf16 natively"
+        return "float16", "rule", f"{torch.cuda.get_device_name()} has no bf16: fp16 halves memory and time"
+    here = machine()
+    if not here.native_bf16:
+        return "float32", "rule", f"{here.cpu} has no AVX-512 bf16 or AMX: torch would emulate bf16, slower"
+    import copy
+
+    candidates = {"float32": model, "bfloat16": copy.deepcopy(model).to(torch.bfloat16)}
+    best = {name: float("inf") for name in candidates}
+    with torch.inference_mode():
+        for candidate in candidates.values():
+            forward(candidate)  # warm-up: first calls pick kernels and allocate
+        for _ in range(3):
+            for name, candidate in candidates.items():
+                start = time.perf_counter()
+                forward(candidate)
+                best[name] = min(best[name], time.perf_counter() - start)
+    del candidates["bfloat16"]
+    speedup = best["float32"] / best["bfloat16"]
+    timings = f"fp32 {best['float32'] * 1e3:.1f} ms, bf16 {best['bfloat16'] * 1e3:.1f} ms a pass"
+    if speedup >= BF16_MARGIN:
+        return "bfloat16", "measured", f"bf16 {speedup:.2f}x fp32 here ({timings})"
+    return "float32", "measured", f"bf16 only {speedup:.2f}x fp32 here, under {BF16_MARGIN}x ({timings})"
+
+
+def model_status(state: str, device: str, choices: Choices) -> dict[str, object]:
+    """One model's entry in `/models/status`."""
+    return {"state": state, "device": device, "choices": choices.as_dict()}

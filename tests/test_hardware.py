@@ -1,0 +1,121 @@
+"""Choices made per machine at start-up: the dtype a CPU computes fastest, shown with its reason in
+`/models/status` and as a Prometheus info metric; an explicit setting always wins."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from services.hardware import describe, machine
+from tests.server import LONG, ROOT, counter, serve
+
+EMBEDDER = "all-minilm-l6-v2"
+CHAT = "smollm2-135m-instruct"
+# The libraries' own switches that cap the instruction set they use: under them this CPU computes bf16
+# as an AVX2-only CPU does, by emulation (field notes).
+AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+def choices(url: str) -> dict[str, dict[str, dict[str, str]]]:
+    status = httpx.get(f"{url}/models/status", timeout=LONG).json()
+    return {name: model["choices"] for name, model in status.items()}
+
+
+@pytest.fixture(scope="module")
+def avx2_server() -> Iterator[str]:
+    if platform.machine() != "x86_64":
+        pytest.skip("the AVX2 caps apply to x86-64 CPUs")
+    env = {
+        **AVX2_ONLY,
+        "FNSERVE_DEVICE": "cpu",
+        "FNSERVE_EMBEDDING_WORKERS": "1",
+        "FNSERVE_GENERATION_THREADS": "1",
+    }
+    with serve(env=env) as url:
+        yield url
+
+
+def test_a_cpu_without_fast_bf16_serves_both_models_in_fp32_and_says_why(avx2_server: str) -> None:
+    made = choices(avx2_server)
+    for model in (EMBEDDER, CHAT):
+        dtype = made[model]["dtype"]
+        assert dtype["value"] == "float32", dtype
+        # By rule where the CPU has no bf16 instructions at all, else by timing both on this CPU.
+        assert dtype["source"] == ("measured" if machine().native_bf16 else "rule"), dtype
+        assert "=auto" in dtype["reason"] and "fp32" in dtype["reason"]
+    for function, model in (("embedding", EMBEDDER), ("generation", CHAT)):
+        source = made[model]["dtype"]["source"]
+        labels = {"function": function, "choice": "dtype", "value": "float32", "source": source}
+        assert counter(avx2_server, "fnserve_choice_info", **labels) == 1
+    # Settings win over rules, and say so.
+    assert made[CHAT]["threads"] == {
+        "value": "1",
+        "source": "setting",
+        "reason": "FNSERVE_GENERATION_THREADS is set",
+    }
+    assert made[EMBEDDER]["workers"]["source"] == "setting"
+    answer = httpx.post(
+        f"{avx2_server}/v1/chat/completions",
+        json={
+            "model": CHAT,
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 12,
+            "temperature": 0,
+        },
+        timeout=LONG,
+    )
+    assert "Paris" in answer.json()["choices"][0]["message"]["content"]
+
+
+def test_an_explicit_dtype_wins_and_auto_picks_a_served_dtype(server: str) -> None:
+    made = choices(server)
+    assert made[CHAT]["dtype"]["value"] == "float32"  # the session server sets it: exact text in tests
+    assert made[CHAT]["dtype"]["source"] == "setting"
+    assert made[CHAT]["dtype"]["reason"].startswith("FNSERVE_GENERATION_DTYPE=float32")
+    auto = made[EMBEDDER]["dtype"]
+    assert auto["value"] in ("float32", "bfloat16", "float16") and auto["source"] in ("measured", "rule")
+    for name in ("workers", "threads", "max_batch_size"):
+        assert int(made[EMBEDDER][name]["value"]) >= 1 and made[EMBEDDER][name]["reason"]
+    assert int(made[CHAT]["cache_blocks"]["value"]) >= 4
+
+
+def test_the_machine_is_described_for_benchmarks() -> None:
+    described = describe()
+    assert described["cores"] >= 1 and described["cpu"] and described["torch"]
+    assert set(described["flags"]) <= {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
+    assert described["native_bf16"] == bool({"avx512_bf16", "amx_bf16"} & set(described["flags"]))
+
+
+DECIDE = """
+import sys, time
+from pathlib import Path
+from services.hardware import once_per_server
+
+def decide():
+    with open(sys.argv[2], "a") as log:
+        log.write("decided\\n")
+    time.sleep(0.5)  # the other process asks meanwhile
+    return {"value": sys.argv[3]}
+
+print(once_per_server(sys.argv[1], decide)["value"])
+"""
+
+
+def test_workers_of_one_server_share_one_decision(tmp_path: Path) -> None:
+    key = f"test-{tmp_path.name}"
+    log = tmp_path / "decisions"
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", DECIDE, key, str(log), answer], stdout=subprocess.PIPE, text=True, cwd=ROOT
+        )
+        for answer in ("first", "second")
+    ]
+    answers = {worker.communicate(timeout=LONG)[0].strip() for worker in workers}
+    assert len(answers) == 1 and answers <= {"first", "second"}
+    assert log.read_text() == "decided\n"
