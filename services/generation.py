@@ -65,10 +65,10 @@ T = TypeVar("T")
 
 
 def probe_decoding(model: torch.nn.Module) -> None:
-    """What the engine's steps cost: 16 packed decode tokens, and a 128-token prefill."""
+    """What the engine's steps cost: 16 packed decode tokens, and a 64-token prefill."""
     import torch
 
-    for tokens in (16, 128):
+    for tokens in (16, 64):
         ids = torch.arange(1000, 1000 + tokens, device=model.device).unsqueeze(0)
         model(input_ids=ids, use_cache=False)
 

@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -143,7 +142,7 @@ class Choices:
             value, source, reason = fastest_dtype(setting, model.device.type, model, forward)
             return {"value": value, "source": source, "reason": f"{variable}={setting}: {reason}"}
 
-        decided = once_per_server(f"{server_instance()}-{key}", decide)
+        decided = once_per_server(server_instance(), key, decide)
         self.add("dtype", decided["value"], decided["source"], decided["reason"])  # type: ignore[arg-type]
         return getattr(torch, decided["value"])
 
@@ -153,14 +152,16 @@ class Choices:
         }
 
 
-def once_per_server(key: str, decide: Callable[[], dict[str, str]]) -> dict[str, str]:
-    """Runs `decide` in the first worker of this server that asks, and gives the others its answer, so
-    that every worker of a function serves the same dtype (and only one pays for the measurement).
-    `key` must name this server run (`server_instance()`)."""
-    folder = Path(tempfile.gettempdir()) / "fnserve-choices"
-    folder.mkdir(exist_ok=True)
-    path = folder / f"{key}.json"
-    with open(folder / f"{key}.lock", "w") as lock:
+def once_per_server(server: str, key: str, decide: Callable[[], dict[str, str]]) -> dict[str, str]:
+    """Runs `decide` in the first worker of this server run (`server`) that asks for `key`, and gives the
+    others its answer, so that every worker of a function serves the same dtype and only one pays for
+    the measurement. Decisions of one server take turns: two functions timing their models at once on
+    the same cores would each measure the other."""
+    # In BentoML's home: the server's own state lives there, and a test server's home is removed after it.
+    folder = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml")) / "fnserve-choices"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{server}-{key}.json"
+    with open(folder / f"{server}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if path.exists():
             return json.loads(path.read_text())
@@ -182,7 +183,7 @@ def fastest_dtype(
 ) -> tuple[str, Source, str]:
     """The dtype to serve `model` (loaded in its stored fp32) in, why, and what decided it. On a CPU
     with native bf16 both are timed on `forward`, a representative pass of the real model, alternating,
-    best of each: well under a second for the models served here."""
+    best of three each: one to two seconds for the models served here, once per server."""
     import torch
 
     if setting != "auto":

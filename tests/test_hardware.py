@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -103,16 +105,20 @@ def decide():
     time.sleep(0.5)  # the other process asks meanwhile
     return {"value": sys.argv[3]}
 
-print(once_per_server(sys.argv[1], decide)["value"])
+print(once_per_server(sys.argv[1], "model", decide)["value"])
 """
 
 
 def test_workers_of_one_server_share_one_decision(tmp_path: Path) -> None:
-    key = f"test-{tmp_path.name}"
+    key = f"test-{uuid.uuid4()}"
     log = tmp_path / "decisions"
     workers = [
         subprocess.Popen(
-            [sys.executable, "-c", DECIDE, key, str(log), answer], stdout=subprocess.PIPE, text=True, cwd=ROOT
+            [sys.executable, "-c", DECIDE, key, str(log), answer],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "BENTOML_HOME": str(tmp_path)},
         )
         for answer in ("first", "second")
     ]
