@@ -8,7 +8,7 @@ SERVICE := services.embedding:Embedder
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: serve test models bench bench-chat bench-batch bench-engine bench-coldstart bench-spike lint build container container-test
+.PHONY: serve test test-beside-hog models bench bench-chat bench-batch bench-engine bench-coldstart bench-spike lint build container container-test
 
 # torch is installed first, alone: `pip install torch==2.13.0` takes the local CPU wheel on a machine
 # without a GPU, so the project install that follows finds it satisfied instead of fetching a CUDA build.
@@ -28,6 +28,10 @@ serve: models
 
 test: models
 	$(BIN)/python -m pytest
+
+# The suite from a clean clone of HEAD while stress-ng (Debian; installed if missing) keeps every core busy.
+test-beside-hog:
+	scripts/test-beside-hog.sh
 
 build: models
 	$(BIN)/bentoml build

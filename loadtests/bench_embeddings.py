@@ -6,7 +6,7 @@
 (b) served: `bentoml serve services.embedding:Embedder`, driven by wrk, one input per request;
 (c) naive: loadtests/naive_server.py, one request at a time.
 wrk (C, with embeddings.lua making every body unique) costs the servers almost nothing, where a Python
-client would measure itself. Writes loadtests/results/embeddings.json and embeddings.png.
+client would measure itself. Writes loadtests/results/embeddings.json and embeddings.png (`--name`).
 """
 
 from __future__ import annotations
@@ -171,6 +171,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--duration", type=float, default=15, help="seconds per wrk point")
     parser.add_argument("--raw-seconds", type=float, default=2, help="seconds per raw batch-size point")
+    parser.add_argument("--name", default="embeddings", help="results file name, for runs on another machine")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
 
@@ -197,8 +198,8 @@ def main() -> None:
     }
     result["ratios"] = ratios
     result["bars_met"] = {k: ratios[k] >= bar for k, bar in BARS.items()}
-    (RESULTS / "embeddings.json").write_text(json.dumps(result, indent=2))
-    plot(result, RESULTS / "embeddings.png")
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2))
+    plot(result, RESULTS / f"{args.name}.png")
     for key, value in ratios.items():
         print(f"{key}: {value:.2f} (bar {BARS[key]}) {'MET' if value >= BARS[key] else 'MISSED'}")
 

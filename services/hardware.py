@@ -44,6 +44,7 @@ CHOICES = bentoml.metrics.Gauge(
 @dataclass(frozen=True)
 class Machine:
     cpu: str
+    family: str  # /proc/cpuinfo's "cpu family/model": where the name is generic (a VM's "AMD EPYC")
     cores: int
     flags: tuple[str, ...]  # of FLAGS_THAT_MATTER, those this CPU has
     torch_cpu_capability: str | None  # what torch's own kernels were built to use here
@@ -61,14 +62,14 @@ def machine() -> Machine:
     stays without it)."""
     import sys
 
-    cpu, flags = platform.processor() or platform.machine(), set()
+    fields: dict[str, str] = {}
     with open("/proc/cpuinfo", encoding="utf-8") as info:
         for line in info:
             key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                cpu = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
+            fields.setdefault(key.strip(), value.strip())  # the first processor's
+    cpu = fields.get("model name") or platform.machine()
+    family = f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}"
+    flags = set(fields.get("flags", "").split())
     torch = sys.modules.get("torch")
     capability = gpu = None
     if torch is not None:
@@ -76,7 +77,7 @@ def machine() -> Machine:
         if torch.cuda.is_available():
             gpu = torch.cuda.get_device_name()
     present = tuple(flag for flag in FLAGS_THAT_MATTER if flag in flags)
-    return Machine(cpu, os.cpu_count() or 1, present, capability, gpu)
+    return Machine(cpu, family, os.cpu_count() or 1, present, capability, gpu)
 
 
 def describe() -> dict[str, object]:
@@ -94,7 +95,7 @@ def label(described: dict[str, object]) -> str:
     """One line naming a machine, for plots and printouts."""
     flags = "/".join(described["flags"]) or "no AVX2"  # type: ignore[arg-type]
     gpu = described.get("gpu") or "no GPU"
-    return f"{described['cpu']}, {described['cores']} cores ({flags}), {gpu}"
+    return f"{described['cpu']} ({described['family']}), {described['cores']} cores ({flags}), {gpu}"
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""bf16, the default on CPU, must give the same vectors as fp32 up to a stated bound."""
+"""bf16, which `auto` serves where the CPU computes it fast, must give the same vectors as fp32 up to a stated
+bound."""
 
 from __future__ import annotations
 
