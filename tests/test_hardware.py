@@ -13,7 +13,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
+from services import hardware
 from services.hardware import describe, machine
 from tests.server import LONG, ROOT, counter, serve
 
@@ -85,6 +87,23 @@ def test_an_explicit_dtype_wins_and_auto_picks_a_served_dtype(server: str) -> No
     for name in ("workers", "threads", "max_batch_size"):
         assert int(made[EMBEDDER][name]["value"]) >= 1 and made[EMBEDDER][name]["reason"]
     assert int(made[CHAT]["cache_blocks"]["value"]) >= 4
+
+
+def test_without_bf16_instructions_the_rule_picks_fp32_without_timing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The AVX2-only case (an EPYC Zen 3) decided by the CPU's flags alone: nothing is timed there."""
+    zen3 = hardware.Machine("AMD EPYC", "25/1", 2, ("avx2",), "AVX2", None)
+    monkeypatch.setattr(hardware, "machine", lambda: zen3)
+    timed: list[object] = []
+    model = torch.nn.Linear(4, 4)
+    assert hardware.fastest_dtype("auto", "cpu", model, timed.append) == (
+        "float32",
+        "rule",
+        "AMD EPYC has no AVX-512 bf16 or AMX: torch would emulate bf16, slower",
+    )
+    assert timed == [] and model.weight.dtype == torch.float32
+    assert hardware.fastest_dtype("bfloat16", "cpu", model, timed.append)[:2] == ("bfloat16", "setting")
 
 
 def test_the_machine_is_described_for_benchmarks() -> None:
