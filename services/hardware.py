@@ -31,6 +31,7 @@ logger = logging.getLogger("bentoml.fnserve.hardware")
 BF16_MARGIN = 1.1
 FLAGS_THAT_MATTER = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 Source = Literal["setting", "measured", "rule"]
+ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 CHOICES = bentoml.metrics.Gauge(
     name="fnserve_choice_info",
@@ -88,6 +89,8 @@ def describe() -> dict[str, object]:
     described = asdict(machine())
     described["native_bf16"] = machine().native_bf16
     described["torch"] = torch.__version__
+    # The libraries' instruction-set caps, where set: under them a CPU computes as a lesser one does.
+    described["isa_caps"] = {name: os.environ[name] for name in ISA_CAPS if name in os.environ}
     return described
 
 
@@ -95,7 +98,9 @@ def label(described: dict[str, object]) -> str:
     """One line naming a machine, for plots and printouts."""
     flags = "/".join(described["flags"]) or "no AVX2"  # type: ignore[arg-type]
     gpu = described.get("gpu") or "no GPU"
-    return f"{described['cpu']} ({described['family']}), {described['cores']} cores ({flags}), {gpu}"
+    caps = " ".join(f"{k}={v}" for k, v in described.get("isa_caps", {}).items())  # type: ignore[union-attr]
+    where = f"{described['cpu']} ({described['family']}), {described['cores']} cores ({flags}), {gpu}"
+    return f"{where}, under {caps}" if caps else where
 
 
 @dataclass(frozen=True)
