@@ -187,7 +187,6 @@ class Embedder:
         )
         self._tasks: list[asyncio.Task[None]] = []
         self._generation_scope: tuple[str, ...] | None = None
-        self._generation_ready = False
 
     def status(self) -> dict[str, Any]:
         return {self.model_id: model_status(self.slot.state, self.device, self.choices)}
@@ -196,13 +195,11 @@ class Embedder:
         """`/readyz`: ready once the generation service answers too. It starts on its own (timing its
         model takes seconds on a busy CPU), and a chat sent before would wait on a socket that nobody
         serves yet, or that a shutdown then leaves unserved."""
-        if not self._generation_ready:
-            try:
-                async with asyncio.timeout(2):
-                    await self.generator.status()
-            except Exception:  # whatever the failure, the answer is "not yet"
-                return False
-            self._generation_ready = True
+        try:
+            async with asyncio.timeout(2):
+                await self.generation_scope()  # asked once: later probes return at once
+        except Exception:  # whatever the failure, the answer is "not yet"
+            return False
         return True
 
     async def generation_scope(self) -> tuple[str, ...]:

@@ -128,7 +128,7 @@ def server_processes(url: str) -> list[psutil.Process]:
 
 def served_dtypes(url: str) -> dict[str, str]:
     """The dtype each model of a running server chose at start-up (its `/models/status`)."""
-    status = httpx.get(f"{url}/models/status", timeout=30).json()
+    status = httpx.get(f"{url}/models/status", timeout=LONG).json()
     return {name: model["choices"]["dtype"]["value"] for name, model in status.items()}
 
 

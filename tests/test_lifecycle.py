@@ -16,7 +16,7 @@ from transformers import AutoModel, AutoModelForCausalLM
 
 from models.catalog import CATALOG
 from services.lifecycle import Reloadable
-from tests.server import CACHES_OFF, LONG, serve, server_processes
+from tests.server import CACHES_OFF, LONG, counter, serve, server_processes
 
 IDLE_SECONDS = 3
 EMBEDDER, CHAT = "all-minilm-l6-v2", "smollm2-135m-instruct"
@@ -27,26 +27,18 @@ def generation_rss(url: str) -> int:
     return worker.memory_info().rss
 
 
-def metric(metrics: str, name: str, model: str) -> float:
-    return sum(
-        float(line.split()[-1])
-        for line in metrics.splitlines()
-        if line.startswith(name) and f'model="{model}"' in line
-    )
-
-
 def states(client: httpx.Client) -> dict[str, str]:
     return {name: model["state"] for name, model in client.get("/models/status").json().items()}
 
 
-def wait_for_metric(client: httpx.Client, name: str, model: str, at_least: float) -> None:
-    deadline = time.monotonic() + 120
-    while metric(client.get("/metrics").text, name, model) < at_least:
+def wait_for_metric(url: str, name: str, model: str, at_least: float) -> None:
+    deadline = time.monotonic() + LONG
+    while counter(url, name, model=model) < at_least:
         assert time.monotonic() < deadline, name
         time.sleep(0.25)
 
 
-def wait_for_state(client: httpx.Client, state: str, timeout: float = 120) -> dict[str, str]:
+def wait_for_state(client: httpx.Client, state: str, timeout: float = LONG) -> dict[str, str]:
     deadline = time.monotonic() + timeout
     while set((status := states(client)).values()) != {state}:
         assert time.monotonic() < deadline, status
@@ -112,26 +104,25 @@ def test_idle_models_are_released_and_wake_on_the_next_request() -> None:
                 break
             client.post("/v1/chat/completions", json=body)  # a slow machine released it meanwhile
         wait_for_state(client, "sleeping")
-        wait_for_metric(client, "fnserve_model_unloads_total", EMBEDDER, 2)  # each worker releases its own
+        wait_for_metric(url, "fnserve_model_unloads_total", EMBEDDER, 2)  # each worker releases its own
         released_rss = generation_rss(url)
         assert loaded_rss - released_rss > 150 * 2**20, (loaded_rss, released_rss)  # bf16 weights: 269 MB
 
         for _ in range(2):  # the first wake after the weights were released, and one more
-            loads = metric(client.get("/metrics").text, "fnserve_model_loads_total", CHAT)
+            loads = counter(url, "fnserve_model_loads_total", model=CHAT)
             answer = client.post("/v1/chat/completions", json=body)
             assert answer.status_code == 200
             assert answer.json()["choices"] == first.json()["choices"]
-            assert metric(client.get("/metrics").text, "fnserve_model_loads_total", CHAT) == loads + 1
+            assert counter(url, "fnserve_model_loads_total", model=CHAT) == loads + 1
             wait_for_state(client, "sleeping")
         woken = client.post("/v1/embeddings", json=embedding)
         assert woken.status_code == 200 and woken.json()["data"] == vectors
 
         # At least: a slow machine may already have released them again.
-        metrics = client.get("/metrics").text
-        assert metric(metrics, "fnserve_model_loads_total", CHAT) >= 2  # at start, and on a wake-up
-        assert metric(metrics, "fnserve_model_unloads_total", CHAT) >= 1
-        assert metric(metrics, "fnserve_model_cold_start_seconds_count", CHAT) >= 1
-        assert metric(metrics, "fnserve_model_unloads_total", EMBEDDER) >= 2  # both workers
+        assert counter(url, "fnserve_model_loads_total", model=CHAT) >= 2  # at start, and on a wake-up
+        assert counter(url, "fnserve_model_unloads_total", model=CHAT) >= 1
+        assert counter(url, "fnserve_model_cold_start_seconds_count", model=CHAT) >= 1
+        assert counter(url, "fnserve_model_unloads_total", model=EMBEDDER) >= 2  # both workers
 
 
 @pytest.mark.parametrize("stopped", [True, False])
