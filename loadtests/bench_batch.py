@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from loadtests.bench_embeddings import TEXTS, measure_raw, run_wrk  # noqa: E402
-from services.batch_store import FINAL  # noqa: E402
-from services.hardware import describe  # noqa: E402
+from services.functions.hardware import describe  # noqa: E402
+from services.jobs.store import FINAL  # noqa: E402
 from tests.server import serve  # noqa: E402
 
 RESULTS = ROOT / "loadtests" / "results"

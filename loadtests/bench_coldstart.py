@@ -24,7 +24,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from services.hardware import describe  # noqa: E402
+from services.functions.hardware import describe  # noqa: E402
 from tests.server import CACHES_OFF, serve, served_dtypes, server_processes  # noqa: E402
 
 RESULTS = ROOT / "loadtests" / "results"

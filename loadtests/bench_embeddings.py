@@ -3,7 +3,7 @@
     make bench            # or: .venv/bin/python loadtests/bench_embeddings.py [--duration 15]
 
 (a) raw: the model in-process (tokenise + forward + pool) at its best batch size and dtype;
-(b) served: `bentoml serve services.embedding:Embedder`, driven by wrk, one input per request;
+(b) served: `bentoml serve services.service:Frontend`, driven by wrk, one input per request;
 (c) naive: loadtests/naive_server.py, one request at a time.
 wrk (C, with embeddings.lua making every body unique) costs the servers almost nothing, where a Python
 client would measure itself. Writes loadtests/results/embeddings.json and embeddings.png (`--name`).
@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from services.hardware import describe, label  # noqa: E402
+from services.functions.hardware import describe, label  # noqa: E402
 from tests.server import free_port, histogram, run_server, serve, served_dtypes  # noqa: E402
 
 RESULTS = ROOT / "loadtests" / "results"
@@ -55,7 +55,7 @@ def measure_raw(
 
     from models.catalog import CATALOG
     from services.config import get_settings, pick_device
-    from services.embedding import encode
+    from services.functions.embedding import encode
 
     path = bentoml.models.get(CATALOG["all-minilm-l6-v2"].tag).path
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -1,6 +1,6 @@
 """The generation engine alone, in this process: 16 greedy streams with SDPA on the key/value heads
-(`services.engine.attention_on_kv_heads`) against the copy to every query head, in alternating rounds;
-the ratio is the median over rounds.
+(`services.functions.engine.attention_on_kv_heads`) against the copy to every query head, in alternating
+rounds; the ratio is the median over rounds.
 
     .venv/bin/python loadtests/bench_engine.py [--dtype auto|float32|bfloat16] [--rounds 4]
 
@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from loadtests.bench_generation import MAX_TOKENS, TOPICS  # noqa: E402
 
 if TYPE_CHECKING:
-    from services.engine import TransformersEngine
+    from services.functions.engine import TransformersEngine
 
 RESULTS = ROOT / "loadtests" / "results"
 STREAMS = 16
@@ -33,7 +33,7 @@ STREAMS = 16
 
 async def wave(engine: TransformersEngine, prompts: list[list[int]]) -> tuple[float, list[list[int]]]:
     """All prompts at once; (tokens/s, each prompt's tokens)."""
-    from services.engine import Sampling
+    from services.functions.engine import Sampling
 
     async def one(ids: list[int]) -> list[int]:
         out: list[int] = []
@@ -62,9 +62,9 @@ def main() -> None:
 
     from models.catalog import CATALOG
     from services.config import get_settings
-    from services.engine import SDPA_GQA_SWITCH, TransformersEngine
-    from services.generation import probe_decoding
-    from services.hardware import describe, fastest_dtype
+    from services.functions.engine import SDPA_GQA_SWITCH, TransformersEngine
+    from services.functions.generation import probe_decoding
+    from services.functions.hardware import describe, fastest_dtype
 
     settings = get_settings()
     path = bentoml.models.get(CATALOG[settings.generation_model].tag).path

@@ -23,7 +23,7 @@ with bentoml.models.create(entry.tag, labels={"task": entry.task}, metadata={"dt
     shutil.copytree(".devmodel/minilm", model.path, dirs_exist_ok=True)
 print("stored", entry.tag)
 PY
-python3 -m bentoml serve services.embedding:Embedder --host 127.0.0.1 --port 3300 > "$OUT/serve.log" 2>&1 &
+python3 -m bentoml serve services.service:Frontend --host 127.0.0.1 --port 3300 > "$OUT/serve.log" 2>&1 &
 SERVER=$!
 python3 - <<'PY' 2>&1 | tee "$OUT/check.log"
 import time

@@ -22,7 +22,7 @@ from transformers import AutoModel, AutoTokenizer
 
 from models.catalog import CATALOG
 from services.config import get_settings, pick_device
-from services.embedding import encode
+from services.functions.embedding import encode
 
 
 def build_app(dtype: str) -> Starlette:

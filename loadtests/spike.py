@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from loadtests.locustfile import ChatUser, EmbeddingUser  # noqa: E402
-from services.hardware import describe  # noqa: E402
+from services.functions.hardware import describe  # noqa: E402
 from tests.server import serve, served_dtypes  # noqa: E402
 
 RESULTS = ROOT / "loadtests" / "results"

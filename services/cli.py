@@ -17,8 +17,8 @@ from typing import Any, get_args
 import httpx
 from tqdm import tqdm
 
-from services.batch_store import FINAL
-from services.protocol import BatchEndpoint
+from services.jobs.store import FINAL
+from services.protocols.openai.protocol import BatchEndpoint
 
 
 class Client:

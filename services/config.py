@@ -142,6 +142,15 @@ class Settings(BaseSettings):
         "after it (504, or an error event on a stream). A request may ask for less with the "
         "x-fnserve-timeout header (seconds); also the manifests'",
     )
+    grpc_port: int = Field(
+        3001,
+        ge=0,
+        le=65535,
+        description="the Open Inference Protocol's gRPC port, served by every entry worker; 0 = off",
+    )
+    grpc_host: str = Field(
+        "127.0.0.1", description="the address the gRPC port binds (0.0.0.0 for every interface)"
+    )
     redis_url: str | None = Field(
         None, description="redis://host:port/db: the response cache lives there, shared by every worker"
     )

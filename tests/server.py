@@ -52,14 +52,16 @@ def stop_tree(proc: subprocess.Popen[bytes]) -> None:
 
 @contextmanager
 def serve(
-    target: str = "services.embedding:Embedder", env: dict[str, str] | None = None, cwd: Path = ROOT
+    target: str = "services.service:Frontend", env: dict[str, str] | None = None, cwd: Path = ROOT
 ) -> Iterator[str]:
-    """Serve `target` (an import string or a Bento tag) and yield its base URL once /readyz answers."""
+    """Serve `target` (an import string or a Bento tag) and yield its base URL once /readyz answers.
+    Its gRPC port is a free one too, unless `env` names it (FNSERVE_GRPC_PORT)."""
     port = free_port()
     command = [*BENTOML, "serve", target, "--host", "127.0.0.1", "--port", str(port)]
+    env = {"FNSERVE_GRPC_PORT": str(free_port()), **(env or {})}
     with (
         private_home() as home,
-        run_server(command, port, env={**(env or {}), "BENTOML_HOME": home}, cwd=cwd) as url,
+        run_server(command, port, env={**env, "BENTOML_HOME": home}, cwd=cwd) as url,
     ):
         yield url
 

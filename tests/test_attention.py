@@ -1,4 +1,4 @@
-"""Attention on the key/value heads (services.engine.attention_on_kv_heads) changes speed, not answers."""
+"""Attention on the key/value heads changes speed, not answers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations import sdpa_attention
 
 from models.catalog import CATALOG
-from services.engine import SDPA_GQA_SWITCH
+from services.functions.engine import SDPA_GQA_SWITCH
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -19,7 +19,7 @@ import openai
 import psutil
 import pytest
 
-from services.batch_store import BatchStore, Outcome
+from services.jobs.store import BatchStore, Outcome
 from tests.reference import reference
 from tests.server import LONG, serve, server_processes
 

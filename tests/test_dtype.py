@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from models.catalog import CATALOG
-from services.embedding import encode
+from services.functions.embedding import encode
 
 MAX_COSINE_DISTANCE = 1e-3  # stated in the README
 

@@ -19,7 +19,7 @@ QUESTIONS = [f"In one sentence, what is {n} plus {n}?" for n in range(1, 17)]
 def gen() -> Iterator[httpx.Client]:
     env = {"FNSERVE_GENERATION_DTYPE": "float32"}
     with (
-        serve("services.generation:Generator", env=env) as url,
+        serve("services.functions.generation:Generator", env=env) as url,
         httpx.Client(base_url=url, timeout=LONG) as c,
     ):
         yield c
@@ -57,7 +57,7 @@ def test_bf16_default_answers_concurrent_streams() -> None:
     """bf16, the default, cannot be compared token for token (its greedy output can depend on the batch),
     but every concurrent stream must complete and the answers must still be right."""
     with (
-        serve("services.generation:Generator") as url,
+        serve("services.functions.generation:Generator") as url,
         httpx.Client(base_url=url, timeout=LONG) as client,
         ThreadPoolExecutor(max_workers=8) as pool,
     ):

@@ -15,8 +15,8 @@ import httpx
 import pytest
 import torch
 
-from services import hardware
-from services.hardware import describe, machine
+from services.functions import hardware
+from services.functions.hardware import describe, machine
 from tests.server import LONG, ROOT, counter, serve
 
 EMBEDDER = "all-minilm-l6-v2"
@@ -116,7 +116,7 @@ def test_the_machine_is_described_for_benchmarks() -> None:
 DECIDE = """
 import sys, time
 from pathlib import Path
-from services.hardware import once_per_server
+from services.functions.hardware import once_per_server
 
 def decide():
     with open(sys.argv[2], "a") as log:

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForCausalLM
 
 from models.catalog import CATALOG
-from services.lifecycle import Reloadable
+from services.functions.lifecycle import Reloadable
 from tests.server import CACHES_OFF, LONG, counter, serve, server_processes
 
 IDLE_SECONDS = 3
@@ -128,7 +128,7 @@ def test_idle_models_are_released_and_wake_on_the_next_request() -> None:
 @pytest.mark.parametrize("stopped", [True, False])
 def test_weights_are_released_only_once_the_engine_loop_has_stopped(stopped: bool) -> None:
     """A loop still running after its stop wait would read meta tensors; its weights must stay."""
-    from services.generation import Generator
+    from services.functions.generation import Generator
 
     released: list[bool] = []
     host = SimpleNamespace(weights=SimpleNamespace(release=lambda: released.append(True)))

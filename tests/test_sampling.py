@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import torch
 from transformers.generation.continuous_batching.model_runner import ModelRunner
 
-from services.engine import sample_by_inverse_cdf
+from services.functions.engine import sample_by_inverse_cdf
 
 
 def draw(probs: list[float], rows: int, processing: bool = True) -> torch.Tensor:

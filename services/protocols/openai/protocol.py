@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from starlette.responses import JSONResponse
 
-
-def encodable(text: str) -> str:
-    """JSON can carry lone surrogates (\\ud800) that no tokenizer or UTF-8 encoder accepts."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError("text must be valid Unicode (it contains a lone surrogate)") from exc
-    return text
-
-
-Text = Annotated[str, AfterValidator(encodable)]
+from services.functions.types import ChatMessage, Refused, Text
 
 
 class OpenAIModel(BaseModel):
@@ -39,12 +30,40 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+def error_response(
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, Any] | None = None,
+) -> JSONResponse:
+    """The OpenAI error shape; refusals for load (429, 503) say when to try again."""
+    retry = {"Retry-After": "1"} if status in (429, 503) else {}
+    body = error_body(status, message, param, code)
+    return JSONResponse(body, status_code=status, headers={**retry, **(headers or {})})
+
+
 class APIError(Exception):
     """Raised anywhere in request handling; answered in the OpenAI error shape with `status`."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+
+    @classmethod
+    def of(cls, refusal: Refused) -> APIError:
+        status, code = REFUSALS[refusal.kind]
+        return cls(status, refusal.message, refusal.param, code)
+
+
+REFUSALS: dict[str, tuple[int, str | None]] = {
+    "invalid": (400, None),
+    "not_found": (404, "model_not_found"),
+    "queue_full": (429, "queue_full"),
+    "loading": (503, "model_loading"),
+    "deadline": (504, "deadline_exceeded"),
+    "failed": (500, None),
+}
 
 
 class EmbeddingRequest(OpenAIModel):
@@ -96,11 +115,6 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: Text
 
 
 class StreamOptions(OpenAIModel):

@@ -18,10 +18,10 @@ from pydantic import Field
 from models.catalog import CATALOG
 from services.admission import DEADLINE_PASSED, rejected, seconds_left
 from services.config import TIMEOUT_GRACE_SECONDS, get_settings, pick_device
-from services.engine import Engine, EngineError, Sampling, TransformersEngine
-from services.hardware import Choices, model_status
-from services.lifecycle import ModelSlot, Reloadable
-from services.protocol import ChatMessage, Text
+from services.functions.engine import Engine, EngineError, Sampling, TransformersEngine
+from services.functions.hardware import Choices, model_status
+from services.functions.lifecycle import ModelSlot, Reloadable
+from services.functions.types import ChatMessage, Text
 
 if TYPE_CHECKING:
     import torch

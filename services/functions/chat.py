@@ -1,0 +1,215 @@
+"""The chat function as the entry process sees it: requests relayed to the generation service (its own
+process, services/functions/generation.py), deterministic answers kept in the response cache.
+
+Every protocol calls this: OpenAI chat and completions, Triton's generate over REST and OIP gRPC, batch
+lines. It speaks none of them: a protocol builds a `GenerationRequest` and reads `Delta`s and a `Done`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import orjson
+
+from models.catalog import CATALOG
+from services.admission import seconds_left
+from services.config import Settings
+from services.functions.batching import BACKGROUND
+from services.functions.cache import ResponseCache, cache_key, count_lookups
+from services.functions.types import RefusalKind, Refused
+
+# The generation service's error events carry an HTTP-like status; these are the kinds they mean.
+KINDS: dict[int, RefusalKind] = {
+    400: "invalid",
+    404: "not_found",
+    429: "queue_full",
+    503: "loading",
+    504: "deadline",
+}
+
+
+@dataclass
+class GenerationRequest:
+    """Exactly one of `messages` (a chat, through the model's template) and `prompt` (raw text)."""
+
+    messages: list[dict[str, str]] | None = None
+    prompt: str | None = None
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+
+    @property
+    def deterministic(self) -> bool:
+        return self.temperature == 0 or self.seed is not None
+
+
+@dataclass
+class Delta:
+    text: str
+
+
+@dataclass
+class Done:
+    finish_reason: str
+    """`stop` (end of text or a stop string) or `length`"""
+    completion_tokens: int
+
+
+class Generation:
+    """One answer on its way. Iterating yields `Delta`s then one `Done`, or raises `Refused`; closing it
+    early cancels the request in the engine at its next step."""
+
+    def __init__(self, prompt_tokens: int, cached: bool | None, events: AsyncIterator[dict[str, Any]]):
+        self.prompt_tokens = prompt_tokens
+        self.cached = cached
+        """True: replayed from the cache; False: generated and stored; None: not cacheable"""
+        self._events = events
+
+    def __aiter__(self) -> AsyncIterator[Delta | Done]:
+        return self._items()
+
+    async def _items(self) -> AsyncIterator[Delta | Done]:
+        async for item in self._events:
+            if item["type"] == "delta":
+                yield Delta(item["text"])
+            elif item["type"] == "done":
+                yield Done(item["finish_reason"], item["completion_tokens"])
+                return
+            else:
+                raise refusal(item)
+        raise Refused("failed", "the generation service ended the stream early")
+
+    async def text(self) -> tuple[str, Done]:
+        """The whole answer."""
+        parts: list[str] = []
+        async with self:
+            async for item in self:
+                if isinstance(item, Delta):
+                    parts.append(item.text)
+                else:
+                    return "".join(parts), item
+        raise Refused("failed", "the generation service ended the stream early")
+
+    async def aclose(self) -> None:
+        await self._events.aclose()  # type: ignore[attr-defined]
+
+    async def __aenter__(self) -> Generation:
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.aclose()
+
+
+def refusal(item: dict[str, Any]) -> Refused:
+    return Refused(KINDS.get(item.get("status", 500), "failed"), item["message"], item.get("param"))
+
+
+class ChatFunction:
+    def __init__(self, generator: Any, settings: Settings, cache: ResponseCache | None) -> None:
+        """`generator` is the entry service's dependency on the generation service."""
+        self._generator, self._settings, self._cache = generator, settings, cache
+        self.model_id = settings.generation_model
+        self._scope: tuple[str, ...] | None = None
+
+    async def scope(self) -> tuple[str, ...]:
+        """What the generation service chose at start-up that changes its answers (dtype, KV-cache
+        size), for the cache's keys; asked once. Answers only once that service is up."""
+        if self._scope is None:
+            (status,) = (await self._generator.status()).values()
+            choices = status["choices"]
+            self._scope = (choices["dtype"]["value"], choices["cache_blocks"]["value"])
+        return self._scope
+
+    async def status(self) -> dict[str, Any]:
+        return await self._generator.status()
+
+    async def stats(self) -> dict[str, float]:
+        return await self._generator.stats()
+
+    async def start(self, request: GenerationRequest, deadline: float | None = None) -> Generation:
+        """Admits the request: refusals that come before any generation (bad input, a full queue, a
+        loading model) raise here, so a protocol can still answer them with its error status."""
+        key, cached = await self._cached(request)
+        events = replay(cached) if cached else self._recorded(self._relay(request, deadline), key)
+        first = await anext(events)
+        if first["type"] == "error":
+            await events.aclose()
+            raise refusal(first)
+        return Generation(first["prompt_tokens"], None if key is None else cached is not None, events)
+
+    async def _cached(self, request: GenerationRequest) -> tuple[str | None, bytes | None]:
+        """The cache key of a deterministic request (None for others) and its cached answer, if any."""
+        if self._cache is None or not request.deterministic:
+            return None, None
+        model = (CATALOG[self.model_id].tag, *await self.scope())
+        caps = (self._settings.generation_max_tokens,)  # without max_tokens they set the answer's length
+        key = cache_key("generation", *model, *caps, asdict(request))
+        (value,) = await self._cache.get_many([key])
+        count_lookups("generation", value is not None, 1)
+        return key, value
+
+    async def _relay(
+        self, request: GenerationRequest, deadline: float | None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Parsed events from the generation service (newline-delimited JSON over a streamed call).
+
+        Calls through the dependency's own HTTP session rather than the proxy method: the proxy's stream
+        wrapper (BentoML 1.4.40) does not close the response when closed early, so the generation would
+        run on until the garbage collector found it. Closing this iterator closes the call, which
+        cancels the request in the engine."""
+        session = await self._generator.to_async._session_manager.get_session()
+        body = {
+            "messages": request.messages,
+            "prompt": request.prompt,
+            "max_tokens": request.max_tokens,
+            "temperature": request.temperature,
+            "top_p": request.top_p,
+            "stop": request.stop,
+            "timeout": seconds_left(deadline),
+            "background": BACKGROUND.get(),
+        }
+        response = await session.post("/generate", json={k: v for k, v in body.items() if v is not None})
+        try:
+            if response.status != 200:
+                detail = (await response.read()).decode(errors="replace")
+                yield {
+                    "type": "error",
+                    "status": response.status if response.status < 500 else 500,
+                    "message": detail,
+                }
+                return
+            async for line in response.content:
+                if line.strip():
+                    yield orjson.loads(line)
+        finally:
+            response.close()
+
+    async def _recorded(
+        self, events: AsyncIterator[dict[str, Any]], key: str | None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The events, passed on; a complete answer is stored under `key` (errors and cut streams are
+        not)."""
+        saved: dict[str, Any] = {"deltas": []}
+        try:
+            async for item in events:
+                if item["type"] == "start":
+                    saved["prompt_tokens"] = item["prompt_tokens"]
+                elif item["type"] == "delta":
+                    saved["deltas"].append(item["text"])
+                elif item["type"] == "done" and key and self._cache:
+                    await self._cache.set_many({key: orjson.dumps({**saved, "done": item})})
+                yield item
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+
+
+async def replay(answer: bytes) -> AsyncIterator[dict[str, Any]]:
+    """A cached answer as the generation service's events, the same deltas as when it was generated."""
+    saved = orjson.loads(answer)
+    yield {"type": "start", "prompt_tokens": saved["prompt_tokens"]}
+    for text in saved["deltas"]:
+        yield {"type": "delta", "text": text}
+    yield {"type": "done", **saved["done"]}

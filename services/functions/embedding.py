@@ -1,0 +1,235 @@
+"""The embedding function: all-MiniLM-L6-v2 with mean pooling, batching concurrent requests.
+
+It runs in the entry process (a hop to a process of its own cost more than half the throughput on short
+inputs, README), and every protocol calls the same instance: their texts share forward passes and the
+response cache."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import bentoml
+import numpy as np
+
+from models.catalog import CATALOG
+from services.admission import DEADLINE_PASSED, rejected, seconds_left
+from services.config import Settings, pick_device
+from services.functions.batching import GreedyBatcher, QueueFull
+from services.functions.cache import cache_key, count_lookups, response_cache
+from services.functions.hardware import Choices, model_status
+from services.functions.lifecycle import ModelSlot, Reloadable
+from services.functions.types import Refused
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger("bentoml.fnserve.embedding")  # under "bentoml": the server only logs that tree
+
+BATCH_SIZE = bentoml.metrics.Histogram(
+    name="fnserve_embedding_batch_size",
+    documentation="Texts per forward pass of the embedding model (every protocol but /encode)",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
+QUEUE_SECONDS = bentoml.metrics.Histogram(
+    name="fnserve_embedding_queue_seconds",
+    documentation="Time the oldest request of each batch waited for the model",
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+QUEUE_TEXTS = bentoml.metrics.Gauge(
+    name="fnserve_embedding_queue_texts",
+    documentation="Texts of online requests waiting for the embedding model",
+    multiprocess_mode="livesum",
+)
+
+
+def observe_batch(size: int, wait: float) -> None:
+    BATCH_SIZE.observe(size)
+    QUEUE_SECONDS.observe(wait)
+
+
+Embedded = tuple[np.ndarray, int]
+"""One input's unit vector (float32) and the number of tokens the model read for it."""
+
+
+@dataclass
+class Embeddings:
+    vectors: np.ndarray
+    """[inputs, dimensions] float32 unit vectors"""
+    tokens: list[int]
+    """tokens the model read per input"""
+    hits: int
+    """inputs answered from the response cache"""
+
+
+def pack(embedded: Embedded) -> bytes:
+    vector, tokens = embedded
+    return struct.pack("<I", tokens) + vector.astype(np.float32).tobytes()
+
+
+def unpack(value: bytes) -> Embedded:
+    return np.frombuffer(value, dtype=np.float32, offset=4), struct.unpack_from("<I", value)[0]
+
+
+def encode(
+    tokenizer: Any, model: Any, texts: list[str], max_tokens: int, device: str = "cpu"
+) -> tuple[np.ndarray, list[int]]:
+    """Unit vectors (mean pooling over real tokens, as sentence-transformers does) and token counts.
+    Shared with the benchmarks, so "raw model" there is exactly the work the service does."""
+    import torch
+
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt").to(
+        device
+    )
+    with torch.inference_mode():
+        hidden = model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        vectors = torch.nn.functional.normalize(pooled.float(), dim=-1)
+    return vectors.cpu().numpy(), batch["attention_mask"].sum(dim=1).tolist()
+
+
+class EmbeddingFunction:
+    """Owns the model (loaded, released when idle, woken on use), its batcher and its cache."""
+
+    def __init__(self, settings: Settings, model_path: str) -> None:
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        entry = CATALOG[settings.embedding_model]
+        self.settings = settings
+        self.choices = Choices("embedding")
+        self.choices.setting_or(
+            "workers", "FNSERVE_EMBEDDING_WORKERS", settings.embedding_workers, settings.workers,
+            settings.workers_reason,
+        )  # fmt: skip
+        threads = self.choices.setting_or(
+            "threads", "FNSERVE_TORCH_THREADS", settings.torch_threads, settings.threads_per_worker,
+            "the worker's share of the cores",
+        )  # fmt: skip
+        torch.set_num_threads(threads)
+        self.choices.setting_or(
+            "max_batch_size", "FNSERVE_EMBEDDING_MAX_BATCH_SIZE", settings.embedding_max_batch_size,
+            settings.embedding_batch_size, "texts per forward pass: a GPU keeps gaining past 32, a CPU not",
+        )  # fmt: skip
+        self.model_id = entry.name
+        self.device = pick_device(settings.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        # A fast tokenizer is not safe to share between threads that set truncation differently: the
+        # overflow check gets its own instance, and forward passes (greedy batcher and BentoML's batcher
+        # for /encode run in different threads) take turns.
+        self._counting_tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self._forward_lock = threading.Lock()
+        self.max_tokens = settings.embedding_max_tokens
+        stored = AutoModel.from_pretrained(model_path).to(self.device).eval()
+        probe = [f"a short sentence of about a dozen tokens, number {i}" for i in range(32)]
+        self.dtype: torch.dtype = self.choices.dtype(
+            settings.embedding_dtype,
+            "FNSERVE_EMBEDDING_DTYPE",
+            stored,
+            lambda model: encode(self.tokenizer, model, probe, self.max_tokens, self.device),
+            key=entry.name,
+        )
+        served = stored.to(self.dtype)
+        weights = Reloadable(lambda: served, model_path, self.dtype, self.device)
+        self.slot = ModelSlot(
+            entry.name, weights.load, lambda model: self._release(weights), settings.idle_release_seconds
+        )
+        self.slot.load_now()
+        self.dimensions: int = self.slot.model.config.hidden_size
+        logger.info("embedding model %s on %s", entry.tag, self.device)
+        # Every protocol but BentoML's /encode calls the model through this batcher; see
+        # services/functions/batching.py for why it is not BentoML's.
+        self._batcher = GreedyBatcher(
+            self._embed_batch,
+            max_batch_size=settings.embedding_batch_size,
+            max_queue_seconds=settings.embedding_max_latency_ms / 1000,
+            max_queue=settings.embedding_max_queue,
+            on_batch=observe_batch,
+            on_queue=QUEUE_TEXTS.set,
+        )
+        self._cache = response_cache(settings.redis_url, settings.embedding_cache_size)
+        self._cache_scope = (entry.tag, str(self.dtype), self.max_tokens)
+
+    def status(self) -> dict[str, Any]:
+        return {self.model_id: model_status(self.slot.state, self.device, self.choices)}
+
+    async def check(self, texts: list[str], field: str = "input") -> None:
+        """Refuses (invalid) what the model cannot take; `field` is the caller's name for the texts."""
+        limits = self.settings
+        if not texts:
+            raise Refused("invalid", f"{field} must not be empty", field)
+        if len(texts) > limits.embedding_max_inputs:
+            raise Refused("invalid", f"at most {limits.embedding_max_inputs} inputs per request", field)
+        for i, text in enumerate(texts):
+            if not text:
+                raise Refused("invalid", f"{field}[{i}] is an empty string", field)
+            if len(text) > limits.embedding_max_input_chars:
+                message = f"{field}[{i}] is over {limits.embedding_max_input_chars} characters"
+                raise Refused("invalid", message, field)
+        if limits.embedding_overflow == "reject":
+            for i, count in enumerate(await self.token_counts(texts)):
+                if count > self.max_tokens:
+                    message = f"{field}[{i}] is {count} tokens, over the model's window of {self.max_tokens}"
+                    raise Refused("invalid", message, field)
+
+    async def embed(self, texts: list[str], deadline: float | None = None) -> Embeddings:
+        """Unit vectors for checked texts. Those not in the cache are batched with other requests'
+        texts; texts still queued when the deadline (time.monotonic()) passes are dropped."""
+        try:
+            async with asyncio.timeout(seconds_left(deadline)):
+                results, hits = await self._embed(texts)
+        except TimeoutError:
+            rejected("deadline")
+            raise Refused("deadline", DEADLINE_PASSED) from None
+        except QueueFull as exc:
+            rejected("queue_full")
+            raise Refused("queue_full", str(exc)) from None
+        vectors = np.stack([vector for vector, _ in results]) if results else np.zeros((0, self.dimensions))
+        return Embeddings(vectors.astype(np.float32, copy=False), [n for _, n in results], hits)
+
+    async def _embed(self, texts: list[str]) -> tuple[list[Embedded], int]:
+        cached: dict[int, Embedded] = {}
+        if self._cache:  # keys are hashed only when there is a cache to look in
+            keys = [cache_key("embedding", *self._cache_scope, text) for text in texts]
+            stored = await self._cache.get_many(keys)
+            cached = {i: unpack(value) for i, value in enumerate(stored) if value is not None}
+        count_lookups("embedding", len(cached), len(texts))
+        missing = [i for i in range(len(texts)) if i not in cached]
+        computed: list[Embedded] = []
+        if missing:
+            async with self.slot.use():
+                computed = await self._batcher.submit([texts[i] for i in missing])
+            if self._cache:
+                await self._cache.set_many({keys[i]: pack(e) for i, e in zip(missing, computed, strict=True)})
+        fresh = iter(computed)
+        return [cached[i] if i in cached else next(fresh) for i in range(len(texts))], len(cached)
+
+    async def encode_unbatched(self, texts: list[str]) -> np.ndarray:
+        """One forward pass over these texts, outside the batcher and the cache: for a caller that
+        batches on its own (BentoML's batchable endpoint)."""
+        async with self.slot.use():
+            vectors, _ = await asyncio.to_thread(self._forward, texts)
+        return vectors
+
+    async def token_counts(self, texts: list[str]) -> list[int]:
+        """Untruncated token counts, for rejecting inputs over the window (off the event loop)."""
+        encoded = await asyncio.to_thread(self._counting_tokenizer, texts, truncation=False)
+        return [len(ids) for ids in encoded["input_ids"]]
+
+    def _release(self, weights: Reloadable) -> None:
+        """After any forward still running: a cancelled request's thread runs on after it gave up."""
+        with self._forward_lock:
+            weights.release()
+
+    def _forward(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
+        with self._forward_lock:
+            return encode(self.tokenizer, self.slot.model, texts, self.max_tokens, self.device)
+
+    def _embed_batch(self, texts: list[str]) -> list[Embedded]:
+        vectors, tokens = self._forward(texts)
+        return list(zip(vectors, tokens, strict=True))

@@ -1,0 +1,36 @@
+"""What the functions take and how they refuse, in no protocol's terms: each protocol maps a refusal's
+kind onto its own status (an HTTP code, a gRPC code) and error shape."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel
+
+RefusalKind = Literal["invalid", "not_found", "queue_full", "loading", "deadline", "failed"]
+
+
+def encodable(text: str) -> str:
+    """JSON can carry lone surrogates (\\ud800) that no tokenizer or UTF-8 encoder accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError("text must be valid Unicode (it contains a lone surrogate)") from exc
+    return text
+
+
+Text = Annotated[str, AfterValidator(encodable)]
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: Text
+
+
+class Refused(Exception):
+    """A request a function will not or could not serve. `param` names the input at fault, in the
+    words of the caller's protocol where the protocol passed them in (`field=`)."""
+
+    def __init__(self, kind: RefusalKind, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.kind, self.message, self.param = kind, message, param

@@ -1,0 +1,131 @@
+"""Batch jobs: the runner that works through the lines of the store (services/jobs/store.py).
+
+A line runs through the same function as an online request of its endpoint (the caller's `execute`), so
+embedding lines join the greedy batcher (at background priority: online requests go first into every
+forward pass, services/functions/batching.py) and chat lines the engine's continuous batch (as equals of
+online chats, but at most FNSERVE_BATCH_GENERATION_CONCURRENCY at a time per worker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
+from typing import Any
+
+from services.config import Settings
+from services.functions.batching import BACKGROUND
+from services.jobs.store import BatchStore, Line, Outcome, ended_error
+
+logger = logging.getLogger("bentoml.fnserve.batch")
+Execute = Callable[[str, dict[str, Any]], Awaitable[tuple[bool, str]]]
+GENERATION_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
+MAX_ATTEMPTS = 5
+
+
+class BatchRunner:
+    """One per worker process; workers share the store and claim lines from it in turn."""
+
+    def __init__(self, store: BatchStore, execute: Execute, settings: Settings) -> None:
+        self.store = store
+        self._execute = execute
+        self.settings = settings
+        self._generation_slots = asyncio.Semaphore(settings.batch_generation_concurrency)
+        self._wake = asyncio.Event()
+        self._done: list[Outcome] = []
+        self._in_flight: dict[asyncio.Task[None], Line] = {}
+        self._endings: dict[str, str] = {}
+        self._renewed = time.monotonic()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        # Every line task inherits this context: its embedding forwards queue behind online ones.
+        BACKGROUND.set(True)
+        last_cleanup = 0.0
+        while True:
+            try:
+                more = await self._step()
+                if time.monotonic() - last_cleanup > 60:
+                    await asyncio.to_thread(self.store.expire_overdue)
+                    await asyncio.to_thread(self.store.clean_up, self.settings.batch_retention_seconds)
+                    last_cleanup = time.monotonic()
+                if not more:
+                    await self._sleep()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the store or a handler failed unexpectedly: keep the loop alive
+                logger.exception("batch runner step failed")
+                await asyncio.sleep(1)
+
+    async def _step(self) -> bool:
+        """Claim lines while there is room, record finished ones; True if more may be waiting."""
+        settings = self.settings
+        room = settings.batch_concurrency - len(self._in_flight)
+        lease = settings.batch_lease_seconds
+        lines = await asyncio.to_thread(self.store.claim, room, lease, MAX_ATTEMPTS) if room else []
+        self._endings = await asyncio.to_thread(self.store.endings)
+        for line in lines:
+            task = asyncio.create_task(self._run_line(line))
+            self._in_flight[task] = line
+            task.add_done_callback(self._in_flight.pop)
+        await self.settle()
+        if time.monotonic() - self._renewed > lease / 4:  # lines waiting for a slot keep their claim
+            await asyncio.to_thread(self.store.renew, list(self._in_flight.values()))
+            self._renewed = time.monotonic()
+        if len(lines) < room:
+            await asyncio.to_thread(self.store.finalize_ready, settings.batch_lease_seconds)
+        return bool(lines) and len(lines) == room
+
+    async def settle(self) -> None:
+        """Record finished lines; if the store refuses, they are kept for the next try."""
+        if not self._done:
+            return
+        done, self._done = self._done, []
+        try:
+            await asyncio.to_thread(self.store.settle, done)
+        except BaseException:
+            self._done = done + self._done
+            raise
+
+    async def _sleep(self) -> None:
+        """Until a line finishes, a batch is created in this worker, or the poll interval passes (another
+        worker may have created one)."""
+        waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._wake.wait())]
+        if self._in_flight:
+            waits.append(
+                asyncio.ensure_future(asyncio.wait(list(self._in_flight), return_when="FIRST_COMPLETED"))
+            )
+        _, pending = await asyncio.wait(waits, timeout=0.5, return_when="FIRST_COMPLETED")
+        for future in pending:
+            future.cancel()
+        self._wake.clear()
+
+    async def _run_line(self, line: Line) -> None:
+        slot = self._generation_slots if line.endpoint in GENERATION_ENDPOINTS else nullcontext()
+        try:
+            async with slot:
+                ok, result = await self._execute_unless_ended(line)
+        except Exception as exc:  # a server-side failure (5xx, a runner not up yet): retried, then given up
+            if line.attempts < MAX_ATTEMPTS:
+                logger.warning("batch line %s/%s: %s; retrying", line.batch_id, line.custom_id, exc)
+                await asyncio.sleep(2**line.attempts)
+                await asyncio.to_thread(self.store.release, line)
+                return
+            logger.error(
+                "batch line %s/%s failed %d times: %s", line.batch_id, line.custom_id, line.attempts, exc
+            )
+            message = f"failed {line.attempts} times; last: {type(exc).__name__}: {exc}"
+            ok, result = False, json.dumps({"code": "server_error", "message": message})
+        self._done.append(Outcome(line, ok, result))
+        self._wake.set()
+
+    async def _execute_unless_ended(self, line: Line) -> tuple[bool, str]:
+        """Claimed lines can wait for a slot; one whose batch was cancelled meanwhile is not run."""
+        if ending := self._endings.get(line.batch_id):
+            return False, ended_error(ending)
+        return await self._execute(line.endpoint, line.body)

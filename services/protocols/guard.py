@@ -1,0 +1,108 @@
+"""Admission for the HTTP port, as ASGI middleware on the entry service: it sees every route (OpenAI,
+Open Inference Protocol, BentoML's native endpoints and UI) and answers what it refuses in the error shape
+of the protocol the path belongs to."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.admission import DEADLINE, Admission, rejected
+from services.protocols.oip.rest import PREFIX as OIP_PREFIX
+from services.protocols.oip.rest import error_response as oip_error
+from services.protocols.openai.protocol import error_response as openai_error
+
+OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/v2/health/live", "/v2/health/ready"})
+UNBOUNDED_PATHS = OPEN_PATHS | {"/metrics"}  # with the scrape, never refused for load
+TIMEOUT_HEADER = b"x-fnserve-timeout"  # seconds; lowers the request's deadline, never raises it
+REASONS = {401: "unauthorized", 413: "too_large", 400: "invalid", 429: "concurrency"}
+
+
+class Guard:
+    def __init__(self, app: ASGIApp, admission: Admission, max_body_bytes: int, upload_bytes: int) -> None:
+        """BentoML's own concurrency bound sits above the admission's as a backstop, since its 429 is in
+        no protocol's shape and has no Retry-After."""
+        self.app = app
+        self.admission = admission
+        self._max_body_bytes, self._upload_bytes = max_body_bytes, upload_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        shape = oip_error if path == OIP_PREFIX or path.startswith(OIP_PREFIX + "/") else openai_error
+        refuse = RefusalSender(send, shape)
+        if path not in OPEN_PATHS and not self.admission.authorized(header(scope, b"authorization")):
+            return await refuse(
+                401, "invalid or missing API key (Authorization: Bearer <key>)", "invalid_api_key"
+            )
+        limit = self._upload_bytes if path == "/v1/files" else self._max_body_bytes
+        declared = header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await refuse(413, f"the request body is over {limit} bytes", "request_too_large")
+        kind = (header(scope, b"content-type") or "").lower()
+        if kind.startswith("multipart/") and "boundary=" not in kind:  # BentoML's parser answers 500
+            return await refuse(400, "a multipart body needs a boundary in its Content-Type")
+        if path in UNBOUNDED_PATHS:
+            return await self.app(scope, capped(receive, limit), send)
+        asked = header(scope, TIMEOUT_HEADER)
+        seconds = None
+        if asked is not None:
+            try:
+                seconds = float(asked)
+            except ValueError:
+                seconds = math.nan
+            if not seconds > 0:  # NaN included
+                return await refuse(
+                    400, f"x-fnserve-timeout must be a number of seconds above 0, not {asked!r}"
+                )
+        if not self.admission.enter():
+            return await refuse(429, self.admission.busy_message, "concurrency", counted=True)
+        DEADLINE.set(self.admission.deadline(seconds))
+        try:
+            await self.app(scope, capped(receive, limit), send)
+        finally:
+            self.admission.leave()
+
+
+class RefusalSender:
+    def __init__(self, send: Send, shape: Callable[..., JSONResponse]) -> None:
+        self._send, self._shape = send, shape
+
+    async def __call__(
+        self, status: int, message: str, code: str | None = None, counted: bool = False
+    ) -> None:
+        if not counted:
+            rejected(REASONS[status])
+        headers: dict[str, Any] = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
+        response = self._shape(status, message, code=code, headers=headers)
+        await self._send({"type": "http.response.start", "status": status, "headers": response.raw_headers})
+        await self._send({"type": "http.response.body", "body": response.body})
+
+
+def header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def capped(receive: Receive, limit: int) -> Receive:
+    """A body sent without a length is cut at the limit; the route then answers it as malformed."""
+    seen = 0
+
+    async def receive_capped() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            body = message.get("body", b"")
+            if seen + len(body) > limit:
+                message = {**message, "body": body[: max(limit - seen, 0)], "more_body": False}
+            seen += len(body)
+        return message
+
+    return receive_capped

@@ -1,0 +1,318 @@
+"""The Open Inference Protocol v2 over gRPC (KServe's GRPCInferenceService, with Triton's
+ModelStreamInfer), served by every entry worker on FNSERVE_GRPC_PORT.
+
+BentoML's new-style services cannot serve gRPC (`bentoml serve-grpc` refuses them), so each worker runs
+a grpc.aio server on its own event loop, beside the HTTP app, calling the same functions: its texts join
+the same forward passes. The messages are tritonclient's generated stubs (pinned in pyproject.toml), so
+the wire is exactly what Triton's clients speak. The port is shared with SO_REUSEPORT: the kernel spreads
+connections, not calls, over the workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from importlib.metadata import version
+from typing import Any
+
+import grpc
+from tritonclient.grpc import model_config_pb2 as mc
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+from services.admission import Admission, rejected
+from services.functions.chat import Delta
+from services.functions.types import Refused
+from services.protocols.oip.models import VERSION, EmbeddingModel, GenerationModel, Model, Repository
+from services.protocols.oip.tensors import Tensor, bad_tensor, from_raw, from_values, to_raw
+
+logger = logging.getLogger("bentoml.fnserve.grpc")
+Code = grpc.StatusCode
+CODES: dict[str, grpc.StatusCode] = {
+    "invalid": Code.INVALID_ARGUMENT,
+    "not_found": Code.NOT_FOUND,
+    "queue_full": Code.RESOURCE_EXHAUSTED,
+    "loading": Code.UNAVAILABLE,
+    "deadline": Code.DEADLINE_EXCEEDED,
+    "failed": Code.INTERNAL,
+}
+# Which typed field of InferTensorContents carries each datatype (FP16 has none: raw only).
+CONTENTS = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+
+class Abort(Exception):
+    """A refusal decided here, before any function was asked (a key, the concurrency bound)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def parameters(request: Any) -> dict[str, Any]:
+    return {
+        key: getattr(value, value.WhichOneof("parameter_choice")) for key, value in request.parameters.items()
+    }
+
+
+def decode_inputs(request: pb.ModelInferRequest) -> dict[str, Tensor]:
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise bad_tensor(f"{len(request.inputs)} inputs but {len(raw)} raw_input_contents")
+    inputs: dict[str, Tensor] = {}
+    for i, spec in enumerate(request.inputs):
+        shape = list(spec.shape)
+        if spec.name in inputs:
+            raise bad_tensor(f"input '{spec.name}' is given twice")
+        if raw:
+            tensor = from_raw(spec.name, spec.datatype, shape, raw[i])
+        else:
+            field = CONTENTS.get(spec.datatype)
+            if field is None:
+                raise bad_tensor(f"input '{spec.name}': {spec.datatype!r} must come in raw_input_contents")
+            tensor = from_values(spec.name, spec.datatype, shape, list(getattr(spec.contents, field)))
+        inputs[spec.name] = tensor
+    return inputs
+
+
+def response(
+    request: pb.ModelInferRequest, model: Model, tensors: list[Tensor], final: bool | None = None
+) -> pb.ModelInferResponse:
+    """Raw contents, one per output in order (tritonclient's `as_numpy` reads those); only the outputs
+    the request names, if it names any."""
+    asked = [output.name for output in request.outputs]
+    model.check_outputs(asked)
+    chosen = [t for t in tensors if not asked or t.name in asked]
+    message = pb.ModelInferResponse(
+        model_name=model.name,
+        model_version=VERSION,
+        id=request.id,
+        outputs=[
+            pb.ModelInferResponse.InferOutputTensor(name=t.name, datatype=t.datatype, shape=t.shape)
+            for t in chosen
+        ],
+        raw_output_contents=[to_raw(t) for t in chosen],
+    )
+    if final is not None:
+        message.parameters["triton_final_response"].bool_param = final
+    return message
+
+
+class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, repository: Repository, admission: Admission) -> None:
+        self.repository, self.admission = repository, admission
+        self._ready = repository.fns.ready
+
+    async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: grpc.aio.ServicerContext) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=await self._ready())
+
+    async def ModelReady(self, request: Any, context: grpc.aio.ServicerContext) -> pb.ModelReadyResponse:
+        async with self.answering(context, admit=False):
+            self.repository.get(request.name, request.version)
+            return pb.ModelReadyResponse(ready=await self._ready())
+
+    async def ServerMetadata(
+        self, request: Any, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        async with self.answering(context, admit=False):
+            return pb.ServerMetadataResponse(name="fnserve", version=version("fnserve"), extensions=[])
+
+    async def ModelMetadata(
+        self, request: Any, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        async with self.answering(context, admit=False):
+            meta = self.repository.get(request.name, request.version).metadata()
+            tensors = {
+                key: [pb.ModelMetadataResponse.TensorMetadata(**spec) for spec in meta[key]]
+                for key in ("inputs", "outputs")
+            }
+            return pb.ModelMetadataResponse(
+                name=meta["name"], versions=meta["versions"], platform=meta["platform"], **tensors
+            )
+
+    async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> pb.ModelConfigResponse:
+        """What Triton's tools read: tensors, no server-side batch dimension, and whether responses are
+        decoupled (many per request, as streamed generation is)."""
+        async with self.answering(context, admit=False):
+            model = self.repository.get(request.name, request.version)
+
+            def kind(datatype: str) -> int:
+                return mc.DataType.Value("TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}")
+
+            config = mc.ModelConfig(
+                name=model.name,
+                platform="pytorch",
+                max_batch_size=0,
+                input=[
+                    mc.ModelInput(name=s.name, data_type=kind(s.datatype), dims=s.shape, optional=s.optional)
+                    for s in model.inputs
+                ],
+                output=[
+                    mc.ModelOutput(name=s.name, data_type=kind(s.datatype), dims=s.shape)
+                    for s in model.outputs
+                ],
+                model_transaction_policy=mc.ModelTransactionPolicy(decoupled=model.decoupled),
+            )
+            return pb.ModelConfigResponse(config=config)
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        async with self.answering(context) as deadline:
+            model = self.repository.get(request.model_name, request.model_version)
+            inputs = decode_inputs(request)
+            if isinstance(model, EmbeddingModel):
+                return response(request, model, await model.infer(inputs, deadline))
+            assert isinstance(model, GenerationModel)
+            asked, _ = model.request(inputs, parameters(request))  # one whole answer, streamed or not
+            generation = await model.fn.start(asked, deadline)
+            text, done = await generation.text()
+            return response(request, model, model.final(text, generation.prompt_tokens, done))
+
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Each request runs as its own task and answers under its `id`, so requests interleave on one
+        stream. A request's error ends that request, not the stream. When the stream ends or is
+        cancelled, its requests still running are cancelled in the engine."""
+        async with self.answering(context, admit=False):
+            pass  # the key is checked once, for the whole stream
+        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        running: set[asyncio.Task[None]] = set()
+
+        async def read() -> None:
+            async for request in requests:
+                task = asyncio.create_task(self._stream_one(request, context, answers.put_nowait))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            while running:  # the client has sent everything: answer the rest, then end the stream
+                await asyncio.wait(list(running))
+            answers.put_nowait(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+            await reader  # a failure reading the stream surfaces here
+        finally:
+            for task in (reader, *running):
+                task.cancel()
+
+    async def _stream_one(
+        self,
+        request: pb.ModelInferRequest,
+        context: grpc.aio.ServicerContext,
+        put: Callable[[pb.ModelStreamInferResponse], None],
+    ) -> None:
+        def send(tensors: list[Tensor], final: bool) -> None:
+            put(pb.ModelStreamInferResponse(infer_response=response(request, model, tensors, final)))
+
+        model: Model | None = None
+        try:
+            if not self.admission.enter():
+                raise Abort(Code.RESOURCE_EXHAUSTED, self.admission.busy_message)
+            try:
+                deadline = self.admission.deadline(context.time_remaining())
+                model = self.repository.get(request.model_name, request.model_version)
+                inputs = decode_inputs(request)
+                if isinstance(model, EmbeddingModel):
+                    send(await model.infer(inputs, deadline), True)
+                    return
+                assert isinstance(model, GenerationModel)
+                asked, stream = model.request(inputs, parameters(request))
+                generation = await model.fn.start(asked, deadline)
+                if not stream:
+                    text, done = await generation.text()
+                    send(model.final(text, generation.prompt_tokens, done), True)
+                    return
+                async with generation:
+                    async for item in generation:
+                        if isinstance(item, Delta):
+                            send(model.delta(item.text), False)
+                        else:
+                            send(model.final("", generation.prompt_tokens, item), True)
+            finally:
+                self.admission.leave()
+        except (Refused, Abort) as exc:
+            code = CODES[exc.kind] if isinstance(exc, Refused) else exc.code
+            count(exc)
+            failed = pb.ModelInferResponse(id=request.id, model_name=request.model_name)
+            put(pb.ModelStreamInferResponse(error_message=f"[{code.name}] {exc}", infer_response=failed))
+        except Exception:
+            logger.exception("stream request %r failed", request.id)
+            failed = pb.ModelInferResponse(id=request.id, model_name=request.model_name)
+            put(
+                pb.ModelStreamInferResponse(
+                    error_message="[INTERNAL] internal error; see the server log", infer_response=failed
+                )
+            )
+
+    @asynccontextmanager
+    async def answering(self, context: grpc.aio.ServicerContext, admit: bool = True) -> AsyncIterator[float]:
+        """Checks the key, takes a place among the requests in flight (when `admit`) and gives the
+        request's deadline; a refusal ends the call with its status (never UNKNOWN)."""
+        metadata = dict(context.invocation_metadata() or ())
+        entered = False
+        try:
+            if not self.admission.authorized(metadata.get("authorization")):
+                rejected("unauthorized")
+                raise Abort(Code.UNAUTHENTICATED, "invalid or missing API key (authorization: Bearer <key>)")
+            if admit:
+                if not self.admission.enter():
+                    raise Abort(Code.RESOURCE_EXHAUSTED, self.admission.busy_message)
+                entered = True
+            yield self.admission.deadline(context.time_remaining())
+        except (Refused, Abort) as exc:
+            count(exc)
+            code = CODES[exc.kind] if isinstance(exc, Refused) else exc.code
+            await context.abort(code, str(exc))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("gRPC call failed")
+            await context.abort(Code.INTERNAL, "internal error; see the server log")
+        finally:
+            if entered:
+                self.admission.leave()
+
+
+def count(exc: Exception) -> None:
+    """Refusals for bad input are counted here; load and deadline ones where they were decided."""
+    if isinstance(exc, Refused) and exc.kind in ("invalid", "not_found"):
+        rejected("invalid")
+
+
+async def start(
+    repository: Repository,
+    admission: Admission,
+    address: str,
+    max_message_bytes: int,
+) -> grpc.aio.Server:
+    options = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 1),  # every worker binds the port
+    ]
+    server = grpc.aio.server(options=options)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(repository, admission), server)
+    server.add_insecure_port(address)
+    await server.start()
+    logger.info("OIP v2 gRPC on %s", address)
+    return server

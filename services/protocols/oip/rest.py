@@ -1,0 +1,296 @@
+"""The Open Inference Protocol v2 over REST, at /v2 on the HTTP port: health, metadata, `infer` (JSON
+and the binary tensor extension, tritonclient.http's default), and Triton's `generate` and
+`generate_stream` (SSE) extension for the chat model. Errors leave in the protocol's shape,
+`{"error": "<message>"}`, with a 4xx for anything the client can fix."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from importlib.metadata import version
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from fastapi.sse import format_sse_event
+from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.exceptions import HTTPException
+
+from services.admission import DEADLINE, rejected
+from services.functions.api import current
+from services.functions.chat import Delta, Generation
+from services.functions.types import Refused
+from services.protocols.oip.models import (
+    VERSION,
+    EmbeddingModel,
+    GenerationModel,
+    Model,
+    Repository,
+    repository_of,
+)
+from services.protocols.oip.tensors import (
+    Tensor,
+    bad_tensor,
+    bytes_tensor,
+    from_raw,
+    from_values,
+    to_raw,
+    to_values,
+)
+from services.protocols.sse import ClosingEventSourceResponse
+
+logger = logging.getLogger("bentoml.fnserve.oip")
+PREFIX = "/v2"
+HEADER_LENGTH = "Inference-Header-Content-Length"
+STATUS = {"invalid": 400, "not_found": 404, "queue_full": 429, "loading": 503, "deadline": 504, "failed": 500}
+
+
+def error_response(
+    status: int, message: str, code: str | None = None, headers: dict[str, Any] | None = None
+) -> JSONResponse:
+    """The protocol's error shape; refusals for load (429, 503) say when to try again."""
+    retry = {"Retry-After": "1"} if status in (429, 503) else {}
+    return JSONResponse({"error": message}, status_code=status, headers={**retry, **(headers or {})})
+
+
+app = FastAPI(title="fnserve Open Inference Protocol v2", docs_url=None, redoc_url=None, openapi_url=None)
+routes = APIRouter(prefix=PREFIX)
+
+
+@app.exception_handler(Refused)
+async def on_refused(_: Request, exc: Refused) -> JSONResponse:
+    if exc.kind in ("invalid", "not_found"):
+        rejected("invalid")  # load and deadline refusals are counted where they are decided
+    return error_response(STATUS[exc.kind], exc.message)
+
+
+@app.exception_handler(HTTPException)
+async def on_http_error(_: Request, exc: HTTPException) -> JSONResponse:
+    return error_response(exc.status_code, str(exc.detail))
+
+
+@app.exception_handler(Exception)
+async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unexpected error on %s", request.url.path)
+    return error_response(500, "internal error; see the server log")
+
+
+def repository() -> Repository:
+    return repository_of(current())
+
+
+class RequestedOutput(BaseModel):
+    name: str
+    parameters: dict[str, Any] = {}
+
+
+class InputTensor(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] = {}
+    data: Any = None
+
+
+class InferRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str | None = None
+    parameters: dict[str, Any] = {}
+    inputs: list[InputTensor]
+    outputs: list[RequestedOutput] = []
+
+
+def parse(model_cls: type[BaseModel], raw: bytes) -> Any:
+    try:
+        return model_cls.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        message = f"{where}: {first['msg']}" if where else first["msg"]
+        raise Refused("invalid", f"malformed request: {message}") from None
+
+
+async def infer_request(request: Request) -> tuple[InferRequest, dict[str, Tensor]]:
+    """The request's JSON header and its tensors, from JSON `data` or the binary section that follows
+    the header (its length in Inference-Header-Content-Length)."""
+    body = await request.body()
+    length = request.headers.get(HEADER_LENGTH)
+    binary = b""
+    if length is not None:
+        if not length.isdigit() or int(length) > len(body):
+            raise Refused("invalid", f"{HEADER_LENGTH} must be the JSON header's size, at most the body's")
+        body, binary = body[: int(length)], body[int(length) :]
+    parsed: InferRequest = parse(InferRequest, body)
+    inputs: dict[str, Tensor] = {}
+    offset = 0
+    for spec in parsed.inputs:
+        if spec.name in inputs:
+            raise bad_tensor(f"input '{spec.name}' is given twice")
+        size = spec.parameters.get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+                raise bad_tensor(f"input '{spec.name}': binary_data_size {size!r} runs past the binary data")
+            tensor = from_raw(spec.name, spec.datatype, spec.shape, binary[offset : offset + size])
+            offset += size
+        elif spec.data is None:
+            raise bad_tensor(f"input '{spec.name}' has neither data nor binary_data_size")
+        else:
+            tensor = from_values(spec.name, spec.datatype, spec.shape, spec.data)
+        inputs[spec.name] = tensor
+    if offset != len(binary):
+        raise Refused("invalid", f"{len(binary) - offset} bytes of binary data belong to no input")
+    return parsed, inputs
+
+
+def infer_response(parsed: InferRequest, model: Model, tensors: list[Tensor]) -> Response:
+    """JSON `data`, or binary outputs where the request asks for them (per output, or all with
+    `binary_data_output`)."""
+    asked = {output.name: output for output in parsed.outputs}
+    model.check_outputs(list(asked))
+    every_binary = bool(parsed.parameters.get("binary_data_output", False))
+    outputs, blobs = [], []
+    for tensor in tensors:
+        if asked and tensor.name not in asked:
+            continue
+        entry: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape}
+        wanted = asked.get(tensor.name)
+        if wanted.parameters.get("binary_data", every_binary) if wanted else every_binary:
+            blob = to_raw(tensor)
+            entry["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            entry["data"] = to_values(tensor)
+        outputs.append(entry)
+    head: dict[str, Any] = {"model_name": model.name, "model_version": VERSION, "outputs": outputs}
+    if parsed.id is not None:
+        head["id"] = parsed.id
+    header = orjson.dumps(head)
+    if not blobs:
+        return Response(header, media_type="application/json")
+    headers = {HEADER_LENGTH: str(len(header))}
+    return Response(header + b"".join(blobs), media_type="application/octet-stream", headers=headers)
+
+
+@routes.get("/health/live")
+async def live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@routes.get("/health/ready")
+async def server_ready() -> Response:
+    ok = await current().ready()
+    return JSONResponse({"ready": ok}, status_code=200 if ok else 503)
+
+
+@routes.get("")
+async def server_metadata() -> dict[str, Any]:
+    return {
+        "name": "fnserve",
+        "version": version("fnserve"),
+        "extensions": ["binary_tensor_data", "generate"],
+    }
+
+
+@routes.get("/models/{name}")
+@routes.get("/models/{name}/versions/{model_version}")
+async def model_metadata(name: str, model_version: str = "") -> dict[str, Any]:
+    return repository().get(name, model_version).metadata()
+
+
+@routes.get("/models/{name}/ready")
+@routes.get("/models/{name}/versions/{model_version}/ready")
+async def model_ready(name: str, model_version: str = "") -> Response:
+    repository().get(name, model_version)
+    ok = await current().ready()
+    return JSONResponse({"name": name, "ready": ok}, status_code=200 if ok else 503)
+
+
+@routes.post("/models/{name}/infer")
+@routes.post("/models/{name}/versions/{model_version}/infer")
+async def infer(name: str, request: Request, model_version: str = "") -> Response:
+    """One inference. The embedding model takes BYTES `text` [n] and answers FP32 `embedding` [n, 384];
+    the chat model answers its whole text (for tokens as they come, use generate_stream or gRPC's
+    ModelStreamInfer)."""
+    model = repository().get(name, model_version)
+    parsed, inputs = await infer_request(request)
+    if isinstance(model, EmbeddingModel):
+        return infer_response(parsed, model, await model.infer(inputs, DEADLINE.get()))
+    assert isinstance(model, GenerationModel)
+    asked, _ = model.request(inputs, parsed.parameters)
+    generation = await model.fn.start(asked, DEADLINE.get())
+    text, done = await generation.text()
+    return infer_response(parsed, model, model.final(text, generation.prompt_tokens, done))
+
+
+async def generate_request(
+    name: str, request: Request
+) -> tuple[GenerationModel, Generation, bool, dict[str, Any]]:
+    """Triton's generate extension: a JSON object of input values (`text_input`) and `parameters`."""
+    model = repository().get(name)
+    if not isinstance(model, GenerationModel):
+        raise Refused("invalid", f"model '{name}' does not generate text; use infer")
+    try:
+        body = orjson.loads(await request.body())
+    except orjson.JSONDecodeError as exc:
+        raise Refused("invalid", f"the body is not JSON: {exc}") from None
+    if not isinstance(body, dict) or not isinstance(body.get("text_input"), str):
+        raise Refused("invalid", "the body must be a JSON object with a string `text_input`")
+    parameters = body.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise Refused("invalid", "`parameters` must be a JSON object")
+    extra = {k: v for k, v in body.items() if k not in ("text_input", "parameters", "id")}
+    asked, stream = model.request(
+        {"text_input": bytes_tensor("text_input", body["text_input"])}, {**extra, **parameters}
+    )
+    head = {
+        "model_name": model.name,
+        "model_version": VERSION,
+        **({"id": body["id"]} if "id" in body else {}),
+    }
+    return model, await model.fn.start(asked, DEADLINE.get()), stream, head
+
+
+def outputs_json(head: dict[str, Any], tensors: list[Tensor]) -> dict[str, Any]:
+    values = {t.name: (to_values(t)[0] if t.shape == [1] else to_values(t)) for t in tensors}
+    return {**head, **values}
+
+
+@routes.post("/models/{name}/generate")
+async def generate(name: str, request: Request) -> Response:
+    model, generation, _, head = await generate_request(name, request)
+    text, done = await generation.text()
+    body = outputs_json(head, model.final(text, generation.prompt_tokens, done))
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
+@routes.post("/models/{name}/generate_stream")
+async def generate_stream(name: str, request: Request) -> Response:
+    """`data: {...}` per text delta, then one with the finish reason and token counts; an error after
+    the first event is sent as `data: {"error": ...}`."""
+    model, generation, _, head = await generate_request(name, request)
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            async for item in generation:
+                if isinstance(item, Delta):
+                    body = outputs_json(head, model.delta(item.text))
+                else:
+                    body = outputs_json(head, model.final("", generation.prompt_tokens, item))
+                yield format_sse_event(data_str=orjson.dumps(body).decode())
+        except Refused as exc:
+            yield format_sse_event(data_str=orjson.dumps({"error": exc.message}).decode())
+        finally:
+            await generation.aclose()
+
+    return ClosingEventSourceResponse(events())
+
+
+@routes.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+async def unknown_route(request: Request) -> None:
+    """Unmatched /v2 paths get the protocol's 404, not BentoML's plain-text one."""
+    raise Refused("not_found", f"no route {request.url.path}")
+
+
+app.include_router(routes)

@@ -1,0 +1,136 @@
+"""The OpenAI Files and Batches routes, onto the batch runner and its store (services/jobs/)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, Query, UploadFile
+from fastapi.responses import FileResponse, Response
+
+from services.functions.api import current
+from services.jobs.runner import BatchRunner
+from services.jobs.store import BadFile
+from services.protocols.openai.protocol import (
+    APIError,
+    Batch,
+    BatchCreateRequest,
+    BatchList,
+    FileDeleted,
+    FileList,
+    FileObject,
+)
+
+
+def runner() -> BatchRunner:
+    return current().jobs
+
+
+routes = APIRouter()
+
+
+@routes.post("/v1/files", response_model=FileObject)
+async def upload_file(file: Annotated[UploadFile, File()], purpose: Annotated[str, Form()]) -> FileObject:
+    """Upload a JSONL input file (purpose `batch`)."""
+    settings = runner().settings
+    if purpose != "batch":
+        raise APIError(400, "only purpose=batch is supported", "purpose")
+    content = await file.read(settings.batch_max_file_bytes + 1)
+    if len(content) > settings.batch_max_file_bytes:
+        raise APIError(
+            413, f"the file is over {settings.batch_max_file_bytes} bytes", "file", "file_too_large"
+        )
+    row = await asyncio.to_thread(runner().store.add_file, content, file.filename or "input.jsonl", purpose)
+    return FileObject.model_validate(row)
+
+
+@routes.get("/v1/files", response_model=FileList)
+async def list_files(purpose: str | None = None) -> FileList:
+    rows = await asyncio.to_thread(runner().store.list_files, purpose)
+    return FileList(data=[FileObject.model_validate(row) for row in rows])
+
+
+async def existing_file(file_id: str) -> dict[str, Any]:
+    row = await asyncio.to_thread(runner().store.get_file, file_id)
+    if row is None or not runner().store.file_path(file_id).exists():
+        raise APIError(404, f"no file {file_id}", "file_id", "not_found")
+    return row
+
+
+@routes.get("/v1/files/{file_id}", response_model=FileObject)
+async def retrieve_file(file_id: str) -> FileObject:
+    return FileObject.model_validate(await existing_file(file_id))
+
+
+@routes.get("/v1/files/{file_id}/content")
+async def file_content(file_id: str) -> Response:
+    await existing_file(file_id)
+    # Streamed from disk: an output file can be larger than memory should hold.
+    return FileResponse(runner().store.file_path(file_id), media_type="application/jsonl")
+
+
+@routes.delete("/v1/files/{file_id}", response_model=FileDeleted)
+async def delete_file(file_id: str) -> FileDeleted:
+    await existing_file(file_id)
+    return FileDeleted(id=file_id, deleted=await asyncio.to_thread(runner().store.delete_file, file_id))
+
+
+@routes.post("/v1/batches", response_model=Batch)
+async def create_batch(request: BatchCreateRequest) -> Batch:
+    """Start a batch over an uploaded file. Bad lines go to the error file; a file that is not JSONL, or
+    has more lines than the configured cap, is refused here."""
+    row = await existing_file(request.input_file_id)
+    if row["purpose"] != "batch":
+        raise APIError(400, f"file {request.input_file_id} is not a batch input file", "input_file_id")
+    store, settings = runner().store, runner().settings
+    try:
+        batch = await asyncio.to_thread(
+            store.create_batch,
+            request.input_file_id,
+            request.endpoint,
+            request.window_seconds,
+            request.completion_window,
+            request.metadata,
+            settings.batch_max_lines,
+        )
+    except BadFile as exc:
+        raise APIError(400, str(exc), "input_file_id", "invalid_file") from exc
+    except FileNotFoundError as exc:  # deleted between the check and the read
+        raise APIError(404, f"no file {request.input_file_id}", "input_file_id", "not_found") from exc
+    runner().wake()
+    return Batch.model_validate(batch)
+
+
+@routes.get("/v1/batches", response_model=BatchList)
+async def list_batches(
+    limit: Annotated[int, Query(ge=1, le=100)] = 20, after: str | None = None
+) -> BatchList:
+    rows = await asyncio.to_thread(runner().store.list_batches, limit + 1, after)
+    data = [Batch.model_validate(row) for row in rows[:limit]]
+    return BatchList(
+        data=data,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+        has_more=len(rows) > limit,
+    )
+
+
+async def existing_batch(batch_id: str) -> dict[str, Any]:
+    row = await asyncio.to_thread(runner().store.get_batch, batch_id)
+    if row is None:
+        raise APIError(404, f"no batch {batch_id}", "batch_id", "not_found")
+    return row
+
+
+@routes.get("/v1/batches/{batch_id}", response_model=Batch)
+async def retrieve_batch(batch_id: str) -> Batch:
+    return Batch.model_validate(await existing_batch(batch_id))
+
+
+@routes.post("/v1/batches/{batch_id}/cancel", response_model=Batch)
+async def cancel_batch(batch_id: str) -> Batch:
+    """Lines not started are settled as cancelled; running ones finish and are kept in the output."""
+    await existing_batch(batch_id)
+    await asyncio.to_thread(runner().store.end_batch, batch_id, "cancelled")
+    runner().wake()
+    return Batch.model_validate(await existing_batch(batch_id))

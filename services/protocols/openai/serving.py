@@ -1,0 +1,355 @@
+"""OpenAI-compatible routes: a thin translation of OpenAI's shapes onto the functions' API.
+
+Every error leaves as the OpenAI error shape, `{"error": {"message", "type", "param", "code"}}`, with a
+4xx for anything the client can fix; nothing escapes as a bare 500 with a trace.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from http import HTTPStatus
+from typing import Any
+
+import anyio
+import orjson
+from bentoml.exceptions import ServiceUnavailable
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.sse import format_sse_event
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
+
+from services.admission import DEADLINE, rejected
+from services.functions.api import Functions, current
+from services.functions.chat import Delta, Generation, GenerationRequest
+from services.functions.types import Refused
+from services.protocols.openai import batches
+from services.protocols.openai.protocol import (
+    APIError,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    ErrorResponse,
+    GenerationParams,
+    ModelCard,
+    ModelList,
+    error_body,
+    error_response,
+)
+from services.protocols.sse import ClosingEventSourceResponse
+
+logger = logging.getLogger("bentoml.fnserve.gateway")  # the server logs only the bentoml tree
+STARTED = int(time.time())
+CACHE_HEADER = "x-fnserve-cache"  # hit, partial or miss: how much of the answer came from the cache
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 404, 429, 503, 504)
+}
+
+
+class OrjsonResponse(Response):
+    """JSON written by orjson, which serialises numpy arrays natively: validating 384 floats per input
+    through a response model costs more than the forward pass of a short input."""
+
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+# FastAPI's own docs would show only these routes; BentoML's UI (/) and spec (/docs.json) show them all.
+app = FastAPI(title="fnserve OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
+routes = APIRouter()
+
+
+@app.exception_handler(APIError)
+async def on_api_error(_: Request, exc: APIError) -> JSONResponse:
+    if exc.status in (400, 404, 405, 413, 422):  # 429, 503 and 504 are counted where they are decided
+        rejected("too_large" if exc.status == 413 else "invalid")
+    return error_response(exc.status, exc.message, exc.param, exc.code)
+
+
+def invalid(errors: Sequence[Any]) -> APIError:
+    """A 400 that names the first problem pydantic found, and how many more there are."""
+    first = errors[0]
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    # A JSON syntax error's location is a character offset, not a parameter.
+    param = location[0] if location and first.get("type") != "json_invalid" else None
+    message = f"{'.'.join(location)}: {first['msg']}" if location else first["msg"]
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more problems)"
+    return APIError(400, message, param, first.get("type"))
+
+
+@app.exception_handler(RequestValidationError)
+async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    return await on_api_error(_, invalid(exc.errors()))
+
+
+@app.exception_handler(HTTPException)
+async def on_http_error(_: Request, exc: HTTPException) -> JSONResponse:
+    return error_response(exc.status_code, str(exc.detail), code=HTTPStatus(exc.status_code).phrase)
+
+
+@app.exception_handler(ServiceUnavailable)
+async def on_overload(_: Request, exc: ServiceUnavailable) -> JSONResponse:
+    rejected("overloaded")
+    return error_response(503, str(exc), code="overloaded")
+
+
+@app.exception_handler(Refused)
+async def on_refused(request: Request, exc: Refused) -> JSONResponse:
+    return await on_api_error(request, APIError.of(exc))
+
+
+@app.exception_handler(Exception)
+async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unexpected error on %s", request.url.path)
+    return error_response(500, "internal error; see the server log")
+
+
+def check_model(asked: str, served: str) -> None:
+    if asked.lower() != served:
+        raise APIError(404, f"The model `{asked}` does not exist", "model", "model_not_found")
+
+
+def cache_header(hit: bool | None, partial: bool = False) -> dict[str, str] | None:
+    """x-fnserve-cache: hit, partial or miss (how much of the answer came from the cache)."""
+    return None if hit is None else {CACHE_HEADER: "hit" if hit else "partial" if partial else "miss"}
+
+
+async def answer_embeddings(fns: Functions, request: EmbeddingRequest) -> OrjsonResponse:
+    fn = fns.embedding
+    check_model(request.model, fn.model_id)
+    if request.dimensions is not None and request.dimensions != fn.dimensions:
+        raise APIError(400, f"{fn.model_id} only returns {fn.dimensions} dimensions", "dimensions")
+    texts = request.texts
+    await fn.check(texts, field="input")
+    result = await fn.embed(texts, DEADLINE.get())  # queued inputs of a request that times out are dropped
+    as_base64 = request.encoding_format == "base64"
+    data = [
+        {
+            "object": "embedding",
+            "index": i,
+            "embedding": base64.b64encode(vector.tobytes()).decode() if as_base64 else vector,
+        }
+        for i, vector in enumerate(result.vectors)
+    ]
+    tokens = sum(result.tokens)
+    body = {
+        "object": "list",
+        "data": data,
+        "model": fn.model_id,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+    return OrjsonResponse(body, headers=cache_header(result.hits == len(texts), result.hits > 0))
+
+
+def generation_request(request: GenerationParams, **target: Any) -> GenerationRequest:
+    if request.n != 1:
+        raise APIError(400, "only n=1 is supported", "n")
+    return GenerationRequest(
+        max_tokens=request.token_budget,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        seed=request.seed,
+        stop=request.stops,
+        **target,
+    )
+
+
+async def answer_completion(fns: Functions, request: GenerationParams, chat: bool, **target: Any) -> Response:
+    """One chat completion or completion, streamed as SSE or answered whole."""
+    check_model(request.model, fns.chat.model_id)
+    generation = await fns.chat.start(generation_request(request, **target), DEADLINE.get())
+    chunks = ChunkWriter(chat, fns.chat.model_id, generation.prompt_tokens, request)
+    headers = cache_header(generation.cached)
+    if request.stream:
+        return ClosingEventSourceResponse(chunks.sse(generation), headers=headers)
+    try:
+        text, done = await generation.text()
+    finally:  # also when the handler is cancelled: the engine must drop the request then
+        with anyio.CancelScope(shield=True):
+            await generation.aclose()
+    return OrjsonResponse(chunks.whole(text, done.finish_reason, done.completion_tokens), headers=headers)
+
+
+async def answer_chat(fns: Functions, request: ChatCompletionRequest) -> Response:
+    return await answer_completion(
+        fns, request, chat=True, messages=[m.model_dump() for m in request.messages]
+    )
+
+
+async def answer_text_completion(fns: Functions, request: CompletionRequest) -> Response:
+    return await answer_completion(fns, request, chat=False, prompt=request.prompt)
+
+
+@routes.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERRORS)
+async def create_embeddings(request: EmbeddingRequest) -> OrjsonResponse:
+    """OpenAI embeddings. Inputs over the token window are truncated to it, or rejected with 400 when
+    FNSERVE_EMBEDDING_OVERFLOW=reject. Vectors of inputs seen recently come from a cache (x-fnserve-cache)."""
+    return await answer_embeddings(current(), request)
+
+
+class ChunkWriter:
+    """OpenAI response and stream-chunk bodies for one request."""
+
+    def __init__(self, chat: bool, model: str, prompt_tokens: int, request: GenerationParams) -> None:
+        self.chat, self.model, self.prompt_tokens = chat, model, prompt_tokens
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.include_usage = bool(request.stream_options and request.stream_options.include_usage)
+
+    def usage(self, completion_tokens: int) -> dict[str, int]:
+        total = self.prompt_tokens + completion_tokens
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": total,
+        }
+
+    def whole(self, text: str, reason: str, completion_tokens: int) -> dict[str, Any]:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": reason}
+        kind = "chat.completion" if self.chat else "text_completion"
+        return self.body(kind, [choice], usage=self.usage(completion_tokens))
+
+    def body(self, kind: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        head = {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+        return {**head, "choices": choices, **extra}
+
+    def chunk(self, text: str | None, reason: str | None = None, role: bool = False) -> bytes:
+        if self.chat:
+            delta: dict[str, str] = {"role": "assistant"} if role else {}
+            if text is not None:
+                delta["content"] = text
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": reason}
+        else:
+            choice = {"index": 0, "text": text or "", "finish_reason": reason}
+        extra = {"usage": None} if self.include_usage else {}
+        return self.sse_data(self.body(self.kind_chunk, [choice], **extra))
+
+    @property
+    def kind_chunk(self) -> str:
+        return "chat.completion.chunk" if self.chat else "text_completion"
+
+    @staticmethod
+    def sse_data(body: Any) -> bytes:
+        return format_sse_event(data_str=orjson.dumps(body).decode())
+
+    async def sse(self, generation: Generation) -> AsyncIterator[bytes]:
+        """`data: {chunk}` events, then `data: [DONE]`; a failure after the first byte is sent as an
+        `event: error` with the OpenAI error body, never as a silently truncated 200."""
+        try:
+            if self.chat:
+                yield self.chunk("", role=True)
+            async for item in generation:
+                if isinstance(item, Delta):
+                    yield self.chunk(item.text)
+                    continue
+                yield self.chunk(None if self.chat else "", item.finish_reason)
+                if self.include_usage:
+                    yield self.sse_data(
+                        self.body(self.kind_chunk, [], usage=self.usage(item.completion_tokens))
+                    )
+                yield format_sse_event(data_str="[DONE]")
+        except Exception as exc:
+            if isinstance(exc, Refused):
+                exc = APIError.of(exc)
+            elif not isinstance(exc, APIError):
+                logger.exception("stream failed")
+                exc = APIError(500, str(exc))
+            body = error_body(exc.status, exc.message, exc.param, exc.code)
+            yield format_sse_event(event="error", data_str=orjson.dumps(body).decode())
+        finally:
+            await generation.aclose()
+
+
+@routes.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERRORS)
+async def create_chat_completion(request: ChatCompletionRequest) -> Response:
+    """OpenAI chat completions; `stream: true` answers with Server-Sent Events. Deterministic requests
+    (temperature 0, or a seed) are answered from the response cache when they repeat."""
+    return await answer_chat(current(), request)
+
+
+@routes.post("/v1/completions", response_model=Completion, responses=ERRORS)
+async def create_completion(request: CompletionRequest) -> Response:
+    """OpenAI (legacy) completions over a raw prompt; `stream: true` answers with Server-Sent Events."""
+    return await answer_text_completion(current(), request)
+
+
+@routes.get("/engine/stats")
+async def engine_stats() -> dict[str, float]:
+    """The generation engine's occupancy: running and waiting requests, free share of its KV cache."""
+    return await current().chat.stats()
+
+
+@routes.get("/models/status")
+async def models_status() -> dict[str, Any]:
+    """Each model's state (`loaded`, `sleeping` or `loading`), device, and the choices made for it at
+    start-up with their reasons. The embedding model's state is the answering worker's: every worker
+    process holds its own copy."""
+    return await current().status()
+
+
+@routes.get("/v1/models", response_model=ModelList)
+async def list_models() -> ModelList:
+    return ModelList(data=[ModelCard(id=name, created=STARTED) for name in current().model_ids])
+
+
+ANSWERS: dict[str, tuple[type[BaseModel], Any]] = {
+    "/v1/embeddings": (EmbeddingRequest, answer_embeddings),
+    "/v1/chat/completions": (ChatCompletionRequest, answer_chat),
+    "/v1/completions": (CompletionRequest, answer_text_completion),
+}
+
+
+async def run_line(endpoint: str, body: dict[str, Any]) -> tuple[bool, str]:
+    """One batch line (an OpenAI request body) through the same translation as its online route:
+    (True, the output line's `response`) or (False, the error line's `error` with the `response`), as
+    JSON text. Server-side failures raise."""
+    schema, answer = ANSWERS[endpoint]
+    try:
+        try:
+            request = schema.model_validate(body)
+        except ValidationError as exc:
+            raise invalid(exc.errors()) from exc
+        if getattr(request, "stream", False):
+            raise APIError(400, "stream is not supported in batch requests", "stream")
+        try:
+            response = await answer(current(), request)
+        except Refused as exc:
+            raise APIError.of(exc) from exc
+    except APIError as exc:
+        if exc.status >= 500:
+            raise  # the server's fault, not the line's: the runner tries it again
+        status, detail = exc.status, error_body(exc.status, exc.message, exc.param, exc.code)
+    else:  # the body is spliced in as it is: decoding and re-encoding its floats would cost more
+        head = orjson.dumps({"status_code": 200, "request_id": uuid.uuid4().hex}).decode()
+        return True, f'{head[:-1]},"body":{response.body.decode()}}}'
+    error = {**detail["error"], "response": {"status_code": status, "body": detail}}
+    error["code"] = error["code"] or HTTPStatus(status).phrase.lower().replace(" ", "_")
+    return False, orjson.dumps(error).decode()
+
+
+app.include_router(routes)
+app.include_router(batches.routes)
+
+
+@app.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+async def unknown_route(request: Request) -> None:
+    """Registered last, so only unmatched /v1 paths reach it: BentoML's mount hands a path to this app
+    only when one of its routes matches, and would otherwise answer a plain-text 404."""
+    where = request.url.path
+    if any(getattr(route, "path", None) == where for route in routes.routes):
+        raise APIError(405, f"{request.method} is not allowed on {where}", code="method_not_allowed")
+    raise APIError(404, f"no route {where}", code="not_found")

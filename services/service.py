@@ -1,0 +1,152 @@
+"""The entry service: the one BentoML service callers reach. It holds this worker's functions (the
+embedding model in-process, the chat relay, the batch runner) and mounts every protocol on them: OpenAI
+REST, the Open Inference Protocol over REST and gRPC, BentoML's native endpoints, and batch lines."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+from collections.abc import AsyncGenerator
+from typing import Annotated
+
+import bentoml
+import numpy as np
+from bentoml.validators import Shape
+from pydantic import Field
+
+from models.catalog import CATALOG
+from services.admission import Admission
+from services.config import TIMEOUT_GRACE_SECONDS, get_settings
+from services.functions.api import Functions
+from services.functions.cache import response_cache
+from services.functions.chat import ChatFunction
+from services.functions.embedding import EmbeddingFunction
+from services.functions.generation import CHAT_DEFAULT_TOKENS, ChatMaxTokens, ChatMessages, Generator
+from services.functions.hardware import server_instance
+from services.functions.types import Text
+from services.jobs.runner import BatchRunner
+from services.jobs.store import BatchStore
+from services.protocols.guard import Guard
+from services.protocols.oip import grpc as oip_grpc
+from services.protocols.oip import rest as oip_rest
+from services.protocols.oip.models import repository_of
+from services.protocols.openai import serving as openai
+
+logger = logging.getLogger("bentoml.fnserve.service")  # under "bentoml": the server only logs that tree
+settings = get_settings()
+
+Texts = Annotated[
+    list[Annotated[Text, Field(min_length=1, max_length=settings.embedding_max_input_chars)]],
+    Field(min_length=1, max_length=settings.embedding_max_inputs),
+]
+Vectors = Annotated[np.ndarray, Shape((-1, -1))]  # the shape makes the OpenAPI response a 2-D array
+# One per worker process, shared by the HTTP middleware and the gRPC server: one bound covers both.
+ADMISSION = Admission(
+    settings.keys,
+    max_concurrency=math.ceil(settings.max_concurrency / settings.workers),  # BentoML's split, too
+    timeout_seconds=settings.request_timeout_seconds,
+)
+
+
+@bentoml.service(
+    name="fnserve",
+    resources={"cpu": str(os.cpu_count() or 1)},
+    # Admission (services/admission.py) enforces max_concurrency and the request deadline in each
+    # protocol's error shape; BentoML's own bounds sit above them as a backstop (its 429 and 504 are
+    # plain). `concurrency` is the autoscaling target on a cluster (as in deploy/), stated because a
+    # task endpoint would otherwise set it to 1 (BentoML does that for services with tasks).
+    traffic={
+        "timeout": settings.request_timeout_seconds + TIMEOUT_GRACE_SECONDS,
+        "max_concurrency": settings.max_concurrency * 2,
+        "concurrency": settings.max_concurrency // 2,
+    },
+    logging={"access": {"enabled": False}},
+    workers=settings.workers,
+)
+@bentoml.asgi_app(openai.app, path="/")
+@bentoml.asgi_app(oip_rest.app, path="/")
+class Frontend:
+    """The embedding model runs here, in the entry process, not behind a hop: a hop to its own process
+    cost more than half the throughput on short inputs (README, benchmarks)."""
+
+    embedding_model = bentoml.models.BentoModel(CATALOG[settings.embedding_model].tag)
+    generator = bentoml.depends(Generator)
+
+    def __init__(self) -> None:
+        embedding = EmbeddingFunction(settings, self.embedding_model.path)
+        chat = ChatFunction(
+            self.generator, settings, response_cache(settings.redis_url, settings.generation_cache_size)
+        )
+        jobs = BatchRunner(BatchStore(settings.batch_dir, server_instance()), openai.run_line, settings)
+        self.functions = Functions(embedding, chat, jobs)
+        if ADMISSION.open:
+            logger.warning(
+                "no API keys configured (FNSERVE_API_KEYS): every route and the gRPC port are open to "
+                "whoever reaches them; keep them on loopback (`make serve` binds 127.0.0.1 unless HOST "
+                "is set)"
+            )
+        self._tasks: list[asyncio.Task[None]] = []
+        self._grpc: oip_grpc.grpc.aio.Server | None = None
+
+    async def __is_ready__(self) -> bool:
+        """`/readyz`: ready once the generation service answers too."""
+        return await self.functions.ready()
+
+    @bentoml.on_startup
+    async def start_background_tasks(self) -> None:
+        """The batch runner, the idle release, and the gRPC server, on this worker's event loop."""
+        fns = self.functions
+        self._tasks = [
+            asyncio.create_task(fns.jobs.run()),
+            asyncio.create_task(fns.embedding.slot.release_when_idle()),
+        ]
+        if settings.grpc_port:
+            address = f"{settings.grpc_host}:{settings.grpc_port}"
+            self._grpc = await oip_grpc.start(repository_of(fns), ADMISSION, address, settings.max_body_bytes)
+
+    @bentoml.on_shutdown
+    async def stop_background_tasks(self) -> None:
+        if self._grpc is not None:
+            await self._grpc.stop(grace=5)
+        for task in self._tasks:
+            task.cancel()
+        await self.functions.jobs.settle()  # lines still running are claimed again by the next server
+
+    @bentoml.api
+    async def chat(
+        self,
+        messages: ChatMessages,
+        max_tokens: ChatMaxTokens = CHAT_DEFAULT_TOKENS,
+    ) -> AsyncGenerator[str, None]:
+        """Native BentoML streaming chat (greedy text deltas), relayed from the generation service, whose
+        own port is private to `bentoml serve`."""
+        async for delta in self.generator.chat(messages=messages, max_tokens=max_tokens):
+            yield delta
+
+    @bentoml.task
+    async def write(self, messages: ChatMessages, max_tokens: ChatMaxTokens = CHAT_DEFAULT_TOKENS) -> str:
+        """BentoML task: one long greedy answer, submitted and collected later by BentoML's clients.
+        BentoML keeps task state in a file that `bentoml serve` deletes at start, and cannot cancel
+        locally: durable, resumable or bulk work belongs in /v1/batches."""
+        return "".join(
+            [delta async for delta in self.generator.chat(messages=messages, max_tokens=max_tokens)]
+        )
+
+    @bentoml.api(
+        batchable=True,
+        max_batch_size=settings.embedding_batch_size,
+        max_latency_ms=settings.embedding_max_latency_ms,
+    )
+    async def encode(self, texts: Texts) -> Vectors:
+        """Native BentoML endpoint: unit vectors for a list of texts, truncated to the model window."""
+        return await self.functions.embedding.encode_unbatched(texts)
+
+
+Frontend.add_asgi_middleware(
+    Guard,
+    admission=ADMISSION,
+    max_body_bytes=settings.max_body_bytes,
+    upload_bytes=settings.batch_max_file_bytes + 2**20,  # room for multipart framing: the route checks it
+)
