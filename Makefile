@@ -22,9 +22,9 @@ models: $(VENV)/.installed
 	$(BIN)/python -m models.importer
 
 serve: models
-	@echo "fnserve: OpenAPI page at http://$(HOST):$(PORT)/ (spec: http://$(HOST):$(PORT)/docs.json)"
+	@echo "fnserve: OpenAPI page at http://$(HOST):$(PORT)/ (spec: http://$(HOST):$(PORT)/docs.json); OIP gRPC on $(HOST):$${FNSERVE_GRPC_PORT:-3001}"
 	@[ -n "$$FNSERVE_API_KEYS" ] || echo "fnserve: no FNSERVE_API_KEYS set: every route is open; bound to $(HOST)"
-	$(BIN)/bentoml serve $(SERVICE) --host $(HOST) --port $(PORT)
+	FNSERVE_GRPC_HOST=$${FNSERVE_GRPC_HOST:-$(HOST)} $(BIN)/bentoml serve $(SERVICE) --host $(HOST) --port $(PORT)
 
 test: models
 	$(BIN)/python -m pytest

@@ -30,18 +30,27 @@ class Deployment:
     image: str = os.environ.get("IMAGE", "fnserve:latest")
     name: str = "fnserve"
     port: int = 3000  # `bentoml serve` and the container's default
+    grpc_port: int = 3001  # FNSERVE_GRPC_PORT's default
     cpu: str = "2000m"
     memory: str = "4Gi"
-    env: dict[str, str] = field(default_factory=lambda: {"BENTOML_DO_NOT_TRACK": "true"})
+    env: dict[str, str] = field(
+        default_factory=lambda: {"BENTOML_DO_NOT_TRACK": "true", "FNSERVE_GRPC_HOST": "0.0.0.0"}
+    )
 
 
-def container(spec: Deployment, settings: Settings) -> dict[str, Any]:
+def container(spec: Deployment, settings: Settings, grpc_port: bool = False) -> dict[str, Any]:
+    """Knative (and KServe on it) route one port per container, so only a plain Deployment declares the
+    gRPC port; the server listens on it everywhere (README, Kubernetes)."""
     probe = {"httpGet": {"path": "/readyz", "port": spec.port}, "periodSeconds": 5, "failureThreshold": 3}
+    ports = [{"name": "http1", "containerPort": spec.port, "protocol": "TCP"}]
+    if grpc_port:
+        ports.append({"name": "grpc", "containerPort": spec.grpc_port, "protocol": "TCP"})
+    env = {**spec.env, "FNSERVE_GRPC_PORT": str(spec.grpc_port)}
     return {
         "name": spec.name,
         "image": spec.image,
-        "ports": [{"name": "http1", "containerPort": spec.port, "protocol": "TCP"}],
-        "env": [{"name": key, "value": value} for key, value in spec.env.items()],
+        "ports": ports,
+        "env": [{"name": key, "value": value} for key, value in env.items()],
         "resources": {
             "requests": {"cpu": spec.cpu, "memory": spec.memory},
             "limits": {"cpu": spec.cpu, "memory": spec.memory},
@@ -118,7 +127,7 @@ def keda_http(spec: Deployment, settings: Settings) -> list[dict[str, Any]]:
                 "metadata": {"labels": labels},
                 "spec": {
                     "terminationGracePeriodSeconds": settings.request_timeout_seconds,
-                    "containers": [container(spec, settings)],
+                    "containers": [container(spec, settings, grpc_port=True)],
                 },
             },
         },
@@ -127,7 +136,13 @@ def keda_http(spec: Deployment, settings: Settings) -> list[dict[str, Any]]:
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {"name": spec.name, "labels": labels},
-        "spec": {"selector": labels, "ports": [{"name": "http", "port": spec.port, "targetPort": spec.port}]},
+        "spec": {
+            "selector": labels,
+            "ports": [
+                {"name": "http", "port": spec.port, "targetPort": spec.port},
+                {"name": "grpc", "port": spec.grpc_port, "targetPort": spec.grpc_port, "appProtocol": "grpc"},
+            ],
+        },
     }
     scaled = {
         "apiVersion": "http.keda.sh/v1alpha1",
@@ -158,7 +173,7 @@ def bentocloud(spec: Deployment, settings: Settings) -> dict[str, Any]:
         "access_authorization": True,
         "envs": [{"name": key, "value": value} for key, value in spec.env.items()],
         "services": {
-            "embedding": {
+            "fnserve": {
                 "instance_type": "cpu.2",
                 "scaling": {
                     "min_replicas": 0,

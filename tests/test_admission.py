@@ -10,7 +10,8 @@ import openai
 import pytest
 from starlette.types import Receive, Scope, Send
 
-from services.admission import Guard
+from services.admission import Admission
+from services.protocols.guard import Guard
 from tests.server import LONG, serve
 
 KEYS = ("first-key", "second-key")
@@ -85,7 +86,9 @@ def test_requests_past_the_concurrency_bound_get_429_and_probes_still_answer() -
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
 
-    guard = Guard(slow_app, [], max_body_bytes=100, upload_bytes=100, max_concurrency=2, timeout_seconds=5)
+    guard = Guard(
+        slow_app, Admission([], max_concurrency=2, timeout_seconds=5), max_body_bytes=100, upload_bytes=100
+    )
 
     async def scenario() -> tuple[list[httpx.Response], httpx.Response, httpx.Response]:
         transport = httpx.ASGITransport(app=guard)

@@ -78,9 +78,9 @@ def test_keda_http_add_on_variant() -> None:
 
 
 def test_bentocloud_deployment_scales_every_service_to_zero() -> None:
-    from services.embedding import Embedder
+    from services.service import Frontend
 
     [document] = load("bentocloud-deployment.yaml")
-    names = {Embedder.name, *(dep.on.name for dep in Embedder.dependencies.values())}
+    names = {Frontend.name, *(dep.on.name for dep in Frontend.dependencies.values())}
     assert set(document["services"]) == names
     assert all(service["scaling"]["min_replicas"] == 0 for service in document["services"].values())

@@ -1,5 +1,6 @@
-"""`make container-test`: run the image on a loopback port, wait for /readyz, check an embedding and a
-streamed chat, then stop and remove the container (also when a check fails)."""
+"""`make container-test`: run the image on loopback ports, wait for /readyz, check an embedding and a
+streamed chat over HTTP, and the same over the OIP gRPC port with tritonclient, then stop and remove the
+container (also when a check fails)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
+import tritonclient.grpc as tg
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -30,7 +33,7 @@ def docker_env() -> dict[str, str]:
 
 def main() -> None:
     image = os.environ.get("IMAGE", "fnserve:latest")
-    env, port = docker_env(), free_port()
+    env, port, grpc_port = docker_env(), free_port(), free_port()
     run = [
         "docker",
         "run",
@@ -41,6 +44,10 @@ def main() -> None:
         f"BENTOML_PORT={port}",
         "-e",
         "BENTOML_HOST=127.0.0.1",
+        "-e",
+        f"FNSERVE_GRPC_PORT={grpc_port}",
+        "-e",
+        "FNSERVE_GRPC_HOST=127.0.0.1",
     ]
     container = subprocess.run(
         [*run, image], env=env, check=True, capture_output=True, text=True
@@ -78,6 +85,7 @@ def main() -> None:
         text = "".join(json.loads(event)["choices"][0]["delta"].get("content") or "" for event in events[:-1])
         assert "Paris" in text and len(events) > 5, events
         print(f"embedding: 384 dimensions; streamed chat: {len(events) - 1} chunks, {text!r}")
+        grpc_checks(f"127.0.0.1:{grpc_port}")
         print("container test passed")
     except BaseException:
         logs = subprocess.run(["docker", "logs", container], env=env, capture_output=True, text=True)
@@ -85,6 +93,25 @@ def main() -> None:
         raise
     finally:
         subprocess.run(["docker", "rm", "-f", container], env=env, capture_output=True)
+
+
+def grpc_checks(address: str) -> None:
+    client = tg.InferenceServerClient(address)
+    assert client.is_server_ready()
+    texts = tg.InferInput("text", [1], "BYTES")
+    texts.set_data_from_numpy(np.array([b"hello"], dtype=object))
+    vectors = client.infer("all-minilm-l6-v2", [texts]).as_numpy("embedding")
+    assert vectors.shape == (1, 384), vectors.shape
+    answers: list[tuple[object, object]] = []
+    client.start_stream(callback=lambda result, error: answers.append((result, error)))
+    prompt = tg.InferInput("text_input", [1], "BYTES")
+    prompt.set_data_from_numpy(np.array([b"The capital of France is"], dtype=object))
+    stream = tg.InferInput("stream", [1], "BOOL")
+    stream.set_data_from_numpy(np.array([True]))
+    client.async_stream_infer("smollm2-135m-instruct", [prompt, stream], request_id="1")
+    client.stop_stream()  # waits for the request's responses
+    assert answers and all(error is None for _, error in answers), answers
+    print(f"gRPC: embedding (1, 384); streamed generation: {len(answers)} responses")
 
 
 if __name__ == "__main__":

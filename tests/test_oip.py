@@ -1,0 +1,387 @@
+"""The Open Inference Protocol v2 over gRPC and REST, with Triton's official clients against a real
+`bentoml serve`: the same functions as the OpenAI routes, the same admission, errors the caller can act on."""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import httpx
+import numpy as np
+import orjson
+import pytest
+import tritonclient.grpc as tg
+import tritonclient.http as th
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc as pb_grpc
+from tritonclient.utils import InferenceServerException
+
+from tests.server import CACHES_OFF, LONG, free_port, serve
+
+KEY = "oip-key"
+
+
+def auth() -> dict[str, str]:
+    """A fresh dict for each call: tritonclient adds its own entries to the headers it is given."""
+    return {"authorization": f"Bearer {KEY}"}
+
+
+EMBEDDER = "all-minilm-l6-v2"
+CHAT = "smollm2-135m-instruct"
+STORY = "Once upon a time, in a land far away, there lived a dragon who"  # runs on for 500 tokens
+TEXTS = ["Grüße aus Köln", "日本語の文章です", "emoji 🚀 and ascii"]
+
+
+@dataclass
+class Server:
+    url: str
+    grpc: str
+
+    def grpc_client(self) -> tg.InferenceServerClient:
+        return tg.InferenceServerClient(self.grpc)
+
+    def http_client(self) -> th.InferenceServerClient:
+        return th.InferenceServerClient(self.url.removeprefix("http://"), network_timeout=LONG)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    """fp32 and no caches: greedy answers then do not depend on what else is in the batch, and every
+    answer is computed, so the protocols can be compared token for token."""
+    port = free_port()
+    env = {
+        **CACHES_OFF,
+        "FNSERVE_GRPC_PORT": str(port),
+        "FNSERVE_API_KEYS": KEY,
+        "FNSERVE_EMBEDDING_DTYPE": "float32",
+        "FNSERVE_GENERATION_DTYPE": "float32",
+    }
+    with serve(env=env) as url:
+        yield Server(url, f"127.0.0.1:{port}")
+
+
+def http(server: Server) -> httpx.Client:
+    return httpx.Client(base_url=server.url, headers=auth(), timeout=LONG)
+
+
+def text_input(name: str, texts: list[str], module: object = tg) -> object:
+    tensor = module.InferInput(name, [len(texts)], "BYTES")  # type: ignore[attr-defined]
+    tensor.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=object))
+    return tensor
+
+
+def generation_inputs(prompt: str, max_tokens: int, stream: bool = True) -> list[tg.InferInput]:
+    flag = tg.InferInput("stream", [1], "BOOL")
+    flag.set_data_from_numpy(np.array([stream]))
+    sampling = f'{{"temperature": 0, "max_tokens": {max_tokens}}}'
+    return [text_input("text_input", [prompt]), flag, text_input("sampling_parameters", [sampling])]
+
+
+def openai_completion(server: Server, prompt: str, max_tokens: int) -> str:
+    body = {"model": CHAT, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+    with http(server) as client:
+        response = client.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()["choices"][0]["text"]
+
+
+def openai_vectors(server: Server, texts: list[str]) -> np.ndarray:
+    with http(server) as client:
+        response = client.post("/v1/embeddings", json={"model": EMBEDDER, "input": texts})
+    assert response.status_code == 200, response.text
+    return np.array([item["embedding"] for item in response.json()["data"]], dtype=np.float32)
+
+
+def grpc_error(call: object) -> InferenceServerException:
+    with pytest.raises(InferenceServerException) as caught:
+        call()  # type: ignore[operator]
+    return caught.value
+
+
+class Stream:
+    """One ModelStreamInfer stream, its responses in arrival order."""
+
+    def __init__(self, client: tg.InferenceServerClient) -> None:
+        self.client, self.answers = client, queue.Queue()
+        client.start_stream(callback=lambda result, error: self.answers.put((result, error)), headers=auth())
+
+    def send(self, request_id: str, inputs: list[tg.InferInput], model: str = CHAT) -> None:
+        self.client.async_stream_infer(model, inputs, request_id=request_id)
+
+    def next(self) -> tuple[tg.InferResult | None, InferenceServerException | None]:
+        return self.answers.get(timeout=LONG)
+
+    def collect(self, ids: set[str]) -> tuple[dict[str, str], list[str]]:
+        """Joined text per request until each has its final response, and the ids in arrival order."""
+        texts, order, finished = dict.fromkeys(ids, ""), [], set()
+        while finished != ids:
+            result, error = self.next()
+            assert error is None, error
+            request_id = result.get_response().id
+            order.append(request_id)
+            texts[request_id] += result.as_numpy("text_output")[0].decode()
+            if result.as_numpy("finish_reason") is not None:
+                finished.add(request_id)
+        return texts, order
+
+
+def test_health_and_metadata_over_grpc_and_http(server: Server) -> None:
+    grpc_client, http_client = server.grpc_client(), server.http_client()
+    assert grpc_client.is_server_live() and grpc_client.is_server_ready()
+    assert http_client.is_server_live() and http_client.is_server_ready()
+    for model in (EMBEDDER, CHAT):
+        assert grpc_client.is_model_ready(model, headers=auth())
+        assert http_client.is_model_ready(model, headers=auth())
+    meta = grpc_client.get_model_metadata(EMBEDDER, headers=auth(), as_json=True)
+    assert meta["inputs"] == [{"name": "text", "datatype": "BYTES", "shape": ["-1"]}]
+    assert meta["outputs"] == [{"name": "embedding", "datatype": "FP32", "shape": ["-1", "384"]}]
+    chat = http_client.get_model_metadata(CHAT, headers=auth())
+    assert [t["name"] for t in chat["outputs"]] == [
+        "text_output",
+        "finish_reason",
+        "num_input_tokens",
+        "num_output_tokens",
+    ]
+    config = grpc_client.get_model_config(CHAT, headers=auth(), as_json=True)["config"]
+    assert config["model_transaction_policy"]["decoupled"] is True
+    assert grpc_client.get_server_metadata(headers=auth()).name == "fnserve"
+    missing = grpc_error(lambda: grpc_client.get_model_metadata("no-such-model", headers=auth()))
+    assert missing.status() == "StatusCode.NOT_FOUND" and "no-such-model" in missing.message()
+    with http(server) as client:
+        response = client.get("/v2/models/no-such-model")
+    assert response.status_code == 404 and "no-such-model" in response.json()["error"]
+
+
+def test_embeddings_over_grpc_and_http_equal_the_openai_route(server: Server) -> None:
+    expected = openai_vectors(server, TEXTS)
+    over_grpc = server.grpc_client().infer(EMBEDDER, [text_input("text", TEXTS)], headers=auth())
+    over_http = server.http_client().infer(EMBEDDER, [text_input("text", TEXTS, th)], headers=auth())
+    for result in (over_grpc, over_http):
+        vectors = result.as_numpy("embedding")
+        assert vectors.dtype == np.float32 and vectors.shape == (3, 384)
+        np.testing.assert_allclose(vectors, expected, rtol=0, atol=1e-6)
+
+
+def test_an_empty_text_is_invalid_argument_as_rest_refuses_it(server: Server) -> None:
+    texts = ["fine", ""]
+    error = grpc_error(
+        lambda: server.grpc_client().infer(EMBEDDER, [text_input("text", texts)], headers=auth())
+    )
+    assert error.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "text[1] is an empty string" in error.message()
+    with http(server) as client:
+        openai_route = client.post("/v1/embeddings", json={"model": EMBEDDER, "input": texts})
+        assert openai_route.status_code == 400
+        body = {"inputs": [{"name": "text", "shape": [2], "datatype": "BYTES", "data": texts}]}
+        oip_route = client.post(f"/v2/models/{EMBEDDER}/infer", json=body)
+    assert oip_route.status_code == 400 and "text[1] is an empty string" in oip_route.json()["error"]
+    result = server.grpc_client().infer(EMBEDDER, [text_input("text", ["next"])], headers=auth())
+    assert result.as_numpy("embedding").shape == (1, 384)
+
+
+def test_streamed_generation_equals_the_openai_answer(server: Server) -> None:
+    prompt = "The three primary colours are"
+    expected = openai_completion(server, prompt, 24)
+    stream = Stream(server.grpc_client())
+    try:
+        stream.send("only", generation_inputs(prompt, 24))
+        texts, order = stream.collect({"only"})
+    finally:
+        stream.client.stop_stream()
+    assert texts["only"] == expected
+    assert len(order) > 3  # token by token, not one answer
+    unary = server.grpc_client().infer(CHAT, generation_inputs(prompt, 24, stream=False), headers=auth())
+    assert unary.as_numpy("text_output")[0].decode() == expected
+    assert unary.as_numpy("num_output_tokens")[0] == 24
+    assert unary.as_numpy("finish_reason")[0] == b"length"
+
+
+def test_two_requests_interleave_on_one_stream(server: Server) -> None:
+    prompts = {"first": "Count from one to twenty:", "second": "List some fruits:"}
+    expected = {rid: openai_completion(server, prompt, 32) for rid, prompt in prompts.items()}
+    stream = Stream(server.grpc_client())
+    try:
+        for rid, prompt in prompts.items():
+            stream.send(rid, generation_inputs(prompt, 32))
+        texts, order = stream.collect(set(prompts))
+    finally:
+        stream.client.stop_stream()
+    assert texts == expected
+    # Both were generated together: the second began before the first was done.
+    assert order.index("second") < len(order) - 1 - order[::-1].index("first")
+
+
+def test_a_bad_request_on_a_stream_fails_alone(server: Server) -> None:
+    stream = Stream(server.grpc_client())
+    try:
+        bad = generation_inputs("Hello", 8)
+        bad[2] = text_input("sampling_parameters", ['{"temperature": 0, "beam_width": 4}'])
+        stream.send("bad", bad)
+        result, error = stream.next()
+        assert result is None and "INVALID_ARGUMENT" in str(error) and "beam_width" in str(error)
+        stream.send("good", generation_inputs("Hello", 8))
+        texts, _ = stream.collect({"good"})
+    finally:
+        stream.client.stop_stream()
+    assert texts["good"] == openai_completion(server, "Hello", 8)
+
+
+def engine_idle(server: Server) -> None:
+    wait_until = time.monotonic() + LONG
+    with http(server) as client:
+        while (stats := client.get("/engine/stats").json())["running"] or stats["waiting"]:
+            assert time.monotonic() < wait_until, stats
+            time.sleep(0.1)
+
+
+def generated_tokens(server: Server) -> float:
+    with http(server) as client:
+        lines = client.get("/metrics").text.splitlines()
+    return sum(
+        float(line.split()[-1])
+        for line in lines
+        if line.startswith("fnserve_generation_completion_tokens_total")
+    )
+
+
+def test_cancelling_a_stream_frees_its_request_in_the_engine(server: Server) -> None:
+    before = generated_tokens(server)
+    stream = Stream(server.grpc_client())
+    stream.send("long", generation_inputs(STORY, 500))
+    for _ in range(5):
+        result, error = stream.next()
+        assert error is None, error
+    with http(server) as client:
+        assert client.get("/engine/stats").json()["running"] == 1
+    stream.client.stop_stream(cancel_requests=True)
+    engine_idle(server)
+    assert generated_tokens(server) - before < 450  # cut: far from the 500 tokens it asked for
+
+
+def test_a_missing_or_wrong_key_is_unauthenticated(server: Server) -> None:
+    client = server.grpc_client()
+    for headers in ({}, {"authorization": "Bearer wrong"}):
+        error = grpc_error(lambda h=headers: client.infer(EMBEDDER, [text_input("text", ["x"])], headers=h))
+        assert error.status() == "StatusCode.UNAUTHENTICATED"
+    assert client.is_server_live()  # probes need no key, as over HTTP
+    with httpx.Client(base_url=server.url, timeout=LONG) as anonymous:
+        response = anonymous.get(f"/v2/models/{EMBEDDER}")
+    assert response.status_code == 401 and "API key" in response.json()["error"]
+
+
+def test_a_grpc_deadline_cancels_the_generation(server: Server) -> None:
+    # Sized from this machine's own speed: 16 tokens' time, from a short answer, so a request for 400
+    # tokens always runs past it.
+    client = server.grpc_client()
+    prompt = STORY
+    start = time.monotonic()
+    client.infer(CHAT, generation_inputs(prompt, 16, stream=False), headers=auth())
+    per_token = (time.monotonic() - start) / 16
+    before = generated_tokens(server)
+    error = grpc_error(
+        lambda: client.infer(
+            CHAT, generation_inputs(prompt, 400, stream=False), headers=auth(), client_timeout=16 * per_token
+        )
+    )
+    assert error.status() == "StatusCode.DEADLINE_EXCEEDED"
+    engine_idle(server)
+    assert generated_tokens(server) - before < 400
+    again = client.infer(CHAT, generation_inputs("Hi", 4, stream=False), headers=auth())
+    assert again.as_numpy("num_output_tokens")[0] == 4
+
+
+def raw_infer(server: Server, request: pb.ModelInferRequest) -> grpc.RpcError | pb.ModelInferResponse:
+    with grpc.insecure_channel(server.grpc) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        try:
+            return stub.ModelInfer(request, metadata=tuple(auth().items()), timeout=LONG)
+        except grpc.RpcError as error:
+            return error
+
+
+def tensor(name: str, datatype: str, shape: list[int]) -> pb.ModelInferRequest.InferInputTensor:
+    return pb.ModelInferRequest.InferInputTensor(name=name, datatype=datatype, shape=shape)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "raw", "problem"),
+    [
+        ([tensor("text", "FP32", [1])], [b"\0\0\0\0"], "must be BYTES"),
+        ([tensor("text", "BYTES", [1, 2])], [b"\1\0\0\0a\1\0\0\0b"], "shape [n] or [n, 1]"),
+        ([tensor("text", "BYTES", [2])], [b"\1\0\0\0a"], "needs 2 elements"),
+        ([tensor("text", "BYTES", [1])], [b"\x09\0\0\0a"], "runs past the end"),
+        ([tensor("text", "BYTES", [1])], [], "needs 1 elements, the data has 0"),
+        ([tensor("text", "FP16", [1])], [], "must come in raw_input_contents"),
+        ([tensor("text", "BYTES", [1]), tensor("text", "BYTES", [1])], [b"\1\0\0\0a"] * 2, "given twice"),
+        ([tensor("words", "BYTES", [1])], [b"\1\0\0\0a"], "no input 'words'"),
+        ([tensor("text", "BYTES", [1])], [b"\2\0\0\0\xff\xfe"], "not UTF-8"),
+        ([tensor("text", "NOPE", [1])], [b""], "unknown datatype"),
+    ],
+)
+def test_malformed_tensors_are_invalid_argument_and_the_next_call_is_served(
+    server: Server, inputs: list[pb.ModelInferRequest.InferInputTensor], raw: list[bytes], problem: str
+) -> None:
+    request = pb.ModelInferRequest(model_name=EMBEDDER, inputs=inputs, raw_input_contents=raw)
+    error = raw_infer(server, request)
+    assert isinstance(error, grpc.RpcError)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert problem in error.details()
+    good = pb.ModelInferRequest(
+        model_name=EMBEDDER, inputs=[tensor("text", "BYTES", [1])], raw_input_contents=[b"\2\0\0\0ok"]
+    )
+    answer = raw_infer(server, good)
+    assert isinstance(answer, pb.ModelInferResponse) and answer.outputs[0].shape == [1, 384]
+
+
+BINARY_HEAD = orjson.dumps(
+    {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": 99}}]}
+)
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "problem"),
+    [
+        (b"{not json", {}, "malformed request"),
+        (b'{"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES"}]}', {}, "neither data nor"),
+        (
+            BINARY_HEAD + b"\1\0\0\0a",
+            {"Inference-Header-Content-Length": str(len(BINARY_HEAD))},
+            "binary_data_size",
+        ),
+        (
+            b'{"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [3]}]}',
+            {},
+            "must be strings",
+        ),
+    ],
+)
+def test_malformed_rest_infer_bodies_get_400(
+    server: Server, body: bytes, headers: dict[str, str], problem: str
+) -> None:
+    with http(server) as client:
+        response = client.post(f"/v2/models/{EMBEDDER}/infer", content=body, headers=headers)
+        assert response.status_code == 400, response.text
+        assert problem in response.json()["error"]
+        ok = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": ["ok"]}]}
+        assert client.post(f"/v2/models/{EMBEDDER}/infer", json=ok).status_code == 200
+
+
+def test_triton_generate_and_generate_stream(server: Server) -> None:
+    prompt = "The capital of France is"
+    expected = openai_completion(server, prompt, 12)
+    body = {"text_input": prompt, "parameters": {"temperature": 0, "max_tokens": 12}}
+    with http(server) as client:
+        whole = client.post(f"/v2/models/{CHAT}/generate", json=body).json()
+        with client.stream("POST", f"/v2/models/{CHAT}/generate_stream", json=body) as response:
+            events = [line for line in response.iter_lines() if line.startswith("data: ")]
+        refused = client.post(
+            f"/v2/models/{CHAT}/generate", json={"text_input": prompt, "parameters": {"top_k": 3}}
+        )
+    assert whole["text_output"] == expected and whole["num_output_tokens"] == 12
+    parts = [httpx.Response(200, content=line[6:]).json() for line in events]
+    assert "".join(part["text_output"] for part in parts) == expected
+    assert parts[-1]["finish_reason"] == "length" and len(parts) > 3
+    assert refused.status_code == 400 and "top_k" in refused.json()["error"]
