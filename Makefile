@@ -8,7 +8,7 @@ SERVICE := services.service:Frontend
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: serve test test-beside-hog models bench bench-chat bench-batch bench-engine bench-coldstart bench-spike lint build container container-test
+.PHONY: serve test test-beside-hog models bench bench-grpc bench-chat bench-batch bench-engine bench-coldstart bench-spike lint build container container-test
 
 # torch is installed first, alone: `pip install torch==2.13.0` takes the local CPU wheel on a machine
 # without a GPU, so the project install that follows finds it satisfied instead of fetching a CUDA build.
@@ -43,6 +43,11 @@ lint: $(VENV)/.installed
 bench: models
 	command -v wrk >/dev/null || (apt-get install -y wrk || (apt-get update && apt-get install -y wrk))
 	$(BIN)/python loadtests/bench_embeddings.py
+
+# Needs `wrk` and `h2load` (Debian's wrk and nghttp2-client); installed here if missing.
+bench-grpc: models
+	command -v wrk >/dev/null && command -v h2load >/dev/null || (apt-get install -y wrk nghttp2-client || (apt-get update && apt-get install -y wrk nghttp2-client))
+	$(BIN)/python loadtests/bench_grpc.py
 
 bench-chat: models
 	$(BIN)/python loadtests/bench_generation.py
