@@ -8,8 +8,9 @@ a 200 (its status is in the trailers), so every run is checked against the serve
     figure is the protocol's own cost with the model out of the way.
   - computed: the same input with the cache off: every input goes through the model (batched), the work
     of unique inputs of that length; h2load cannot vary a body, so both protocols repeat one.
-Streamed generation: 16 concurrent callers, each asking for 64 tokens at a time, over SSE
-(/v1/completions, stream) and over gRPC (ModelStreamInfer, stream=true); tokens/s, alternated in rounds.
+Streamed generation: 16 concurrent callers, each with its own connection (channel), asking for 64
+tokens at a time, over SSE (/v1/completions, stream) and over gRPC (ModelStreamInfer, stream=true);
+tokens/s, the median of rounds in ABBA order.
 
     .venv/bin/python loadtests/bench_grpc.py [--duration 10] [--rounds 2]
 """
@@ -181,10 +182,14 @@ async def streamed(protocol: str, url: str, address: str, seconds: float) -> flo
     if protocol == "sse":
         async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=64)) as c:
             totals = await asyncio.gather(*(sse_caller(c, deadline) for _ in range(STREAMS)))
-    else:
-        async with grpc.aio.insecure_channel(address) as channel:
-            stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            totals = await asyncio.gather(*(grpc_caller(stub, deadline) for _ in range(STREAMS)))
+    else:  # a channel per caller, as httpx gives each concurrent SSE caller a connection of its own
+        channels = [grpc.aio.insecure_channel(address) for _ in range(STREAMS)]
+        try:
+            stubs = [pb_grpc.GRPCInferenceServiceStub(channel) for channel in channels]
+            totals = await asyncio.gather(*(grpc_caller(stub, deadline) for stub in stubs))
+        finally:
+            for channel in channels:
+                await channel.close()
     return sum(totals) / (time.monotonic() - start)
 
 
@@ -217,7 +222,7 @@ def plot(result: dict[str, object], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--duration", type=float, default=10, help="seconds per load point")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating SSE/gRPC rounds of generation")
+    parser.add_argument("--rounds", type=int, default=4, help="SSE/gRPC rounds of generation, ABBA order")
     parser.add_argument("--name", default="grpc", help="results file name, for runs on another machine")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -237,8 +242,8 @@ def main() -> None:
             result["served_dtype"] = served_dtypes(url)
             asyncio.run(streamed("grpc", url, address, 5))  # warm-up
             rounds: dict[str, list[float]] = {"sse": [], "grpc": []}
-            for _ in range(args.rounds):
-                for protocol in ("sse", "grpc"):
+            for round_ in range(args.rounds):  # ABBA: a machine that drifts weighs on both alike
+                for protocol in ("sse", "grpc") if round_ % 2 == 0 else ("grpc", "sse"):
                     rate = asyncio.run(streamed(protocol, url, address, args.duration * 2))
                     rounds[protocol].append(rate)
                     print(f"streamed {protocol}: {rate:.0f} tokens/s", flush=True)

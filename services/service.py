@@ -12,8 +12,6 @@ from collections.abc import AsyncGenerator
 from typing import Annotated
 
 import bentoml
-import numpy as np
-from bentoml.validators import Shape
 from pydantic import Field
 
 from models.catalog import CATALOG
@@ -41,7 +39,9 @@ Texts = Annotated[
     list[Annotated[Text, Field(min_length=1, max_length=settings.embedding_max_input_chars)]],
     Field(min_length=1, max_length=settings.embedding_max_inputs),
 ]
-Vectors = Annotated[np.ndarray, Shape((-1, -1))]  # the shape makes the OpenAPI response a 2-D array
+# A 2-D array in the OpenAPI document. Not `np.ndarray` with `Shape((-1, -1))`: BentoML 1.4.40's own
+# client reshapes the answer to that shape and fails on two unknown dimensions.
+Vectors = list[list[float]]
 # One per worker process, shared by the HTTP middleware and the gRPC server: one bound covers both.
 ADMISSION = Admission(
     settings.keys,
@@ -141,7 +141,7 @@ class Frontend:
     )
     async def encode(self, texts: Texts) -> Vectors:
         """Native BentoML endpoint: unit vectors for a list of texts, truncated to the model window."""
-        return await self.functions.embedding.encode_unbatched(texts)
+        return (await self.functions.embedding.encode_unbatched(texts)).tolist()
 
 
 Frontend.add_asgi_middleware(
