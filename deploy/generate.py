@@ -71,7 +71,7 @@ def knative(spec: Deployment, settings: Settings) -> dict[str, Any]:
         "autoscaling.knative.dev/min-scale": "0",
         "autoscaling.knative.dev/max-scale": "4",
         "autoscaling.knative.dev/metric": "concurrency",
-        "autoscaling.knative.dev/target": str(settings.max_concurrency // 2),
+        "autoscaling.knative.dev/target": str(settings.autoscale_target),
         "autoscaling.knative.dev/scale-to-zero-pod-retention-period": retention,
     }
     return {
@@ -105,7 +105,7 @@ def kserve(spec: Deployment, settings: Settings) -> dict[str, Any]:
                 "minReplicas": 0,
                 "maxReplicas": 4,
                 "scaleMetric": "concurrency",
-                "scaleTarget": settings.max_concurrency // 2,
+                "scaleTarget": settings.autoscale_target,
                 "containerConcurrency": settings.max_concurrency,
                 "timeout": settings.request_timeout_seconds,
                 "containers": [container(spec, settings)],
@@ -159,7 +159,7 @@ def keda_http(spec: Deployment, settings: Settings) -> list[dict[str, Any]]:
             },
             "replicas": {"min": 0, "max": 4},
             "scaledownPeriod": int(settings.idle_release_seconds),
-            "scalingMetric": {"concurrency": {"targetValue": settings.max_concurrency // 2}},
+            "scalingMetric": {"concurrency": {"targetValue": settings.autoscale_target}},
             "timeouts": {"conditionWait": 60, "responseHeader": settings.request_timeout_seconds},
         },
     }

@@ -64,6 +64,11 @@ class Settings(BaseSettings):
         return self.torch_threads or max(1, (os.cpu_count() or 1) // self.workers)
 
     @property
+    def autoscale_target(self) -> int:
+        """Requests in flight per replica that a cluster's autoscaler aims for: half the bound."""
+        return max(1, self.max_concurrency // 2)
+
+    @property
     def embedding_batch_size(self) -> int:
         return self.embedding_max_batch_size or (128 if self.cuda_present else 32)
 

@@ -60,7 +60,7 @@ ADMISSION = Admission(
     traffic={
         "timeout": settings.request_timeout_seconds + TIMEOUT_GRACE_SECONDS,
         "max_concurrency": settings.max_concurrency * 2,
-        "concurrency": settings.max_concurrency // 2,
+        "concurrency": settings.autoscale_target,
     },
     logging={"access": {"enabled": False}},
     workers=settings.workers,

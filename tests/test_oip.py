@@ -385,3 +385,32 @@ def test_triton_generate_and_generate_stream(server: Server) -> None:
     assert "".join(part["text_output"] for part in parts) == expected
     assert parts[-1]["finish_reason"] == "length" and len(parts) > 3
     assert refused.status_code == 400 and "top_k" in refused.json()["error"]
+
+
+def test_one_concurrency_bound_covers_both_ports() -> None:
+    """One worker that takes one request at a time: while a gRPC stream's request runs, a gRPC call and
+    an HTTP request are both refused for load, each in its protocol's terms, and served once it ends."""
+    port = free_port()
+    env = {"FNSERVE_GRPC_PORT": str(port), "FNSERVE_EMBEDDING_WORKERS": "1", "FNSERVE_MAX_CONCURRENCY": "1"}
+    with serve(env=env) as url:
+        server = Server(url, f"127.0.0.1:{port}")
+        client = server.grpc_client()
+        answers: queue.Queue[tuple[object, object]] = queue.Queue()
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        client.async_stream_infer(CHAT, generation_inputs(STORY, 500), request_id="long")
+        result, error = answers.get(timeout=LONG)
+        assert error is None, error  # a token came: the request holds the worker's one place
+        busy = grpc_error(lambda: client.infer(EMBEDDER, [text_input("text", ["x"])]))
+        assert busy.status() == "StatusCode.RESOURCE_EXHAUSTED" and "limit of 1" in busy.message()
+        refused = httpx.post(f"{url}/v1/embeddings", json={"model": EMBEDDER, "input": "x"}, timeout=LONG)
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "concurrency"
+        client.stop_stream(cancel_requests=True)
+        wait_until = time.monotonic() + LONG
+        while True:  # the stream's place is given back once its request has been cancelled
+            try:
+                vectors = client.infer(EMBEDDER, [text_input("text", ["x"])]).as_numpy("embedding")
+                break
+            except InferenceServerException as exc:
+                assert exc.status() == "StatusCode.RESOURCE_EXHAUSTED" and time.monotonic() < wait_until
+                time.sleep(0.1)
+        assert vectors.shape == (1, 384)

@@ -108,7 +108,9 @@ def grpc_checks(address: str) -> None:
     prompt.set_data_from_numpy(np.array([b"The capital of France is"], dtype=object))
     stream = tg.InferInput("stream", [1], "BOOL")
     stream.set_data_from_numpy(np.array([True]))
-    client.async_stream_infer("smollm2-135m-instruct", [prompt, stream], request_id="1")
+    sampling = tg.InferInput("sampling_parameters", [1], "BYTES")
+    sampling.set_data_from_numpy(np.array([b'{"max_tokens": 16}'], dtype=object))
+    client.async_stream_infer("smollm2-135m-instruct", [prompt, stream, sampling], request_id="1")
     client.stop_stream()  # waits for the request's responses
     assert answers and all(error is None for _, error in answers), answers
     print(f"gRPC: embedding (1, 384); streamed generation: {len(answers)} responses")
