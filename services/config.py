@@ -32,12 +32,14 @@ class Settings(BaseSettings):
         0, ge=0, description="intra-op threads of the generation engine; 0 = every core"
     )
 
-    @field_validator("embedding_model", "generation_model")
+    @field_validator("embedding_model", "generation_model", "image_model")
     @classmethod
     def in_catalogue(cls, name: str, info: ValidationInfo) -> str:
         from models.catalog import CATALOG
 
-        task = "embedding" if info.field_name == "embedding_model" else "chat"
+        task = {"embedding_model": "embedding", "image_model": "image-classification"}.get(
+            str(info.field_name), "chat"
+        )
         names = sorted(n for n, entry in CATALOG.items() if entry.task == task)
         if name not in names:
             raise ValueError(f"{name!r} is not a {task} model of the catalogue; choose one of {names}")
@@ -71,6 +73,10 @@ class Settings(BaseSettings):
     @property
     def embedding_batch_size(self) -> int:
         return self.embedding_max_batch_size or (128 if self.cuda_present else 32)
+
+    @property
+    def image_batch_size(self) -> int:
+        return self.image_max_batch_size or (64 if self.cuda_present else 16)
 
     @property
     def cache_blocks(self) -> int:
@@ -107,6 +113,22 @@ class Settings(BaseSettings):
     embedding_overflow: Literal["truncate", "reject"] = Field(
         "truncate", description="inputs over the token window: cut to it, or answer 400"
     )
+
+    image_model: str = Field("efficientnet-lite0", description="catalogue name of an image classifier")
+    image_dtype: Dtype = Field("auto", description=DTYPE_HELP)
+    image_max_batch_size: int = Field(
+        0, ge=0, description="images per forward pass; 0 = 16 on CPU, 64 on a GPU"
+    )
+    image_max_inputs: int = Field(64, ge=1, description="images per request")
+    image_max_bytes: int = Field(8 * 2**20, ge=1, description="largest encoded image (400 above)")
+    image_max_pixels: int = Field(
+        40_000_000,
+        ge=1,
+        description="largest decoded image, width x height: above it a file is refused as a "
+        "decompression bomb",
+    )
+    image_cache_size: int = Field(2_000, ge=0, description="images whose scores each worker keeps; 0 = off")
+    image_top_k: int = Field(5, ge=1, le=1000, description="labels answered per image unless a request asks")
 
     generation_model: str = "smollm2-135m-instruct"
     generation_dtype: Dtype = Field(

@@ -12,7 +12,9 @@ from collections.abc import AsyncGenerator
 from typing import Annotated
 
 import bentoml
-from pydantic import Field
+from bentoml.exceptions import BadInput
+from PIL.Image import Image as PILImage
+from pydantic import BaseModel, Field
 
 from models.catalog import CATALOG
 from services.admission import Admission
@@ -23,7 +25,8 @@ from services.functions.chat import ChatFunction
 from services.functions.embedding import EmbeddingFunction
 from services.functions.generation import CHAT_DEFAULT_TOKENS, ChatMaxTokens, ChatMessages, Generator
 from services.functions.hardware import server_instance
-from services.functions.types import Text
+from services.functions.image import ImageFunction
+from services.functions.types import Refused, Text
 from services.jobs.runner import BatchRunner
 from services.jobs.store import BatchStore
 from services.protocols.guard import Guard
@@ -42,6 +45,14 @@ Texts = Annotated[
 # A 2-D array in the OpenAPI document. Not `np.ndarray` with `Shape((-1, -1))`: BentoML 1.4.40's own
 # client reshapes the answer to that shape and fails on two unknown dimensions.
 Vectors = list[list[float]]
+
+
+class Label(BaseModel):
+    class_id: int
+    label: str
+    score: float
+
+
 # One per worker process, shared by the HTTP middleware and the gRPC server: one bound covers both.
 ADMISSION = Admission(
     settings.keys,
@@ -72,15 +83,17 @@ class Frontend:
     cost more than half the throughput on short inputs (README, benchmarks)."""
 
     embedding_model = bentoml.models.BentoModel(CATALOG[settings.embedding_model].tag)
+    image_model = bentoml.models.BentoModel(CATALOG[settings.image_model].tag)
     generator = bentoml.depends(Generator)
 
     def __init__(self) -> None:
         embedding = EmbeddingFunction(settings, self.embedding_model.path)
+        image = ImageFunction(settings, self.image_model.path)
         chat = ChatFunction(
             self.generator, settings, response_cache(settings.redis_url, settings.generation_cache_size)
         )
         jobs = BatchRunner(BatchStore(settings.batch_dir, server_instance()), openai.run_line, settings)
-        self.functions = Functions(embedding, chat, jobs)
+        self.functions = Functions(embedding, image, chat, jobs)
         if ADMISSION.open:
             logger.warning(
                 "no API keys configured (FNSERVE_API_KEYS): every route and the gRPC port are open to "
@@ -101,6 +114,7 @@ class Frontend:
         self._tasks = [
             asyncio.create_task(fns.jobs.run()),
             asyncio.create_task(fns.embedding.slot.release_when_idle()),
+            asyncio.create_task(fns.image.slot.release_when_idle()),
         ]
         if settings.grpc_port:
             address = f"{settings.grpc_host}:{settings.grpc_port}"
@@ -142,6 +156,18 @@ class Frontend:
     async def encode(self, texts: Texts) -> Vectors:
         """Native BentoML endpoint: unit vectors for a list of texts, truncated to the model window."""
         return (await self.functions.embedding.encode_unbatched(texts)).tolist()
+
+    @bentoml.api
+    async def classify(
+        self, image: PILImage, top_k: Annotated[int, Field(ge=1, le=1000)] = settings.image_top_k
+    ) -> list[Label]:
+        """Native BentoML endpoint: the top-k ImageNet labels of one uploaded image, best first."""
+        fn = self.functions.image
+        try:
+            scores = (await fn.classify([await fn.preprocess_decoded(image)])).scores
+        except Refused as exc:
+            raise BadInput(exc.message) from exc
+        return [Label(class_id=i, label=name, score=p) for i, name, p in fn.top(scores, top_k)[0]]
 
 
 Frontend.add_asgi_middleware(

@@ -9,19 +9,21 @@ import bentoml
 
 from services.functions.chat import ChatFunction
 from services.functions.embedding import EmbeddingFunction
+from services.functions.image import ImageFunction
 from services.jobs.runner import BatchRunner
 
 
 @dataclass(eq=False)  # hashed by identity: protocols keep per-worker views of it
 class Functions:
     embedding: EmbeddingFunction
+    image: ImageFunction
     chat: ChatFunction
     jobs: BatchRunner
 
     async def status(self) -> dict[str, object]:
         """Each model's state, device and start-up choices. The embedding model's is this worker's: every
         worker process holds its own copy."""
-        return {**self.embedding.status(), **await self.chat.status()}
+        return {**self.embedding.status(), **self.image.status(), **await self.chat.status()}
 
     async def ready(self) -> bool:
         """Ready once the generation service answers too. It starts on its own (timing its model takes
@@ -36,7 +38,7 @@ class Functions:
 
     @property
     def model_ids(self) -> list[str]:
-        return [self.embedding.model_id, self.chat.model_id]
+        return [self.embedding.model_id, self.image.model_id, self.chat.model_id]
 
 
 def current() -> Functions:

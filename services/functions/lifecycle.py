@@ -97,7 +97,8 @@ class Reloadable:
         loaded = self._tree.load_state_dict(state, strict=False, assign=True)
         # Old checkpoints also hold buffers that the model now computes itself (BERT's position ids).
         unexpected = set(loaded.unexpected_keys) - {name for name, _ in self._tree.named_buffers()}
-        self._tree.tie_weights()  # tied weights are stored once; the copy left behind is still empty
+        if hasattr(self._tree, "tie_weights"):  # a transformers model: tied weights are stored once
+            self._tree.tie_weights()
         missing = [name for name, param in self._tree.named_parameters() if param.is_meta]
         if missing or unexpected:
             raise RuntimeError(f"weights in {self._source} do not fit the model: {missing=} {unexpected=}")

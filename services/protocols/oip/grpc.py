@@ -25,7 +25,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from services.admission import Admission, rejected
 from services.functions.chat import Delta
 from services.functions.types import Refused
-from services.protocols.oip.models import VERSION, EmbeddingModel, GenerationModel, Model, Repository
+from services.protocols.oip.models import VERSION, GenerationModel, Model, Repository
 from services.protocols.oip.tensors import Tensor, bad_tensor, from_raw, from_values, to_raw
 
 logger = logging.getLogger("bentoml.fnserve.grpc")
@@ -178,9 +178,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         async with self.answering(context) as deadline:
             model = self.repository.get(request.model_name, request.model_version)
             inputs = decode_inputs(request)
-            if isinstance(model, EmbeddingModel):
-                return response(request, model, await model.infer(inputs, deadline))
-            assert isinstance(model, GenerationModel)
+            if not isinstance(model, GenerationModel):
+                return response(request, model, await model.infer(inputs, parameters(request), deadline))
             asked, _ = model.request(inputs, parameters(request))  # one whole answer, streamed or not
             generation = await model.fn.start(asked, deadline)
             text, done = await generation.text()
@@ -232,10 +231,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 deadline = self.admission.deadline(context.time_remaining())
                 model = self.repository.get(request.model_name, request.model_version)
                 inputs = decode_inputs(request)
-                if isinstance(model, EmbeddingModel):
-                    send(await model.infer(inputs, deadline), True)
+                if not isinstance(model, GenerationModel):
+                    send(await model.infer(inputs, parameters(request), deadline), True)
                     return
-                assert isinstance(model, GenerationModel)
                 asked, stream = model.request(inputs, parameters(request))
                 generation = await model.fn.start(asked, deadline)
                 if not stream:

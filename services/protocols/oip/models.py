@@ -69,6 +69,13 @@ class Model:
             "outputs": [spec.as_dict() for spec in self.outputs],
         }
 
+    async def infer(
+        self, inputs: dict[str, Tensor], parameters: dict[str, Any], deadline: float | None
+    ) -> list[Tensor]:
+        """One whole answer (every model but the decoupled chat model, which answers through its own
+        translation)."""
+        raise NotImplementedError
+
     def check_inputs(self, inputs: dict[str, Tensor]) -> None:
         specs = {spec.name: spec for spec in self.inputs}
         for name, tensor in inputs.items():
@@ -106,7 +113,9 @@ class EmbeddingModel(Model):
         self.inputs = [Spec("text", "BYTES", [-1])]
         self.outputs = [Spec("embedding", "FP32", [-1, self.fn.dimensions])]
 
-    async def infer(self, inputs: dict[str, Tensor], deadline: float | None) -> list[Tensor]:
+    async def infer(
+        self, inputs: dict[str, Tensor], parameters: dict[str, Any], deadline: float | None
+    ) -> list[Tensor]:
         """Unit vectors for the texts, batched with every other protocol's and answered from the same
         response cache."""
         self.check_inputs(inputs)
@@ -114,6 +123,61 @@ class EmbeddingModel(Model):
         await self.fn.check(texts, field="text")
         result = await self.fn.embed(texts, deadline)
         return [Tensor("embedding", "FP32", [len(texts), self.fn.dimensions], result.vectors)]
+
+
+class ImageModel(Model):
+    """Encoded files in BYTES `image` [n], or preprocessed FP32 `input` [n, 3, 224, 224]; the top-k
+    (request parameter `top_k`) labels, probabilities and class ids out."""
+
+    def __init__(self, fns: Functions) -> None:
+        self.fn = fns.image
+        self.name = self.fn.model_id
+        self.inputs = [
+            Spec("image", "BYTES", [-1], optional=True),
+            Spec("input", "FP32", [-1, 3, 224, 224], optional=True),
+        ]
+        self.outputs = [
+            Spec("labels", "BYTES", [-1, -1]),
+            Spec("scores", "FP32", [-1, -1]),
+            Spec("class_ids", "INT64", [-1, -1]),
+        ]
+
+    async def infer(
+        self, inputs: dict[str, Tensor], parameters: dict[str, Any], deadline: float | None
+    ) -> list[Tensor]:
+        self.check_inputs(inputs)
+        if len(inputs) != 1:
+            raise invalid("send exactly one of 'image' (BYTES files) and 'input' (FP32 [n, 3, 224, 224])")
+        top_k = parameters.get("top_k", self.fn.settings.image_top_k)
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or not 1 <= top_k <= len(self.fn.labels):
+            raise invalid(f"parameter 'top_k' must be an integer from 1 to {len(self.fn.labels)}")
+        if "image" in inputs:
+            tensor = inputs["image"]
+            if len(tensor.shape) != 1:
+                raise invalid(f"input 'image' must have shape [n], not {tensor.shape}")
+            assert isinstance(tensor.data, list)
+            model_inputs = await self.fn.preprocess(tensor.data, field="image")
+        else:
+            assert isinstance(inputs["input"].data, np.ndarray)
+            model_inputs = self.fn.check_tensor(inputs["input"].data, field="input")
+        best = self.fn.top((await self.fn.classify(model_inputs, deadline)).scores, top_k)
+        n = len(best)
+        labels = [name.encode() for row in best for _, name, _ in row]
+        return [
+            Tensor("labels", "BYTES", [n, top_k], labels),
+            Tensor(
+                "scores",
+                "FP32",
+                [n, top_k],
+                np.array([[p for *_, p in row] for row in best], dtype=np.float32),
+            ),
+            Tensor(
+                "class_ids",
+                "INT64",
+                [n, top_k],
+                np.array([[c for c, *_ in row] for row in best], dtype=np.int64),
+            ),
+        ]
 
 
 class SamplingParameters(BaseModel):
@@ -233,10 +297,9 @@ class Repository:
     """The models this server serves over the protocol, by name."""
 
     def __init__(self, fns: Functions) -> None:
-        self.embedding = EmbeddingModel(fns)
-        self.generation = GenerationModel(fns)
         self.fns = fns
-        self.models: dict[str, Model] = {m.name: m for m in (self.embedding, self.generation)}
+        models: list[Model] = [EmbeddingModel(fns), ImageModel(fns), GenerationModel(fns)]
+        self.models = {m.name: m for m in models}
 
     def get(self, name: str, version: str = "") -> Model:
         model = self.models.get(name)

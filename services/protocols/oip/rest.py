@@ -23,7 +23,6 @@ from services.functions.chat import Delta, Generation
 from services.functions.types import Refused
 from services.protocols.oip.models import (
     VERSION,
-    EmbeddingModel,
     GenerationModel,
     Model,
     Repository,
@@ -210,14 +209,14 @@ async def model_ready(name: str, model_version: str = "") -> Response:
 @routes.post("/models/{name}/infer")
 @routes.post("/models/{name}/versions/{model_version}/infer")
 async def infer(name: str, request: Request, model_version: str = "") -> Response:
-    """One inference. The embedding model takes BYTES `text` [n] and answers FP32 `embedding` [n, 384];
+    """One inference. The embedding model takes BYTES `text` [n] and answers FP32 `embedding` [n, 384], the
+    image model BYTES `image` [n] or FP32 `input` [n, 3, 224, 224] and answers its top-k labels;
     the chat model answers its whole text (for tokens as they come, use generate_stream or gRPC's
     ModelStreamInfer)."""
     model = repository().get(name, model_version)
     parsed, inputs = await infer_request(request)
-    if isinstance(model, EmbeddingModel):
-        return infer_response(parsed, model, await model.infer(inputs, DEADLINE.get()))
-    assert isinstance(model, GenerationModel)
+    if not isinstance(model, GenerationModel):
+        return infer_response(parsed, model, await model.infer(inputs, parsed.parameters, DEADLINE.get()))
     asked, _ = model.request(inputs, parsed.parameters)
     generation = await model.fn.start(asked, DEADLINE.get())
     text, done = await generation.text()

@@ -10,7 +10,7 @@ import base64
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from http import HTTPStatus
 from typing import Any
 
@@ -28,7 +28,7 @@ from services.admission import DEADLINE, rejected
 from services.functions.api import Functions, current
 from services.functions.chat import Delta, Generation, GenerationRequest
 from services.functions.types import Refused
-from services.protocols.openai import batches
+from services.protocols.openai import batches, images
 from services.protocols.openai.protocol import (
     APIError,
     ChatCompletion,
@@ -41,8 +41,10 @@ from services.protocols.openai.protocol import (
     GenerationParams,
     ModelCard,
     ModelList,
+    OrjsonResponse,
     error_body,
     error_response,
+    invalid,
 )
 from services.protocols.sse import ClosingEventSourceResponse
 
@@ -52,16 +54,6 @@ CACHE_HEADER = "x-fnserve-cache"  # hit, partial or miss: how much of the answer
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 404, 429, 503, 504)
 }
-
-
-class OrjsonResponse(Response):
-    """JSON written by orjson, which serialises numpy arrays natively: validating 384 floats per input
-    through a response model costs more than the forward pass of a short input."""
-
-    media_type = "application/json"
-
-    def render(self, content: Any) -> bytes:
-        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 # FastAPI's own docs would show only these routes; BentoML's UI (/) and spec (/docs.json) show them all.
@@ -74,18 +66,6 @@ async def on_api_error(_: Request, exc: APIError) -> JSONResponse:
     if exc.status in (400, 404, 405, 413, 422):  # 429, 503 and 504 are counted where they are decided
         rejected("too_large" if exc.status == 413 else "invalid")
     return error_response(exc.status, exc.message, exc.param, exc.code)
-
-
-def invalid(errors: Sequence[Any]) -> APIError:
-    """A 400 that names the first problem pydantic found, and how many more there are."""
-    first = errors[0]
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
-    # A JSON syntax error's location is a character offset, not a parameter.
-    param = location[0] if location and first.get("type") != "json_invalid" else None
-    message = f"{'.'.join(location)}: {first['msg']}" if location else first["msg"]
-    if len(errors) > 1:
-        message += f" (and {len(errors) - 1} more problems)"
-    return APIError(400, message, param, first.get("type"))
 
 
 @app.exception_handler(RequestValidationError)
@@ -310,6 +290,7 @@ ANSWERS: dict[str, tuple[type[BaseModel], Any]] = {
     "/v1/embeddings": (EmbeddingRequest, answer_embeddings),
     "/v1/chat/completions": (ChatCompletionRequest, answer_chat),
     "/v1/completions": (CompletionRequest, answer_text_completion),
+    "/v1/images/classifications": (images.ClassificationRequest, images.answer_line),
 }
 
 
@@ -343,6 +324,7 @@ async def run_line(endpoint: str, body: dict[str, Any]) -> tuple[bool, str]:
 
 app.include_router(routes)
 app.include_router(batches.routes)
+app.include_router(images.routes)
 
 
 @app.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)

@@ -1,0 +1,260 @@
+"""The image-classification function: EfficientNet-Lite0 on ImageNet-1k, batching images from every
+caller into one forward pass, as the embedding function batches texts.
+
+Encoded files are checked and preprocessed as the model was trained (decode, RGB, resize the short side
+to 256 with bicubic filtering, centre crop 224, ImageNet mean and standard deviation, as the weights'
+own package documents) in worker threads, off the event loop: Pillow releases the GIL while it decodes
+and resizes."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import threading
+import warnings
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import bentoml
+import numpy as np
+
+from models.catalog import CATALOG
+from services.admission import DEADLINE_PASSED, rejected, seconds_left
+from services.config import Settings, pick_device
+from services.functions.batching import GreedyBatcher, QueueFull
+from services.functions.cache import cache_key, count_lookups, response_cache
+from services.functions.hardware import Choices, model_status
+from services.functions.lifecycle import ModelSlot, Reloadable
+from services.functions.types import Refused
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger("bentoml.fnserve.image")
+SIZE, RESIZE = 224, 256
+MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32).reshape(3, 1, 1)
+STD = np.array([0.229, 0.224, 0.225], dtype=np.float32).reshape(3, 1, 1)
+# Modes Pillow converts to 8-bit RGB without loss of meaning; others (CMYK, 16- and 32-bit) are refused
+# rather than guessed at.
+MODES = {"RGB", "RGBA", "L", "LA", "P", "PA", "1"}
+
+BATCH_SIZE = bentoml.metrics.Histogram(
+    name="fnserve_image_batch_size",
+    documentation="Images per forward pass of the image classifier",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+)
+
+
+@dataclass
+class Classified:
+    scores: np.ndarray
+    """[n, classes] float32 probabilities"""
+    hits: int
+
+
+def preprocess(data: bytes, max_bytes: int, max_pixels: int, where: str) -> np.ndarray:
+    """One encoded image as the model's input [3, 224, 224] float32; refuses what is not a single 8-bit
+    image within the limits, naming `where` (the caller's name for it) and the problem."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise Refused("invalid", f"{where} is empty", where)
+    if len(data) > max_bytes:
+        raise Refused("invalid", f"{where} is {len(data)} bytes, over the limit of {max_bytes}", where)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(BytesIO(data))
+            check_image(image, max_pixels, where)
+            image.load()
+    except UnidentifiedImageError:
+        raise Refused(
+            "invalid", f"{where} is not an image Pillow can read (JPEG, PNG, WebP, ...)", where
+        ) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise Refused("invalid", f"{where}: {exc}", where) from None
+    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
+        raise Refused("invalid", f"{where} could not be decoded: {exc}", where) from None
+    return model_input(image)
+
+
+def check_image(image: Any, max_pixels: int, where: str) -> None:
+    """Refuses an image too large, animated, or in a mode that is not 8-bit RGB or greyscale."""
+    pixels = image.width * image.height
+    if pixels > max_pixels:
+        message = f"{where} is {image.width}x{image.height} pixels, over the limit of {max_pixels}"
+        raise Refused("invalid", message + " (a decompression bomb?)", where)
+    if getattr(image, "n_frames", 1) > 1:
+        raise Refused("invalid", f"{where} is animated ({image.n_frames} frames); send one frame", where)
+    if image.mode not in MODES:
+        raise Refused("invalid", f"{where} is in mode {image.mode}; send 8-bit RGB or greyscale", where)
+
+
+def model_input(image: Any) -> np.ndarray:
+    """A decoded PIL image as the model was trained to see it."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    scale = RESIZE / min(image.size)
+    size = (max(SIZE, round(image.width * scale)), max(SIZE, round(image.height * scale)))
+    image = image.resize(size, Image.BICUBIC)
+    left, top = (image.width - SIZE) // 2, (image.height - SIZE) // 2
+    image = image.crop((left, top, left + SIZE, top + SIZE))
+    array = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0
+    return (array - MEAN) / STD
+
+
+def classify(model: Any, batch: np.ndarray, device: str = "cpu") -> np.ndarray:
+    """Probabilities [n, classes] for preprocessed images [n, 3, 224, 224]. Shared with the benchmark."""
+    import torch
+
+    dtype = next(model.parameters()).dtype
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(batch).to(device=device, dtype=dtype))
+        return logits.float().softmax(dim=-1).cpu().numpy()
+
+
+def load(path: str, device: str) -> torch.nn.Module:
+    """The classifier from the model store (safetensors, fp32)."""
+    from safetensors.torch import load_file
+
+    from services.functions.efficientnet import EfficientNetLite0
+
+    model = EfficientNetLite0()
+    model.load_state_dict(load_file(Path(path) / "model.safetensors"))
+    return model.to(device).eval()
+
+
+class ImageFunction:
+    """Owns the classifier (loaded, released when idle, woken on use), its batcher and its cache."""
+
+    def __init__(self, settings: Settings, model_path: str) -> None:
+        entry = CATALOG[settings.image_model]
+        self.settings = settings
+        self.model_id = entry.name
+        self.choices = Choices("image")
+        self.choices.setting_or(
+            "max_batch_size", "FNSERVE_IMAGE_MAX_BATCH_SIZE", settings.image_max_batch_size,
+            settings.image_batch_size, "images per forward pass: a GPU keeps gaining past 16, a CPU hardly",
+        )  # fmt: skip
+        self.device = pick_device(settings.device)
+        self.labels: list[str] = json.loads((Path(model_path) / "labels.json").read_text())
+        stored = load(model_path, self.device)
+        probe = np.zeros((8, 3, SIZE, SIZE), dtype=np.float32)
+        self.dtype: torch.dtype = self.choices.dtype(
+            settings.image_dtype,
+            "FNSERVE_IMAGE_DTYPE",
+            stored,
+            lambda model: classify(model, probe, self.device),
+            key=entry.name,
+        )
+        served = stored.to(self.dtype)
+        weights = Reloadable(lambda: served, model_path, self.dtype, self.device)
+        self._forward_lock = threading.Lock()
+        self.slot = ModelSlot(
+            entry.name, weights.load, lambda _: self._release(weights), settings.idle_release_seconds
+        )
+        self.slot.load_now()
+        logger.info("image model %s on %s", entry.tag, self.device)
+        self._batcher = GreedyBatcher(
+            self._forward,
+            max_batch_size=settings.image_batch_size,
+            max_queue_seconds=settings.embedding_max_latency_ms / 1000,
+            max_queue=settings.image_batch_size * 16,
+            on_batch=lambda size, _: BATCH_SIZE.observe(size),
+        )
+        self._cache = response_cache(settings.redis_url, settings.image_cache_size)
+        self._cache_scope = (entry.tag, str(self.dtype))
+
+    def status(self) -> dict[str, Any]:
+        return {self.model_id: model_status(self.slot.state, self.device, self.choices)}
+
+    def top(self, scores: np.ndarray, k: int) -> list[list[tuple[int, str, float]]]:
+        """The k best (class id, label, probability) per image, best first."""
+        best = np.argsort(-scores, axis=-1, kind="stable")[:, :k]
+        return [
+            [(int(i), self.labels[i], float(row[i])) for i in ids]
+            for row, ids in zip(scores, best, strict=True)
+        ]
+
+    async def preprocess(self, images: list[bytes], field: str = "image") -> list[np.ndarray]:
+        """Model inputs for encoded images, in worker threads; refuses the first bad one by index."""
+        limits = self.settings
+        if not images:
+            raise Refused("invalid", f"{field} must not be empty", field)
+        if len(images) > limits.image_max_inputs:
+            raise Refused("invalid", f"at most {limits.image_max_inputs} images per request", field)
+        where = [field] if len(images) == 1 else [f"{field}[{i}]" for i in range(len(images))]
+        return list(
+            await asyncio.gather(
+                *(
+                    asyncio.to_thread(preprocess, data, limits.image_max_bytes, limits.image_max_pixels, name)
+                    for data, name in zip(images, where, strict=True)
+                )
+            )
+        )
+
+    async def preprocess_decoded(self, image: Any, field: str = "image") -> np.ndarray:
+        """The model input for an image already decoded (BentoML's native endpoint hands over PIL)."""
+        check_image(image, self.settings.image_max_pixels, field)
+        return await asyncio.to_thread(model_input, image)
+
+    def check_tensor(self, batch: np.ndarray, field: str = "input") -> list[np.ndarray]:
+        """Already preprocessed images [n, 3, 224, 224] float32."""
+        if batch.ndim != 4 or batch.shape[1:] != (3, SIZE, SIZE):
+            raise Refused(
+                "invalid", f"{field} must have shape [n, 3, {SIZE}, {SIZE}], not {list(batch.shape)}", field
+            )
+        if not 1 <= len(batch) <= self.settings.image_max_inputs:
+            raise Refused("invalid", f"{field} must hold 1 to {self.settings.image_max_inputs} images", field)
+        if not np.isfinite(batch).all():
+            raise Refused("invalid", f"{field} holds NaN or infinite values", field)
+        return list(batch.astype(np.float32, copy=False))
+
+    async def classify(self, inputs: list[np.ndarray], deadline: float | None = None) -> Classified:
+        """Probabilities for checked model inputs; those not in the cache (keyed on the input's bytes)
+        are batched with other requests' images."""
+        try:
+            async with asyncio.timeout(seconds_left(deadline)):
+                return await self._classify(inputs)
+        except TimeoutError:
+            rejected("deadline")
+            raise Refused("deadline", DEADLINE_PASSED) from None
+        except QueueFull as exc:
+            rejected("queue_full")
+            raise Refused("queue_full", str(exc)) from None
+
+    async def _classify(self, inputs: list[np.ndarray]) -> Classified:
+        cached: dict[int, np.ndarray] = {}
+        if self._cache:
+            keys = [
+                cache_key("image", *self._cache_scope, hashlib.sha256(x.tobytes()).hexdigest())
+                for x in inputs
+            ]
+            stored = await self._cache.get_many(keys)
+            cached = {i: np.frombuffer(v, dtype=np.float32) for i, v in enumerate(stored) if v is not None}
+        count_lookups("image", len(cached), len(inputs))
+        missing = [i for i in range(len(inputs)) if i not in cached]
+        computed: list[np.ndarray] = []
+        if missing:
+            async with self.slot.use():
+                computed = await self._batcher.submit([inputs[i] for i in missing])
+            if self._cache:
+                await self._cache.set_many(
+                    {keys[i]: s.tobytes() for i, s in zip(missing, computed, strict=True)}
+                )
+        fresh = iter(computed)
+        scores = np.stack([cached[i] if i in cached else next(fresh) for i in range(len(inputs))])
+        return Classified(scores, len(cached))
+
+    def _release(self, weights: Reloadable) -> None:
+        with self._forward_lock:
+            weights.release()
+
+    def _forward(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        with self._forward_lock:
+            return list(classify(self.slot.model, np.stack(inputs), self.device))
