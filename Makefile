@@ -8,7 +8,7 @@ SERVICE := services.service:Frontend
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: serve test test-beside-hog models bench bench-grpc bench-chat bench-batch bench-engine bench-coldstart bench-spike lint build container container-test
+.PHONY: serve test test-beside-hog models bench bench-grpc bench-images bench-chat bench-batch bench-engine bench-coldstart bench-spike lint build container container-test
 
 # torch is installed first, alone: `pip install torch==2.13.0` takes the local CPU wheel on a machine
 # without a GPU, so the project install that follows finds it satisfied instead of fetching a CUDA build.
@@ -48,6 +48,10 @@ bench: models
 bench-grpc: models
 	command -v wrk >/dev/null && command -v h2load >/dev/null || (apt-get install -y wrk nghttp2-client || (apt-get update && apt-get install -y wrk nghttp2-client))
 	$(BIN)/python loadtests/bench_grpc.py
+
+bench-images: models
+	command -v wrk >/dev/null || (apt-get install -y wrk || (apt-get update && apt-get install -y wrk))
+	$(BIN)/python loadtests/bench_images.py
 
 bench-chat: models
 	$(BIN)/python loadtests/bench_generation.py

@@ -82,7 +82,15 @@ def measure_raw(
     return results
 
 
-def run_wrk(url: str, text: str, connections: int, seconds: float) -> dict[str, float]:
+def run_wrk(
+    url: str,
+    text: str,
+    connections: int,
+    seconds: float,
+    script: Path = LUA,
+    env: dict[str, str] | None = None,
+) -> dict[str, float]:
+    """One wrk point with `script` (embeddings.lua posts `text`; another script reads its own `env`)."""
     done = subprocess.run(
         [
             "wrk",
@@ -92,10 +100,10 @@ def run_wrk(url: str, text: str, connections: int, seconds: float) -> dict[str, 
             "--timeout",
             "30s",
             "-s",
-            str(LUA),
+            str(script),
             url,
         ],
-        env={**os.environ, "WRK_TEXT": text},
+        env={**os.environ, "WRK_TEXT": text, **(env or {})},
         capture_output=True,
         text=True,
         check=True,
