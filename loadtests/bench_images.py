@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -64,7 +66,18 @@ def measure_raw(seconds: float) -> dict[str, object]:
             grid[f"{dtype}/{batch_size}"] = done / (time.perf_counter() - start)
             print(f"raw {dtype}/{batch_size}: {grid[f'{dtype}/{batch_size}']:.1f} images/s", flush=True)
     best = max(grid, key=grid.__getitem__)
-    return {"per_s": grid[best], "best": best, "grid": grid}
+    # The same best batch with each image decoded and preprocessed first, in this one thread: what a
+    # request costs beyond the forward pass, before any HTTP.
+    dtype, size = best.split("/")
+    model, data = stored.to(getattr(torch, dtype)), photo()
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        batch = np.stack([preprocess(data, 2**30, 2**30, "image") for _ in range(int(size))])
+        classify(model, batch, device)
+        done += int(size)
+    with_preprocessing = done / (time.perf_counter() - start)
+    print(f"raw {best} with preprocessing: {with_preprocessing:.1f} images/s", flush=True)
+    return {"per_s": grid[best], "best": best, "grid": grid, "with_preprocessing_per_s": with_preprocessing}
 
 
 def sweep(name: str, url: str, body: Path, seconds: float) -> list[dict[str, float]]:
@@ -114,6 +127,7 @@ def main() -> None:
         with serve(env={"FNSERVE_IMAGE_CACHE_SIZE": "0"}) as url:
             result["served"] = sweep("served", url, body, args.duration)
             result["served_dtype"] = served_dtypes(url)[MODEL]
+            result["choices"] = httpx.get(f"{url}/models/status", timeout=60).json()[MODEL]["choices"]
         port = free_port()
         naive = [sys.executable, str(ROOT / "loadtests" / "naive_image_server.py"), "--port", str(port)]
         with run_server([*naive, "--dtype", result["served_dtype"]], port) as url:
@@ -121,9 +135,13 @@ def main() -> None:
     result["raw"] = measure_raw(args.raw_seconds)
     served64 = next(p["per_s"] for p in result["served"] if p["connections"] == 64)
     naive64 = next(p["per_s"] for p in result["naive"] if p["connections"] == 64)
-    ratios = {"served_over_raw": served64 / result["raw"]["per_s"], "served_over_naive": served64 / naive64}
+    ratios = {
+        "served_over_raw": served64 / result["raw"]["per_s"],
+        "served_over_naive": served64 / naive64,
+        "served_over_raw_with_preprocessing": served64 / result["raw"]["with_preprocessing_per_s"],
+    }
     result["ratios_at_64_connections"] = ratios
-    result["bars_met"] = {k: ratios[k] >= bar for k, bar in BARS.items()}
+    result["bars_met"] = {k: ratios[k] >= bar for k, bar in BARS.items()}  # the last ratio is context
     (RESULTS / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, RESULTS / f"{args.name}.png")
     print(json.dumps({"ratios": ratios, "bars_met": result["bars_met"]}, indent=2))
