@@ -14,17 +14,36 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from bentoml.exceptions import ServiceUnavailable
 
+from services.admission import DEADLINE_PASSED, rejected, seconds_left
+from services.functions.types import Refused
+
 # Set in the batch runner's context: its requests fill what room online requests leave in each forward
 # pass, and are never shed for waiting (they are not waited on by a client).
 BACKGROUND: ContextVar[bool] = ContextVar("background", default=False)
 ONLINE_QUIET_SECONDS = 1.0  # background batches grow back to full size after this long without online work
+
+
+@asynccontextmanager
+async def answered_by(deadline: float | None) -> AsyncIterator[None]:
+    """The body under a request's deadline (time.monotonic()): past it the request's queued inputs are
+    dropped, and a timeout or a full queue leaves as the function's refusal."""
+    try:
+        async with asyncio.timeout(seconds_left(deadline)):
+            yield
+    except TimeoutError:
+        rejected("deadline")
+        raise Refused("deadline", DEADLINE_PASSED) from None
+    except QueueFull as exc:
+        rejected("queue_full")
+        raise Refused("queue_full", str(exc)) from None
 
 
 class QueueFull(Exception):

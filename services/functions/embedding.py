@@ -17,9 +17,8 @@ import bentoml
 import numpy as np
 
 from models.catalog import CATALOG
-from services.admission import DEADLINE_PASSED, rejected, seconds_left
 from services.config import Settings, pick_device
-from services.functions.batching import GreedyBatcher, QueueFull
+from services.functions.batching import GreedyBatcher, answered_by
 from services.functions.cache import cache_key, count_lookups, response_cache
 from services.functions.hardware import Choices, model_status
 from services.functions.lifecycle import ModelSlot, Reloadable
@@ -180,15 +179,8 @@ class EmbeddingFunction:
     async def embed(self, texts: list[str], deadline: float | None = None) -> Embeddings:
         """Unit vectors for checked texts. Those not in the cache are batched with other requests'
         texts; texts still queued when the deadline (time.monotonic()) passes are dropped."""
-        try:
-            async with asyncio.timeout(seconds_left(deadline)):
-                results, hits = await self._embed(texts)
-        except TimeoutError:
-            rejected("deadline")
-            raise Refused("deadline", DEADLINE_PASSED) from None
-        except QueueFull as exc:
-            rejected("queue_full")
-            raise Refused("queue_full", str(exc)) from None
+        async with answered_by(deadline):
+            results, hits = await self._embed(texts)
         vectors = np.stack([vector for vector, _ in results]) if results else np.zeros((0, self.dimensions))
         return Embeddings(vectors.astype(np.float32, copy=False), [n for _, n in results], hits)
 

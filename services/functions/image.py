@@ -24,9 +24,8 @@ import bentoml
 import numpy as np
 
 from models.catalog import CATALOG
-from services.admission import DEADLINE_PASSED, rejected, seconds_left
 from services.config import Settings, pick_device
-from services.functions.batching import GreedyBatcher, QueueFull
+from services.functions.batching import GreedyBatcher, answered_by
 from services.functions.cache import cache_key, count_lookups, response_cache
 from services.functions.hardware import Choices, model_status, once_per_server, server_instance
 from services.functions.lifecycle import ModelSlot, Reloadable
@@ -249,15 +248,8 @@ class ImageFunction:
     async def classify(self, inputs: list[np.ndarray], deadline: float | None = None) -> Classified:
         """Probabilities for checked model inputs; those not in the cache (keyed on the input's bytes)
         are batched with other requests' images."""
-        try:
-            async with asyncio.timeout(seconds_left(deadline)):
-                return await self._classify(inputs)
-        except TimeoutError:
-            rejected("deadline")
-            raise Refused("deadline", DEADLINE_PASSED) from None
-        except QueueFull as exc:
-            rejected("queue_full")
-            raise Refused("queue_full", str(exc)) from None
+        async with answered_by(deadline):
+            return await self._classify(inputs)
 
     async def _classify(self, inputs: list[np.ndarray]) -> Classified:
         cached: dict[int, np.ndarray] = {}
