@@ -10,6 +10,8 @@ from contextvars import ContextVar
 
 import bentoml
 
+from services.functions.types import Refused
+
 # Absolute time.monotonic() by which the current request must be answered; None outside a request
 # (batch lines run without one).
 DEADLINE: ContextVar[float | None] = ContextVar("deadline", default=None)
@@ -26,6 +28,13 @@ REJECTIONS = bentoml.metrics.Counter(
 
 def rejected(reason: str) -> None:
     REJECTIONS.labels(reason=reason).inc()
+
+
+def count_refusal(refusal: Refused) -> None:
+    """Bad input is counted by the protocol that answers it; load and deadline refusals where a
+    function decided them."""
+    if refusal.kind in ("invalid", "not_found"):
+        rejected("invalid")
 
 
 def seconds_left(deadline: float | None) -> float | None:

@@ -7,11 +7,14 @@ with other settings can share one Redis without mixing answers. Values are bytes
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
 
 import bentoml
 import orjson
 from cachetools import LRUCache
+
+R = TypeVar("R")
 
 FORMAT = "v1"  # in every key: values stored by a version that encodes them differently are never read
 
@@ -85,3 +88,30 @@ def cache_key(namespace: str, *parts: Any) -> str:
 def count_lookups(function: str, hits: int, lookups: int) -> None:
     LOOKUPS.labels(function=function, result="hit").inc(hits)
     LOOKUPS.labels(function=function, result="miss").inc(lookups - hits)
+
+
+async def through_cache(
+    cache: ResponseCache | None,
+    function: str,
+    keys: Callable[[], list[str]],
+    compute: Callable[[list[int]], Awaitable[list[R]]],
+    pack: Callable[[R], bytes],
+    unpack: Callable[[bytes], R],
+    count: int,
+) -> tuple[list[R], int]:
+    """Results for `count` inputs of one request, in order, and how many came from the cache: the
+    others go to `compute` (given their indices) and are stored. `keys` is called only when there is
+    a cache to look in: hashing inputs is not free."""
+    cached: dict[int, R] = {}
+    names: list[str] = []
+    if cache:
+        names = keys()
+        stored = await cache.get_many(names)
+        cached = {i: unpack(value) for i, value in enumerate(stored) if value is not None}
+    count_lookups(function, len(cached), count)
+    missing = [i for i in range(count) if i not in cached]
+    computed = await compute(missing) if missing else []
+    if cache and missing:
+        await cache.set_many({names[i]: pack(result) for i, result in zip(missing, computed, strict=True)})
+    fresh = iter(computed)
+    return [cached[i] if i in cached else next(fresh) for i in range(count)], len(cached)

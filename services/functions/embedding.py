@@ -19,7 +19,7 @@ import numpy as np
 from models.catalog import CATALOG
 from services.config import Settings, pick_device
 from services.functions.batching import GreedyBatcher, answered_by
-from services.functions.cache import cache_key, count_lookups, response_cache
+from services.functions.cache import cache_key, response_cache, through_cache
 from services.functions.hardware import Choices, model_status
 from services.functions.lifecycle import ModelSlot, Reloadable
 from services.functions.types import Refused
@@ -185,21 +185,14 @@ class EmbeddingFunction:
         return Embeddings(vectors.astype(np.float32, copy=False), [n for _, n in results], hits)
 
     async def _embed(self, texts: list[str]) -> tuple[list[Embedded], int]:
-        cached: dict[int, Embedded] = {}
-        if self._cache:  # keys are hashed only when there is a cache to look in
-            keys = [cache_key("embedding", *self._cache_scope, text) for text in texts]
-            stored = await self._cache.get_many(keys)
-            cached = {i: unpack(value) for i, value in enumerate(stored) if value is not None}
-        count_lookups("embedding", len(cached), len(texts))
-        missing = [i for i in range(len(texts)) if i not in cached]
-        computed: list[Embedded] = []
-        if missing:
+        async def compute(missing: list[int]) -> list[Embedded]:
             async with self.slot.use():
-                computed = await self._batcher.submit([texts[i] for i in missing])
-            if self._cache:
-                await self._cache.set_many({keys[i]: pack(e) for i, e in zip(missing, computed, strict=True)})
-        fresh = iter(computed)
-        return [cached[i] if i in cached else next(fresh) for i in range(len(texts))], len(cached)
+                return await self._batcher.submit([texts[i] for i in missing])
+
+        def keys() -> list[str]:
+            return [cache_key("embedding", *self._cache_scope, text) for text in texts]
+
+        return await through_cache(self._cache, "embedding", keys, compute, pack, unpack, len(texts))
 
     async def encode_unbatched(self, texts: list[str]) -> np.ndarray:
         """One forward pass over these texts, outside the batcher and the cache: for a caller that

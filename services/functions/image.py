@@ -26,7 +26,7 @@ import numpy as np
 from models.catalog import CATALOG
 from services.config import Settings, pick_device
 from services.functions.batching import GreedyBatcher, answered_by
-from services.functions.cache import cache_key, count_lookups, response_cache
+from services.functions.cache import cache_key, response_cache, through_cache
 from services.functions.hardware import Choices, model_status, once_per_server, server_instance
 from services.functions.lifecycle import ModelSlot, Reloadable
 from services.functions.types import Refused
@@ -252,27 +252,21 @@ class ImageFunction:
             return await self._classify(inputs)
 
     async def _classify(self, inputs: list[np.ndarray]) -> Classified:
-        cached: dict[int, np.ndarray] = {}
-        if self._cache:
-            keys = [
-                cache_key("image", *self._cache_scope, hashlib.sha256(x.tobytes()).hexdigest())
-                for x in inputs
-            ]
-            stored = await self._cache.get_many(keys)
-            cached = {i: np.frombuffer(v, dtype=np.float32) for i, v in enumerate(stored) if v is not None}
-        count_lookups("image", len(cached), len(inputs))
-        missing = [i for i in range(len(inputs)) if i not in cached]
-        computed: list[np.ndarray] = []
-        if missing:
+        async def compute(missing: list[int]) -> list[np.ndarray]:
             async with self.slot.use():
-                computed = await self._batcher.submit([inputs[i] for i in missing])
-            if self._cache:
-                await self._cache.set_many(
-                    {keys[i]: s.tobytes() for i, s in zip(missing, computed, strict=True)}
-                )
-        fresh = iter(computed)
-        scores = np.stack([cached[i] if i in cached else next(fresh) for i in range(len(inputs))])
-        return Classified(scores, len(cached))
+                return await self._batcher.submit([inputs[i] for i in missing])
+
+        def keys() -> list[str]:
+            digests = [hashlib.sha256(x.tobytes()).hexdigest() for x in inputs]
+            return [cache_key("image", *self._cache_scope, digest) for digest in digests]
+
+        def unpack(value: bytes) -> np.ndarray:
+            return np.frombuffer(value, dtype=np.float32)
+
+        scores, hits = await through_cache(
+            self._cache, "image", keys, compute, np.ndarray.tobytes, unpack, len(inputs)
+        )
+        return Classified(np.stack(scores), hits)
 
     def _release(self, weights: Reloadable) -> None:
         with self._forward_lock:

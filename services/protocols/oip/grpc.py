@@ -22,7 +22,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
-from services.admission import Admission, rejected
+from services.admission import Admission, count_refusal, rejected
 from services.functions.chat import Delta
 from services.functions.types import Refused
 from services.protocols.oip.models import VERSION, GenerationModel, Model, Repository
@@ -177,13 +177,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelInferResponse:
         async with self.answering(context) as deadline:
             model = self.repository.get(request.model_name, request.model_version)
-            inputs = decode_inputs(request)
-            if not isinstance(model, GenerationModel):
-                return response(request, model, await model.infer(inputs, parameters(request), deadline))
-            asked, _ = model.request(inputs, parameters(request))  # one whole answer, streamed or not
-            generation = await model.fn.start(asked, deadline)
-            text, done = await generation.text()
-            return response(request, model, model.final(text, generation.prompt_tokens, done))
+            return response(
+                request, model, await model.infer(decode_inputs(request), parameters(request), deadline)
+            )
 
     async def ModelStreamInfer(
         self, requests: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
@@ -230,16 +226,15 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 deadline = self.admission.deadline(context.time_remaining())
                 model = self.repository.get(request.model_name, request.model_version)
-                inputs = decode_inputs(request)
+                inputs, asked_for = decode_inputs(request), parameters(request)
                 if not isinstance(model, GenerationModel):
-                    send(await model.infer(inputs, parameters(request), deadline), True)
+                    send(await model.infer(inputs, asked_for, deadline), True)
                     return
-                asked, stream = model.request(inputs, parameters(request))
-                generation = await model.fn.start(asked, deadline)
+                asked, stream = model.request(inputs, asked_for)
                 if not stream:
-                    text, done = await generation.text()
-                    send(model.final(text, generation.prompt_tokens, done), True)
+                    send(await model.whole(asked, deadline), True)
                     return
+                generation = await model.fn.start(asked, deadline)
                 async with generation:
                     async for item in generation:
                         if isinstance(item, Delta):
@@ -249,10 +244,9 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             finally:
                 self.admission.leave()
         except (Refused, Abort) as exc:
-            code = CODES[exc.kind] if isinstance(exc, Refused) else exc.code
-            count(exc)
             failed = pb.ModelInferResponse(id=request.id, model_name=request.model_name)
-            put(pb.ModelStreamInferResponse(error_message=f"[{code.name}] {exc}", infer_response=failed))
+            message = f"[{status_of(exc).name}] {exc}"
+            put(pb.ModelStreamInferResponse(error_message=message, infer_response=failed))
         except Exception:
             logger.exception("stream request %r failed", request.id)
             failed = pb.ModelInferResponse(id=request.id, model_name=request.model_name)
@@ -278,9 +272,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 entered = True
             yield self.admission.deadline(context.time_remaining())
         except (Refused, Abort) as exc:
-            count(exc)
-            code = CODES[exc.kind] if isinstance(exc, Refused) else exc.code
-            await context.abort(code, str(exc))
+            await context.abort(status_of(exc), str(exc))
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -291,10 +283,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 self.admission.leave()
 
 
-def count(exc: Exception) -> None:
-    """Refusals for bad input are counted here; load and deadline ones where they were decided."""
-    if isinstance(exc, Refused) and exc.kind in ("invalid", "not_found"):
-        rejected("invalid")
+def status_of(exc: Refused | Abort) -> grpc.StatusCode:
+    """The status a refusal ends its call or request with; counted, if it is bad input."""
+    if isinstance(exc, Abort):
+        return exc.code
+    count_refusal(exc)
+    return CODES[exc.kind]
 
 
 async def start(

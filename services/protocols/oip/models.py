@@ -72,8 +72,7 @@ class Model:
     async def infer(
         self, inputs: dict[str, Tensor], parameters: dict[str, Any], deadline: float | None
     ) -> list[Tensor]:
-        """One whole answer (every model but the decoupled chat model, which answers through its own
-        translation)."""
+        """One whole answer to one request."""
         raise NotImplementedError
 
     def check_inputs(self, inputs: dict[str, Tensor]) -> None:
@@ -266,6 +265,18 @@ class GenerationModel(Model):
             stop=sampling.stops,
         )
         return request, stream
+
+    async def infer(
+        self, inputs: dict[str, Tensor], parameters: dict[str, Any], deadline: float | None
+    ) -> list[Tensor]:
+        """The whole answer, whether `stream` was asked or not (a unary call has one response)."""
+        asked, _ = self.request(inputs, parameters)
+        return await self.whole(asked, deadline)
+
+    async def whole(self, asked: GenerationRequest, deadline: float | None) -> list[Tensor]:
+        generation = await self.fn.start(asked, deadline)
+        text, done = await generation.text()
+        return self.final(text, generation.prompt_tokens, done)
 
     def delta(self, text: str) -> list[Tensor]:
         return [bytes_tensor("text_output", text)]

@@ -17,9 +17,9 @@ from fastapi.sse import format_sse_event
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException
 
-from services.admission import DEADLINE, rejected
+from services.admission import DEADLINE, count_refusal
 from services.functions.api import current
-from services.functions.chat import Delta, Generation
+from services.functions.chat import Delta, GenerationRequest
 from services.functions.types import Refused
 from services.protocols.oip.models import (
     VERSION,
@@ -59,8 +59,7 @@ routes = APIRouter(prefix=PREFIX)
 
 @app.exception_handler(Refused)
 async def on_refused(_: Request, exc: Refused) -> JSONResponse:
-    if exc.kind in ("invalid", "not_found"):
-        rejected("invalid")  # load and deadline refusals are counted where they are decided
+    count_refusal(exc)
     return error_response(STATUS[exc.kind], exc.message)
 
 
@@ -215,18 +214,14 @@ async def infer(name: str, request: Request, model_version: str = "") -> Respons
     ModelStreamInfer)."""
     model = repository().get(name, model_version)
     parsed, inputs = await infer_request(request)
-    if not isinstance(model, GenerationModel):
-        return infer_response(parsed, model, await model.infer(inputs, parsed.parameters, DEADLINE.get()))
-    asked, _ = model.request(inputs, parsed.parameters)
-    generation = await model.fn.start(asked, DEADLINE.get())
-    text, done = await generation.text()
-    return infer_response(parsed, model, model.final(text, generation.prompt_tokens, done))
+    return infer_response(parsed, model, await model.infer(inputs, parsed.parameters, DEADLINE.get()))
 
 
 async def generate_request(
     name: str, request: Request
-) -> tuple[GenerationModel, Generation, bool, dict[str, Any]]:
-    """Triton's generate extension: a JSON object of input values (`text_input`) and `parameters`."""
+) -> tuple[GenerationModel, GenerationRequest, dict[str, Any]]:
+    """Triton's generate extension: a JSON object of input values (`text_input`) and `parameters`; the
+    model, the request and the head of each answer. Either route streams as its name says."""
     model = repository().get(name)
     if not isinstance(model, GenerationModel):
         raise Refused("invalid", f"model '{name}' does not generate text; use infer")
@@ -240,7 +235,7 @@ async def generate_request(
     if not isinstance(parameters, dict):
         raise Refused("invalid", "`parameters` must be a JSON object")
     extra = {k: v for k, v in body.items() if k not in ("text_input", "parameters", "id")}
-    asked, stream = model.request(
+    asked, _ = model.request(
         {"text_input": bytes_tensor("text_input", body["text_input"])}, {**extra, **parameters}
     )
     head = {
@@ -248,7 +243,7 @@ async def generate_request(
         "model_version": VERSION,
         **({"id": body["id"]} if "id" in body else {}),
     }
-    return model, await model.fn.start(asked, DEADLINE.get()), stream, head
+    return model, asked, head
 
 
 def outputs_json(head: dict[str, Any], tensors: list[Tensor]) -> dict[str, Any]:
@@ -258,9 +253,8 @@ def outputs_json(head: dict[str, Any], tensors: list[Tensor]) -> dict[str, Any]:
 
 @routes.post("/models/{name}/generate")
 async def generate(name: str, request: Request) -> Response:
-    model, generation, _, head = await generate_request(name, request)
-    text, done = await generation.text()
-    body = outputs_json(head, model.final(text, generation.prompt_tokens, done))
+    model, asked, head = await generate_request(name, request)
+    body = outputs_json(head, await model.whole(asked, DEADLINE.get()))
     return Response(orjson.dumps(body), media_type="application/json")
 
 
@@ -268,7 +262,8 @@ async def generate(name: str, request: Request) -> Response:
 async def generate_stream(name: str, request: Request) -> Response:
     """`data: {...}` per text delta, then one with the finish reason and token counts; an error after
     the first event is sent as `data: {"error": ...}`."""
-    model, generation, _, head = await generate_request(name, request)
+    model, asked, head = await generate_request(name, request)
+    generation = await model.fn.start(asked, DEADLINE.get())  # refusals before any event are 4xx
 
     async def events() -> AsyncIterator[bytes]:
         try:

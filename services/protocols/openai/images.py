@@ -14,7 +14,14 @@ from pydantic import BaseModel, Field, ValidationError
 from services.admission import DEADLINE
 from services.config import get_settings
 from services.functions.api import Functions, current
-from services.protocols.openai.protocol import APIError, OpenAIModel, OrjsonResponse, Text, invalid
+from services.protocols.openai.protocol import (
+    APIError,
+    OpenAIModel,
+    OrjsonResponse,
+    Text,
+    check_model,
+    invalid,
+)
 
 MULTIPART = "multipart/form-data"
 
@@ -65,8 +72,7 @@ async def answer_classification(
 ) -> dict[str, Any]:
     """The response body for one request; `files` are uploaded images, else the request's base64."""
     fn = fns.image
-    if request.model.lower() != fn.model_id:
-        raise APIError(404, f"The model `{request.model}` does not exist", "model", "model_not_found")
+    check_model(request.model, fn.model_id)
     inputs = await fn.preprocess(files if files is not None else decoded(request.images), field="image")
     result = await fn.classify(inputs, DEADLINE.get())
     data = [

@@ -80,6 +80,11 @@ def invalid(errors: Sequence[Any]) -> APIError:
     return APIError(400, message, param, first.get("type"))
 
 
+def check_model(asked: str, served: str) -> None:
+    if asked.lower() != served:
+        raise APIError(404, f"The model `{asked}` does not exist", "model", "model_not_found")
+
+
 REFUSALS: dict[str, tuple[int, str | None]] = {
     "invalid": (400, None),
     "not_found": (404, "model_not_found"),

@@ -42,6 +42,7 @@ from services.protocols.openai.protocol import (
     ModelCard,
     ModelList,
     OrjsonResponse,
+    check_model,
     error_body,
     error_response,
     invalid,
@@ -93,11 +94,6 @@ async def on_refused(request: Request, exc: Refused) -> JSONResponse:
 async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unexpected error on %s", request.url.path)
     return error_response(500, "internal error; see the server log")
-
-
-def check_model(asked: str, served: str) -> None:
-    if asked.lower() != served:
-        raise APIError(404, f"The model `{asked}` does not exist", "model", "model_not_found")
 
 
 def cache_header(hit: bool | None, partial: bool = False) -> dict[str, str] | None:
