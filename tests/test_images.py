@@ -230,5 +230,7 @@ def test_batch_lines_and_the_native_endpoint_classify_too(server: tuple[str, str
     )
     assert failed["custom_id"] == "text" and "not an image" in failed["error"]["message"]
     with bentoml.SyncHTTPClient(url, timeout=LONG) as native:
-        answer = native.classify(image=Image.open(PHOTO), top_k=2)
+        answer = native.classify(image=PHOTO, top_k=2)
     assert [label["class_id"] for label in answer][0] == 652 and len(answer) == 2
+    not_an_image = httpx.post(f"{url}/classify", files={"image": ("x.jpg", b"not an image")}, timeout=LONG)
+    assert not_an_image.status_code == 400 and "not an image" in not_an_image.text

@@ -228,11 +228,6 @@ class ImageFunction:
             )
         )
 
-    async def preprocess_decoded(self, image: Any, field: str = "image") -> np.ndarray:
-        """The model input for an image already decoded (BentoML's native endpoint hands over PIL)."""
-        check_image(image, self.settings.image_max_pixels, field)
-        return await asyncio.to_thread(model_input, image)
-
     def check_tensor(self, batch: np.ndarray, field: str = "input") -> list[np.ndarray]:
         """Already preprocessed images [n, 3, 224, 224] float32."""
         if batch.ndim != 4 or batch.shape[1:] != (3, SIZE, SIZE):
