@@ -76,7 +76,8 @@ class Settings(BaseSettings):
 
     @property
     def image_batch_size(self) -> int:
-        return self.image_max_batch_size or (64 if self.cuda_present else 16)
+        """The setting, or a GPU's default; on a CPU, 0 is timed at start-up (services/functions/image.py)."""
+        return self.image_max_batch_size or 64
 
     @property
     def cache_blocks(self) -> int:
