@@ -121,6 +121,9 @@ def main() -> None:
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     result: dict[str, object] = {"machine": describe(), "duration_s": args.duration}
+    # The raw model is timed before and after the servers and the better pass is the bar's base, so a
+    # machine that grows busier (or quieter) during the run cannot flatter the served figure.
+    passes = [measure_raw(args.raw_seconds)]
     with tempfile.TemporaryDirectory() as tmp:
         body = Path(tmp) / "body.json"
         body.write_text(json.dumps({"model": MODEL, "image": base64.b64encode(photo()).decode(), "top_k": 5}))
@@ -132,7 +135,9 @@ def main() -> None:
         naive = [sys.executable, str(ROOT / "loadtests" / "naive_image_server.py"), "--port", str(port)]
         with run_server([*naive, "--dtype", result["served_dtype"]], port) as url:
             result["naive"] = sweep("naive", url, body, args.duration)
-    result["raw"] = measure_raw(args.raw_seconds)
+    passes.append(measure_raw(args.raw_seconds))
+    result["raw_passes"] = passes
+    result["raw"] = max(passes, key=lambda raw: raw["per_s"])
     served64 = next(p["per_s"] for p in result["served"] if p["connections"] == 64)
     naive64 = next(p["per_s"] for p in result["naive"] if p["connections"] == 64)
     ratios = {
