@@ -67,6 +67,7 @@ bench-coldstart: models
 	$(BIN)/python loadtests/bench_coldstart.py
 
 bench-spike: models
+	command -v h2load >/dev/null || (apt-get install -y nghttp2-client || (apt-get update && apt-get install -y nghttp2-client))
 	$(BIN)/python loadtests/spike.py
 
 # Builds fnserve:latest with `bentoml containerize` (see deploy/container/build.sh for machines with no

@@ -103,6 +103,19 @@ class Settings(BaseSettings):
         description="texts waiting for the model per worker (about 1 s of work at full batches); "
         "a request that would pass it gets 429",
     )
+    embedding_max_wait_seconds: float = Field(
+        2.0,
+        gt=0,
+        description="an embedding request expected to wait longer than this to start (the texts "
+        "queued ahead at the recent rate) gets 429 with Retry-After at once",
+    )
+    encoder_cpu_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="on a CPU, the share of each entry worker's time the embedding and image models "
+        "take for forward passes while the chat engine has work; 1 = they never yield",
+    )
     embedding_max_inputs: int = Field(512, ge=1, description="inputs per request")
     embedding_max_input_chars: int = Field(8192, ge=1, description="characters per input")
     embedding_max_tokens: int = Field(256, ge=8, le=512, description="the model's window, in tokens")
@@ -124,6 +137,9 @@ class Settings(BaseSettings):
         "1, 4, 8 and 16), 64 on a GPU",
     )
     image_max_inputs: int = Field(64, ge=1, description="images per request")
+    image_max_wait_seconds: float = Field(
+        2.0, gt=0, description="as FNSERVE_EMBEDDING_MAX_WAIT_SECONDS, for images"
+    )
     image_max_bytes: int = Field(8 * 2**20, ge=1, description="largest encoded image (400 above)")
     image_max_pixels: int = Field(
         40_000_000,
@@ -143,6 +159,12 @@ class Settings(BaseSettings):
     generation_max_tokens: int = Field(512, ge=1, description="cap on max_tokens per request")
     generation_max_queue: int = Field(
         64, ge=1, description="chat requests admitted but not yet generating; one more gets 429"
+    )
+    generation_max_wait_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="a chat request expected to wait longer than this for its first token (the "
+        "requests waiting ahead at the recent rate) gets 429 with Retry-After at once",
     )
     generation_cache_blocks: int = Field(
         0,

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from tests.server import LONG, serve
+
+# Admission by time refuses what would wait past a target in seconds, so on a slow or busy machine it
+# would refuse requests a test expects served. The test servers inherit targets out of reach; the
+# tests of admission by time (tests/test_spike.py) tighten them with each request's own deadline.
+for variable in (
+    "FNSERVE_EMBEDDING_MAX_WAIT_SECONDS",
+    "FNSERVE_IMAGE_MAX_WAIT_SECONDS",
+    "FNSERVE_GENERATION_MAX_WAIT_SECONDS",
+):
+    os.environ.setdefault(variable, "3600")
 
 
 @pytest.fixture(scope="session")

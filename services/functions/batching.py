@@ -23,6 +23,7 @@ from typing import Generic, TypeVar
 from bentoml.exceptions import ServiceUnavailable
 
 from services.admission import DEADLINE_PASSED, rejected, seconds_left
+from services.functions.pacing import ServiceRate, admit
 from services.functions.types import Refused
 
 # Set in the batch runner's context: its requests fill what room online requests leave in each forward
@@ -54,6 +55,16 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+@dataclass(frozen=True)
+class WaitTarget:
+    """Admission by time: an online request expected to wait longer than `seconds` (or its deadline)
+    to start is refused at once; `setting` names the variable that sets it, `function` the metric label."""
+
+    function: str
+    seconds: float
+    setting: str
+
+
 @dataclass
 class _Job(Generic[T, R]):
     items: list[T]
@@ -70,18 +81,25 @@ class GreedyBatcher(Generic[T, R]):
         max_queue: int,
         on_batch: Callable[[int, float], None] = lambda size, wait: None,
         on_queue: Callable[[int], None] = lambda queued: None,
+        wait_target: WaitTarget | None = None,
+        rest_after: Callable[[float], float] = lambda busy: 0.0,
     ) -> None:
         """`run_batch` maps items to results in order and runs in a worker thread; `on_batch` receives
         each batch's size and the queue wait of its oldest job; `on_queue` the online items waiting,
         whenever that changes. Jobs
         queued longer than `max_queue_seconds` are shed with ServiceUnavailable (503) instead of running
-        late; an online request that would take a non-empty queue past `max_queue` items raises QueueFull."""
+        late; an online request that would take a non-empty queue past `max_queue` items raises QueueFull,
+        and one expected to wait past `wait_target` is refused. After each forward pass of `busy`
+        seconds, the worker rests `rest_after(busy)` seconds (answers are sent first)."""
         self._run_batch = run_batch
         self._max_batch_size = max_batch_size
         self._max_queue_seconds = max_queue_seconds
         self._max_queue = max_queue
         self._on_batch = on_batch
         self._on_queue = on_queue
+        self._wait_target, self._rest_after = wait_target, rest_after
+        self.rate = ServiceRate()
+        self._running = 0  # items in the forward pass under way
         self._queue: deque[_Job[T, R]] = deque()
         self._background: deque[_Job[T, R]] = deque()
         self._online_seen = -ONLINE_QUIET_SECONDS
@@ -89,12 +107,14 @@ class GreedyBatcher(Generic[T, R]):
         self._background_size = max(1, max_batch_size // 8)
         self._worker: asyncio.Task[None] | None = None
 
-    async def submit(self, items: list[T]) -> list[R]:
+    async def submit(self, items: list[T], deadline: float | None = None) -> list[R]:
         """Results for `items`, in order. Inputs larger than a batch are split across batches."""
         background = BACKGROUND.get()
         queued = self.queued
         if not background and queued and queued + len(items) > self._max_queue:  # one always fits
             raise QueueFull(f"{queued} inputs are waiting for the model; try again shortly")
+        if not background and (target := self._wait_target):
+            admit(target.function, self.expected_wait, target.seconds, deadline, target.setting)
         # Background work is cut small, so that an online request never waits behind a full forward.
         size = self._background_size if background else self._max_batch_size
         loop = asyncio.get_running_loop()
@@ -115,6 +135,16 @@ class GreedyBatcher(Generic[T, R]):
             self._on_queue(self.queued)
             raise
         return [result for part in parts for result in part]
+
+    @property
+    def expected_wait(self) -> float:
+        """Seconds before a new online request's first input would enter a forward pass."""
+        return self.rate.seconds_for(self.queued + self._running)
+
+    def load(self) -> dict[str, float]:
+        """What admission by time reads, for status pages: recent seconds per input, and the wait a new
+        request would have to start."""
+        return {"seconds_per_input": self.rate.seconds_for(1), "expected_wait_seconds": self.expected_wait}
 
     @property
     def queued(self) -> int:
@@ -158,12 +188,21 @@ class GreedyBatcher(Generic[T, R]):
         try:
             items = [item for job in batch for item in job.items]
             self._on_batch(len(items), time.monotonic() - batch[0].enqueued)
-            results = await asyncio.to_thread(self._run_batch, items)
+            began, self._running = time.monotonic(), len(items)
+            try:
+                results = await asyncio.to_thread(self._run_batch, items)
+            finally:
+                self._running = 0
+            busy = time.monotonic() - began
             start = 0
             for job in batch:
                 if not job.future.done():
                     job.future.set_result(results[start : start + len(job.items)])
                 start += len(job.items)
+            rest = self._rest_after(busy)
+            if rest:
+                await asyncio.sleep(rest)
+            self.rate.observe(len(items), busy + rest)
         except BaseException as exc:  # its callers get the error, never a hang; the worker keeps serving
             for job in batch:
                 if not job.future.done():

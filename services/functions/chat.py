@@ -104,7 +104,8 @@ class Generation:
 
 
 def refusal(item: dict[str, Any]) -> Refused:
-    return Refused(KINDS.get(item.get("status", 500), "failed"), item["message"], item.get("param"))
+    kind = KINDS.get(item.get("status", 500), "failed")
+    return Refused(kind, item["message"], item.get("param"), item.get("retry_after"))
 
 
 class ChatFunction:

@@ -18,10 +18,11 @@ import numpy as np
 
 from models.catalog import CATALOG
 from services.config import Settings, pick_device
-from services.functions.batching import GreedyBatcher, answered_by
+from services.functions.batching import GreedyBatcher, WaitTarget, answered_by
 from services.functions.cache import cache_key, response_cache, through_cache
 from services.functions.hardware import Choices, model_status
 from services.functions.lifecycle import ModelSlot, Reloadable
+from services.functions.pacing import encoder_share
 from services.functions.types import Refused
 
 if TYPE_CHECKING:
@@ -140,6 +141,7 @@ class EmbeddingFunction:
         )
         self.slot.load_now()
         self.dimensions: int = self.slot.model.config.hidden_size
+        share = encoder_share(settings.encoder_cpu_share, self.device, self.choices)
         logger.info("embedding model %s on %s", entry.tag, self.device)
         # Every protocol but BentoML's /encode calls the model through this batcher; see
         # services/functions/batching.py for why it is not BentoML's.
@@ -150,12 +152,17 @@ class EmbeddingFunction:
             max_queue=settings.embedding_max_queue,
             on_batch=observe_batch,
             on_queue=QUEUE_TEXTS.set,
+            wait_target=WaitTarget(
+                "embedding", settings.embedding_max_wait_seconds, "FNSERVE_EMBEDDING_MAX_WAIT_SECONDS"
+            ),
+            rest_after=lambda busy: share.rest_after("embedding", busy),
         )
         self._cache = response_cache(settings.redis_url, settings.embedding_cache_size)
         self._cache_scope = (entry.tag, str(self.dtype), self.max_tokens)
 
     def status(self) -> dict[str, Any]:
-        return {self.model_id: model_status(self.slot.state, self.device, self.choices)}
+        entry = model_status(self.slot.state, self.device, self.choices)
+        return {self.model_id: {**entry, "load": self._batcher.load()}}
 
     async def check(self, texts: list[str], field: str = "input") -> None:
         """Refuses (invalid) what the model cannot take; `field` is the caller's name for the texts."""
@@ -180,14 +187,14 @@ class EmbeddingFunction:
         """Unit vectors for checked texts. Those not in the cache are batched with other requests'
         texts; texts still queued when the deadline (time.monotonic()) passes are dropped."""
         async with answered_by(deadline):
-            results, hits = await self._embed(texts)
+            results, hits = await self._embed(texts, deadline)
         vectors = np.stack([vector for vector, _ in results]) if results else np.zeros((0, self.dimensions))
         return Embeddings(vectors.astype(np.float32, copy=False), [n for _, n in results], hits)
 
-    async def _embed(self, texts: list[str]) -> tuple[list[Embedded], int]:
+    async def _embed(self, texts: list[str], deadline: float | None) -> tuple[list[Embedded], int]:
         async def compute(missing: list[int]) -> list[Embedded]:
             async with self.slot.use():
-                return await self._batcher.submit([texts[i] for i in missing])
+                return await self._batcher.submit([texts[i] for i in missing], deadline)
 
         def keys() -> list[str]:
             return [cache_key("embedding", *self._cache_scope, text) for text in texts]

@@ -19,9 +19,10 @@ from models.catalog import CATALOG
 from services.admission import DEADLINE_PASSED, rejected, seconds_left
 from services.config import TIMEOUT_GRACE_SECONDS, get_settings, pick_device
 from services.functions.engine import Engine, EngineError, Sampling, TransformersEngine
-from services.functions.hardware import Choices, model_status
+from services.functions.hardware import Choices, model_status, server_instance
 from services.functions.lifecycle import ModelSlot, Reloadable
-from services.functions.types import ChatMessage, Text
+from services.functions.pacing import ServiceRate, Share, admit
+from services.functions.types import ChatMessage, Refused, Text
 
 if TYPE_CHECKING:
     import torch
@@ -35,6 +36,7 @@ MODEL = CATALOG[settings.generation_model]
 ChatMessages = Annotated[list[ChatMessage], Field(min_length=1)]
 ChatMaxTokens = Annotated[int, Field(ge=1, le=settings.generation_max_tokens)]
 CHAT_DEFAULT_TOKENS = min(128, settings.generation_max_tokens)
+WAIT_SETTING = "FNSERVE_GENERATION_MAX_WAIT_SECONDS"
 
 
 def event(kind: str, **fields: Any) -> str:
@@ -192,7 +194,11 @@ class Generator:
         self.slot.load_now()
         logger.info("generation model %s on %s", MODEL.tag, self.device)
         self._release_task: asyncio.Task[None] | None = None
+        self._beat_task: asyncio.Task[None] | None = None
         self._waiting = 0  # admitted requests without a token yet: the bounded queue
+        self._active = 0  # requests in the engine or waiting for it
+        self.first_tokens = ServiceRate()  # seconds to first token per request waiting
+        self.share = Share(server_instance(), 1.0)
 
     def start_engine(self) -> Engine:
         """The weights from the model store and a fresh engine loop."""
@@ -246,24 +252,39 @@ class Generator:
             code = "model_loading" if loading else "queue_full"
             yield event("error", status=503 if loading else 429, message=message, code=code)
             return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        ahead = self._waiting + 1  # this request included
+        if not background:
+            try:
+                expected = self.first_tokens.seconds_for(ahead)
+                admit("generation", expected, settings.generation_max_wait_seconds, deadline, WAIT_SETTING)
+            except Refused as refusal:
+                yield event("error", status=429, message=refusal.message, code="queue_full",
+                            retry_after=refusal.retry_after)  # fmt: skip
+                return
         # Counted from admission, before any await, so that requests arriving together cannot all pass
         # the check; uncounted at the first token or at the end, whichever comes first.
         self._queued(1)
-        waiting = [True]
+        self._active += 1
+        self.share.engine_busy()
+        waiting, admitted = [True], time.monotonic()
 
         def first_token() -> None:
             if waiting:
                 waiting.clear()
                 self._queued(-1)
+                self.first_tokens.observe(ahead, time.monotonic() - admitted)
 
-        deadline = None if timeout is None else time.monotonic() + timeout
         request = (messages, prompt, max_tokens, Sampling(0, temperature, top_p), stop, deadline)
         try:
             async with aclosing(self._events(*request, first_token)) as events:
                 async for line in events:
                     yield line
         finally:
-            first_token()
+            if waiting:  # refused, failed or cancelled before a token: not a measure of the queue
+                waiting.clear()
+                self._queued(-1)
+            self._active -= 1
 
     async def _events(
         self,
@@ -368,11 +389,18 @@ class Generator:
 
     @bentoml.api
     async def stats(self) -> dict[str, float]:
-        """Engine occupancy: running and waiting requests, free share of the KV cache."""
+        """Engine occupancy: running and waiting requests, free share of the KV cache, and the wait a
+        new request is expected to have for its first token (what admission compares with its target)."""
+        expected = {"expected_first_token_seconds": self.first_tokens.seconds_for(self._waiting + 1)}
         if (engine := self.slot.current) is None:
-            return {"running": 0, "waiting": 0, "free_cache": 1.0}
+            return {"running": 0, "waiting": 0, "free_cache": 1.0, **expected}
         stats = engine.stats()
-        return {"running": stats.running, "waiting": stats.waiting, "free_cache": stats.free_cache}
+        return {
+            "running": stats.running,
+            "waiting": stats.waiting,
+            "free_cache": stats.free_cache,
+            **expected,
+        }
 
     @bentoml.api
     async def status(self) -> dict[str, Any]:
@@ -382,10 +410,19 @@ class Generator:
     @bentoml.on_startup
     async def start_idle_release(self) -> None:
         self._release_task = asyncio.create_task(self.slot.release_when_idle())
+        self._beat_task = asyncio.create_task(self._beat())
+
+    async def _beat(self) -> None:
+        """Tells the encoders of this server that the engine has work (services/functions/pacing.py)."""
+        while True:
+            if self._active:
+                self.share.engine_busy()
+            await asyncio.sleep(Share.BEAT)
 
     @bentoml.on_shutdown
     def shutdown(self) -> None:
-        if self._release_task:
-            self._release_task.cancel()
+        for task in (self._release_task, self._beat_task):
+            if task:
+                task.cancel()
         if (engine := self.slot.current) is not None:
             engine.shutdown()

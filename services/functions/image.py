@@ -25,10 +25,11 @@ import numpy as np
 
 from models.catalog import CATALOG
 from services.config import Settings, pick_device
-from services.functions.batching import GreedyBatcher, answered_by
+from services.functions.batching import GreedyBatcher, WaitTarget, answered_by
 from services.functions.cache import cache_key, response_cache, through_cache
 from services.functions.hardware import Choices, model_status, once_per_server, server_instance
 from services.functions.lifecycle import ModelSlot, Reloadable
+from services.functions.pacing import encoder_share
 from services.functions.types import Refused
 
 if TYPE_CHECKING:
@@ -162,12 +163,17 @@ class ImageFunction:
         )
         self.slot.load_now()
         logger.info("image model %s on %s", entry.tag, self.device)
+        share = encoder_share(settings.encoder_cpu_share, self.device, self.choices)
         self._batcher = GreedyBatcher(
             self._forward,
             max_batch_size=self.batch_size,
             max_queue_seconds=settings.embedding_max_latency_ms / 1000,
             max_queue=max(64, self.batch_size * 16),
             on_batch=lambda size, _: BATCH_SIZE.observe(size),
+            wait_target=WaitTarget(
+                "image", settings.image_max_wait_seconds, "FNSERVE_IMAGE_MAX_WAIT_SECONDS"
+            ),
+            rest_after=lambda busy: share.rest_after("image", busy),
         )
         self._cache = response_cache(settings.redis_url, settings.image_cache_size)
         self._cache_scope = (entry.tag, str(self.dtype))
@@ -206,7 +212,8 @@ class ImageFunction:
         return int(self.choices.add("max_batch_size", decided["value"], "measured", decided["reason"]))
 
     def status(self) -> dict[str, Any]:
-        return {self.model_id: model_status(self.slot.state, self.device, self.choices)}
+        entry = model_status(self.slot.state, self.device, self.choices)
+        return {self.model_id: {**entry, "load": self._batcher.load()}}
 
     def top(self, scores: np.ndarray, k: int) -> list[list[tuple[int, str, float]]]:
         """The k best (class id, label, probability) per image, best first."""
@@ -249,12 +256,12 @@ class ImageFunction:
         """Probabilities for checked model inputs; those not in the cache (keyed on the input's bytes)
         are batched with other requests' images."""
         async with answered_by(deadline):
-            return await self._classify(inputs)
+            return await self._classify(inputs, deadline)
 
-    async def _classify(self, inputs: list[np.ndarray]) -> Classified:
+    async def _classify(self, inputs: list[np.ndarray], deadline: float | None) -> Classified:
         async def compute(missing: list[int]) -> list[np.ndarray]:
             async with self.slot.use():
-                return await self._batcher.submit([inputs[i] for i in missing])
+                return await self._batcher.submit([inputs[i] for i in missing], deadline)
 
         def keys() -> list[str]:
             digests = [hashlib.sha256(x.tobytes()).hexdigest() for x in inputs]

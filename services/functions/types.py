@@ -29,8 +29,11 @@ class ChatMessage(BaseModel):
 
 class Refused(Exception):
     """A request a function will not or could not serve. `param` names the input at fault, in the
-    words of the caller's protocol where the protocol passed them in (`field=`)."""
+    words of the caller's protocol where the protocol passed them in (`field=`); `retry_after` (whole
+    seconds) is when a refusal for load is worth trying again."""
 
-    def __init__(self, kind: RefusalKind, message: str, param: str | None = None) -> None:
+    def __init__(
+        self, kind: RefusalKind, message: str, param: str | None = None, retry_after: int | None = None
+    ) -> None:
         super().__init__(message)
-        self.kind, self.message, self.param = kind, message, param
+        self.kind, self.message, self.param, self.retry_after = kind, message, param, retry_after

@@ -272,6 +272,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 entered = True
             yield self.admission.deadline(context.time_remaining())
         except (Refused, Abort) as exc:
+            if isinstance(exc, Refused) and exc.retry_after:
+                # gRPC's own retry policy reads the pushback; retry-after is for people and tools.
+                seconds = exc.retry_after
+                context.set_trailing_metadata(
+                    (("grpc-retry-pushback-ms", str(1000 * seconds)), ("retry-after", str(seconds)))
+                )
             await context.abort(status_of(exc), str(exc))
         except asyncio.CancelledError:
             raise

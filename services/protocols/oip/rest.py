@@ -46,10 +46,14 @@ STATUS = {"invalid": 400, "not_found": 404, "queue_full": 429, "loading": 503, "
 
 
 def error_response(
-    status: int, message: str, code: str | None = None, headers: dict[str, Any] | None = None
+    status: int,
+    message: str,
+    code: str | None = None,
+    headers: dict[str, Any] | None = None,
+    retry_after: int | None = None,
 ) -> JSONResponse:
     """The protocol's error shape; refusals for load (429, 503) say when to try again."""
-    retry = {"Retry-After": "1"} if status in (429, 503) else {}
+    retry = {"Retry-After": str(retry_after or 1)} if status in (429, 503) else {}
     return JSONResponse({"error": message}, status_code=status, headers={**retry, **(headers or {})})
 
 
@@ -60,7 +64,7 @@ routes = APIRouter(prefix=PREFIX)
 @app.exception_handler(Refused)
 async def on_refused(_: Request, exc: Refused) -> JSONResponse:
     count_refusal(exc)
-    return error_response(STATUS[exc.kind], exc.message)
+    return error_response(STATUS[exc.kind], exc.message, retry_after=exc.retry_after)
 
 
 @app.exception_handler(HTTPException)

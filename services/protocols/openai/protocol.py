@@ -38,9 +38,10 @@ def error_response(
     param: str | None = None,
     code: str | None = None,
     headers: dict[str, Any] | None = None,
+    retry_after: int | None = None,
 ) -> JSONResponse:
     """The OpenAI error shape; refusals for load (429, 503) say when to try again."""
-    retry = {"Retry-After": "1"} if status in (429, 503) else {}
+    retry = {"Retry-After": str(retry_after or 1)} if status in (429, 503) else {}
     body = error_body(status, message, param, code)
     return JSONResponse(body, status_code=status, headers={**retry, **(headers or {})})
 
@@ -48,14 +49,22 @@ def error_response(
 class APIError(Exception):
     """Raised anywhere in request handling; answered in the OpenAI error shape with `status`."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: int | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.retry_after = retry_after
 
     @classmethod
     def of(cls, refusal: Refused) -> APIError:
         status, code = REFUSALS[refusal.kind]
-        return cls(status, refusal.message, refusal.param, code)
+        return cls(status, refusal.message, refusal.param, code, refusal.retry_after)
 
 
 class OrjsonResponse(Response):

@@ -66,7 +66,7 @@ routes = APIRouter()
 async def on_api_error(_: Request, exc: APIError) -> JSONResponse:
     if exc.status in (400, 404, 405, 413, 422):  # 429, 503 and 504 are counted where they are decided
         rejected("too_large" if exc.status == 413 else "invalid")
-    return error_response(exc.status, exc.message, exc.param, exc.code)
+    return error_response(exc.status, exc.message, exc.param, exc.code, retry_after=exc.retry_after)
 
 
 @app.exception_handler(RequestValidationError)
