@@ -15,13 +15,14 @@ everything else is the server's defaults.
 
 Bars: zero timeouts and zero 5xx; every refusal a 429 or 503 (Retry-After on each is asserted by the
 tests); chats answered during the spike at least half of what chat alone answers.
-Writes loadtests/results/spike.json and spike.png.
+Writes loadtests/results/spike.json and spike.png (`--name` for another name).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -220,6 +221,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--base-embed", type=int, default=8)
     parser.add_argument("--base-chat", type=int, default=2)
+    parser.add_argument("--name", default="spike", help="results file name, for runs with other settings")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"machine": describe(), "phases_s": dict(PHASES), "env": ENV}
@@ -257,8 +259,9 @@ def main() -> None:
     bars = {f"{name}_no_timeouts_or_5xx": ok for name, ok in clean.items()}
     bars["chat_spike_at_least_half_of_alone"] = result["chat_spike_over_alone"] >= 0.5
     result["bars_met"] = bars
-    (RESULTS / "spike.json").write_text(json.dumps(result))
-    plot(result, RESULTS / "spike.png")
+    result["settings"] = {k: v for k, v in os.environ.items() if k.startswith("FNSERVE_")}
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(result))
+    plot(result, RESULTS / f"{args.name}.png")
     for name in bases:
         print(name, json.dumps(result[name]["phases"], indent=1), "gave up:", result[name]["gave_up"])
     print(

@@ -196,7 +196,7 @@ class Generator:
         self._release_task: asyncio.Task[None] | None = None
         self._beat_task: asyncio.Task[None] | None = None
         self._waiting = 0  # admitted requests without a token yet: the bounded queue
-        self._active = 0  # requests in the engine or waiting for it
+        self._active = 0  # online requests in the engine or waiting for it
         self.first_tokens = ServiceRate()  # seconds to first token per request waiting
         self.share = Share(server_instance(), 1.0)
 
@@ -265,8 +265,10 @@ class Generator:
         # Counted from admission, before any await, so that requests arriving together cannot all pass
         # the check; uncounted at the first token or at the end, whichever comes first.
         self._queued(1)
-        self._active += 1
-        self.share.engine_busy()
+        online = not background  # the encoders yield to online chats, never to batch lines
+        self._active += online
+        if online:
+            self.share.engine_busy()
         waiting, admitted = [True], time.monotonic()
 
         def first_token() -> None:
@@ -284,7 +286,7 @@ class Generator:
             if waiting:  # refused, failed or cancelled before a token: not a measure of the queue
                 waiting.clear()
                 self._queued(-1)
-            self._active -= 1
+            self._active -= online
 
     async def _events(
         self,
