@@ -149,7 +149,7 @@ def test_openai_client_chat_completions_streaming_and_models(server: str) -> Non
     assert completion.choices[0].text
     assert MODEL in [m.id for m in api.models.list().data]
     with pytest.raises(openai.BadRequestError):
-        api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=2)
+        api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=17)
 
 
 LONG_PROMPT = "word " * 9000  # over SmolLM2's 8192-token window
@@ -162,7 +162,7 @@ BAD = [
     pytest.param({"max_tokens": 100_000}, 400, "max_tokens", id="max-tokens-over-cap"),
     pytest.param({"max_tokens": 0}, 400, "max_tokens", id="max-tokens-zero"),
     pytest.param({"temperature": 5}, 400, "temperature", id="temperature"),
-    pytest.param({"n": 2}, 400, "n", id="n-over-one"),
+    pytest.param({"n": 17}, 400, "n", id="n-over-sixteen"),
     pytest.param({"model": "gpt-9"}, 404, "model", id="unknown-model"),
     pytest.param({"messages": [{"role": "user", "content": LONG_PROMPT}]}, 400, "messages", id="over-window"),
     pytest.param({"logit_bias": {}}, 400, "logit_bias", id="unknown-field"),

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import orjson
+from bentoml.exceptions import InvalidArgument
 
 from models.catalog import CATALOG
 from services.admission import seconds_left
@@ -18,6 +19,8 @@ from services.config import Settings
 from services.functions.batching import BACKGROUND
 from services.functions.cache import ResponseCache, cache_key, count_lookups
 from services.functions.types import RefusalKind, Refused
+
+EVENTS = "deltas-with-tokens"  # the cached answers' format: a change must not read older entries
 
 # The generation service's error events carry an HTTP-like status; these are the kinds they mean.
 KINDS: dict[int, RefusalKind] = {
@@ -40,6 +43,11 @@ class GenerationRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    top_k: int = 0
+    """sample from the k likeliest tokens; 0 = all"""
+    ignore_eos: bool = False
+    """generate `max_tokens`, past the model's end of text"""
+    skip_special_tokens: bool = True
 
     @property
     def deterministic(self) -> bool:
@@ -49,6 +57,8 @@ class GenerationRequest:
 @dataclass
 class Delta:
     text: str
+    completion_tokens: int = 0
+    """tokens generated so far, this delta's included"""
 
 
 @dataclass
@@ -74,7 +84,7 @@ class Generation:
     async def _items(self) -> AsyncIterator[Delta | Done]:
         async for item in self._events:
             if item["type"] == "delta":
-                yield Delta(item["text"])
+                yield Delta(item["text"], item["tokens"])
             elif item["type"] == "done":
                 yield Done(item["finish_reason"], item["completion_tokens"])
                 return
@@ -103,6 +113,14 @@ class Generation:
         await self.aclose()
 
 
+def message_of(exc: InvalidArgument) -> str:
+    """The generation service's own words in a 400 its client raised (a JSON body `{"error": ...}`)."""
+    try:
+        return str(orjson.loads(exc.message)["error"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return exc.message
+
+
 def refusal(item: dict[str, Any]) -> Refused:
     kind = KINDS.get(item.get("status", 500), "failed")
     return Refused(kind, item["message"], item.get("param"), item.get("retry_after"))
@@ -114,6 +132,7 @@ class ChatFunction:
         self._generator, self._settings, self._cache = generator, settings, cache
         self.model_id = settings.generation_model
         self._scope: tuple[str, ...] | None = None
+        self._window: int | None = None
 
     async def scope(self) -> tuple[str, ...]:
         """What the generation service chose at start-up that changes its answers (dtype, KV-cache
@@ -126,6 +145,30 @@ class ChatFunction:
 
     async def status(self) -> dict[str, Any]:
         return await self._generator.status()
+
+    async def max_model_len(self) -> int:
+        """The longest prompt and answer one request may have; asked once."""
+        if self._window is None:
+            (status,) = (await self._generator.status()).values()
+            self._window = int(status["max_model_len"])
+        return self._window
+
+    async def tokenize(
+        self, messages: list[dict[str, str]] | None, prompt: str | None, special: bool
+    ) -> list[int]:
+        """Token ids as the model is served them; refuses (invalid) unless exactly one is given."""
+        try:
+            return await self._generator.tokenize(
+                messages=messages, prompt=prompt, add_special_tokens=special
+            )
+        except InvalidArgument as exc:
+            raise Refused("invalid", message_of(exc)) from None
+
+    async def detokenize(self, tokens: list[int]) -> str:
+        try:
+            return await self._generator.detokenize(tokens=tokens)
+        except InvalidArgument as exc:
+            raise Refused("invalid", message_of(exc), "tokens") from None
 
     async def stats(self) -> dict[str, float]:
         return await self._generator.stats()
@@ -147,7 +190,7 @@ class ChatFunction:
             return None, None
         model = (CATALOG[self.model_id].tag, *await self.scope())
         caps = (self._settings.generation_max_tokens,)  # without max_tokens they set the answer's length
-        key = cache_key("generation", *model, *caps, asdict(request))
+        key = cache_key("generation", EVENTS, *model, *caps, asdict(request))
         (value,) = await self._cache.get_many([key])
         count_lookups("generation", value is not None, 1)
         return key, value
@@ -169,6 +212,9 @@ class ChatFunction:
             "temperature": request.temperature,
             "top_p": request.top_p,
             "stop": request.stop,
+            "top_k": request.top_k,
+            "ignore_eos": request.ignore_eos,
+            "skip_special_tokens": request.skip_special_tokens,
             "timeout": seconds_left(deadline),
             "background": BACKGROUND.get(),
         }
@@ -199,7 +245,7 @@ class ChatFunction:
                 if item["type"] == "start":
                     saved["prompt_tokens"] = item["prompt_tokens"]
                 elif item["type"] == "delta":
-                    saved["deltas"].append(item["text"])
+                    saved["deltas"].append([item["text"], item["tokens"]])
                 elif item["type"] == "done" and key and self._cache:
                     await self._cache.set_many({key: orjson.dumps({**saved, "done": item})})
                 yield item
@@ -211,6 +257,6 @@ async def replay(answer: bytes) -> AsyncIterator[dict[str, Any]]:
     """A cached answer as the generation service's events, the same deltas as when it was generated."""
     saved = orjson.loads(answer)
     yield {"type": "start", "prompt_tokens": saved["prompt_tokens"]}
-    for text in saved["deltas"]:
-        yield {"type": "delta", "text": text}
+    for text, tokens in saved["deltas"]:
+        yield {"type": "delta", "text": text, "tokens": tokens}
     yield {"type": "done", **saved["done"]}

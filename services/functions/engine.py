@@ -33,6 +33,8 @@ class Sampling:
     max_new_tokens: int
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
+    top_k: int = 0  # 0 = every token
+    ignore_eos: bool = False
 
 
 # In a batch where any request samples, the engine samples every row (do_sample is one setting for the
@@ -79,6 +81,27 @@ def top_p_only_where_asked() -> None:
             return scores
 
     cb.CLASSIC_TO_CB_PROCESSORS_MAP[TopPLogitsWarper] = TopPWhereAsked
+
+
+def top_k_only_where_asked() -> None:
+    """As `top_p_only_where_asked`, for top-k: only the rows that ask for it (k > 0) are sorted and cut,
+    so that requests without a top-k sample from every token, as they did before it existed."""
+    import torch
+    from transformers.generation.continuous_batching import cb_logits_processors as cb
+    from transformers.generation.logits_process import TopKLogitsWarper
+
+    class TopKWhereAsked(cb.ContinuousBatchingTopKLogitsWarper):
+        def prepare_tensor_args(self, requests: list[Any]) -> torch.Tensor:
+            asked = [request.state.logit_processor_kwargs.get("top_k", 0) for request in requests]
+            return torch.tensor(asked, dtype=torch.int32, device="cpu")
+
+        def __call__(self, scores: torch.Tensor, tensor_arg: torch.Tensor) -> torch.Tensor:
+            rows = (tensor_arg[: scores.size(0)] > 0).nonzero().squeeze(-1)
+            if rows.numel():
+                scores[rows] = super().__call__(scores[rows], tensor_arg[rows])
+            return scores
+
+    cb.CLASSIC_TO_CB_PROCESSORS_MAP[TopKLogitsWarper] = TopKWhereAsked
 
 
 def sample_by_inverse_cdf() -> None:
@@ -169,14 +192,20 @@ class TransformersEngine:
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
         top_p_only_where_asked()
+        top_k_only_where_asked()
         sample_by_inverse_cdf()
         if model.device.type == "cpu":
             attention_on_kv_heads()
 
-        # Temperature and top-p other than 1 make transformers build their warpers; every request then
-        # sets its own values (per-request processors).
+        # Temperature, top-p and top-k set here make transformers build their warpers; every request
+        # then sets its own values (per-request processors).
         generation = GenerationConfig(
-            do_sample=True, temperature=0.5, top_p=0.5, eos_token_id=eos_token_id, pad_token_id=pad_token_id
+            do_sample=True,
+            temperature=0.5,
+            top_p=0.5,
+            top_k=50,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
         )
         # Sized explicitly: the default sizing targets GPU memory and reserved ~10 GiB of RAM on CPU.
         batching = ContinuousBatchingConfig(
@@ -205,6 +234,8 @@ class TransformersEngine:
                     streaming=True,
                     temperature=max(sampling.temperature, GREEDY_TEMPERATURE),
                     top_p=sampling.top_p,
+                    top_k=sampling.top_k,
+                    eos_token_id=-1 if sampling.ignore_eos else None,  # -1: the engine's "no end token"
                 )
                 if added is None:  # the manager refuses work once its loop has stopped or failed
                     raise EngineError("the generation engine is not running")

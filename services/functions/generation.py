@@ -134,14 +134,14 @@ class IncrementalDecoder:
     """Text deltas from a growing token list. Decoding the whole list each step keeps merges across token
     boundaries right; a trailing U+FFFD means a multi-byte character is still incomplete, so it waits."""
 
-    def __init__(self, tokenizer: Any) -> None:
-        self._tokenizer = tokenizer
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True) -> None:
+        self._tokenizer, self._skip = tokenizer, skip_special_tokens
         self._ids: list[int] = []
         self.text = ""
 
     def push(self, token_ids: list[int], last: bool = False) -> str:
         self._ids.extend(token_ids)
-        text = self._tokenizer.decode(self._ids, skip_special_tokens=True)
+        text = self._tokenizer.decode(self._ids, skip_special_tokens=self._skip)
         if text.endswith("\ufffd") and not last:
             return ""
         delta, self.text = text[len(self.text) :], text
@@ -236,6 +236,9 @@ class Generator:
         temperature: Annotated[float, Field(ge=0, le=2)] = 1.0,
         top_p: Annotated[float, Field(gt=0, le=1)] = 1.0,
         stop: Annotated[list[Text], Field(max_length=4)] = [],  # noqa: B006 - pydantic copies defaults
+        top_k: Annotated[int, Field(ge=-1)] = 0,
+        ignore_eos: bool = False,
+        skip_special_tokens: bool = True,
         timeout: Annotated[float | None, Field(description="seconds left to the request's deadline")] = None,
         background: Annotated[
             bool, Field(description="a batch line: never refused for a full queue")
@@ -277,7 +280,8 @@ class Generator:
                 self._queued(-1)
                 self.first_tokens.observe(ahead, time.monotonic() - admitted)
 
-        request = (messages, prompt, max_tokens, Sampling(0, temperature, top_p), stop, deadline)
+        sampling = Sampling(0, temperature, top_p, max(0, top_k), ignore_eos)
+        request = (messages, prompt, max_tokens, sampling, stop, skip_special_tokens, deadline)
         try:
             async with aclosing(self._events(*request, first_token)) as events:
                 async for line in events:
@@ -295,6 +299,7 @@ class Generator:
         max_tokens: int | None,
         sampling: Sampling,
         stop: list[str],
+        skip_special_tokens: bool,
         deadline: float | None,
         first_token: Callable[[], None],
     ) -> AsyncGenerator[str, None]:
@@ -312,7 +317,7 @@ class Generator:
             return
         yield event("start", prompt_tokens=len(ids))
         clock = TokenClock(len(ids))
-        decoder, matcher = IncrementalDecoder(self.tokenizer), StopMatcher(stop)
+        decoder, matcher = IncrementalDecoder(self.tokenizer, skip_special_tokens), StopMatcher(stop)
         generated: list[int] = []
         try:
             async with AsyncExitStack() as stack:
@@ -325,7 +330,7 @@ class Generator:
                     generated.extend(step.token_ids)
                     clock.tick(len(step.token_ids))
                     if text := matcher.push(decoder.push(step.token_ids, step.finished)):
-                        yield event("delta", text=text)
+                        yield event("delta", text=text, tokens=len(generated))
                     if matcher.stopped:
                         break  # leaving the block closes the stream, which cancels the request
         except EngineError as exc:
@@ -336,8 +341,9 @@ class Generator:
             yield event("error", status=504, message=DEADLINE_PASSED, code="deadline_exceeded")
             return
         if not matcher.stopped and (rest := matcher.flush()):
-            yield event("delta", text=rest)
-        ended = matcher.stopped or (generated and generated[-1] == self.tokenizer.eos_token_id)
+            yield event("delta", text=rest, tokens=len(generated))
+        at_eos = not sampling.ignore_eos and generated and generated[-1] == self.tokenizer.eos_token_id
+        ended = matcher.stopped or at_eos
         yield event("done", finish_reason="stop" if ended else "length", completion_tokens=len(generated))
 
     def _queued(self, change: int) -> None:
@@ -406,8 +412,37 @@ class Generator:
 
     @bentoml.api
     async def status(self) -> dict[str, Any]:
-        """The model's state, device and the choices made for it at start-up."""
-        return {self.model_id: model_status(self.slot.state, self.device, self.choices)}
+        """The model's state, device, the choices made for it at start-up, and the longest prompt plus
+        answer one request may have (the smaller of the model's context and the KV cache)."""
+        window = min(self.context_window, self.cache_tokens)
+        return {
+            self.model_id: {
+                **model_status(self.slot.state, self.device, self.choices),
+                "max_model_len": window,
+            }
+        }
+
+    @bentoml.api
+    async def tokenize(
+        self,
+        messages: list[ChatMessage] | None = None,
+        prompt: Text | None = None,
+        add_special_tokens: bool = True,
+    ) -> list[int]:
+        """The token ids a chat (through the model's template) or a raw prompt is served as."""
+        if (messages is None) == (prompt is None):
+            raise BadInput("send exactly one of messages and prompt")
+        if messages is not None:
+            return self.chat_prompt(messages)
+        return list(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
+
+    @bentoml.api
+    async def detokenize(self, tokens: list[int]) -> str:
+        vocabulary = len(self.tokenizer)
+        for i, token in enumerate(tokens):
+            if not 0 <= token < vocabulary:
+                raise BadInput(f"tokens[{i}] is {token}, outside the vocabulary of {vocabulary} tokens")
+        return self.tokenizer.decode(tokens)
 
     @bentoml.on_startup
     async def start_idle_release(self) -> None:

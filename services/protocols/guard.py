@@ -16,7 +16,8 @@ from services.protocols.oip.rest import PREFIX as OIP_PREFIX
 from services.protocols.oip.rest import error_response as oip_error
 from services.protocols.openai.protocol import error_response as openai_error
 
-OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/v2/health/live", "/v2/health/ready"})
+# Probes: no key, never refused for load. /health is vLLM's, which benchmark tools check first.
+OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/health", "/v2/health/live", "/v2/health/ready"})
 UNBOUNDED_PATHS = OPEN_PATHS | {"/metrics"}  # with the scrape, never refused for load
 TIMEOUT_HEADER = b"x-fnserve-timeout"  # seconds; lowers the request's deadline, never raises it
 REASONS = {401: "unauthorized", 413: "too_large", 400: "invalid", 429: "concurrency"}

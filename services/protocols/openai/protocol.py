@@ -9,7 +9,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.responses import JSONResponse, Response
 
-from services.functions.types import ChatMessage, Refused, Text
+from services.functions.types import ChatMessage, Refused, Text, encodable
 
 
 class OpenAIModel(BaseModel):
@@ -148,6 +148,34 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "fnserve"
+    max_model_len: int | None = Field(None, description="vLLM's: the longest input (chat: prompt and answer)")
+
+
+class TokenizeRequest(OpenAIModel):
+    """vLLM's /tokenize: a raw prompt, or a chat through the model's template."""
+
+    model: Text
+    prompt: Text | None = None
+    messages: list[ChatMessageIn] | None = Field(None, min_length=1)
+    add_special_tokens: bool = Field(True, description="for a prompt; a chat's template places its own")
+    add_generation_prompt: Literal[True] = Field(True, description="the template's assistant turn is added")
+    return_token_strs: Literal[False] = Field(False, description="only false is supported yet")
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: None = None
+
+
+class DetokenizeRequest(OpenAIModel):
+    model: Text
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class ModelList(BaseModel):
@@ -157,10 +185,55 @@ class ModelList(BaseModel):
 
 class StreamOptions(OpenAIModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(False, description="vLLM's: usage on every chunk")
+
+
+class ResponseFormat(OpenAIModel):
+    type: Literal["text"] = Field(
+        description="only text: JSON modes and schemas are refused until the engine can constrain output"
+    )
+    json_schema: dict[str, Any] | None = None
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def text_only(cls, value: object) -> object:
+        if value in ("json_object", "json_schema"):
+            raise ValueError(f"response_format {value} is not supported by this server; use text")
+        return value
+
+
+class ChatMessageIn(OpenAIModel):
+    """A message as OpenAI's API takes it: content as a string or as a list of parts. Text parts are
+    joined with newlines, as vLLM joins them; other parts are refused by name, since no served model
+    reads them. `developer` is OpenAI's newer name for `system`."""
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Text | list[dict[str, Any]]
+    name: Text | None = Field(None, description="accepted and ignored")
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def text_parts(cls, value: object) -> object:
+        if not isinstance(value, list):
+            return value
+        for i, part in enumerate(value):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                shown = f"of type {kind!r}" if kind else "not a content part with a type"
+                raise ValueError(f"content[{i}] is {shown}; the served models read text parts only")
+            if not isinstance(part.get("text"), str) or set(part) - {"type", "text"}:
+                raise ValueError(f"content[{i}] must be {{'type': 'text', 'text': <string>}}")
+            encodable(part["text"])
+        return value
+
+    def plain(self) -> ChatMessage:
+        text = self.content if isinstance(self.content, str) else "\n".join(p["text"] for p in self.content)
+        return ChatMessage(role="system" if self.role == "developer" else self.role, content=text)
 
 
 class GenerationParams(OpenAIModel):
-    """Fields shared by chat completions and completions."""
+    """Fields shared by chat completions and completions: OpenAI's, and the vLLM extensions that
+    benchmark tools send. Fields with no meaning here are accepted and ignored (README)."""
 
     model: Text
     max_tokens: int | None = Field(None, ge=1)
@@ -173,10 +246,35 @@ class GenerationParams(OpenAIModel):
     stop: Text | Annotated[list[Text], Field(max_length=4)] | None = Field(
         None, description="up to 4 strings; the stop text is not returned"
     )
-    n: int = Field(1, ge=1, description="only 1 is supported")
+    n: int = Field(1, ge=1, le=16, description="choices, generated side by side in the running batch")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: Text | None = None
+    user: Text | None = Field(None, description="accepted and ignored")
+    metadata: dict[str, Text] | None = Field(None, description="accepted and ignored")
+    service_tier: Text | None = Field(None, description="accepted and ignored")
+    store: bool | None = Field(None, description="accepted and ignored: nothing is stored")
+    response_format: ResponseFormat | None = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2, description="only 0 is supported yet")
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="only 0 is supported yet")
+    ignore_eos: bool = Field(False, description="vLLM's: generate max_tokens, past the end of text")
+    top_k: int = Field(0, ge=-1, description="vLLM's: sample from the k likeliest tokens; 0 or -1 = off")
+    min_tokens: int = Field(0, ge=0, description="vLLM's: only 0 is supported yet")
+    repetition_penalty: float = Field(1.0, gt=0, description="vLLM's: only 1 is supported yet")
+    skip_special_tokens: bool = Field(True, description="vLLM's: leave special tokens out of the text")
+
+    @field_validator("presence_penalty", "frequency_penalty", "min_tokens")
+    @classmethod
+    def zero_only(cls, value: float) -> float:
+        if value:
+            raise ValueError("only 0 is supported by this server yet")
+        return value
+
+    @field_validator("repetition_penalty")
+    @classmethod
+    def one_only(cls, value: float) -> float:
+        if value != 1:
+            raise ValueError("only 1 is supported by this server yet")
+        return value
 
     @property
     def stops(self) -> list[str]:
@@ -188,11 +286,28 @@ class GenerationParams(OpenAIModel):
 
 
 class ChatCompletionRequest(GenerationParams):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    logprobs: bool = Field(False, description="only false is supported yet")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="only with logprobs")
+
+    @field_validator("logprobs")
+    @classmethod
+    def no_logprobs(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("logprobs are not supported by this server yet")
+        return value
 
 
 class CompletionRequest(GenerationParams):
     prompt: Text
+    logprobs: int | None = Field(None, ge=0, le=5, description="only null or 0 is supported yet")
+
+    @field_validator("logprobs")
+    @classmethod
+    def no_logprobs(cls, value: int | None) -> int | None:
+        if value:
+            raise ValueError("logprobs are not supported by this server yet")
+        return value
 
 
 class Usage(BaseModel):

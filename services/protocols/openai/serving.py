@@ -6,6 +6,7 @@ Every error leaves as the OpenAI error shape, `{"error": {"message", "type", "pa
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import time
@@ -26,7 +27,7 @@ from starlette.exceptions import HTTPException
 
 from services.admission import DEADLINE, rejected
 from services.functions.api import Functions, current
-from services.functions.chat import Delta, Generation, GenerationRequest
+from services.functions.chat import Delta, Done, Generation, GenerationRequest
 from services.functions.types import Refused
 from services.protocols.openai import batches, images
 from services.protocols.openai.protocol import (
@@ -35,6 +36,8 @@ from services.protocols.openai.protocol import (
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
     EmbeddingRequest,
     EmbeddingResponse,
     ErrorResponse,
@@ -42,6 +45,8 @@ from services.protocols.openai.protocol import (
     ModelCard,
     ModelList,
     OrjsonResponse,
+    TokenizeRequest,
+    TokenizeResponse,
     check_model,
     error_body,
     error_response,
@@ -129,38 +134,54 @@ async def answer_embeddings(fns: Functions, request: EmbeddingRequest) -> Orjson
 
 
 def generation_request(request: GenerationParams, **target: Any) -> GenerationRequest:
-    if request.n != 1:
-        raise APIError(400, "only n=1 is supported", "n")
     return GenerationRequest(
         max_tokens=request.token_budget,
         temperature=request.temperature,
         top_p=request.top_p,
         seed=request.seed,
         stop=request.stops,
+        top_k=max(0, request.top_k),
+        ignore_eos=request.ignore_eos,
+        skip_special_tokens=request.skip_special_tokens,
         **target,
     )
 
 
+async def start_choices(fns: Functions, asked: GenerationRequest, n: int) -> list[Generation]:
+    """`n` independent generations of one request, admitted together so that they run side by side in
+    the engine's batch; if any is refused, the others are closed and the refusal raised."""
+    started = await asyncio.gather(
+        *(fns.chat.start(asked, DEADLINE.get()) for _ in range(n)), return_exceptions=True
+    )
+    refused = [item for item in started if isinstance(item, BaseException)]
+    if refused:
+        for item in started:
+            if isinstance(item, Generation):
+                await item.aclose()
+        raise refused[0]
+    return started  # type: ignore[return-value]
+
+
 async def answer_completion(fns: Functions, request: GenerationParams, chat: bool, **target: Any) -> Response:
-    """One chat completion or completion, streamed as SSE or answered whole."""
+    """One chat completion or completion with `n` choices, streamed as SSE or answered whole."""
     check_model(request.model, fns.chat.model_id)
-    generation = await fns.chat.start(generation_request(request, **target), DEADLINE.get())
-    chunks = ChunkWriter(chat, fns.chat.model_id, generation.prompt_tokens, request)
-    headers = cache_header(generation.cached)
+    generations = await start_choices(fns, generation_request(request, **target), request.n)
+    chunks = ChunkWriter(chat, fns.chat.model_id, generations[0].prompt_tokens, request)
+    headers = cache_header(generations[0].cached)
     if request.stream:
-        return ClosingEventSourceResponse(chunks.sse(generation), headers=headers)
+        return ClosingEventSourceResponse(chunks.sse(generations), headers=headers)
     try:
-        text, done = await generation.text()
-    finally:  # also when the handler is cancelled: the engine must drop the request then
+        answers = await asyncio.gather(*(generation.text() for generation in generations))
+    finally:  # also when the handler is cancelled: the engine must drop the requests then
         with anyio.CancelScope(shield=True):
-            await generation.aclose()
-    return OrjsonResponse(chunks.whole(text, done.finish_reason, done.completion_tokens), headers=headers)
+            for generation in generations:
+                await generation.aclose()
+    return OrjsonResponse(chunks.whole(answers), headers=headers)
 
 
 async def answer_chat(fns: Functions, request: ChatCompletionRequest) -> Response:
-    return await answer_completion(
-        fns, request, chat=True, messages=[m.model_dump() for m in request.messages]
-    )
+    messages = [m.plain().model_dump() for m in request.messages]
+    return await answer_completion(fns, request, chat=True, messages=messages)
 
 
 async def answer_text_completion(fns: Functions, request: CompletionRequest) -> Response:
@@ -181,9 +202,12 @@ class ChunkWriter:
         self.chat, self.model, self.prompt_tokens = chat, model, prompt_tokens
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
-        self.include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        options = request.stream_options
+        self.include_usage = bool(options and options.include_usage)
+        self.usage_on_every_chunk = bool(options and options.continuous_usage_stats)
 
     def usage(self, completion_tokens: int) -> dict[str, int]:
+        """The prompt counts once, however many choices share it (as OpenAI counts it)."""
         total = self.prompt_tokens + completion_tokens
         return {
             "prompt_tokens": self.prompt_tokens,
@@ -191,27 +215,38 @@ class ChunkWriter:
             "total_tokens": total,
         }
 
-    def whole(self, text: str, reason: str, completion_tokens: int) -> dict[str, Any]:
-        if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": reason}
+    def whole(self, answers: list[tuple[str, Done]]) -> dict[str, Any]:
+        choices = []
+        for index, (text, done) in enumerate(answers):
+            reason = done.finish_reason
+            if self.chat:
+                message = {"role": "assistant", "content": text}
+                choices.append({"index": index, "message": message, "finish_reason": reason})
+            else:
+                choices.append({"index": index, "text": text, "finish_reason": reason})
         kind = "chat.completion" if self.chat else "text_completion"
-        return self.body(kind, [choice], usage=self.usage(completion_tokens))
+        return self.body(kind, choices, usage=self.usage(sum(done.completion_tokens for _, done in answers)))
 
     def body(self, kind: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         head = {"id": self.id, "object": kind, "created": self.created, "model": self.model}
         return {**head, "choices": choices, **extra}
 
-    def chunk(self, text: str | None, reason: str | None = None, role: bool = False) -> bytes:
+    def chunk(
+        self, index: int, text: str | None, reason: str | None = None, role: bool = False, tokens: int = 0
+    ) -> bytes:
+        """One choice's chunk; `tokens` is every choice's completion tokens so far."""
         if self.chat:
             delta: dict[str, str] = {"role": "assistant"} if role else {}
             if text is not None:
                 delta["content"] = text
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": reason}
+            choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": reason}
         else:
-            choice = {"index": 0, "text": text or "", "finish_reason": reason}
-        extra = {"usage": None} if self.include_usage else {}
+            choice = {"index": index, "text": text or "", "finish_reason": reason}
+        extra: dict[str, Any] = {}
+        if self.usage_on_every_chunk:
+            extra["usage"] = self.usage(tokens)
+        elif self.include_usage:
+            extra["usage"] = None
         return self.sse_data(self.body(self.kind_chunk, [choice], **extra))
 
     @property
@@ -222,22 +257,23 @@ class ChunkWriter:
     def sse_data(body: Any) -> bytes:
         return format_sse_event(data_str=orjson.dumps(body).decode())
 
-    async def sse(self, generation: Generation) -> AsyncIterator[bytes]:
+    async def sse(self, generations: list[Generation]) -> AsyncIterator[bytes]:
         """`data: {chunk}` events, then `data: [DONE]`; a failure after the first byte is sent as an
         `event: error` with the OpenAI error body, never as a silently truncated 200."""
+        tokens = [0] * len(generations)
         try:
             if self.chat:
-                yield self.chunk("", role=True)
-            async for item in generation:
+                for index in range(len(generations)):
+                    yield self.chunk(index, "", role=True)
+            async for index, item in interleaved(generations):
+                tokens[index] = item.completion_tokens
                 if isinstance(item, Delta):
-                    yield self.chunk(item.text)
-                    continue
-                yield self.chunk(None if self.chat else "", item.finish_reason)
-                if self.include_usage:
-                    yield self.sse_data(
-                        self.body(self.kind_chunk, [], usage=self.usage(item.completion_tokens))
-                    )
-                yield format_sse_event(data_str="[DONE]")
+                    yield self.chunk(index, item.text, tokens=sum(tokens))
+                else:
+                    yield self.chunk(index, None if self.chat else "", item.finish_reason, tokens=sum(tokens))
+            if self.include_usage:
+                yield self.sse_data(self.body(self.kind_chunk, [], usage=self.usage(sum(tokens))))
+            yield format_sse_event(data_str="[DONE]")
         except Exception as exc:
             if isinstance(exc, Refused):
                 exc = APIError.of(exc)
@@ -247,7 +283,38 @@ class ChunkWriter:
             body = error_body(exc.status, exc.message, exc.param, exc.code)
             yield format_sse_event(event="error", data_str=orjson.dumps(body).decode())
         finally:
-            await generation.aclose()
+            for generation in generations:
+                await generation.aclose()
+
+
+async def interleaved(generations: list[Generation]) -> AsyncIterator[tuple[int, Delta | Done]]:
+    """Every choice's deltas and its Done as they come, tagged with the choice's index; the first
+    failure of any raises."""
+    if len(generations) == 1:  # no task and queue per token for the common case
+        async for item in generations[0]:
+            yield 0, item
+        return
+    queue: asyncio.Queue[tuple[int, Delta | Done | BaseException]] = asyncio.Queue()
+
+    async def pump(index: int, generation: Generation) -> None:
+        try:
+            async for item in generation:
+                await queue.put((index, item))
+        except Exception as exc:
+            await queue.put((index, exc))
+
+    pumps = [asyncio.create_task(pump(i, g)) for i, g in enumerate(generations)]
+    try:
+        left = len(generations)
+        while left:
+            index, item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            left -= isinstance(item, Done)
+            yield index, item
+    finally:
+        for task in pumps:
+            task.cancel()
 
 
 @routes.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERRORS)
@@ -279,7 +346,43 @@ async def models_status() -> dict[str, Any]:
 
 @routes.get("/v1/models", response_model=ModelList)
 async def list_models() -> ModelList:
-    return ModelList(data=[ModelCard(id=name, created=STARTED) for name in current().model_ids])
+    fns = current()
+    windows = {
+        fns.embedding.model_id: fns.embedding.max_tokens,
+        fns.chat.model_id: await fns.chat.max_model_len(),
+    }
+    cards = [ModelCard(id=name, created=STARTED, max_model_len=windows.get(name)) for name in fns.model_ids]
+    return ModelList(data=cards)
+
+
+# vLLM's own routes, which benchmark tools and clients of vLLM call.
+
+
+@routes.get("/health", responses={503: {"model": ErrorResponse}})
+async def health() -> Response:
+    """200 once every function serves, as vLLM's /health; 503 before."""
+    if await current().ready():
+        return Response(status_code=200)
+    return error_response(503, "the server is starting", code="model_loading")
+
+
+@routes.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)
+async def tokenize(request: TokenizeRequest) -> TokenizeResponse:
+    """The chat model's token ids for a prompt or a chat, as vLLM's /tokenize."""
+    chat = current().chat
+    check_model(request.model, chat.model_id)
+    if (request.prompt is None) == (request.messages is None):
+        raise APIError(400, "send exactly one of prompt and messages", "prompt")
+    messages = None if request.messages is None else [m.plain().model_dump() for m in request.messages]
+    tokens = await chat.tokenize(messages, request.prompt, request.add_special_tokens)
+    return TokenizeResponse(count=len(tokens), max_model_len=await chat.max_model_len(), tokens=tokens)
+
+
+@routes.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
+async def detokenize(request: DetokenizeRequest) -> DetokenizeResponse:
+    chat = current().chat
+    check_model(request.model, chat.model_id)
+    return DetokenizeResponse(prompt=await chat.detokenize(request.tokens))
 
 
 ANSWERS: dict[str, tuple[type[BaseModel], Any]] = {

@@ -1,0 +1,191 @@
+"""What the tools people point at OpenAI-compatible servers send, on the main server (fp32, real model):
+content parts, n choices, vLLM's extensions (ignore_eos, top_k, usage on every chunk), the fields
+accepted and ignored, vLLM's /health, /tokenize and /detokenize, and /v1/models' max_model_len."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import bentoml
+import httpx
+import pytest
+from transformers import AutoTokenizer
+
+from tests.test_chat import MODEL, QUESTION, ask, chat_body, sse_events
+
+EMBEDDER = "all-minilm-l6-v2"
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Any:
+    """The chat model's tokenizer from the model store, as the server loads it."""
+    return AutoTokenizer.from_pretrained(bentoml.models.get(MODEL).path)
+
+
+def text_of(answer: dict[str, Any], index: int = 0) -> str:
+    return answer["choices"][index]["message"]["content"]
+
+
+def test_health_answers_200_without_a_key(client: httpx.Client) -> None:
+    assert client.get("/health").status_code == 200
+
+
+def test_text_parts_are_the_text_they_hold(client: httpx.Client) -> None:
+    plain = text_of(ask(client, max_tokens=12))
+    parts = [{"type": "text", "text": QUESTION}]
+    assert text_of(ask(client, max_tokens=12, messages=[{"role": "user", "content": parts}])) == plain
+    # Two parts are joined with a newline, as vLLM joins them; `developer` is `system`.
+    two = [{"type": "text", "text": "What is the capital"}, {"type": "text", "text": "of France?"}]
+    joined = [{"role": "user", "content": "What is the capital\nof France?"}]
+    assert text_of(ask(client, max_tokens=12, messages=[{"role": "user", "content": two}])) == text_of(
+        ask(client, max_tokens=12, messages=joined)
+    )
+    system = [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": QUESTION}]
+    developer = [{**system[0], "role": "developer"}, system[1]]
+    assert text_of(ask(client, max_tokens=12, messages=developer)) == text_of(
+        ask(client, max_tokens=12, messages=system)
+    )
+
+
+@pytest.mark.parametrize(
+    ("part", "named"),
+    [
+        ({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}, "'image_url'"),
+        ({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}, "'input_audio'"),
+        ({"text": "no type"}, "not a content part"),
+        ({"type": "text", "text": 5}, "content[0] must be"),
+    ],
+)
+def test_parts_no_model_reads_get_a_400_that_names_them(client: httpx.Client, part: dict, named: str) -> None:
+    body = chat_body(max_tokens=4, messages=[{"role": "user", "content": [part]}])
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "messages" and named in error["message"], error
+    assert text_of(ask(client, max_tokens=2))
+
+
+def test_ignore_eos_generates_exactly_max_tokens(client: httpx.Client) -> None:
+    answer = ask(client, messages=[{"role": "user", "content": "Say hi."}], max_tokens=48, ignore_eos=True)
+    assert answer["usage"]["completion_tokens"] == 48
+    assert answer["choices"][0]["finish_reason"] == "length"
+
+
+def test_usage_on_every_chunk_with_continuous_usage_stats(client: httpx.Client) -> None:
+    body = chat_body(
+        max_completion_tokens=20,
+        ignore_eos=True,
+        stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True},
+    )
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    counts = [chunk["usage"]["completion_tokens"] for chunk in chunks]
+    assert all(chunk["usage"]["prompt_tokens"] > 0 for chunk in chunks)
+    assert counts == sorted(counts) and counts[-1] == 20  # growing, to the last token
+    assert chunks[-1]["choices"] == []  # include_usage's own last chunk
+
+
+def test_n_choices_are_independent_samples_from_one_request(client: httpx.Client) -> None:
+    body = chat_body(
+        messages=[{"role": "user", "content": "Write ten random words."}],
+        temperature=1.0,
+        max_tokens=24,
+        ignore_eos=True,
+        n=3,
+    )
+    answer = client.post("/v1/chat/completions", json=body).json()
+    assert [choice["index"] for choice in answer["choices"]] == [0, 1, 2]
+    texts = [choice["message"]["content"] for choice in answer["choices"]]
+    assert len(set(texts)) == 3, texts  # 24 sampled tokens: equal answers would mean shared draws
+    assert answer["usage"]["completion_tokens"] == 3 * 24
+    with client.stream("POST", "/v1/chat/completions", json={**body, "n": 2, "stream": True}) as response:
+        chunks = [json.loads(event) for event in sse_events(response)[:-1]]
+    for index in (0, 1):
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == index]
+        assert mine[0]["delta"] == {"role": "assistant", "content": ""}
+        assert mine[-1]["finish_reason"] == "length"
+        assert "".join(c["delta"].get("content") or "" for c in mine).strip()
+
+
+def test_top_k_of_one_samples_the_greedy_answer(client: httpx.Client) -> None:
+    greedy = text_of(ask(client, max_tokens=24))
+    assert text_of(ask(client, max_tokens=24, temperature=1.0, top_k=1)) == greedy
+    # A request without top_k in the same engine still samples from every token.
+    sampled = {text_of(ask(client, max_tokens=24, temperature=1.5, top_p=1.0)) for _ in range(3)}
+    assert sampled != {greedy}
+
+
+ACCEPTED = {
+    "user": "someone",
+    "metadata": {"team": "search"},
+    "service_tier": "auto",
+    "store": False,
+    "seed": 7,
+    "response_format": {"type": "text"},
+    "presence_penalty": 0,
+    "frequency_penalty": 0.0,
+    "repetition_penalty": 1.0,
+    "min_tokens": 0,
+    "top_k": -1,
+    "skip_special_tokens": True,
+    "logprobs": False,
+    "stop": "\n\n",
+}
+
+
+def test_fields_with_no_effect_here_are_accepted(client: httpx.Client) -> None:
+    assert text_of(ask(client, max_tokens=8, **ACCEPTED))
+    completion = {"model": MODEL, "prompt": "The sea is", "max_tokens": 4, "logprobs": 0}
+    assert client.post("/v1/completions", json=completion).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("override", "param"),
+    [
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"frequency_penalty": -1}, "frequency_penalty"),
+        ({"repetition_penalty": 1.2}, "repetition_penalty"),
+        ({"min_tokens": 4}, "min_tokens"),
+        ({"logprobs": True}, "logprobs"),
+        ({"top_k": -2}, "top_k"),
+        ({"logit_bias": {"1": 5}}, "logit_bias"),
+    ],
+)
+def test_what_is_not_supported_yet_gets_a_400_that_names_it(
+    client: httpx.Client, override: dict[str, Any], param: str
+) -> None:
+    response = client.post("/v1/chat/completions", json={**chat_body(max_tokens=4), **override})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_tokenize_and_detokenize_as_vllm_has_them(client: httpx.Client, tokenizer: Any) -> None:
+    prompt = "The lighthouse keeper counted the waves."
+    tokens = client.post("/tokenize", json={"model": MODEL, "prompt": prompt}).json()
+    assert tokens["tokens"] == tokenizer(prompt)["input_ids"] and tokens["count"] == len(tokens["tokens"])
+    messages = [{"role": "user", "content": prompt}]
+    chat = client.post("/tokenize", json={"model": MODEL, "messages": messages}).json()
+    expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    assert chat["tokens"] == list(expected)
+    models = {card["id"]: card for card in client.get("/v1/models").json()["data"]}
+    assert tokens["max_model_len"] == chat["max_model_len"] == models[MODEL]["max_model_len"] > 0
+    assert models[EMBEDDER]["max_model_len"] == 256
+    back = client.post("/detokenize", json={"model": MODEL, "tokens": tokens["tokens"]}).json()
+    assert back == {"prompt": tokenizer.decode(tokens["tokens"])}
+    for bad, param in (
+        ({"model": MODEL, "tokens": [10**9]}, "tokens"),
+        ({"model": MODEL, "tokens": ["a"]}, "tokens"),
+        ({"model": "gpt-9", "tokens": [1]}, "model"),
+    ):
+        response = client.post("/detokenize", json=bad)
+        assert response.status_code in (400, 404) and response.json()["error"]["param"] == param, (
+            response.text
+        )
+    both = client.post("/tokenize", json={"model": MODEL, "prompt": prompt, "messages": messages})
+    assert both.status_code == 400
