@@ -29,6 +29,7 @@ from services.functions.image import ImageFunction
 from services.functions.types import Refused, Text
 from services.jobs.runner import BatchRunner
 from services.jobs.store import BatchStore
+from services.protocols import openapi
 from services.protocols.guard import Guard
 from services.protocols.oip import grpc as oip_grpc
 from services.protocols.oip import rest as oip_rest
@@ -37,6 +38,7 @@ from services.protocols.openai import serving as openai
 
 logger = logging.getLogger("bentoml.fnserve.service")  # under "bentoml": the server only logs that tree
 settings = get_settings()
+openapi.install()  # /docs.json as valid OpenAPI 3.1 (services/protocols/openapi.py)
 
 Texts = Annotated[
     list[Annotated[Text, Field(min_length=1, max_length=settings.embedding_max_input_chars)]],

@@ -234,3 +234,13 @@ def test_batch_lines_and_the_native_endpoint_classify_too(server: tuple[str, str
     assert [label["class_id"] for label in answer][0] == 652 and len(answer) == 2
     not_an_image = httpx.post(f"{url}/classify", files={"image": ("x.jpg", b"not an image")}, timeout=LONG)
     assert not_an_image.status_code == 400 and "not an image" in not_an_image.text
+    # A malformed form (a part without headers, as the fuzzer sent it): BentoML's own handler answered 500.
+    boundary = "7c5156fb04a2177cf9e322ad31ebde44"
+    broken = f"--{boundary}\r\nNone--{boundary}--\r\n".encode()
+    kind = {"content-type": f"multipart/form-data; boundary={boundary}"}
+    malformed = httpx.post(f"{url}/classify", content=broken, headers=kind, timeout=LONG)
+    assert malformed.status_code == 400 and "malformed" in malformed.json()["error"]["message"], (
+        malformed.text
+    )
+    with bentoml.SyncHTTPClient(url, timeout=LONG) as native:
+        assert native.classify(image=PHOTO, top_k=1)[0]["class_id"] == 652

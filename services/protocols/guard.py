@@ -5,7 +5,7 @@ of the protocol the path belongs to."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from starlette.responses import JSONResponse
@@ -19,6 +19,9 @@ from services.protocols.openai.protocol import error_response as openai_error
 # Probes: no key, never refused for load. /health is vLLM's, which benchmark tools check first.
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/health", "/v2/health/live", "/v2/health/ready"})
 UNBOUNDED_PATHS = OPEN_PATHS | {"/metrics"}  # with the scrape, never refused for load
+# BentoML's own endpoints that take files. BentoML 1.4.40 answers a malformed form on them with 500
+# (starlette's 400 is caught by its generic handler), so the guard parses it first with the same parser.
+NATIVE_FORMS = frozenset({"/classify"})
 TIMEOUT_HEADER = b"x-fnserve-timeout"  # seconds; lowers the request's deadline, never raises it
 REASONS = {401: "unauthorized", 413: "too_large", 400: "invalid", 429: "concurrency"}
 
@@ -50,6 +53,11 @@ class Guard:
             return await refuse(400, "a multipart body needs a boundary in its Content-Type")
         if path in UNBOUNDED_PATHS:
             return await self.app(scope, capped(receive, limit), send)
+        if path in NATIVE_FORMS and kind.startswith("multipart/"):
+            body = await whole_body(capped(receive, limit))
+            if (problem := await form_problem(scope, body)) is not None:
+                return await refuse(400, problem)
+            receive = replayed(body, receive)
         asked = header(scope, TIMEOUT_HEADER)
         seconds = None
         if asked is not None:
@@ -107,3 +115,42 @@ def capped(receive: Receive, limit: int) -> Receive:
         return message
 
     return receive_capped
+
+
+async def whole_body(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if message["type"] != "http.request" or not message.get("more_body"):
+            return b"".join(chunks)
+
+
+async def form_problem(scope: Scope, body: bytes) -> str | None:
+    """What starlette's multipart parser (the one BentoML reads forms with) finds wrong in `body`."""
+    from starlette.datastructures import Headers
+    from starlette.formparsers import MultiPartException, MultiPartParser
+
+    async def stream() -> AsyncIterator[bytes]:
+        yield body
+
+    try:
+        form = await MultiPartParser(Headers(scope=scope), stream()).parse()
+    except MultiPartException as exc:
+        return f"the multipart body is malformed: {exc.message}"
+    await form.close()
+    return None
+
+
+def replayed(body: bytes, receive: Receive) -> Receive:
+    """The body already read, then the connection's own messages (its disconnect)."""
+    sent = False
+
+    async def receive_replayed() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive_replayed

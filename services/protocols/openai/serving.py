@@ -358,7 +358,7 @@ async def list_models() -> ModelList:
 # vLLM's own routes, which benchmark tools and clients of vLLM call.
 
 
-@routes.get("/health", responses={503: {"model": ErrorResponse}})
+@routes.get("/health", response_class=Response, responses={503: {"model": ErrorResponse}})
 async def health() -> Response:
     """200 once every function serves, as vLLM's /health; 503 before."""
     if await current().ready():
