@@ -18,6 +18,17 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
+# inference-perf, an LLM load generator no one here wrote, runs in the tests (tests/test_tools.py). It
+# needs Python 3.12 (pyenv's, where python3.12 is not on PATH) and a venv of its own, which keeps its
+# transformers apart from the server's.
+PERF_PYTHON ?= $(shell command -v python3.12 || ls -d $$HOME/.pyenv/versions/3.12*/bin/python 2>/dev/null | tail -1)
+PERF_VENV := .venv-perf
+$(PERF_VENV)/.installed:
+	@[ -n "$(PERF_PYTHON)" ] || (echo "inference-perf needs Python 3.12: set PERF_PYTHON" && exit 1)
+	$(PERF_PYTHON) -m venv $(PERF_VENV)
+	$(PERF_VENV)/bin/pip install --quiet inference-perf==0.7.0
+	touch $@
+
 models: $(VENV)/.installed
 	$(BIN)/python -m models.importer
 
@@ -26,7 +37,7 @@ serve: models
 	@[ -n "$$FNSERVE_API_KEYS" ] || echo "fnserve: no FNSERVE_API_KEYS set: every route is open; bound to $(HOST)"
 	FNSERVE_GRPC_HOST=$${FNSERVE_GRPC_HOST:-$(HOST)} $(BIN)/bentoml serve $(SERVICE) --host $(HOST) --port $(PORT)
 
-test: models
+test: models $(PERF_VENV)/.installed
 	$(BIN)/python -m pytest
 
 # The suite from a clean clone of HEAD while stress-ng (Debian; installed if missing) keeps every core busy.
