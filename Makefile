@@ -21,7 +21,9 @@ $(VENV)/.installed: pyproject.toml
 # inference-perf, an LLM load generator no one here wrote, runs in the tests (tests/test_tools.py). It
 # needs Python 3.12 (pyenv's, where python3.12 is not on PATH) and a venv of its own, which keeps its
 # transformers apart from the server's.
-PERF_PYTHON ?= $(shell command -v python3.12 || ls -d $$HOME/.pyenv/versions/3.12*/bin/python 2>/dev/null | tail -1)
+# The first that runs: pyenv's shim for python3.12 is on PATH even where no 3.12 is selected, and fails.
+PERF_PYTHON ?= $(shell for p in $$(command -v python3.12) $$HOME/.pyenv/versions/3.12*/bin/python; do \
+	"$$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && echo "$$p" && break; done)
 PERF_VENV := .venv-perf
 $(PERF_VENV)/.installed:
 	@[ -n "$(PERF_PYTHON)" ] || (echo "inference-perf needs Python 3.12: set PERF_PYTHON" && exit 1)
