@@ -131,27 +131,27 @@ class ChatFunction:
         """`generator` is the entry service's dependency on the generation service."""
         self._generator, self._settings, self._cache = generator, settings, cache
         self.model_id = settings.generation_model
-        self._scope: tuple[str, ...] | None = None
-        self._window: int | None = None
+        self._started: dict[str, Any] | None = None
+
+    async def started(self) -> dict[str, Any]:
+        """The generation service's model entry at start-up (its choices and window); asked once.
+        Answers only once that service is up."""
+        if self._started is None:
+            (self._started,) = (await self._generator.status()).values()
+        return self._started
 
     async def scope(self) -> tuple[str, ...]:
         """What the generation service chose at start-up that changes its answers (dtype, KV-cache
-        size), for the cache's keys; asked once. Answers only once that service is up."""
-        if self._scope is None:
-            (status,) = (await self._generator.status()).values()
-            choices = status["choices"]
-            self._scope = (choices["dtype"]["value"], choices["cache_blocks"]["value"])
-        return self._scope
+        size), for the cache's keys."""
+        choices = (await self.started())["choices"]
+        return choices["dtype"]["value"], choices["cache_blocks"]["value"]
 
     async def status(self) -> dict[str, Any]:
         return await self._generator.status()
 
     async def max_model_len(self) -> int:
-        """The longest prompt and answer one request may have; asked once."""
-        if self._window is None:
-            (status,) = (await self._generator.status()).values()
-            self._window = int(status["max_model_len"])
-        return self._window
+        """The longest prompt and answer one request may have."""
+        return int((await self.started())["max_model_len"])
 
     async def tokenize(
         self, messages: list[dict[str, str]] | None, prompt: str | None, special: bool

@@ -141,7 +141,7 @@ class EmbeddingFunction:
         )
         self.slot.load_now()
         self.dimensions: int = self.slot.model.config.hidden_size
-        share = encoder_share(settings.encoder_cpu_share, self.device, self.choices)
+        share = encoder_share("embedding", settings.encoder_cpu_share, self.device, self.choices)
         logger.info("embedding model %s on %s", entry.tag, self.device)
         # Every protocol but BentoML's /encode calls the model through this batcher; see
         # services/functions/batching.py for why it is not BentoML's.
@@ -155,7 +155,7 @@ class EmbeddingFunction:
             wait_target=WaitTarget(
                 "embedding", settings.embedding_max_wait_seconds, "FNSERVE_EMBEDDING_MAX_WAIT_SECONDS"
             ),
-            rest_after=lambda busy: share.rest_after("embedding", busy),
+            rest_after=share.rest_after,
         )
         self._cache = response_cache(settings.redis_url, settings.embedding_cache_size)
         self._cache_scope = (entry.tag, str(self.dtype), self.max_tokens)

@@ -21,7 +21,7 @@ from services.config import TIMEOUT_GRACE_SECONDS, get_settings, pick_device
 from services.functions.engine import Engine, EngineError, Sampling, TransformersEngine
 from services.functions.hardware import Choices, model_status, server_instance
 from services.functions.lifecycle import ModelSlot, Reloadable
-from services.functions.pacing import ServiceRate, Share, admit
+from services.functions.pacing import BEAT, EngineBeat, ServiceRate, admit
 from services.functions.types import ChatMessage, Refused, Text
 
 if TYPE_CHECKING:
@@ -198,7 +198,7 @@ class Generator:
         self._waiting = 0  # admitted requests without a token yet: the bounded queue
         self._active = 0  # online requests in the engine or waiting for it
         self.first_tokens = ServiceRate()  # seconds to first token per request waiting
-        self.share = Share(server_instance(), 1.0)
+        self.beat = EngineBeat(server_instance())
 
     def start_engine(self) -> Engine:
         """The weights from the model store and a fresh engine loop."""
@@ -222,10 +222,13 @@ class Generator:
             )
         )
 
-    def prompt_ids(self, messages: list[ChatMessage] | None, prompt: str | None) -> list[int]:
+    def prompt_ids(
+        self, messages: list[ChatMessage] | None, prompt: str | None, add_special_tokens: bool = True
+    ) -> list[int]:
+        """A chat through the model's template (which places its own special tokens), or a raw prompt."""
         if messages is not None:
             return self.chat_prompt(messages)
-        return list(self.tokenizer(prompt or "")["input_ids"])
+        return list(self.tokenizer(prompt or "", add_special_tokens=add_special_tokens)["input_ids"])
 
     @bentoml.api
     async def generate(
@@ -271,13 +274,19 @@ class Generator:
         online = not background  # the encoders yield to online chats, never to batch lines
         self._active += online
         if online:
-            self.share.engine_busy()
+            self.beat.busy()
         waiting, admitted = [True], time.monotonic()
 
+        def leave_queue() -> bool:
+            """True the first time: the request no longer waits for a token."""
+            if not waiting:
+                return False
+            waiting.clear()
+            self._queued(-1)
+            return True
+
         def first_token() -> None:
-            if waiting:
-                waiting.clear()
-                self._queued(-1)
+            if leave_queue():
                 self.first_tokens.observe(ahead, time.monotonic() - admitted)
 
         sampling = Sampling(0, temperature, top_p, max(0, top_k), ignore_eos)
@@ -287,9 +296,7 @@ class Generator:
                 async for line in events:
                     yield line
         finally:
-            if waiting:  # refused, failed or cancelled before a token: not a measure of the queue
-                waiting.clear()
-                self._queued(-1)
+            leave_queue()  # refused, failed or cancelled before a token: not a measure of the queue
             self._active -= online
 
     async def _events(
@@ -430,11 +437,9 @@ class Generator:
         add_special_tokens: bool = True,
     ) -> list[int]:
         """The token ids a chat (through the model's template) or a raw prompt is served as."""
-        if (messages is None) == (prompt is None):
-            raise BadInput("send exactly one of messages and prompt")
-        if messages is not None:
-            return self.chat_prompt(messages)
-        return list(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
+        if problem := self.check(messages, prompt, None):
+            raise BadInput(problem[0])
+        return self.prompt_ids(messages, prompt, add_special_tokens)
 
     @bentoml.api
     async def detokenize(self, tokens: list[int]) -> str:
@@ -453,8 +458,8 @@ class Generator:
         """Tells the encoders of this server that the engine has work (services/functions/pacing.py)."""
         while True:
             if self._active:
-                self.share.engine_busy()
-            await asyncio.sleep(Share.BEAT)
+                self.beat.busy()
+            await asyncio.sleep(BEAT)
 
     @bentoml.on_shutdown
     def shutdown(self) -> None:

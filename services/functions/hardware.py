@@ -158,14 +158,20 @@ class Choices:
         }
 
 
+def server_folder() -> Path:
+    """Where the workers of a server run share state (files named by `server_instance()`). In BentoML's
+    home: the server's own state lives there, and a test server's home is removed after it."""
+    folder = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml")) / "fnserve-choices"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def once_per_server(server: str, key: str, decide: Callable[[], dict[str, str]]) -> dict[str, str]:
     """Runs `decide` in the first worker of this server run (`server`) that asks for `key`, and gives the
     others its answer, so that every worker of a function serves the same dtype and only one pays for
     the measurement. Decisions of one server take turns: two functions timing their models at once on
     the same cores would each measure the other."""
-    # In BentoML's home: the server's own state lives there, and a test server's home is removed after it.
-    folder = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml")) / "fnserve-choices"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = server_folder()
     path = folder / f"{server}-{key}.json"
     with open(folder / f"{server}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes

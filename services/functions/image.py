@@ -163,7 +163,7 @@ class ImageFunction:
         )
         self.slot.load_now()
         logger.info("image model %s on %s", entry.tag, self.device)
-        share = encoder_share(settings.encoder_cpu_share, self.device, self.choices)
+        share = encoder_share("image", settings.encoder_cpu_share, self.device, self.choices)
         self._batcher = GreedyBatcher(
             self._forward,
             max_batch_size=self.batch_size,
@@ -173,7 +173,7 @@ class ImageFunction:
             wait_target=WaitTarget(
                 "image", settings.image_max_wait_seconds, "FNSERVE_IMAGE_MAX_WAIT_SECONDS"
             ),
-            rest_after=lambda busy: share.rest_after("image", busy),
+            rest_after=share.rest_after,
         )
         self._cache = response_cache(settings.redis_url, settings.image_cache_size)
         self._cache_scope = (entry.tag, str(self.dtype))

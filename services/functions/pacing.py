@@ -12,7 +12,6 @@ embeddings keeps every core busy, and the engine's decode steps wait their turn 
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections import deque
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import bentoml
 
 from services.admission import rejected, seconds_left
-from services.functions.hardware import Choices, server_instance
+from services.functions.hardware import Choices, server_folder, server_instance
 from services.functions.types import Refused
 
 EXPECTED_WAIT = bentoml.metrics.Gauge(
@@ -69,47 +68,58 @@ def admit(function: str, expected: float, target: float, deadline: float | None,
     raise Refused("queue_full", message, retry_after=max(1, math.ceil(expected - target)))
 
 
-class Share:
+BEAT = 0.25  # seconds between the engine's signs of work; an encoder trusts one for twice as long
+
+
+def beat_path(server: str) -> Path:
+    return server_folder() / f"{server}-engine-busy"
+
+
+class EngineBeat:
     """The chat engine's sign that it has work, read by the encoders of the same server: the modification
-    time of one file in the server's own folder, touched by the engine's process at most every
-    `BEAT` seconds while it has requests (a stat per forward pass; no lock, no socket)."""
+    time of one file in the server's own folder, touched by the engine's process at most every `BEAT`
+    seconds while it has requests (a stat per forward pass; no lock, no socket)."""
 
-    BEAT = 0.25
-
-    def __init__(self, server: str, share: float) -> None:
-        folder = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml")) / "fnserve-choices"
-        folder.mkdir(parents=True, exist_ok=True)
-        self.path, self.share = folder / f"{server}-engine-busy", share
+    def __init__(self, server: str) -> None:
+        self.path = beat_path(server)
         self._touched = 0.0
 
-    def engine_busy(self) -> None:
+    def busy(self) -> None:
         """Called by the engine's process whenever it has requests."""
         now = time.time()
-        if now - self._touched >= self.BEAT:
+        if now - self._touched >= BEAT:
             self.path.touch()
             self._touched = now
 
-    def rest_after(self, function: str, busy_seconds: float) -> float:
-        """Seconds an encoder should rest after a forward pass of `busy_seconds`: none while the engine
-        is idle, else enough to keep the pass to `share` of the time."""
+
+class Share:
+    """An encoder's yielding to the chat engine: `share` of its time in forward passes while the engine
+    has work."""
+
+    def __init__(self, server: str, function: str, share: float) -> None:
+        self.path, self.function, self.share = beat_path(server), function, share
+
+    def rest_after(self, busy_seconds: float) -> float:
+        """Seconds to rest after a forward pass of `busy_seconds`: none while the engine is idle, else
+        enough to keep the pass to `share` of the time."""
         if self.share >= 1:
             return 0.0
         try:
             beat = self.path.stat().st_mtime
         except FileNotFoundError:
             return 0.0
-        if time.time() - beat > 2 * self.BEAT:
+        if time.time() - beat > 2 * BEAT:
             return 0.0
         rest = busy_seconds * (1 / self.share - 1)
-        RESTED.labels(function=function).inc(rest)
+        RESTED.labels(function=self.function).inc(rest)
         return rest
 
 
-def encoder_share(share: float, device: str, choices: Choices) -> Share:
+def encoder_share(function: str, share: float, device: str, choices: Choices) -> Share:
     """The yielding an encoder on `device` does for the chat engine, recorded as one of its choices."""
     if device != "cpu":
         value = float(choices.add("cpu_share", 1, "rule", "not on a CPU: it shares no cores with the engine"))
     else:
         reason = "FNSERVE_ENCODER_CPU_SHARE: its share of the time while the chat engine has work"
         value = float(choices.add("cpu_share", share, "setting", reason))
-    return Share(server_instance(), value)
+    return Share(server_instance(), function, value)

@@ -231,6 +231,11 @@ class ChatMessageIn(OpenAIModel):
         return ChatMessage(role="system" if self.role == "developer" else self.role, content=text)
 
 
+def plain_messages(messages: list[ChatMessageIn]) -> list[dict[str, str]]:
+    """Messages as the chat function takes them: string content, roles the template knows."""
+    return [message.plain().model_dump() for message in messages]
+
+
 class GenerationParams(OpenAIModel):
     """Fields shared by chat completions and completions: OpenAI's, and the vLLM extensions that
     benchmark tools send. Fields with no meaning here are accepted and ignored (README)."""

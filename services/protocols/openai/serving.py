@@ -51,6 +51,7 @@ from services.protocols.openai.protocol import (
     error_body,
     error_response,
     invalid,
+    plain_messages,
 )
 from services.protocols.sse import ClosingEventSourceResponse
 
@@ -180,8 +181,7 @@ async def answer_completion(fns: Functions, request: GenerationParams, chat: boo
 
 
 async def answer_chat(fns: Functions, request: ChatCompletionRequest) -> Response:
-    messages = [m.plain().model_dump() for m in request.messages]
-    return await answer_completion(fns, request, chat=True, messages=messages)
+    return await answer_completion(fns, request, chat=True, messages=plain_messages(request.messages))
 
 
 async def answer_text_completion(fns: Functions, request: CompletionRequest) -> Response:
@@ -373,7 +373,7 @@ async def tokenize(request: TokenizeRequest) -> TokenizeResponse:
     check_model(request.model, chat.model_id)
     if (request.prompt is None) == (request.messages is None):
         raise APIError(400, "send exactly one of prompt and messages", "prompt")
-    messages = None if request.messages is None else [m.plain().model_dump() for m in request.messages]
+    messages = None if request.messages is None else plain_messages(request.messages)
     tokens = await chat.tokenize(messages, request.prompt, request.add_special_tokens)
     return TokenizeResponse(count=len(tokens), max_model_len=await chat.max_model_len(), tokens=tokens)
 
