@@ -191,7 +191,7 @@ def main() -> None:
         result["batching"] = batch_sizes(url)
         result["served_dtype"] = served_dtypes(url)["all-minilm-l6-v2"]
     port = free_port()
-    naive = [sys.executable, str(ROOT / "loadtests" / "naive_server.py"), "--port", str(port)]
+    naive = [sys.executable, "-m", "loadtests.naive_server", "--port", str(port)]
     naive += ["--dtype", result["served_dtype"]]  # the same model in the same dtype: only batching differs
     with run_server(naive, port) as url:
         result["naive"] = sweep("naive", url, args.duration)

@@ -179,7 +179,7 @@ def main() -> None:
         choices = httpx.get(f"{servers['fnserve'][0]}/models/status").json()[model]["choices"]
         dtype = result["dtype"] = choices["dtype"]["value"]
         port = free_port()
-        naive = [sys.executable, str(ROOT / "loadtests" / "naive_chat_server.py"), "--port", str(port)]
+        naive = [sys.executable, "-m", "loadtests.naive_chat_server", "--port", str(port)]
         naive += ["--dtype", dtype]
         servers["naive"] = (running.enter_context(run_server(naive, port)), model)
         if not args.skip_transformers_serve:

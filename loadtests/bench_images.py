@@ -132,7 +132,7 @@ def main() -> None:
             result["served_dtype"] = served_dtypes(url)[MODEL]
             result["choices"] = httpx.get(f"{url}/models/status", timeout=60).json()[MODEL]["choices"]
         port = free_port()
-        naive = [sys.executable, str(ROOT / "loadtests" / "naive_image_server.py"), "--port", str(port)]
+        naive = [sys.executable, "-m", "loadtests.naive_image_server", "--port", str(port)]
         with run_server([*naive, "--dtype", result["served_dtype"]], port) as url:
             result["naive"] = sweep("naive", url, body, args.duration)
     passes.append(measure_raw(args.raw_seconds))

@@ -1,6 +1,5 @@
 -- wrk script: POST one unique input per request to an OpenAI-style embeddings endpoint.
 -- WRK_TEXT: the input, with one %d that is replaced by a per-request counter so no two bodies match.
--- done() prints one JSON line that bench_embeddings.py parses.
 local threads = {}
 
 function setup(thread)
@@ -23,9 +22,5 @@ function request()
   return wrk.format(nil, nil, nil, '{"model": "' .. model .. '", "input": "' .. text .. '"}')
 end
 
-function done(summary, latency, requests)
-  io.write(string.format(
-    '{"requests": %d, "duration_us": %d, "errors_connect": %d, "errors_read": %d, "errors_timeout": %d, "errors_status": %d, "p50_us": %d, "p99_us": %d}\n',
-    summary.requests, summary.duration, summary.errors.connect, summary.errors.read, summary.errors.timeout,
-    summary.errors.status, latency:percentile(50), latency:percentile(99)))
-end
+-- done(): the shared report, from the file beside this one.
+dofile((debug.getinfo(1, "S").source:sub(2):match("(.*/)") or "") .. "wrk_report.lua")

@@ -1,12 +1,11 @@
 """The baseline for chat: one process, `model.generate` for one request at a time, tokens streamed as
 OpenAI-style SSE through transformers' TextIteratorStreamer. Same model, dtype and HTTP stack as fnserve.
 
-    python loadtests/naive_chat_server.py --port 8002
+    python -m loadtests.naive_chat_server --port 8002
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import threading
 from collections.abc import AsyncIterator
@@ -14,7 +13,6 @@ from collections.abc import AsyncIterator
 import bentoml
 import orjson
 import torch
-import uvicorn
 from fastapi.sse import format_sse_event
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -22,6 +20,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextIteratorStreamer
 
+from loadtests.naive_common import READY, main
 from models.catalog import CATALOG
 from services.config import get_settings, pick_device
 
@@ -60,17 +59,8 @@ def build_app(dtype: str) -> Starlette:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    async def ready(_: Request) -> Response:
-        return Response("ok")
-
-    return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]), Route("/readyz", ready)])
+    return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]), READY])
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--port", type=int, default=8002)
-    parser.add_argument("--dtype", default="float32", help="the dtype fnserve chose (its /models/status)")
-    args = parser.parse_args()
-    uvicorn.run(
-        build_app(args.dtype), host="127.0.0.1", port=args.port, log_level="warning", access_log=False
-    )
+    main(build_app, port=8002)

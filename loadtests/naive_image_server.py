@@ -2,12 +2,11 @@
 a time. Same model, dtype, preprocessing, HTTP stack and request/response shape as fnserve's
 /v1/images/classifications (base64 JSON), so the gap the benchmark shows is batching and nothing else.
 
-    python loadtests/naive_image_server.py --port 8002 --dtype bfloat16
+    python -m loadtests.naive_image_server --port 8002 --dtype bfloat16
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import json
@@ -16,12 +15,12 @@ from pathlib import Path
 import bentoml
 import orjson
 import torch
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from loadtests.naive_common import READY, main
 from models.catalog import CATALOG
 from services.config import get_settings, pick_device
 from services.functions.image import classify, load, preprocess
@@ -49,18 +48,9 @@ def build_app(dtype: str) -> Starlette:
         data = [{"object": "classification", "index": 0, "labels": found}]
         return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
 
-    async def ready(_: Request) -> Response:
-        return Response("ok")
-
-    routes = [Route("/v1/images/classifications", classifications, methods=["POST"]), Route("/readyz", ready)]
+    routes = [Route("/v1/images/classifications", classifications, methods=["POST"]), READY]
     return Starlette(routes=routes)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--port", type=int, default=8002)
-    parser.add_argument("--dtype", default="float32", help="the dtype fnserve chose (its /models/status)")
-    args = parser.parse_args()
-    uvicorn.run(
-        build_app(args.dtype), host="127.0.0.1", port=args.port, log_level="warning", access_log=False
-    )
+    main(build_app, port=8002)

@@ -2,24 +2,23 @@
 a time. Same model, dtype, HTTP stack (uvicorn + httptools + uvloop) and request/response shape as fnserve,
 so the gap the benchmark shows is batching and nothing else.
 
-    python loadtests/naive_server.py --port 8001
+    python -m loadtests.naive_server --port 8001
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 
 import bentoml
 import orjson
 import torch
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 from transformers import AutoModel, AutoTokenizer
 
+from loadtests.naive_common import READY, main
 from models.catalog import CATALOG
 from services.config import get_settings, pick_device
 from services.functions.embedding import encode
@@ -43,17 +42,8 @@ def build_app(dtype: str) -> Starlette:
         data = [{"object": "embedding", "index": 0, "embedding": vector}]
         return Response(orjson.dumps({"object": "list", "data": data}), media_type="application/json")
 
-    async def ready(_: Request) -> Response:
-        return Response("ok")
-
-    return Starlette(routes=[Route("/v1/embeddings", embeddings, methods=["POST"]), Route("/readyz", ready)])
+    return Starlette(routes=[Route("/v1/embeddings", embeddings, methods=["POST"]), READY])
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--port", type=int, default=8001)
-    parser.add_argument("--dtype", default="float32", help="the dtype fnserve chose (its /models/status)")
-    args = parser.parse_args()
-    uvicorn.run(
-        build_app(args.dtype), host="127.0.0.1", port=args.port, log_level="warning", access_log=False
-    )
+    main(build_app, port=8001)
