@@ -8,7 +8,7 @@ SERVICE := services.service:Frontend
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: serve test test-beside-hog models bench bench-grpc bench-images bench-chat bench-batch bench-engine bench-coldstart bench-spike lint build container container-test
+.PHONY: serve test cluster cluster-down cluster-packages test-beside-hog models bench bench-grpc bench-images bench-chat bench-batch bench-engine bench-coldstart bench-spike lint build container container-test
 
 # torch is installed first, alone: `pip install torch==2.13.0` takes the local CPU wheel on a machine
 # without a GPU, so the project install that follows finds it satisfied instead of fetching a CUDA build.
@@ -39,8 +39,24 @@ serve: models
 	@[ -n "$$FNSERVE_API_KEYS" ] || echo "fnserve: no FNSERVE_API_KEYS set: every route is open; bound to $(HOST)"
 	FNSERVE_GRPC_HOST=$${FNSERVE_GRPC_HOST:-$(HOST)} $(BIN)/bentoml serve $(SERVICE) --host $(HOST) --port $(PORT)
 
-test: models $(PERF_VENV)/.installed
+test: models $(PERF_VENV)/.installed cluster-packages
 	$(BIN)/python -m pytest
+
+# A local cluster (deploy/cluster/): CLUSTER_REPLICAS replicas behind HAProxy on CLUSTER_PORT (and gRPC on
+# the port after it), sharing PostgreSQL and Redis; it returns once every replica is healthy behind it.
+CLUSTER_PORT ?= 8000
+CLUSTER_REPLICAS ?= 2
+cluster: models cluster-packages
+	$(BIN)/python -m deploy.cluster up --port $(CLUSTER_PORT) --replicas $(CLUSTER_REPLICAS)
+
+cluster-down: $(VENV)/.installed
+	$(BIN)/python -m deploy.cluster down
+
+# Debian's PostgreSQL, HAProxy and Redis, for the cluster and its tests (tests/test_cluster.py).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+cluster-packages:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v haproxy >/dev/null && command -v redis-server >/dev/null || \
+	($(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends postgresql haproxy redis-server)
 
 # The suite from a clean clone of HEAD while stress-ng (Debian; installed if missing) keeps every core busy.
 test-beside-hog:

@@ -219,7 +219,13 @@ class Settings(BaseSettings):
     def never(cls, value: object) -> object:
         return 0 if value == "never" else value
 
-    batch_dir: Path = Field(Path(".fnserve"), description="the batch store (SQLite, WAL) and its files")
+    batch_dir: Path = Field(
+        Path(".fnserve"), description="the batch store (SQLite, WAL), when no database URL"
+    )
+    batch_database_url: str | None = Field(
+        None,
+        description="postgresql://...: the batch store every replica shares (files included); unset = SQLite",
+    )
     batch_max_file_bytes: int = Field(200 * 2**20, ge=1, description="largest uploaded file (413 above)")
     batch_max_lines: int = Field(100_000, ge=1, description="most lines in one batch input file")
     batch_concurrency: int = Field(64, ge=1, description="batch lines in flight per worker process")

@@ -9,6 +9,7 @@ import logging
 import math
 import os
 from collections.abc import AsyncGenerator
+from contextlib import suppress
 from pathlib import Path
 from typing import Annotated
 
@@ -27,6 +28,7 @@ from services.functions.generation import CHAT_DEFAULT_TOKENS, ChatMaxTokens, Ch
 from services.functions.hardware import server_instance
 from services.functions.image import ImageFunction
 from services.functions.types import Refused, Text
+from services.jobs.db import StoreUnavailable
 from services.jobs.runner import BatchRunner
 from services.jobs.store import BatchStore
 from services.protocols import openapi
@@ -94,7 +96,8 @@ class Frontend:
         chat = ChatFunction(
             self.generator, settings, response_cache(settings.redis_url, settings.generation_cache_size)
         )
-        jobs = BatchRunner(BatchStore(settings.batch_dir, server_instance()), openai.run_line, settings)
+        store = BatchStore(settings.batch_dir, server_instance(), settings.batch_database_url)
+        jobs = BatchRunner(store, openai.run_line, settings)
         self.functions = Functions(embedding, image, chat, jobs)
         if ADMISSION.open:
             logger.warning(
@@ -128,7 +131,8 @@ class Frontend:
             await self._grpc.stop(grace=5)
         for task in self._tasks:
             task.cancel()
-        await self.functions.jobs.settle()  # lines still running are claimed again by the next server
+        with suppress(StoreUnavailable):  # what is not recorded runs again, elsewhere or after a restart
+            await self.functions.jobs.settle()
 
     @bentoml.api
     async def chat(

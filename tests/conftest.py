@@ -1,13 +1,18 @@
-"""Session fixtures: one real embedding server for the whole run."""
+"""Session fixtures: one real embedding server for the whole run, and a real PostgreSQL."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 
+from deploy.cluster.parts import Postgres, free_port
+from services.jobs.store import BatchStore
 from tests.server import LONG, serve
 
 # Admission by time refuses what would wait past a target in seconds, so on a slow or busy machine it
@@ -33,3 +38,27 @@ def server() -> Iterator[str]:
 def client(server: str) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server, timeout=LONG) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
+    """A real PostgreSQL (Debian's, as `make cluster` runs it) for the batch store's tests."""
+    folder = tmp_path_factory.mktemp("postgres")
+    database = Postgres(Path(tempfile.mkdtemp(prefix="fnserve-pg-")), free_port(), folder / "postgres.log")
+    database.init()
+    part = database.start()
+    try:
+        yield database
+    finally:
+        part.stop()
+        shutil.rmtree(database.data, ignore_errors=True)
+
+
+@pytest.fixture
+def store_at(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[..., BatchStore]:
+    """Makes batch stores as servers (`instance`) would open them, on the backend of the test's
+    parameter: `sqlite` (a file in tmp_path) or `postgres` (a database of the test's own)."""
+    if request.param == "sqlite":
+        return lambda instance, worker=None: BatchStore(tmp_path, instance, worker=worker)
+    url = request.getfixturevalue("postgres").new_database()
+    return lambda instance, worker=None: BatchStore(tmp_path, instance, url, worker)

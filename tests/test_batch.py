@@ -9,7 +9,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import openai
 import psutil
 import pytest
 
-from services.jobs.store import BatchStore, Outcome
+from services.jobs.store import CHUNK, BatchStore, Outcome
 from tests.reference import reference
 from tests.server import LONG, serve, server_processes
 
@@ -263,8 +264,16 @@ def test_kill_9_mid_job_then_restart_resumes_with_exact_accounting(tmp_path: Pat
     assert all(line["response"]["status_code"] == 200 for line in outputs)
 
 
-def test_expiry_and_retention_in_the_store(tmp_path: Path) -> None:
-    store = BatchStore(tmp_path, instance="test")
+BACKENDS = pytest.mark.parametrize("store_at", ["sqlite", "postgres"], indirect=True)
+
+
+def file_lines(store: BatchStore, file_id: str) -> list[str]:
+    return b"".join(store.read_file(file_id)).decode().splitlines()
+
+
+@BACKENDS
+def test_expiry_and_retention_in_the_store(store_at: Callable[..., BatchStore]) -> None:
+    store = store_at("test")
     file_id = store.add_file(jsonl([embedding_line(i) for i in range(5)]), "in.jsonl", "batch")["id"]
     batch = store.create_batch(file_id, "/v1/embeddings", 3600, "1h", None, max_lines=10)
     [running] = store.claim(1, lease_seconds=60, max_attempts=5)
@@ -278,29 +287,75 @@ def test_expiry_and_retention_in_the_store(tmp_path: Path) -> None:
         "completed": 1,
         "failed": 4,
     }
-    error_lines = store.file_path(ended["error_file_id"]).read_text().splitlines()
+    error_lines = file_lines(store, ended["error_file_id"])
     assert {json.loads(line)["error"]["code"] for line in error_lines} == {"batch_expired"}
 
     later = time.time() + 7200  # the expiry above happened at this (simulated) time
     assert store.clean_up(retention_seconds=3600, now=later + 60) == 0  # not old enough yet
     assert store.clean_up(retention_seconds=3600, now=later + 3700) == 1
     assert store.get_batch(batch["id"]) is None
-    assert store.list_files() == [] and not any((tmp_path / "files").iterdir())
+    assert store.list_files() == [] and store.db.rows("SELECT file_id FROM file_chunks") == []
 
 
-def test_store_gives_up_on_a_line_that_keeps_failing_and_keeps_unicode_lines_whole(tmp_path: Path) -> None:
-    store = BatchStore(tmp_path, instance="first")
+@BACKENDS
+def test_store_gives_up_on_a_line_that_keeps_failing_and_keeps_unicode_lines_whole(
+    store_at: Callable[..., BatchStore],
+) -> None:
+    store = store_at("first")
+    # A server that is gone: on a store of its own, a new server run claims its lines at once; on a
+    # shared one, only a lease that ran out hands them over (here at once: a lease of 0 s).
+    lease = 0 if store.db.shared else 600
     line = embedding_line(0)
     line["body"]["input"] = "a line separator \u2028 inside a JSON string"
     file_id = store.add_file(jsonl([line]), "in.jsonl", "batch")["id"]
     batch = store.create_batch(file_id, "/v1/embeddings", 3600, "1h", None, max_lines=10)
     assert store.get_batch(batch["id"])["request_counts"] == {"total": 1, "completed": 0, "failed": 0}
     for attempt in (1, 2):  # each time claimed, then its server "dies": a new server claims it again
-        store = BatchStore(tmp_path, instance=f"server-{attempt}")
-        [claimed] = store.claim(10, lease_seconds=600, max_attempts=2)
+        store = store_at(f"server-{attempt}")
+        [claimed] = store.claim(10, lease_seconds=lease, max_attempts=2)
         assert claimed.attempts == attempt and claimed.body["input"] == line["body"]["input"]
-    store = BatchStore(tmp_path, instance="server-3")
-    assert store.claim(10, lease_seconds=600, max_attempts=2) == []
-    assert store.finalize_ready(lease_seconds=600) == [batch["id"]]
-    [error] = store.file_path(store.get_batch(batch["id"])["error_file_id"]).read_text().splitlines()
+    store = store_at("server-3")
+    assert store.claim(10, lease_seconds=lease, max_attempts=2) == []
+    assert store.finalize_ready(lease_seconds=lease) == [batch["id"]]
+    [error] = file_lines(store, store.get_batch(batch["id"])["error_file_id"])
     assert json.loads(error)["error"]["code"] == "server_error"
+
+
+@BACKENDS
+def test_replicas_share_a_store_and_never_run_a_line_twice(store_at: Callable[..., BatchStore]) -> None:
+    """Two servers claim from one store at once; on a shared store a live one's claims are left alone
+    until their lease runs out, and a result is recorded only by the claim that holds the line."""
+    first = store_at("one", "1")
+    # On SQLite, two workers of one server: a second server would mean the first one is gone.
+    second = store_at("two" if first.db.shared else "one", "2")
+    content = jsonl([embedding_line(i) for i in range(300)]) + b"\xc3\xa9" * CHUNK  # spans chunks
+    file_id = first.add_file(content, "in.jsonl", "batch")["id"]
+    assert b"".join(second.read_file(file_id)) == content and second.get_file(file_id)["bytes"] == len(
+        content
+    )
+    first.delete_file(file_id)
+    assert second.get_file(file_id) is None and list(second.read_file(file_id)) == []
+
+    file_id = first.add_file(jsonl([embedding_line(i) for i in range(300)]), "in.jsonl", "batch")["id"]
+    batch = second.create_batch(file_id, "/v1/embeddings", 3600, "1h", None, max_lines=1000)
+    with ThreadPoolExecutor(8) as pool:
+        claims = list(pool.map(lambda store: store.claim(20, 600, 5), [first, second] * 10))
+    claimed = [(line.batch_id, line.idx) for lines in claims for line in lines]
+    assert len(claimed) == len(set(claimed)) == 300  # each line to exactly one claim
+    mine = [
+        line
+        for store, lines in zip([first, second] * 10, claims, strict=True)
+        if store is first
+        for line in lines
+    ]
+    assert second.claim(300, lease_seconds=600, max_attempts=5) == []  # the first one's are still held
+    taken = second.claim(300, lease_seconds=0, max_attempts=5)  # every lease has run out
+    assert len(taken) == 300
+    first.settle([Outcome(line, True, '{"status_code": 200, "body": {"late": true}}') for line in mine])
+    second.settle([Outcome(line, True, '{"status_code": 200, "body": {}}') for line in taken])
+    assert first.finalize_ready(lease_seconds=600) == [batch["id"]]
+    ended = second.get_batch(batch["id"])
+    assert ended["status"] == "completed" and ended["request_counts"]["completed"] == 300
+    outputs = [json.loads(line) for line in file_lines(second, ended["output_file_id"])]
+    assert sorted(line["custom_id"] for line in outputs) == sorted(f"e{i}" for i in range(300))
+    assert all(line["response"]["body"] == {} for line in outputs)  # the late claim's results were refused

@@ -18,6 +18,7 @@ from typing import Any
 
 from services.config import Settings
 from services.functions.batching import BACKGROUND
+from services.jobs.db import StoreUnavailable
 from services.jobs.store import BatchStore, Line, Outcome, ended_error
 
 logger = logging.getLogger("bentoml.fnserve.batch")
@@ -39,6 +40,7 @@ class BatchRunner:
         self._in_flight: dict[asyncio.Task[None], Line] = {}
         self._endings: dict[str, str] = {}
         self._renewed = time.monotonic()
+        self._unavailable = False
 
     def wake(self) -> None:
         self._wake.set()
@@ -54,10 +56,19 @@ class BatchRunner:
                     await asyncio.to_thread(self.store.expire_overdue)
                     await asyncio.to_thread(self.store.clean_up, self.settings.batch_retention_seconds)
                     last_cleanup = time.monotonic()
+                if self._unavailable:
+                    logger.info("the batch database is back")
+                    self._unavailable = False
                 if not more:
                     await self._sleep()
             except asyncio.CancelledError:
                 raise
+            except StoreUnavailable as exc:  # said once per outage; the routes answer 503 meanwhile
+                if not self._unavailable:
+                    logger.warning("%s; batch lines wait until it is back", exc)
+                self._unavailable = True
+                await asyncio.sleep(1)
+                continue
             except Exception:  # the store or a handler failed unexpectedly: keep the loop alive
                 logger.exception("batch runner step failed")
                 await asyncio.sleep(1)

@@ -1,23 +1,24 @@
-"""The durable part of batch jobs: files, batches and per-line state in SQLite (WAL), file bodies on disk.
+"""The durable part of batch jobs: files, batches and per-line state in a database (services/jobs/db.py):
+SQLite by default, PostgreSQL when replicas share the store.
 
 Every input line is one row, committed as it changes state (pending -> running -> done or failed), so a
-server killed mid-job resumes where it stopped: lines claimed by a server instance that no longer runs
-are claimed again, and the output and error files are written once, from the rows, when no line is
-left. That gives every input line exactly one output or error line.
+server killed mid-job resumes where it stopped: lines claimed by a server that is gone are claimed again
+(by another replica once their lease runs out), and the output and error files are written once, from the
+rows, when no line is left. That gives every input line exactly one output or error line.
 
-Written on the standard library's sqlite3: BentoML's own task store is deleted at every start of
-`bentoml serve` (../shared/FIELD-NOTES.md), and a queue server is not something a single-machine
-function should need.
+File bodies live in the database too, in 1 MiB chunks: every replica reads every upload and result, and
+a cluster that already runs PostgreSQL needs no object store beside it. Written on the standard
+library's sqlite3 and psycopg: BentoML's own task store is deleted at every start of `bentoml serve`
+(../shared/FIELD-NOTES.md).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import secrets
-import sqlite3
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,26 +26,42 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SCHEMA = """
+from services.jobs.db import Database, StoreUnavailable, Transaction, open_database
+
+logger = logging.getLogger("bentoml.fnserve.batch")
+
+# Each entry moves the schema one version on; the store runs those a database has not seen, at start.
+MIGRATIONS = (
+    """
 CREATE TABLE IF NOT EXISTS files (
-    id TEXT PRIMARY KEY, purpose TEXT NOT NULL, filename TEXT NOT NULL, bytes INTEGER NOT NULL,
-    created_at INTEGER NOT NULL
+    id TEXT PRIMARY KEY, purpose TEXT NOT NULL, filename TEXT NOT NULL, bytes BIGINT NOT NULL,
+    created_at BIGINT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS batches (
     id TEXT PRIMARY KEY, endpoint TEXT NOT NULL, input_file_id TEXT NOT NULL,
     completion_window TEXT NOT NULL, metadata TEXT, status TEXT NOT NULL, ending TEXT,
-    created_at INTEGER NOT NULL, expires_at INTEGER NOT NULL, in_progress_at INTEGER,
-    finalizing_at INTEGER, completed_at INTEGER, cancelling_at INTEGER, cancelled_at INTEGER,
-    expired_at INTEGER, finalizer TEXT, output_file_id TEXT, error_file_id TEXT
+    created_at BIGINT NOT NULL, expires_at BIGINT NOT NULL, in_progress_at BIGINT,
+    finalizing_at BIGINT, completed_at BIGINT, cancelling_at BIGINT, cancelled_at BIGINT,
+    expired_at BIGINT, finalizer TEXT, output_file_id TEXT, error_file_id TEXT
 );
 CREATE TABLE IF NOT EXISTS lines (
     batch_id TEXT NOT NULL, idx INTEGER NOT NULL, custom_id TEXT, body TEXT, state TEXT NOT NULL,
-    owner TEXT, claimed_at REAL, attempts INTEGER NOT NULL DEFAULT 0, result TEXT,
+    owner TEXT, claimed_at DOUBLE PRECISION, attempts INTEGER NOT NULL DEFAULT 0, result TEXT,
     PRIMARY KEY (batch_id, idx)
 );
-CREATE INDEX IF NOT EXISTS lines_by_state ON lines (state, batch_id);
-"""
+CREATE INDEX IF NOT EXISTS lines_by_state ON lines (state, batch_id)
+""",
+    # File bodies move from the local disk into the database.
+    """
+CREATE TABLE IF NOT EXISTS file_chunks (
+    file_id TEXT NOT NULL, seq INTEGER NOT NULL, data {blob} NOT NULL, PRIMARY KEY (file_id, seq)
+)
+""",
+)
+CHUNK = 2**20
+ROWS_PER_INSERT = 500
 
+KINDS = ("output", "error")
 FINAL = ("completed", "failed", "expired", "cancelled")
 # What a batch becomes when its last line is settled, by how it was ending.
 FINAL_STATUS = {None: "completed", "cancelled": "cancelled", "expired": "expired"}
@@ -101,67 +118,126 @@ def ended_error(ending: str) -> str:
     return json.dumps({"code": f"batch_{ending}", "message": f"the batch was {ending} before this line ran"})
 
 
+class ChunkWriter:
+    """A result file written as it is produced, one chunk per commit; it becomes a file only when its
+    batch's finalizing registers it."""
+
+    def __init__(self, store: BatchStore, file_id: str) -> None:
+        self.store = store
+        self.file_id = file_id
+        self.size = 0
+        self._buffer = bytearray()
+        self._next = 0
+
+    def write(self, text: str) -> None:
+        data = text.encode()
+        self._buffer += data
+        self.size += len(data)
+        if len(self._buffer) >= CHUNK:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._buffer:
+            with self.store._transaction() as db:
+                self._next = self.store._write_chunks(db, self.file_id, bytes(self._buffer), self._next)
+            self._buffer.clear()
+
+    def discard(self) -> None:
+        with self.store._transaction() as db:
+            db.execute("DELETE FROM file_chunks WHERE file_id = ?", (self.file_id,))
+
+
 class BatchStore:
-    def __init__(self, root: Path, instance: str) -> None:
-        """`instance` names the running server: lines claimed under another server's name were left by
-        one that is gone, and are claimed again at once. Each worker process claims as
-        `instance/pid`; a worker that died inside a live server leaves lines whose lease runs out."""
-        self.root = root
+    def __init__(
+        self, root: Path, instance: str, database_url: str | None = None, worker: str | None = None
+    ) -> None:
+        """`instance` names the running server; each worker process claims as `instance/pid`. On a
+        store of its own (SQLite), lines claimed under another server's name were left by one that is
+        gone and are claimed again at once; on a shared one (PostgreSQL), only once their lease runs
+        out, as for a worker that died inside a live server. `worker` is the process id unless given."""
         self.instance = instance
-        self.owner = f"{instance}/{os.getpid()}"
-        (root / "files").mkdir(parents=True, exist_ok=True)
-        # One connection per process, used from worker threads in turn.
-        self._db = sqlite3.connect(root / "batches.db", check_same_thread=False, isolation_level=None)
-        self._lock = threading.Lock()
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode survives a killed process (what the tests check), not a power cut.
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA busy_timeout=10000")
-            self._db.executescript(SCHEMA)
+        self.owner = f"{instance}/{worker or os.getpid()}"
+        self.root = root
+        self.db: Database = open_database(database_url, root)
+        self._migrated = False
+        try:
+            self._migrate()
+        except StoreUnavailable as exc:  # the server starts anyway; batch routes answer 503 meanwhile
+            logger.warning("%s; the schema is checked again on the next batch request", exc)
+
+    def _migrate(self) -> None:
+        with self.db.transaction() as db:
+            db.execute(self.db.migration_lock)  # replicas starting together migrate one at a time
+            db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            rows = db.execute("SELECT max(version) FROM schema_version").fetchall()
+            version = rows[0][0] or 0
+            for number, script in enumerate(MIGRATIONS[version:], version + 1):
+                for statement in script.format(blob=self.db.blob).split(";"):
+                    if statement.strip():
+                        db.execute(statement)
+                if number == 2:
+                    self._import_disk_files(db)
+                db.execute("INSERT INTO schema_version VALUES (?)", (number,))
+        self._migrated = True
+
+    def _import_disk_files(self, db: Transaction) -> None:
+        """Stores made before version 2 kept file bodies in `root/files/`."""
+        folder = self.root / "files"
+        for (file_id,) in db.execute("SELECT id FROM files").fetchall():
+            path = folder / file_id
+            if path.exists():
+                self._write_chunks(db, file_id, path.read_bytes())
+                path.unlink()
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:  # SQLite has rolled back already after some errors
-                    self._db.execute("ROLLBACK")
-                raise
+    def _transaction(self) -> Iterator[Transaction]:
+        if not self._migrated:
+            self._migrate()
+        with self.db.transaction() as db:
+            yield db
 
     def _rows(self, sql: str, *args: Any) -> list[dict[str, Any]]:
-        with self._lock:
-            cursor = self._db.execute(sql, args)
-            names = [c[0] for c in cursor.description]
-            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
-
-    def file_path(self, file_id: str) -> Path:
-        return self.root / "files" / file_id
+        if not self._migrated:
+            self._migrate()
+        return self.db.rows(sql, *args)
 
     # Files
 
+    @staticmethod
+    def _write_chunks(db: Transaction, file_id: str, content: bytes, first: int = 0) -> int:
+        """Returns the next chunk's number."""
+        chunks = [content[i : i + CHUNK] for i in range(0, len(content), CHUNK)]
+        db.executemany(
+            "INSERT INTO file_chunks VALUES (?, ?, ?)",
+            [(file_id, first + n, chunk) for n, chunk in enumerate(chunks)],
+        )
+        return first + len(chunks)
+
     def add_file(self, content: bytes, filename: str, purpose: str) -> dict:
         file_id = new_id("file")
-        partial = self.file_path(file_id).with_suffix(".part")
-        partial.write_bytes(content)
-        self._register_file(file_id, partial, filename, purpose)
-        return self.get_file(file_id)  # type: ignore[return-value]
-
-    def _register_file(self, file_id: str, partial: Path, filename: str, purpose: str) -> None:
-        size = partial.stat().st_size
-        os.replace(partial, self.file_path(file_id))  # the row below never points at a half-written file
-        with self._transaction() as db:
+        with self._transaction() as db:  # the row and its body appear together
+            self._write_chunks(db, file_id, content)
             db.execute(
-                "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)",
-                (file_id, purpose, filename, size, int(time.time())),
+                "INSERT INTO files VALUES (?, ?, ?, ?, ?)",
+                (file_id, purpose, filename, len(content), int(time.time())),
             )
+        return self.get_file(file_id)  # type: ignore[return-value]
 
     def get_file(self, file_id: str) -> dict | None:
         rows = self._rows("SELECT * FROM files WHERE id = ?", file_id)
         return rows[0] if rows else None
+
+    def read_file(self, file_id: str) -> Iterator[bytes]:
+        """The body, a few chunks per query: an output file can be larger than memory should hold."""
+        seq = 0
+        while page := self._rows(
+            "SELECT seq, data FROM file_chunks WHERE file_id = ? AND seq >= ? ORDER BY seq LIMIT 8",
+            file_id,
+            seq,
+        ):
+            for row in page:
+                yield bytes(row["data"])
+            seq = page[-1]["seq"] + 1
 
     def list_files(self, purpose: str | None = None) -> list[dict]:
         if purpose:
@@ -171,7 +247,7 @@ class BatchStore:
     def delete_file(self, file_id: str) -> bool:
         with self._transaction() as db:
             deleted = db.execute("DELETE FROM files WHERE id = ?", (file_id,)).rowcount
-        self.file_path(file_id).unlink(missing_ok=True)
+            db.execute("DELETE FROM file_chunks WHERE file_id = ?", (file_id,))
         return bool(deleted)
 
     # Batches
@@ -187,8 +263,10 @@ class BatchStore:
     ) -> dict:
         """Splits the input file into lines. Bad lines are settled at once as errors; a file that is not
         JSONL at all raises BadFile."""
+        if self.get_file(file_id) is None:
+            raise FileNotFoundError(file_id)
         try:
-            text = self.file_path(file_id).read_text(encoding="utf-8")
+            text = b"".join(self.read_file(file_id)).decode("utf-8")
         except UnicodeDecodeError as exc:
             raise BadFile(f"the input file is not UTF-8 text: {exc}") from exc
         # "\n" only: splitlines() would also cut at U+2028 and the like, which JSON strings may hold.
@@ -222,7 +300,10 @@ class BatchStore:
                 " ending, created_at, expires_at, in_progress_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 batch,
             )
-            db.executemany("INSERT INTO lines VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            for first in range(0, len(rows), ROWS_PER_INSERT):  # one statement per page: fast on both
+                page = rows[first : first + ROWS_PER_INSERT]
+                values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(page))
+                db.execute(f"INSERT INTO lines VALUES {values}", [value for row in page for value in row])
         return self.get_batch(batch_id)  # type: ignore[return-value]
 
     def get_batch(self, batch_id: str) -> dict | None:
@@ -295,14 +376,15 @@ class BatchStore:
         is gone or whose lease ran out. A line claimed `max_attempts` times already (it failed, or its
         worker died running it, each time) is settled as failed instead."""
         now = time.time()
+        stale, args = self._stale("l.owner", "l.claimed_at", now - lease_seconds)
         with self._transaction() as db:
             rows = db.execute(
                 "SELECT l.batch_id, l.idx, l.custom_id, l.body, b.endpoint, l.attempts + 1 FROM lines l"
                 " JOIN batches b ON b.id = l.batch_id"
-                " WHERE b.status IN ('in_progress', 'cancelling') AND (l.state = 'pending'"
-                "   OR (l.state = 'running' AND (l.owner NOT LIKE ? OR l.claimed_at < ?)))"
-                " ORDER BY b.created_at, l.idx LIMIT ?",
-                (f"{self.instance}/%", now - lease_seconds, limit),
+                f" WHERE b.status IN ('in_progress', 'cancelling') AND (l.state = 'pending'"
+                f"   OR (l.state = 'running' AND {stale}))"
+                " ORDER BY b.created_at, l.idx LIMIT ?" + self.db.lock_rows.format(alias="l"),
+                (*args, limit),
             ).fetchall()
             given_up = [row for row in rows if row[5] > max_attempts]
             rows = [row for row in rows if row[5] <= max_attempts]
@@ -317,6 +399,13 @@ class BatchStore:
                 [(self.owner, now, row[0], row[1]) for row in rows],
             )
         return [Line(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5]) for row in rows]
+
+    def _stale(self, owner: str, since: str, cutoff: float) -> tuple[str, tuple[Any, ...]]:
+        """The SQL condition (and its arguments) for a claim that another may take over: its lease ran
+        out, or, on a store of this server's own, it was made by a server run that is gone."""
+        if self.db.shared:
+            return f"{since} < ?", (cutoff,)
+        return f"({owner} NOT LIKE ? OR {since} < ?)", (f"{self.instance}/%", cutoff)
 
     def renew(self, lines: list[Line]) -> None:
         """Extend the lease of lines this worker is still running (or holding for a free slot)."""
@@ -351,74 +440,83 @@ class BatchStore:
 
     def finalize_ready(self, lease_seconds: float) -> list[str]:
         """Write the output and error files of every batch with no line left to run, and mark it final.
-        A batch left half-finalized by a dead server is finalized again (the file ids are fixed)."""
+        A batch left half-finalized by a server that is gone is finalized again; only the attempt that
+        still holds the batch when it is done registers its files."""
         now = int(time.time())
+        stale, args = self._stale("finalizer", "finalizing_at", now - lease_seconds)
         with self._transaction() as db:
             ready = [
                 row[0]
                 for row in db.execute(
                     "SELECT id FROM batches b WHERE (status IN ('in_progress', 'cancelling')"
-                    "   OR (status = 'finalizing' AND (finalizer != ? OR finalizing_at < ?)))"
+                    f"   OR (status = 'finalizing' AND {stale}))"
                     " AND NOT EXISTS (SELECT 1 FROM lines WHERE batch_id = b.id"
-                    "   AND state IN ('pending', 'running'))",
-                    (self.instance, now - lease_seconds),
+                    "   AND state IN ('pending', 'running'))" + self.db.lock_rows.format(alias="b"),
+                    args,
                 ).fetchall()
             ]
             db.executemany(
                 "UPDATE batches SET status = 'finalizing', finalizing_at = ?, finalizer = ? WHERE id = ?",
-                [(now, self.instance, batch_id) for batch_id in ready],
+                [(now, self.owner, batch_id) for batch_id in ready],
             )
         for batch_id in ready:
-            self._finalize(batch_id)
+            self._finalize(batch_id, now)
         return ready
 
-    def _finalize(self, batch_id: str) -> None:
+    def _finalize(self, batch_id: str, claimed_at: int) -> None:
         """Streams the rows into the two files a page at a time: a batch's results can be far larger
         than memory should hold at once."""
         short = batch_id.removeprefix("batch_")
-        paths = {
-            kind: self.file_path(f"file-{kind}-{short}").with_suffix(".part") for kind in ("output", "error")
-        }
-        counts = dict.fromkeys(paths, 0)
-        with paths["output"].open("wb") as output, paths["error"].open("wb") as errors:
-            after = -1
-            while page := self._rows(
-                "SELECT idx, custom_id, state, result FROM lines WHERE batch_id = ? AND idx > ?"
-                " ORDER BY idx LIMIT 1000",
-                batch_id, after,
-            ):  # fmt: skip
-                for row in page:
-                    head = json.dumps(
-                        {"id": f"batch_req_{short}_{row['idx']}", "custom_id": row["custom_id"]}
+        files = {kind: ChunkWriter(self, f"file-{kind}-{short}-{secrets.token_hex(4)}") for kind in KINDS}
+        after = -1
+        while page := self._rows(
+            "SELECT idx, custom_id, state, result FROM lines WHERE batch_id = ? AND idx > ?"
+            " ORDER BY idx LIMIT 1000",
+            batch_id, after,
+        ):  # fmt: skip
+            for row in page:
+                head = json.dumps({"id": f"batch_req_{short}_{row['idx']}", "custom_id": row["custom_id"]})
+                if row["state"] == "done":  # spliced as text: re-encoding its floats cost more than the run
+                    files["output"].write(f'{head[:-1]}, "response": {row["result"]}, "error": null}}\n')
+                else:
+                    error = json.loads(row["result"])
+                    response = error.pop("response", None)
+                    files["error"].write(
+                        json.dumps({**json.loads(head), "response": response, "error": error})
                     )
-                    if (
-                        row["state"] == "done"
-                    ):  # spliced as text: re-encoding its floats cost more than the run
-                        output.write(f'{head[:-1]}, "response": {row["result"]}, "error": null}}\n'.encode())
-                        counts["output"] += 1
-                    else:
-                        error = json.loads(row["result"])
-                        response = error.pop("response", None)
-                        line = {**json.loads(head), "response": response, "error": error}
-                        errors.write((json.dumps(line) + "\n").encode())
-                        counts["error"] += 1
-                after = page[-1]["idx"]
-        ids = {}
-        for kind, partial in paths.items():
-            if counts[kind]:
-                ids[kind] = f"file-{kind}-{short}"
-                self._register_file(ids[kind], partial, f"{batch_id}_{kind}.jsonl", f"batch_{kind}")
-            else:
-                partial.unlink()
+                    files["error"].write("\n")
+            after = page[-1]["idx"]
+        for writer in files.values():
+            writer.flush()
         ending = self._rows("SELECT ending FROM batches WHERE id = ?", batch_id)[0]["ending"]
         status = FINAL_STATUS[ending]
         stamp = "completed_at" if status == "completed" else f"{status}_at"
+        written = {kind: writer for kind, writer in files.items() if writer.size}
         with self._transaction() as db:
-            db.execute(
+            held = db.execute(
                 f"UPDATE batches SET status = ?, {stamp} = coalesce({stamp}, ?), output_file_id = ?,"
-                " error_file_id = ? WHERE id = ?",
-                (status, int(time.time()), ids.get("output"), ids.get("error"), batch_id),
-            )
+                " error_file_id = ? WHERE id = ? AND status = 'finalizing' AND finalizer = ?"
+                " AND finalizing_at = ?",
+                (
+                    status, int(time.time()), getattr(written.get("output"), "file_id", None),
+                    getattr(written.get("error"), "file_id", None), batch_id, self.owner, claimed_at,
+                ),
+            ).rowcount  # fmt: skip
+            for kind, writer in written.items():
+                if held:
+                    db.execute(
+                        "INSERT INTO files VALUES (?, ?, ?, ?, ?)",
+                        (
+                            writer.file_id,
+                            f"batch_{kind}",
+                            f"{batch_id}_{kind}.jsonl",
+                            writer.size,
+                            int(time.time()),
+                        ),
+                    )
+        for writer in files.values():
+            if not held or not writer.size:
+                writer.discard()
 
     def has_work(self) -> bool:
         rows = self._rows(
@@ -452,6 +550,9 @@ class BatchStore:
             for row in old:
                 db.execute("DELETE FROM lines WHERE batch_id = ?", (row["id"],))
                 db.execute("DELETE FROM batches WHERE id = ?", (row["id"],))
+                # Bodies an interrupted finalizing left without a file row.
+                short = row["id"].removeprefix("batch_")
+                db.execute("DELETE FROM file_chunks WHERE file_id LIKE ?", (f"file-%-{short}-%",))
         for file_id in files:
             self.delete_file(file_id)
         return len(old)

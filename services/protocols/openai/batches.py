@@ -6,7 +6,7 @@ import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import StreamingResponse
 
 from services.functions.api import current
 from services.jobs.runner import BatchRunner
@@ -52,7 +52,7 @@ async def list_files(purpose: str | None = None) -> FileList:
 
 async def existing_file(file_id: str) -> dict[str, Any]:
     row = await asyncio.to_thread(runner().store.get_file, file_id)
-    if row is None or not runner().store.file_path(file_id).exists():
+    if row is None:
         raise APIError(404, f"no file {file_id}", "file_id", "not_found")
     return row
 
@@ -63,10 +63,14 @@ async def retrieve_file(file_id: str) -> FileObject:
 
 
 @routes.get("/v1/files/{file_id}/content")
-async def file_content(file_id: str) -> Response:
-    await existing_file(file_id)
-    # Streamed from disk: an output file can be larger than memory should hold.
-    return FileResponse(runner().store.file_path(file_id), media_type="application/jsonl")
+async def file_content(file_id: str) -> StreamingResponse:
+    row = await existing_file(file_id)
+    # Streamed a few chunks at a time (starlette runs the iterator in its thread pool).
+    return StreamingResponse(
+        runner().store.read_file(file_id),
+        media_type="application/jsonl",
+        headers={"content-length": str(row["bytes"])},
+    )
 
 
 @routes.delete("/v1/files/{file_id}", response_model=FileDeleted)

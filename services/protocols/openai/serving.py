@@ -29,6 +29,7 @@ from services.admission import DEADLINE, rejected
 from services.functions.api import Functions, current
 from services.functions.chat import Delta, Done, Generation, GenerationRequest
 from services.functions.types import Refused
+from services.jobs.db import StoreUnavailable
 from services.protocols.openai import batches, images
 from services.protocols.openai.protocol import (
     APIError,
@@ -89,6 +90,13 @@ async def on_http_error(_: Request, exc: HTTPException) -> JSONResponse:
 async def on_overload(_: Request, exc: ServiceUnavailable) -> JSONResponse:
     rejected("overloaded")
     return error_response(503, str(exc), code="overloaded")
+
+
+@app.exception_handler(StoreUnavailable)
+async def on_store_unavailable(_: Request, exc: StoreUnavailable) -> JSONResponse:
+    """The batch database went away: nothing committed is lost, and the caller can try again."""
+    rejected("store_unavailable")
+    return error_response(503, str(exc), code="batch_store_unavailable", retry_after=5)
 
 
 @app.exception_handler(Refused)

@@ -1,0 +1,158 @@
+"""A local cluster: N fnserve replicas behind HAProxy, sharing one PostgreSQL (the batch store, files
+included) and one Redis (the response caches). Its state (ports, PIDs) is kept in `folder/cluster.json`,
+so that `make cluster` can return while it serves and `make cluster-down` stops exactly what it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from deploy.cluster.parts import (
+    Part,
+    Postgres,
+    Replica,
+    backend_status,
+    free_port,
+    haproxy_config,
+    start_haproxy,
+    start_redis,
+    start_replica,
+    wait_for,
+)
+
+STATE = "cluster.json"
+STOP_ORDER = ("haproxy", "replica", "redis", "postgres")
+
+
+def replica_defaults(replicas: int) -> dict[str, str]:
+    """Replicas on one machine share its cores: one worker each, and the cores split between them,
+    unless the caller's environment says otherwise (on a machine of its own, a replica takes the
+    defaults, which fill it)."""
+    threads = str(max(1, (os.cpu_count() or 1) // replicas))
+    defaults = {
+        "FNSERVE_EMBEDDING_WORKERS": "1",
+        "FNSERVE_TORCH_THREADS": threads,
+        "FNSERVE_GENERATION_THREADS": threads,
+    }
+    return {name: os.environ.get(name, value) for name, value in defaults.items()}
+
+
+@dataclass
+class Cluster:
+    folder: Path
+    port: int
+    grpc_port: int
+    database_url: str = ""
+    redis_url: str = ""
+    pg_data: str = ""
+    pg_port: int = 0
+    replicas: list[Replica] = field(default_factory=list)
+    parts: dict[str, Part] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def save(self) -> None:
+        state = {
+            "port": self.port,
+            "grpc_port": self.grpc_port,
+            "url": self.url,
+            "database_url": self.database_url,
+            "redis_url": self.redis_url,
+            "pg_data": self.pg_data,
+            "pg_port": self.pg_port,
+            "replicas": [vars(r) for r in self.replicas],
+            "parts": {name: part.to_json() for name, part in self.parts.items()},
+        }
+        (self.folder / STATE).write_text(json.dumps(state, indent=2))
+
+    @classmethod
+    def load(cls, folder: Path) -> Cluster | None:
+        path = folder / STATE
+        if not path.exists():
+            return None
+        state = json.loads(path.read_text())
+        return cls(
+            folder,
+            state["port"],
+            state["grpc_port"],
+            state["database_url"],
+            state["redis_url"],
+            state["pg_data"],
+            state["pg_port"],
+            [Replica(**r) for r in state["replicas"]],
+            {name: Part(**part) for name, part in state["parts"].items()},
+        )
+
+    def _started(self, part: Part) -> Part:
+        self.parts[part.name] = part
+        self.save()  # at every step: `down` can stop a cluster whose start failed half-way
+        return part
+
+    def up(self, replicas: int) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.pg_data = tempfile.mkdtemp(prefix="fnserve-pg-")
+        self.pg_port = free_port()
+        postgres = self.postgres()
+        postgres.init()
+        self._started(postgres.start())
+        self.database_url = postgres.url
+        redis_port = free_port()
+        self._started(start_redis(redis_port, self.folder))
+        self.redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        env = {
+            **replica_defaults(replicas),
+            "FNSERVE_BATCH_DATABASE_URL": self.database_url,
+            "FNSERVE_REDIS_URL": self.redis_url,
+        }
+        self.replicas = [Replica(f"replica{i + 1}", free_port(), free_port()) for i in range(replicas)]
+        for replica in self.replicas:
+            self._started(start_replica(replica, self.folder / replica.name, env))
+        for replica in self.replicas:
+            wait_for(replica.name, lambda r=replica: ready(r.url), self.parts[replica.name], timeout=600)
+        config = self.folder / "haproxy.cfg"
+        config.write_text(haproxy_config(self.port, self.grpc_port, self.replicas, self.stats))
+        haproxy = self._started(start_haproxy(config))
+        wait_for("HAProxy's view of every replica", self.all_up, haproxy, timeout=120)
+
+    def postgres(self) -> Postgres:
+        return Postgres(Path(self.pg_data), self.pg_port, self.folder / "postgres.log")
+
+    @property
+    def stats(self) -> Path:
+        return self.folder / "haproxy.sock"
+
+    def all_up(self) -> bool:
+        status = backend_status(self.stats)
+        expected = {(backend, r.name) for backend in ("replicas", "grpc_replicas") for r in self.replicas}
+        return expected <= status.keys() and all(status[key] == "UP" for key in expected)
+
+    def stop_database(self) -> None:
+        self.parts["postgres"].stop()
+
+    def start_database(self) -> None:
+        self._started(self.postgres().start())
+
+    def down(self) -> None:
+        for kind in STOP_ORDER:
+            for name, part in list(self.parts.items()):
+                if name.startswith(kind):
+                    part.stop()
+        if self.pg_data:
+            shutil.rmtree(self.pg_data, ignore_errors=True)
+        (self.folder / STATE).unlink(missing_ok=True)
+
+
+def ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False

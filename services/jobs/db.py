@@ -1,0 +1,149 @@
+"""The two databases the batch store runs on, behind one small interface.
+
+SQLite (WAL, a file on local disk) is the embedded default: one server owns it, so lines claimed by
+another run of the server were left by one that is gone. PostgreSQL (FNSERVE_BATCH_DATABASE_URL) is
+shared by every replica: another owner is a live replica until its lease runs out, and claims skip
+the rows other replicas hold (`FOR UPDATE SKIP LOCKED`).
+
+The store writes its SQL once, with `?` placeholders and types both databases read the same way
+(BIGINT, DOUBLE PRECISION, TEXT); the few differences are attributes here.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+logger = logging.getLogger("bentoml.fnserve.batch")
+
+
+class StoreUnavailable(Exception):
+    """The database cannot be reached now: a batch route answers 503, the runner waits and tries again."""
+
+
+class Transaction(Protocol):
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> Any: ...
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None: ...
+
+
+class Database(Protocol):
+    shared: bool  # other servers use it at the same time
+    blob: str  # the column type of file bodies
+    lock_rows: str  # appended to a SELECT whose rows (of table `{alias}`) this transaction claims
+    migration_lock: str  # run first in the transaction that migrates the schema
+
+    def transaction(self) -> Iterator[Transaction]: ...
+    def rows(self, sql: str, *args: Any) -> list[dict[str, Any]]: ...
+
+
+def named(cursor: Any) -> list[dict[str, Any]]:
+    names = [column[0] for column in cursor.description]
+    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
+class SQLiteDatabase:
+    shared = False
+    blob = "BLOB"
+    lock_rows = ""  # BEGIN IMMEDIATE already serializes writers
+    migration_lock = "SELECT 1"
+
+    def __init__(self, path: Path) -> None:
+        # One connection per process, used from worker threads in turn.
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode survives a killed process (what the tests check), not a power cut.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA busy_timeout=10000")
+
+    @contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:  # SQLite has rolled back already after some errors
+                    self._db.execute("ROLLBACK")
+                raise
+
+    def rows(self, sql: str, *args: Any) -> list[dict[str, Any]]:
+        with self._lock:
+            return named(self._db.execute(sql, args))
+
+
+class PostgresTransaction:
+    """psycopg's cursor under the store's `?` placeholders."""
+
+    def __init__(self, connection: Any) -> None:
+        self._connection = connection
+
+    @staticmethod
+    def sql(text: str) -> str:
+        return text.replace("%", "%%").replace("?", "%s")
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        return self._connection.execute(self.sql(sql), args or None)
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        if rows:
+            self._connection.cursor().executemany(self.sql(sql), rows)
+
+
+class PostgresDatabase:
+    shared = True
+    blob = "BYTEA"
+    lock_rows = " FOR UPDATE OF {alias} SKIP LOCKED"
+    migration_lock = "SELECT pg_advisory_xact_lock(7406)"  # any fixed key: fnserve's schema
+
+    def __init__(self, url: str) -> None:
+        import psycopg
+        from psycopg_pool import ConnectionPool
+
+        self._errors = (psycopg.OperationalError, psycopg.InterfaceError)
+        # Client-side binding: the store's SQL compares parameters with NULL (`? IS NULL`), which
+        # server-side binding cannot type. A short connect timeout: a route waits seconds at most for
+        # a database that went away before it answers 503.
+        self._pool = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=4,
+            timeout=5,
+            kwargs={"autocommit": True, "cursor_factory": psycopg.ClientCursor, "connect_timeout": 3},
+            check=ConnectionPool.check_connection,  # a connection from before a restart is replaced
+            open=False,
+        )
+        self._pool.open(wait=False)
+
+    @contextmanager
+    def _connection(self) -> Iterator[Any]:
+        from psycopg_pool import PoolTimeout
+
+        try:
+            with self._pool.connection() as connection:
+                yield connection
+        except (*self._errors, PoolTimeout) as exc:
+            raise StoreUnavailable(f"the batch database cannot be reached: {exc}") from exc
+
+    @contextmanager
+    def transaction(self) -> Iterator[Transaction]:
+        with self._connection() as connection, connection.transaction():
+            yield PostgresTransaction(connection)
+
+    def rows(self, sql: str, *args: Any) -> list[dict[str, Any]]:
+        with self._connection() as connection:
+            return named(connection.execute(PostgresTransaction.sql(sql), args or None))
+
+
+def open_database(url: str | None, root: Path) -> Database:
+    if url:
+        return PostgresDatabase(url)
+    root.mkdir(parents=True, exist_ok=True)
+    return SQLiteDatabase(root / "batches.db")
