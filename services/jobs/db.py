@@ -11,7 +11,6 @@ The store writes its SQL once, with `?` placeholders and types both databases re
 
 from __future__ import annotations
 
-import logging
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -19,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-logger = logging.getLogger("bentoml.fnserve.batch")
+WAIT_SECONDS = 3  # for a connection from the pool: the longest a batch route waits before its 503
 
 
 class StoreUnavailable(Exception):
@@ -114,8 +113,8 @@ class PostgresDatabase:
         self._pool = ConnectionPool(
             url,
             min_size=1,
-            max_size=4,
-            timeout=5,
+            max_size=8,
+            timeout=WAIT_SECONDS,
             kwargs={"autocommit": True, "cursor_factory": psycopg.ClientCursor, "connect_timeout": 3},
             check=ConnectionPool.check_connection,  # a connection from before a restart is replaced
             open=False,
@@ -129,8 +128,11 @@ class PostgresDatabase:
         try:
             with self._pool.connection() as connection:
                 yield connection
-        except (*self._errors, PoolTimeout) as exc:
-            raise StoreUnavailable(f"the batch database cannot be reached: {exc}") from exc
+        except PoolTimeout as exc:
+            message = f"the batch database cannot be reached (no connection in {WAIT_SECONDS} s)"
+            raise StoreUnavailable(message) from exc
+        except self._errors as exc:
+            raise StoreUnavailable(f"the batch database failed: {exc}") from exc
 
     @contextmanager
     def transaction(self) -> Iterator[Transaction]:

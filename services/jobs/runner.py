@@ -76,9 +76,20 @@ class BatchRunner:
     async def _step(self) -> bool:
         """Claim lines while there is room, record finished ones; True if more may be waiting."""
         settings = self.settings
-        room = settings.batch_concurrency - len(self._in_flight)
         lease = settings.batch_lease_seconds
-        lines = await asyncio.to_thread(self.store.claim, room, lease, MAX_ATTEMPTS) if room else []
+        held = list(self._in_flight.values())
+        room = settings.batch_concurrency - len(held)
+        # Chat and completion lines wait for one of a few slots: a worker holds at most twice as many as
+        # it can run, and leaves the rest to other workers and replicas.
+        generating = sum(line.endpoint in GENERATION_ENDPOINTS for line in held)
+        rooms = [min(room, 2 * settings.batch_generation_concurrency - generating)]
+        lines = await asyncio.to_thread(self.store.claim, rooms[0], lease, MAX_ATTEMPTS, GENERATION_ENDPOINTS)
+        rooms.append(room - len(lines))
+        others = await asyncio.to_thread(
+            self.store.claim, rooms[1], lease, MAX_ATTEMPTS, GENERATION_ENDPOINTS, among=False
+        )
+        full = any(0 < limit == len(got) for limit, got in zip(rooms, (lines, others), strict=True))
+        lines += others
         self._endings = await asyncio.to_thread(self.store.endings)
         for line in lines:
             task = asyncio.create_task(self._run_line(line))
@@ -88,9 +99,9 @@ class BatchRunner:
         if time.monotonic() - self._renewed > lease / 4:  # lines waiting for a slot keep their claim
             await asyncio.to_thread(self.store.renew, list(self._in_flight.values()))
             self._renewed = time.monotonic()
-        if len(lines) < room:
+        if not full:
             await asyncio.to_thread(self.store.finalize_ready, settings.batch_lease_seconds)
-        return bool(lines) and len(lines) == room
+        return full
 
     async def settle(self) -> None:
         """Record finished lines; if the store refuses, they are kept for the next try."""

@@ -371,20 +371,35 @@ class BatchStore:
 
     # Lines
 
-    def claim(self, limit: int, lease_seconds: float, max_attempts: int) -> list[Line]:
-        """Up to `limit` lines to run, oldest batch first: pending ones, and running ones whose server
-        is gone or whose lease ran out. A line claimed `max_attempts` times already (it failed, or its
-        worker died running it, each time) is settled as failed instead."""
+    def claim(
+        self,
+        limit: int,
+        lease_seconds: float,
+        max_attempts: int,
+        endpoints: tuple[str, ...] = (),
+        among: bool = True,
+    ) -> list[Line]:
+        """Up to `limit` lines to run, oldest batch first, of batches whose endpoint is (`among`) or is
+        not among `endpoints` (any endpoint if none is named): pending ones, and running ones whose
+        server is gone or whose lease ran out. A line claimed `max_attempts` times already (it failed,
+        or its worker died running it, each time) is settled as failed instead."""
+        if limit <= 0:
+            return []
         now = time.time()
         stale, args = self._stale("l.owner", "l.claimed_at", now - lease_seconds)
+        kind = (
+            f"b.endpoint {'' if among else 'NOT '}IN ({', '.join('?' * len(endpoints))})"
+            if endpoints
+            else "1 = 1"
+        )
         with self._transaction() as db:
             rows = db.execute(
                 "SELECT l.batch_id, l.idx, l.custom_id, l.body, b.endpoint, l.attempts + 1 FROM lines l"
                 " JOIN batches b ON b.id = l.batch_id"
-                f" WHERE b.status IN ('in_progress', 'cancelling') AND (l.state = 'pending'"
+                f" WHERE b.status IN ('in_progress', 'cancelling') AND {kind} AND (l.state = 'pending'"
                 f"   OR (l.state = 'running' AND {stale}))"
                 " ORDER BY b.created_at, l.idx LIMIT ?" + self.db.lock_rows.format(alias="l"),
-                (*args, limit),
+                (*endpoints, *args, limit),
             ).fetchall()
             given_up = [row for row in rows if row[5] > max_attempts]
             rows = [row for row in rows if row[5] <= max_attempts]
