@@ -36,6 +36,11 @@ class Deployment:
     env: dict[str, str] = field(
         default_factory=lambda: {"BENTOML_DO_NOT_TRACK": "true", "FNSERVE_GRPC_HOST": "0.0.0.0"}
     )
+    secret: str = "fnserve-cluster"  # what replicas share: the batch database and Redis (secret.yaml)
+
+
+# Settings every replica takes from the Secret, by the Secret's key.
+SHARED = {"FNSERVE_BATCH_DATABASE_URL": "batch-database-url", "FNSERVE_REDIS_URL": "redis-url"}
 
 
 def container(spec: Deployment, settings: Settings, grpc_port: bool = False) -> dict[str, Any]:
@@ -50,7 +55,13 @@ def container(spec: Deployment, settings: Settings, grpc_port: bool = False) -> 
         "name": spec.name,
         "image": spec.image,
         "ports": ports,
-        "env": [{"name": key, "value": value} for key, value in env.items()],
+        # Replicas share batches, files and cached answers only through these: a pod must not start
+        # without them (it would keep its batches to itself), so the keys are required.
+        "env": [{"name": key, "value": value} for key, value in env.items()]
+        + [
+            {"name": name, "valueFrom": {"secretKeyRef": {"name": spec.secret, "key": key}}}
+            for name, key in SHARED.items()
+        ],
         "resources": {
             "requests": {"cpu": spec.cpu, "memory": spec.memory},
             "limits": {"cpu": spec.cpu, "memory": spec.memory},
@@ -186,6 +197,20 @@ def bentocloud(spec: Deployment, settings: Settings) -> dict[str, Any]:
     }
 
 
+def secret(spec: Deployment) -> dict[str, Any]:
+    """A template: the URLs are placeholders for the cluster's own PostgreSQL and Redis."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": spec.secret},
+        "type": "Opaque",
+        "stringData": {
+            SHARED["FNSERVE_BATCH_DATABASE_URL"]: "postgresql://fnserve:CHANGE-ME@postgres:5432/fnserve",
+            SHARED["FNSERVE_REDIS_URL"]: "redis://redis:6379/0",
+        },
+    }
+
+
 def manifests(spec: Deployment | None = None, settings: Settings | None = None) -> dict[str, list[dict]]:
     spec, settings = spec or Deployment(), settings or get_settings()
     return {
@@ -193,6 +218,7 @@ def manifests(spec: Deployment | None = None, settings: Settings | None = None) 
         "kserve-inferenceservice.yaml": [kserve(spec, settings)],
         "keda-http.yaml": keda_http(spec, settings),
         "bentocloud-deployment.yaml": [bentocloud(spec, settings)],
+        "secret.yaml": [secret(spec)],
     }
 
 

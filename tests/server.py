@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,6 +15,8 @@ from pathlib import Path
 import httpx
 import psutil
 
+from deploy.cluster.parts import free_port, shared_home
+
 ROOT = Path(__file__).resolve().parents[1]
 BENTOML = [sys.executable, "-m", "bentoml"]
 # A request's outer limit in tests: generous, so that a slow or busy machine makes a test slower, never
@@ -23,12 +24,6 @@ BENTOML = [sys.executable, "-m", "bentoml"]
 LONG = 600
 # For measurements and tests that must reach the model: a cached answer is served without it.
 CACHES_OFF = {"FNSERVE_EMBEDDING_CACHE_SIZE": "0", "FNSERVE_GENERATION_CACHE_SIZE": "0"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stop_tree(proc: subprocess.Popen[bytes]) -> None:
@@ -68,15 +63,9 @@ def serve(
 
 @contextmanager
 def private_home() -> Iterator[str]:
-    """A BENTOML_HOME of the server's own that shares the model and Bento stores. `bentoml serve` empties
-    $BENTOML_HOME/prometheus_multiproc_dir at start, so servers sharing a home wipe each other's
-    metrics (a second server in the session erased the first one's batch-size histograms)."""
-    store = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml"))
-    with tempfile.TemporaryDirectory(prefix="fnserve-home-") as home:
-        for shared in ("models", "bentos"):
-            (store / shared).mkdir(parents=True, exist_ok=True)
-            (Path(home) / shared).symlink_to(store / shared)
-        yield home
+    """A BENTOML_HOME of the server's own that shares the model and Bento stores (see `shared_home`)."""
+    with tempfile.TemporaryDirectory(prefix="fnserve-home-") as folder:
+        yield str(shared_home(Path(folder)))
 
 
 @contextmanager

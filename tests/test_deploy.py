@@ -10,8 +10,8 @@ import yaml
 from cloudcoil.models.keda.v1alpha1 import ScaledObject  # noqa: F401 - the KEDA models load
 from cloudcoil.models.knative_serving.serving.v1 import Service as KnativeService
 
-from deploy.generate import HERE, Deployment, manifests, render
-from services.config import get_settings
+from deploy.generate import HERE, SHARED, Deployment, manifests, render
+from services.config import Settings, get_settings
 
 K8S = "1.37.0"
 settings = get_settings()
@@ -39,6 +39,14 @@ def check_container(container: dict[str, Any]) -> None:
     assert container["ports"][0]["containerPort"] == spec.port
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": spec.port}
     assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": spec.port}
+    shared = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
+    [secret] = load("secret.yaml")
+    kubernetes_validate.validate(secret, K8S, strict=True)
+    assert {name: ref["name"] for name, ref in shared.items()} == dict.fromkeys(
+        SHARED, secret["metadata"]["name"]
+    )
+    assert {ref["key"] for ref in shared.values()} == secret["stringData"].keys()
+    assert all(name.removeprefix("FNSERVE_").lower() in Settings.model_fields for name in shared)
 
 
 def test_knative_service() -> None:

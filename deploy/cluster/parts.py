@@ -224,10 +224,10 @@ class Replica:
         return f"http://127.0.0.1:{self.port}"
 
 
-def replica_home(folder: Path) -> Path:
-    """A BENTOML_HOME of the replica's own that shares the model store: `bentoml serve` empties its
-    home's prometheus_multiproc_dir at start, so replicas sharing one home would wipe each other's
-    metrics."""
+def shared_home(folder: Path) -> Path:
+    """A BENTOML_HOME of a server's own (`folder/home`) that shares the model and Bento stores:
+    `bentoml serve` empties its home's prometheus_multiproc_dir at start, so servers sharing one home
+    would wipe each other's metrics."""
     store = Path(os.environ.get("BENTOML_HOME", ROOT / ".bentoml"))
     home = folder / "home"
     home.mkdir(parents=True, exist_ok=True)
@@ -247,7 +247,7 @@ def start_replica(replica: Replica, folder: Path, env: dict[str, str]) -> Part:
     ]  # fmt: skip
     env = {
         **env,
-        "BENTOML_HOME": str(replica_home(folder)),
+        "BENTOML_HOME": str(shared_home(folder)),
         "FNSERVE_GRPC_HOST": "127.0.0.1",
         "FNSERVE_GRPC_PORT": str(replica.grpc_port),
         "FNSERVE_BATCH_DIR": str(folder / "batch"),
