@@ -21,6 +21,9 @@ def main() -> int:
     args = parser.parse_args()
     folder = args.dir.resolve()  # HAProxy's stats socket needs an absolute path
     running = Cluster.load(folder)
+    if running is not None and not any(part.running() for part in running.parts.values()):
+        running.down()  # what a machine's restart or a kill left: nothing of it runs
+        running = None
     if args.action == "down":
         if running is None:
             print(f"no cluster in {args.dir}")

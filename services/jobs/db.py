@@ -89,7 +89,7 @@ class PostgresTransaction:
         return text.replace("%", "%%").replace("?", "%s")
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> Any:
-        return self._connection.execute(self.sql(sql), args or None)
+        return self._connection.execute(self.sql(sql), args)  # never None: `%%` is unescaped then
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
         if rows:
@@ -141,7 +141,7 @@ class PostgresDatabase:
 
     def rows(self, sql: str, *args: Any) -> list[dict[str, Any]]:
         with self._connection() as connection:
-            return named(connection.execute(PostgresTransaction.sql(sql), args or None))
+            return named(connection.execute(PostgresTransaction.sql(sql), args))
 
 
 def open_database(url: str | None, root: Path) -> Database:
