@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -20,7 +21,7 @@ import openai
 import psutil
 import pytest
 
-from services.jobs.store import CHUNK, BatchStore, Outcome
+from services.jobs.store import CHUNK, MIGRATIONS, BatchStore, Outcome
 from tests.reference import reference
 from tests.server import LONG, serve, server_processes
 
@@ -359,3 +360,20 @@ def test_replicas_share_a_store_and_never_run_a_line_twice(store_at: Callable[..
     outputs = [json.loads(line) for line in file_lines(second, ended["output_file_id"])]
     assert sorted(line["custom_id"] for line in outputs) == sorted(f"e{i}" for i in range(300))
     assert all(line["response"]["body"] == {} for line in outputs)  # the late claim's results were refused
+
+
+def test_a_store_from_before_files_moved_into_the_database_is_migrated(tmp_path: Path) -> None:
+    """Version 1 kept file bodies in `files/` beside batches.db, and had no schema_version table."""
+    body = jsonl([embedding_line(0)])
+    with sqlite3.connect(tmp_path / "batches.db") as old:
+        for statement in MIGRATIONS[0].split(";"):
+            old.execute(statement)
+        old.execute("INSERT INTO files VALUES ('file_old', 'batch', 'in.jsonl', ?, 1)", (len(body),))
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "file_old").write_bytes(body)
+    store = BatchStore(tmp_path, instance="upgraded")
+    assert b"".join(store.read_file("file_old")) == body and not (tmp_path / "files" / "file_old").exists()
+    assert store.db.rows("SELECT max(version) AS v FROM schema_version") == [{"v": len(MIGRATIONS)}]
+    batch = store.create_batch("file_old", "/v1/embeddings", 3600, "1h", None, max_lines=10)
+    assert batch["request_counts"]["total"] == 1
+    assert BatchStore(tmp_path, instance="again").get_file("file_old")["bytes"] == len(body)  # once only
