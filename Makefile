@@ -8,7 +8,7 @@ SERVICE := services.service:Frontend
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: serve test cluster cluster-down cluster-packages test-beside-hog models bench bench-grpc bench-images bench-chat bench-batch bench-engine bench-coldstart bench-spike bench-cluster lint build container container-test
+.PHONY: serve test cluster cluster-down cluster-packages test-beside-hog models bench bench-grpc bench-images bench-chat bench-batch bench-batch-postgres bench-engine bench-coldstart bench-spike bench-cluster lint build container container-test
 
 # torch is installed first, alone: `pip install torch==2.13.0` takes the local CPU wheel on a machine
 # without a GPU, so the project install that follows finds it satisfied instead of fetching a CUDA build.
@@ -88,6 +88,11 @@ bench-chat: models
 bench-batch: models
 	command -v wrk >/dev/null || (apt-get install -y wrk || (apt-get update && apt-get install -y wrk))
 	$(BIN)/python loadtests/bench_batch.py
+
+# The same with the batch store on a real PostgreSQL (Debian's; installed if missing).
+bench-batch-postgres: models cluster-packages
+	command -v wrk >/dev/null || (apt-get install -y wrk || (apt-get update && apt-get install -y wrk))
+	$(BIN)/python loadtests/bench_batch.py --store postgres
 
 bench-engine: models
 	$(BIN)/python loadtests/bench_engine.py

@@ -7,17 +7,21 @@ In one run, on one server (`bentoml serve`, its own batch store in a temporary f
 2. a batch of N one-input embedding lines alone: lines/s from its creation to its completion, as the
    server records them, against the raw model's best batch on short inputs (bar: >= 0.6);
 3. the same batch again, with the same wrk load running beside it: online p50 against step 1 (bar: <= 2x).
-Writes loadtests/results/batch.json and batch.png.
+Writes loadtests/results/batch.json and batch.png; with `--store postgres` the batch store is a real
+PostgreSQL (deploy/cluster's, in a temp dir) and the files are batch-postgres.*.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from deploy.cluster.parts import Postgres, free_port  # noqa: E402
 from loadtests.bench_embeddings import TEXTS, measure_raw, run_wrk  # noqa: E402
 from services.functions.hardware import describe  # noqa: E402
 from services.jobs.store import FINAL  # noqa: E402
@@ -92,20 +97,39 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+@contextmanager
+def database(store: str, folder: Path) -> Iterator[dict[str, str]]:
+    """The server's environment for the store: nothing for SQLite; a PostgreSQL's URL, and the server."""
+    if store == "sqlite":
+        yield {}
+        return
+    postgres = Postgres(Path(tempfile.mkdtemp(prefix="fnserve-pg-")), free_port(), folder / "postgres.log")
+    postgres.init()
+    part = postgres.start()
+    try:
+        yield {"FNSERVE_BATCH_DATABASE_URL": postgres.url}
+    finally:
+        part.stop()
+        shutil.rmtree(postgres.data, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lines", type=int, default=10_000)
     parser.add_argument("--duration", type=float, default=10, help="seconds of online load per wrk point")
+    parser.add_argument("--store", choices=("sqlite", "postgres"), default="sqlite")
     args = parser.parse_args()
+    name = "batch" if args.store == "sqlite" else f"batch-{args.store}"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"machine": describe()}
+    result: dict[str, Any] = {"machine": describe(), "store": args.store}
     raw = measure_raw(1.5)["short"]
     result["raw_per_s"], result["raw_best"] = raw["per_s"], raw["best"]
 
     with (
         tempfile.TemporaryDirectory() as store,
+        database(args.store, Path(store)) as env,
         # Cache off: each wrk run numbers its inputs from 1 again, and online requests must reach the model.
-        serve(env={"FNSERVE_BATCH_DIR": store, "FNSERVE_EMBEDDING_CACHE_SIZE": "0"}) as url,
+        serve(env={**env, "FNSERVE_BATCH_DIR": store, "FNSERVE_EMBEDDING_CACHE_SIZE": "0"}) as url,
         httpx.Client(base_url=url, timeout=120) as client,
     ):
         run_wrk(url, TEXTS["short"], CONNECTIONS, 3)  # warm-up
@@ -133,8 +157,8 @@ def main() -> None:
         "online_p50_under_batch_over_idle": ratios["online_p50_under_batch_over_idle"]
         <= BARS["online_p50_under_batch_over_idle"],
     }
-    (RESULTS / "batch.json").write_text(json.dumps(result, indent=2))
-    plot(result, RESULTS / "batch.png")
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
+    plot(result, RESULTS / f"{name}.png")
     for key, value in ratios.items():
         print(f"{key}: {value:.2f} (bar {BARS[key]}) {'MET' if result['bars_met'][key] else 'MISSED'}")
 
