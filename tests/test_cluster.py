@@ -206,7 +206,7 @@ def held_by(cluster: Cluster, batch_id: str, pids: set[int]) -> set[int]:
     return {idx for idx, owner in rows if int(owner.rsplit("/", 1)[1]) in pids}
 
 
-def test_a_replica_killed_mid_job_hands_its_lines_to_the_other(
+def test_a_replica_killed_mid_job_hands_its_lines_to_the_other_and_rejoins_when_started(
     cluster: Cluster, balancer: httpx.Client
 ) -> None:
     dead, alive = cluster.replicas
@@ -238,3 +238,14 @@ def test_a_replica_killed_mid_job_hands_its_lines_to_the_other(
     assert all(attempts[idx] >= 2 for idx in held)  # run again by the survivor, and recorded once
     for i in range(6):  # the balancer routes around the dead replica
         assert embed(balancer, f"after the kill {i}").headers["x-fnserve-replica"] == alive.name
+
+    # Started again: while it loads, callers are answered by the survivor, never with a 5xx.
+    cluster.start_replica(dead.name)
+    answered: list[tuple[int, str]] = []
+    deadline = time.monotonic() + LONG
+    while dead.name not in {replica for _, replica in answered}:
+        assert time.monotonic() < deadline, "the restarted replica never served"
+        body = {"model": EMBEDDER, "input": f"while it loads {len(answered)}"}
+        response = balancer.post("/v1/embeddings", json=body)
+        answered.append((response.status_code, response.headers.get("x-fnserve-replica", "")))
+    assert {status for status, _ in answered} == {200}, answered

@@ -109,20 +109,25 @@ class Cluster:
         redis_port = free_port()
         self._started(start_redis(redis_port, self.folder))
         self.redis_url = f"redis://127.0.0.1:{redis_port}/0"
-        env = {
-            **replica_defaults(replicas),
-            "FNSERVE_BATCH_DATABASE_URL": self.database_url,
-            "FNSERVE_REDIS_URL": self.redis_url,
-        }
         self.replicas = [Replica(f"replica{i + 1}", free_port(), free_port()) for i in range(replicas)]
         for replica in self.replicas:
-            self._started(start_replica(replica, self.folder / replica.name, env))
+            self.start_replica(replica.name)
         for replica in self.replicas:
             wait_for(replica.name, lambda r=replica: ready(r.url), self.parts[replica.name], timeout=600)
         config = self.folder / "haproxy.cfg"
         config.write_text(haproxy_config(self.port, self.grpc_port, self.replicas, self.stats))
         haproxy = self._started(start_haproxy(config))
         wait_for("HAProxy's view of every replica", self.all_up, haproxy, timeout=120)
+
+    def start_replica(self, name: str) -> None:
+        """Starts (or starts again, after it died) one replica; HAProxy routes to it once it is ready."""
+        replica = next(r for r in self.replicas if r.name == name)
+        env = {
+            **replica_defaults(len(self.replicas)),
+            "FNSERVE_BATCH_DATABASE_URL": self.database_url,
+            "FNSERVE_REDIS_URL": self.redis_url,
+        }
+        self._started(start_replica(replica, self.folder / replica.name, env))
 
     def postgres(self) -> Postgres:
         return Postgres(Path(self.pg_data), self.pg_port, self.folder / "postgres.log")
