@@ -81,7 +81,7 @@ class Part:
             proc = psutil.Process(self.pid)
         except psutil.NoSuchProcess:
             return None
-        if abs(proc.create_time() - self.started) > 0.01 or proc.status() == psutil.STATUS_ZOMBIE:
+        if abs(proc.create_time() - self.started) > 0.01 or not alive(proc):
             return None
         return proc
 
@@ -99,8 +99,7 @@ class Part:
         if not family:
             return
         family[0].send_signal(self.stop_signal)
-        _, alive = psutil.wait_procs(family[:1], timeout=timeout)
-        kill_all(alive + family[1:])
+        kill_all(wait_gone(family[:1], timeout) + family[1:])
 
     def kill(self) -> None:
         """SIGKILL to the whole tree at once, as a machine or container dying would."""
@@ -113,11 +112,32 @@ class Part:
         return asdict(self)
 
 
+def alive(proc: psutil.Process) -> bool:
+    """A zombie counts as gone: a part started by another process (a test that restarted it) stays one
+    until that process reaps it, which psutil's own wait would sit out to its timeout."""
+    try:
+        if proc.status() != psutil.STATUS_ZOMBIE:
+            return proc.is_running()
+        with suppress(psutil.Error, ChildProcessError):
+            proc.wait(timeout=0)  # reaped here if it is this process's child
+    except psutil.NoSuchProcess:
+        pass
+    return False
+
+
+def wait_gone(processes: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Those still alive after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while (left := [proc for proc in processes if alive(proc)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
 def kill_all(processes: list[psutil.Process]) -> None:
     for proc in processes:
         with suppress(psutil.NoSuchProcess):
             proc.kill()
-    psutil.wait_procs(processes, timeout=10)
+    wait_gone(processes, timeout=10)
 
 
 def debian_binary(pattern: str) -> str:
