@@ -55,10 +55,16 @@ def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
 
 
 @pytest.fixture
-def store_at(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[..., BatchStore]:
+def store_at(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., BatchStore]]:
     """Makes batch stores as servers (`instance`) would open them, on the backend of the test's
     parameter: `sqlite` (a file in tmp_path) or `postgres` (a database of the test's own)."""
-    if request.param == "sqlite":
-        return lambda instance, worker=None: BatchStore(tmp_path, instance, worker=worker)
-    url = request.getfixturevalue("postgres").new_database()
-    return lambda instance, worker=None: BatchStore(tmp_path, instance, url, worker)
+    url = None if request.param == "sqlite" else request.getfixturevalue("postgres").new_database()
+    opened: list[BatchStore] = []
+
+    def store(instance: str, worker: str | None = None) -> BatchStore:
+        opened.append(BatchStore(tmp_path, instance, url, worker))
+        return opened[-1]
+
+    yield store
+    for each in opened:
+        each.close()

@@ -376,4 +376,22 @@ def test_a_store_from_before_files_moved_into_the_database_is_migrated(tmp_path:
     assert store.db.rows("SELECT max(version) AS v FROM schema_version") == [{"v": len(MIGRATIONS)}]
     batch = store.create_batch("file_old", "/v1/embeddings", 3600, "1h", None, max_lines=10)
     assert batch["request_counts"]["total"] == 1
-    assert BatchStore(tmp_path, instance="again").get_file("file_old")["bytes"] == len(body)  # once only
+    again = BatchStore(tmp_path, instance="again")
+    assert again.get_file("file_old")["bytes"] == len(body) and b"".join(again.read_file("file_old")) == body
+    assert len(again.db.rows("SELECT version FROM schema_version")) == len(MIGRATIONS)  # each ran once
+
+
+@BACKENDS
+def test_a_custom_id_no_database_can_hold_is_a_bad_line(store_at: Callable[..., BatchStore]) -> None:
+    store = store_at("test")
+    raws = [
+        '{"custom_id": "nul\\u0000inside", "url": "/v1/embeddings", "body": {"input": "a"}}',
+        '{"custom_id": "lone \\ud800 surrogate", "url": "/v1/embeddings", "body": {"input": "b"}}',
+        json.dumps(embedding_line(1)),
+    ]
+    file_id = store.add_file(jsonl(raws), "in.jsonl", "batch")["id"]
+    batch = store.create_batch(file_id, "/v1/embeddings", 3600, "1h", None, max_lines=10)
+    assert batch["request_counts"] == {"total": 3, "completed": 0, "failed": 2}
+    assert store.get_batch(batch["id"])["request_counts"] == batch["request_counts"]
+    [good] = store.claim(10, lease_seconds=600, max_attempts=5)
+    assert good.custom_id == "e1"

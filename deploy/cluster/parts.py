@@ -24,6 +24,7 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parents[2]
+MARK = "FNSERVE_CLUSTER_PART"  # in each part's environment, inherited by all it starts: its log's path
 
 
 def free_port() -> int:
@@ -69,7 +70,7 @@ class Part:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env={**os.environ, **(env or {})},
+                env={**os.environ, **(env or {}), MARK: str(log)},
                 cwd=ROOT,
                 user=user,
                 start_new_session=True,
@@ -81,7 +82,8 @@ class Part:
             proc = psutil.Process(self.pid)
         except psutil.NoSuchProcess:
             return None
-        if abs(proc.create_time() - self.started) > 0.01 or not alive(proc):
+        # Within a second: psutil's start times move with the wall clock (a step of the clock moves them).
+        if abs(proc.create_time() - self.started) > 1 or not alive(proc):
             return None
         return proc
 
@@ -89,8 +91,16 @@ class Part:
         return self.process() is not None
 
     def tree(self) -> list[psutil.Process]:
+        """The part's process, its descendants, and any process that carries its mark but lost its
+        parent (bentoml's workers, whose arbiter died first, live on in sessions of their own)."""
         proc = self.process()
-        return [] if proc is None else [proc, *proc.children(recursive=True)]
+        family = [] if proc is None else [proc, *proc.children(recursive=True)]
+        known = {member.pid for member in family}
+        for other in psutil.process_iter():
+            with suppress(psutil.Error):
+                if other.pid not in known and other.environ().get(MARK) == self.log and alive(other):
+                    family.append(other)
+        return family
 
     def stop(self, timeout: float = 30) -> None:
         """Signal the process, wait, then kill every descendant left (bentoml's workers run in their own

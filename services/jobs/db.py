@@ -38,6 +38,7 @@ class Database(Protocol):
 
     def transaction(self) -> Iterator[Transaction]: ...
     def rows(self, sql: str, *args: Any) -> list[dict[str, Any]]: ...
+    def close(self) -> None: ...
 
 
 def named(cursor: Any) -> list[dict[str, Any]]:
@@ -77,6 +78,9 @@ class SQLiteDatabase:
         with self._lock:
             return named(self._db.execute(sql, args))
 
+    def close(self) -> None:
+        self._db.close()
+
 
 class PostgresTransaction:
     """psycopg's cursor under the store's `?` placeholders."""
@@ -113,8 +117,11 @@ class PostgresDatabase:
         self._pool = ConnectionPool(
             url,
             min_size=1,
-            max_size=8,
+            max_size=16,  # connections open as needed: one per store call in flight (worker threads)
             timeout=WAIT_SECONDS,
+            # A failed reconnection gives up soon, so that the next request connects at once: psycopg's
+            # default backs off for up to 5 minutes, answering 503 long after the database is back.
+            reconnect_timeout=10,
             kwargs={"autocommit": True, "cursor_factory": psycopg.ClientCursor, "connect_timeout": 3},
             check=ConnectionPool.check_connection,  # a connection from before a restart is replaced
             open=False,
@@ -129,7 +136,8 @@ class PostgresDatabase:
             with self._pool.connection() as connection:
                 yield connection
         except PoolTimeout as exc:
-            message = f"the batch database cannot be reached (no connection in {WAIT_SECONDS} s)"
+            busy = "unreachable, or every connection busy"
+            message = f"the batch database did not answer in {WAIT_SECONDS} s ({busy})"
             raise StoreUnavailable(message) from exc
         except self._errors as exc:
             raise StoreUnavailable(f"the batch database failed: {exc}") from exc
@@ -142,6 +150,9 @@ class PostgresDatabase:
     def rows(self, sql: str, *args: Any) -> list[dict[str, Any]]:
         with self._connection() as connection:
             return named(connection.execute(PostgresTransaction.sql(sql), args))
+
+    def close(self) -> None:
+        self._pool.close()
 
 
 def open_database(url: str | None, root: Path) -> Database:

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from typing import Any
 
 from services.config import Settings
@@ -83,25 +83,33 @@ class BatchRunner:
         # it can run, and leaves the rest to other workers and replicas.
         generating = sum(line.endpoint in GENERATION_ENDPOINTS for line in held)
         rooms = [min(room, 2 * settings.batch_generation_concurrency - generating)]
-        lines = await asyncio.to_thread(self.store.claim, rooms[0], lease, MAX_ATTEMPTS, GENERATION_ENDPOINTS)
+        self._endings = await asyncio.to_thread(self.store.endings)
+        # Each claim's lines start at once: a failure of the next store call must not strand them.
+        lines = self._start(
+            await asyncio.to_thread(self.store.claim, rooms[0], lease, MAX_ATTEMPTS, GENERATION_ENDPOINTS)
+        )
         rooms.append(room - len(lines))
-        others = await asyncio.to_thread(
-            self.store.claim, rooms[1], lease, MAX_ATTEMPTS, GENERATION_ENDPOINTS, among=False
+        others = self._start(
+            await asyncio.to_thread(
+                self.store.claim, rooms[1], lease, MAX_ATTEMPTS, GENERATION_ENDPOINTS, among=False
+            )
         )
         full = any(0 < limit == len(got) for limit, got in zip(rooms, (lines, others), strict=True))
-        lines += others
-        self._endings = await asyncio.to_thread(self.store.endings)
-        for line in lines:
-            task = asyncio.create_task(self._run_line(line))
-            self._in_flight[task] = line
-            task.add_done_callback(self._in_flight.pop)
         await self.settle()
-        if time.monotonic() - self._renewed > lease / 4:  # lines waiting for a slot keep their claim
-            await asyncio.to_thread(self.store.renew, list(self._in_flight.values()))
+        if time.monotonic() - self._renewed > lease / 4:  # lines waiting (for a slot, to be recorded) keep
+            held = [*self._in_flight.values(), *(outcome.line for outcome in self._done)]  # their claim
+            await asyncio.to_thread(self.store.renew, held)
             self._renewed = time.monotonic()
         if not full:
             await asyncio.to_thread(self.store.finalize_ready, settings.batch_lease_seconds)
         return full
+
+    def _start(self, lines: list[Line]) -> list[Line]:
+        for line in lines:
+            task = asyncio.create_task(self._run_line(line))
+            self._in_flight[task] = line
+            task.add_done_callback(self._in_flight.pop)
+        return lines
 
     async def settle(self) -> None:
         """Record finished lines; if the store refuses, they are kept for the next try."""
@@ -136,7 +144,8 @@ class BatchRunner:
             if line.attempts < MAX_ATTEMPTS:
                 logger.warning("batch line %s/%s: %s; retrying", line.batch_id, line.custom_id, exc)
                 await asyncio.sleep(2**line.attempts)
-                await asyncio.to_thread(self.store.release, line)
+                with suppress(StoreUnavailable):  # then it waits for its lease to run out instead
+                    await asyncio.to_thread(self.store.release, line)
                 return
             logger.error(
                 "batch line %s/%s failed %d times: %s", line.batch_id, line.custom_id, line.attempts, exc

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import secrets
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -62,6 +63,15 @@ CHUNK = 2**20
 ROWS_PER_INSERT = 500
 
 KINDS = ("output", "error")
+# The batches' columns set at creation, and those set later.
+CREATED = (
+    "id", "endpoint", "input_file_id", "completion_window", "metadata", "status", "ending", "created_at",
+    "expires_at", "in_progress_at",
+)  # fmt: skip
+LATER = (
+    "finalizing_at", "completed_at", "cancelling_at", "cancelled_at", "expired_at", "finalizer",
+    "output_file_id", "error_file_id",
+)  # fmt: skip
 FINAL = ("completed", "failed", "expired", "cancelled")
 # What a batch becomes when its last line is settled, by how it was ending.
 FINAL_STATUS = {None: "completed", "cancelled": "cancelled", "expired": "expired"}
@@ -98,12 +108,19 @@ def parse_line(raw: str, endpoint: str) -> tuple[str, dict[str, Any] | None, dic
         line = json.loads(raw)
     except ValueError as exc:
         found = re.search(r'"custom_id"\s*:\s*"([^"\\]*)"', raw)  # still worth naming the line by it
-        return found[1] if found else "", None, {"code": "invalid_json", "message": f"not JSON: {exc}"}
+        return (
+            found[1] if found and storable(found[1]) else "",
+            None,
+            {"code": "invalid_json", "message": f"not JSON: {exc}"},
+        )
     if not isinstance(line, dict):
         return "", None, {"code": "invalid_request", "message": "the line is not a JSON object"}
     custom_id = line.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id:
         return "", None, {"code": "missing_custom_id", "message": "custom_id must be a non-empty string"}
+    if not storable(custom_id):
+        message = "custom_id must be text without NUL characters or unpaired surrogates"
+        return "", None, {"code": "invalid_custom_id", "message": message}
     if line.get("method", "POST") != "POST":
         return custom_id, None, {"code": "invalid_method", "message": "method must be POST"}
     if line.get("url") != endpoint:
@@ -112,6 +129,15 @@ def parse_line(raw: str, endpoint: str) -> tuple[str, dict[str, Any] | None, dic
     if not isinstance(line.get("body"), dict):
         return custom_id, None, {"code": "invalid_body", "message": "body must be a JSON object"}
     return custom_id, line["body"], None
+
+
+def storable(text: str) -> bool:
+    """Text both databases hold: PostgreSQL refuses NUL in text, and neither takes lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
 
 
 def ended_error(ending: str) -> str:
@@ -172,9 +198,10 @@ class BatchStore:
         """`instance` names the running server; each worker process claims as `instance/pid`. On a
         store of its own (SQLite), lines claimed under another server's name were left by one that is
         gone and are claimed again at once; on a shared one (PostgreSQL), only once their lease runs
-        out, as for a worker that died inside a live server. `worker` is the process id unless given."""
-        self.instance = instance
-        self.owner = f"{instance}/{worker or os.getpid()}"
+        out, as for a worker that died inside a live server. `worker` is the process id unless given;
+        the host's name comes first, since containers on different machines can share PIDs."""
+        self.instance = f"{socket.gethostname()}/{instance}"
+        self.owner = f"{self.instance}/{worker or os.getpid()}"
         self.root = root
         self.db: Database = open_database(database_url, root)
         self._migrated = False
@@ -183,7 +210,11 @@ class BatchStore:
         except StoreUnavailable as exc:  # the server starts anyway; batch routes answer 503 meanwhile
             logger.warning("%s; the schema is checked again on the next batch request", exc)
 
+    def close(self) -> None:
+        self.db.close()
+
     def _migrate(self) -> None:
+        imported: list[Path] = []
         with self.db.transaction() as db:
             db.execute(self.db.migration_lock)  # replicas starting together migrate one at a time
             db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
@@ -194,18 +225,22 @@ class BatchStore:
                     if statement.strip():
                         db.execute(statement)
                 if number == 2:
-                    self._import_disk_files(db)
+                    imported = self._import_disk_files(db)
                 db.execute("INSERT INTO schema_version VALUES (?)", (number,))
+        for path in imported:  # only once their chunks are committed
+            path.unlink()
         self._migrated = True
 
-    def _import_disk_files(self, db: Transaction) -> None:
-        """Stores made before version 2 kept file bodies in `root/files/`."""
+    def _import_disk_files(self, db: Transaction) -> list[Path]:
+        """Stores made before version 2 kept file bodies in `root/files/`; returns those imported."""
         folder = self.root / "files"
+        imported = []
         for (file_id,) in db.execute("SELECT id FROM files").fetchall():
             path = folder / file_id
             if path.exists():
                 self._write_chunks(db, file_id, path.read_bytes())
-                path.unlink()
+                imported.append(path)
+        return imported
 
     @contextmanager
     def _transaction(self) -> Iterator[Transaction]:
@@ -232,14 +267,12 @@ class BatchStore:
         return first + len(chunks)
 
     def add_file(self, content: bytes, filename: str, purpose: str) -> dict:
-        file_id = new_id("file")
+        row = {"id": new_id("file"), "purpose": purpose, "filename": filename, "bytes": len(content)}
+        row["created_at"] = int(time.time())
         with self._transaction() as db:  # the row and its body appear together
-            self._write_chunks(db, file_id, content)
-            db.execute(
-                "INSERT INTO files VALUES (?, ?, ?, ?, ?)",
-                (file_id, purpose, filename, len(content), int(time.time())),
-            )
-        return self.get_file(file_id)  # type: ignore[return-value]
+            self._write_chunks(db, row["id"], content)
+            db.execute("INSERT INTO files VALUES (?, ?, ?, ?, ?)", tuple(row.values()))
+        return row  # as committed (see create_batch)
 
     def get_file(self, file_id: str) -> dict | None:
         rows = self._rows("SELECT * FROM files WHERE id = ?", file_id)
@@ -314,15 +347,17 @@ class BatchStore:
         )  # fmt: skip
         with self._transaction() as db:
             db.execute(
-                "INSERT INTO batches (id, endpoint, input_file_id, completion_window, metadata, status,"
-                " ending, created_at, expires_at, in_progress_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                batch,
+                f"INSERT INTO batches ({', '.join(CREATED)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", batch
             )
             for first in range(0, len(rows), ROWS_PER_INSERT):  # one statement per page: fast on both
                 page = rows[first : first + ROWS_PER_INSERT]
                 values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(page))
                 db.execute(f"INSERT INTO lines VALUES {values}", [value for row in page for value in row])
-        return self.get_batch(batch_id)  # type: ignore[return-value]
+        # What was committed, not read back: a database lost now must not turn a created batch into a
+        # 503 that the caller (or a load balancer) would retry into a second batch.
+        created = {**dict.fromkeys(LATER), **dict(zip(CREATED, batch, strict=True)), "metadata": metadata}
+        failed = sum(row[4] == "failed" for row in rows)
+        return {**created, "request_counts": {"total": len(rows), "completed": 0, "failed": failed}}
 
     def get_batch(self, batch_id: str) -> dict | None:
         rows = self._rows("SELECT * FROM batches WHERE id = ?", batch_id)
@@ -470,9 +505,10 @@ class BatchStore:
             )
 
     def finalize_ready(self, lease_seconds: float) -> list[str]:
-        """Write the output and error files of every batch with no line left to run, and mark it final.
-        A batch left half-finalized by a server that is gone is finalized again; only the attempt that
-        still holds the batch when it is done registers its files."""
+        """Write the output and error files of the oldest batch with no line left to run, and mark it
+        final (one a call: each holds its claim on the batch while it writes, and a call returns to the
+        runner, which renews its lines' claims). A batch left half-finalized by a server that is gone is
+        finalized again; only the attempt that still holds the batch when it is done registers its files."""
         now = int(time.time())
         stale, args = self._stale("finalizer", "finalizing_at", now - lease_seconds)
         with self._transaction() as db:
@@ -482,7 +518,8 @@ class BatchStore:
                     "SELECT id FROM batches b WHERE (status IN ('in_progress', 'cancelling')"
                     f"   OR (status = 'finalizing' AND {stale}))"
                     " AND NOT EXISTS (SELECT 1 FROM lines WHERE batch_id = b.id"
-                    "   AND state IN ('pending', 'running'))" + self.db.lock_rows.format(alias="b"),
+                    "   AND state IN ('pending', 'running')) ORDER BY b.created_at LIMIT 1"
+                    + self.db.lock_rows.format(alias="b"),
                     args,
                 ).fetchall()
             ]
@@ -491,10 +528,10 @@ class BatchStore:
                 [(now, self.owner, batch_id) for batch_id in ready],
             )
         for batch_id in ready:
-            self._finalize(batch_id, now)
+            self._finalize(batch_id)
         return ready
 
-    def _finalize(self, batch_id: str, claimed_at: int) -> None:
+    def _finalize(self, batch_id: str) -> None:
         """Streams the rows into the two files a page at a time: a batch's results can be far larger
         than memory should hold at once."""
         short = batch_id.removeprefix("batch_")
@@ -517,6 +554,11 @@ class BatchStore:
                     )
                     files["error"].write("\n")
             after = page[-1]["idx"]
+            with self._transaction() as db:  # still at it: the claim on the batch is renewed a page at a time
+                db.execute(
+                    "UPDATE batches SET finalizing_at = ? WHERE id = ? AND finalizer = ?",
+                    (int(time.time()), batch_id, self.owner),
+                )
         for writer in files.values():
             writer.flush()
         ending = self._rows("SELECT ending FROM batches WHERE id = ?", batch_id)[0]["ending"]
@@ -526,11 +568,10 @@ class BatchStore:
         with self._transaction() as db:
             held = db.execute(
                 f"UPDATE batches SET status = ?, {stamp} = coalesce({stamp}, ?), output_file_id = ?,"
-                " error_file_id = ? WHERE id = ? AND status = 'finalizing' AND finalizer = ?"
-                " AND finalizing_at = ?",
+                " error_file_id = ? WHERE id = ? AND status = 'finalizing' AND finalizer = ?",
                 (
                     status, int(time.time()), getattr(written.get("output"), "file_id", None),
-                    getattr(written.get("error"), "file_id", None), batch_id, self.owner, claimed_at,
+                    getattr(written.get("error"), "file_id", None), batch_id, self.owner,
                 ),
             ).rowcount  # fmt: skip
             for kind, writer in written.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
@@ -10,7 +11,7 @@ from fastapi.responses import StreamingResponse
 
 from services.functions.api import current
 from services.jobs.runner import BatchRunner
-from services.jobs.store import BadFile
+from services.jobs.store import BadFile, storable
 from services.protocols.openai.protocol import (
     APIError,
     Batch,
@@ -40,7 +41,10 @@ async def upload_file(file: Annotated[UploadFile, File()], purpose: Annotated[st
         raise APIError(
             413, f"the file is over {settings.batch_max_file_bytes} bytes", "file", "file_too_large"
         )
-    row = await asyncio.to_thread(runner().store.add_file, content, file.filename or "input.jsonl", purpose)
+    filename = file.filename or "input.jsonl"
+    if not storable(filename):
+        raise APIError(400, "the file name must be text without NUL characters", "file")
+    row = await asyncio.to_thread(runner().store.add_file, content, filename, purpose)
     return FileObject.model_validate(row)
 
 
@@ -65,9 +69,12 @@ async def retrieve_file(file_id: str) -> FileObject:
 @routes.get("/v1/files/{file_id}/content")
 async def file_content(file_id: str) -> StreamingResponse:
     row = await existing_file(file_id)
-    # Streamed a few chunks at a time (starlette runs the iterator in its thread pool).
+    # Streamed a few chunks at a time (starlette runs the iterator in its thread pool); the first read
+    # here, so that a database gone since the check still gets its 503.
+    chunks = runner().store.read_file(file_id)
+    first = await asyncio.to_thread(next, chunks, b"")
     return StreamingResponse(
-        runner().store.read_file(file_id),
+        itertools.chain([first], chunks),
         media_type="application/jsonl",
         headers={"content-length": str(row["bytes"])},
     )
