@@ -20,7 +20,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import serialize_byte_tensor
 
 from deploy.cluster.cluster import Cluster
-from deploy.cluster.parts import free_port
+from deploy.cluster.parts import free_port, haproxy_stats
 from tests.server import LONG, ROOT
 from tests.test_batch import EMBEDDER, chat_line, embedding_line, final, jsonl, lines_of, wait_until
 
@@ -184,6 +184,12 @@ def test_the_database_going_away_answers_503_and_loses_nothing(
             assert error["code"] == "batch_store_unavailable" and "database" in error["message"]
             assert int(response.headers["retry-after"]) > 0
         embed(balancer, "online requests do not need the database")
+        # A refused upload was not sent to the other replica: a copy that went through would be a
+        # second file. A read is (retried reads are harmless).
+        before = retries(cluster)
+        upload = balancer.post("/v1/files", files={"file": ("in.jsonl", b"{}")}, data={"purpose": "batch"})
+        assert upload.status_code == 503 and retries(cluster) == before
+        assert balancer.get("/v1/batches").status_code == 503 and retries(cluster) > before
     finally:
         cluster.start_database()
     deadline = time.monotonic() + LONG
@@ -195,6 +201,12 @@ def test_the_database_going_away_answers_503_and_loses_nothing(
     ended = wait_until(balancer, running["id"], final)  # the cancel above was refused: it runs on
     assert ended["status"] == "completed" and ended["request_counts"]["completed"] == 16
     every_line_once(balancer, ended, lines)
+
+
+def retries(cluster: Cluster) -> int:
+    """HAProxy's count of requests it sent again (to the same replica, or to another)."""
+    backend = haproxy_stats(cluster.stats)[("replicas", "BACKEND")]
+    return int(backend["wretr"] or 0) + int(backend["wredis"] or 0)
 
 
 def held_by(cluster: Cluster, batch_id: str, pids: set[int]) -> set[int]:

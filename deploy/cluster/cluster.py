@@ -19,9 +19,9 @@ from deploy.cluster.parts import (
     Part,
     Postgres,
     Replica,
-    backend_status,
     free_port,
     haproxy_config,
+    haproxy_stats,
     start_haproxy,
     start_redis,
     start_replica,
@@ -137,9 +137,9 @@ class Cluster:
         return self.folder / "haproxy.sock"
 
     def all_up(self) -> bool:
-        status = backend_status(self.stats)
+        rows = haproxy_stats(self.stats)
         expected = {(backend, r.name) for backend in ("replicas", "grpc_replicas") for r in self.replicas}
-        return expected <= status.keys() and all(status[key] == "UP" for key in expected)
+        return expected <= rows.keys() and all(rows[key]["status"] == "UP" for key in expected)
 
     def stop_database(self) -> None:
         self.parts["postgres"].stop()

@@ -300,8 +300,9 @@ def start_haproxy(config: Path) -> Part:
     return Part.start("haproxy", [binary, "-db", "-f", str(config)], config.with_suffix(".log"))
 
 
-def backend_status(stats: Path) -> dict[tuple[str, str], str]:
-    """(backend, server) -> HAProxy's view of it (UP, DOWN, ...), from its stats socket."""
+def haproxy_stats(stats: Path) -> dict[tuple[str, str], dict[str, str]]:
+    """(proxy, server or BACKEND) -> HAProxy's counters and state for it (`status`: UP, DOWN, ...;
+    `wretr`: retries), from its stats socket."""
     try:
         with socket.socket(socket.AF_UNIX) as s:
             s.settimeout(2)
@@ -314,7 +315,5 @@ def backend_status(stats: Path) -> dict[tuple[str, str], str]:
         return {}
     rows = csv.DictReader(raw.decode().lstrip("# ").splitlines())
     return {
-        (row["pxname"], row["svname"]): row["status"]
-        for row in rows
-        if row.get("svname") not in ("FRONTEND", "BACKEND", None)
+        (row["pxname"], row["svname"]): row for row in rows if row.get("svname") not in ("FRONTEND", None)
     }
