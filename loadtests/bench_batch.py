@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 import threading
@@ -30,7 +29,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from deploy.cluster.parts import Postgres, free_port  # noqa: E402
+from deploy.cluster.parts import temporary_postgres  # noqa: E402
 from loadtests.bench_embeddings import TEXTS, measure_raw, run_wrk  # noqa: E402
 from services.functions.hardware import describe  # noqa: E402
 from services.jobs.store import FINAL  # noqa: E402
@@ -103,14 +102,8 @@ def database(store: str, folder: Path) -> Iterator[dict[str, str]]:
     if store == "sqlite":
         yield {}
         return
-    postgres = Postgres(Path(tempfile.mkdtemp(prefix="fnserve-pg-")), free_port(), folder / "postgres.log")
-    postgres.init()
-    part = postgres.start()
-    try:
+    with temporary_postgres(folder / "postgres.log") as postgres:
         yield {"FNSERVE_BATCH_DATABASE_URL": postgres.url}
-    finally:
-        part.stop()
-        shutil.rmtree(postgres.data, ignore_errors=True)
 
 
 def main() -> None:

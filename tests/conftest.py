@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from deploy.cluster.parts import Postgres, free_port
+from deploy.cluster.parts import Postgres, temporary_postgres
 from services.jobs.store import BatchStore
 from tests.server import LONG, serve
 
@@ -43,15 +41,8 @@ def client(server: str) -> Iterator[httpx.Client]:
 @pytest.fixture(scope="session")
 def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
     """A real PostgreSQL (Debian's, as `make cluster` runs it) for the batch store's tests."""
-    folder = tmp_path_factory.mktemp("postgres")
-    database = Postgres(Path(tempfile.mkdtemp(prefix="fnserve-pg-")), free_port(), folder / "postgres.log")
-    database.init()
-    part = database.start()
-    try:
+    with temporary_postgres(tmp_path_factory.mktemp("postgres") / "postgres.log") as database:
         yield database
-    finally:
-        part.stop()
-        shutil.rmtree(database.data, ignore_errors=True)
 
 
 @pytest.fixture

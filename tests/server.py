@@ -9,13 +9,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import psutil
 
-from deploy.cluster.parts import free_port, shared_home
+from deploy.cluster.parts import free_port, kill_all, shared_home
 
 ROOT = Path(__file__).resolve().parents[1]
 BENTOML = [sys.executable, "-m", "bentoml"]
@@ -39,10 +39,7 @@ def stop_tree(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    for child in family:
-        with suppress(psutil.NoSuchProcess):
-            child.kill()
-    psutil.wait_procs(family, timeout=10)
+    kill_all(family)
 
 
 @contextmanager

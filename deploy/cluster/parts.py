@@ -12,12 +12,14 @@ import glob
 import os
 import pwd
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable
-from contextlib import suppress
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -222,6 +224,19 @@ class Postgres:
 
     def admin_url(self) -> str:
         return f"postgresql://{self.USER}@127.0.0.1:{self.port}/postgres"
+
+
+@contextmanager
+def temporary_postgres(log: Path) -> Iterator[Postgres]:
+    """A PostgreSQL for as long as the block runs (tests, benchmarks), its data removed afterwards."""
+    database = Postgres(Path(tempfile.mkdtemp(prefix="fnserve-pg-")), free_port(), log)
+    database.init()
+    part = database.start()
+    try:
+        yield database
+    finally:
+        part.stop()
+        shutil.rmtree(database.data, ignore_errors=True)
 
 
 def start_redis(port: int, folder: Path) -> Part:

@@ -144,21 +144,28 @@ def ended_error(ending: str) -> str:
     return json.dumps({"code": f"batch_{ending}", "message": f"the batch was {ending} before this line ran"})
 
 
+def value_pages(rows: list[tuple[Any, ...]]) -> Iterator[tuple[str, list[Any]]]:
+    """Rows as the placeholders of a VALUES list and their values, a page of ROWS_PER_INSERT at a time:
+    one statement a page instead of one a row."""
+    for first in range(0, len(rows), ROWS_PER_INSERT):
+        page = rows[first : first + ROWS_PER_INSERT]
+        row = "(" + ", ".join("?" * len(page[0])) + ")"
+        yield ", ".join([row] * len(page)), [value for each in page for value in each]
+
+
 def update_lines(
     db: Transaction, assignments: str, rows: list[tuple[Any, ...]], condition: str = "", args: tuple = ()
 ) -> None:
-    """Many lines, each with values of its own, in one statement a page: a statement per line cost a
-    round trip each to PostgreSQL, most of a claim's time there. Each row is (values..., batch_id,
+    """Many lines, each with values of its own (see `value_pages`): a statement per line cost a round
+    trip each to PostgreSQL, most of a claim's time there. Each row is (values..., batch_id,
     idx); `assignments` reads the values as v.column1, v.column2, ... (both databases' names for the
     columns of a VALUES list)."""
-    for first in range(0, len(rows), ROWS_PER_INSERT):
-        page = rows[first : first + ROWS_PER_INSERT]
-        width = len(page[0])
-        values = ", ".join(["(" + ", ".join("?" * width) + ")"] * len(page))
+    width = len(rows[0]) if rows else 0
+    for values, flat in value_pages(rows):
         db.execute(
             f"UPDATE lines SET {assignments} FROM (VALUES {values}) AS v"
             f" WHERE lines.batch_id = v.column{width - 1} AND lines.idx = v.column{width}{condition}",
-            [*(value for row in page for value in row), *args],
+            [*flat, *args],
         )
 
 
@@ -349,10 +356,8 @@ class BatchStore:
             db.execute(
                 f"INSERT INTO batches ({', '.join(CREATED)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", batch
             )
-            for first in range(0, len(rows), ROWS_PER_INSERT):  # one statement per page: fast on both
-                page = rows[first : first + ROWS_PER_INSERT]
-                values = ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * len(page))
-                db.execute(f"INSERT INTO lines VALUES {values}", [value for row in page for value in row])
+            for values, flat in value_pages(rows):
+                db.execute(f"INSERT INTO lines VALUES {values}", flat)
         # What was committed, not read back: a database lost now must not turn a created batch into a
         # 503 that the caller (or a load balancer) would retry into a second batch.
         created = {**dict.fromkeys(LATER), **dict(zip(CREATED, batch, strict=True)), "metadata": metadata}
