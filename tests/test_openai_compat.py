@@ -5,6 +5,7 @@ accepted and ignored, vLLM's /health, /tokenize and /detokenize, and /v1/models'
 from __future__ import annotations
 
 import json
+from itertools import accumulate
 from typing import Any
 
 import bentoml
@@ -12,6 +13,7 @@ import httpx
 import pytest
 from transformers import AutoTokenizer
 
+from tests.reference import greedy_steps
 from tests.test_chat import MODEL, QUESTION, ask, chat_body, sse_events
 
 EMBEDDER = "all-minilm-l6-v2"
@@ -148,16 +150,18 @@ def test_fields_with_no_effect_here_are_accepted(client: httpx.Client) -> None:
     ("override", "param"),
     [
         ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
-        ({"frequency_penalty": -1}, "frequency_penalty"),
-        ({"repetition_penalty": 1.2}, "repetition_penalty"),
-        ({"min_tokens": 4}, "min_tokens"),
-        ({"logprobs": True}, "logprobs"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -3}, "frequency_penalty"),
+        ({"repetition_penalty": 0}, "repetition_penalty"),
+        ({"min_tokens": -1}, "min_tokens"),
+        ({"min_tokens": 5}, "min_tokens"),  # over max_tokens
+        ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"top_k": -2}, "top_k"),
         ({"logit_bias": {"1": 5}}, "logit_bias"),
     ],
 )
-def test_what_is_not_supported_yet_gets_a_400_that_names_it(
+def test_what_is_not_supported_or_out_of_range_gets_a_400_that_names_it(
     client: httpx.Client, override: dict[str, Any], param: str
 ) -> None:
     response = client.post("/v1/chat/completions", json={**chat_body(max_tokens=4), **override})
@@ -189,3 +193,69 @@ def test_tokenize_and_detokenize_as_vllm_has_them(client: httpx.Client, tokenize
         )
     both = client.post("/tokenize", json={"model": MODEL, "prompt": prompt, "messages": messages})
     assert both.status_code == 400
+    spelled = client.post("/tokenize", json={"model": MODEL, "prompt": prompt, "return_token_strs": True})
+    assert spelled.json()["token_strs"] == tokenizer.convert_ids_to_tokens(tokens["tokens"])
+
+
+def test_logprobs_are_the_models_own_log_softmax(client: httpx.Client, tokenizer: Any) -> None:
+    steps = greedy_steps(QUESTION, 12, top=3)
+    answer = ask(client, max_tokens=12, logprobs=True, top_logprobs=3)
+    content = answer["choices"][0]["logprobs"]["content"]
+    assert [entry["token"] for entry in content] == [tokenizer.decode([token]) for token, _, _ in steps]
+    for entry, (_, logprob, top) in zip(content, steps, strict=True):
+        assert entry["logprob"] == pytest.approx(logprob, abs=1e-3)
+        assert entry["bytes"] == list(entry["token"].encode())
+        assert [t["token"] for t in entry["top_logprobs"]] == [tokenizer.decode([i]) for i, _ in top]
+        assert [t["logprob"] for t in entry["top_logprobs"]] == pytest.approx([v for _, v in top], abs=1e-3)
+    # Streamed (a shorter answer, so not the cached one): the same entries, spread over the chunks.
+    body = chat_body(max_tokens=6, logprobs=True, top_logprobs=3, stream=True)
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        chunks = [json.loads(data) for data in sse_events(response) if data != "[DONE]"]
+    streamed = [
+        entry
+        for chunk in chunks
+        for choice in chunk["choices"]
+        if choice.get("logprobs")
+        for entry in choice["logprobs"]["content"]
+    ]
+    assert [entry["token"] for entry in streamed] == [entry["token"] for entry in content[:6]]
+    assert [e["logprob"] for e in streamed] == pytest.approx([e["logprob"] for e in content[:6]], abs=1e-3)
+    assert "logprobs" not in ask(client, max_tokens=4)["choices"][0]
+
+
+def test_completion_logprobs_come_in_the_legacy_shape(client: httpx.Client) -> None:
+    body = {"model": MODEL, "prompt": "The sea is", "max_tokens": 6, "temperature": 0, "logprobs": 2}
+    choice = client.post("/v1/completions", json={**body, "ignore_eos": True}).json()["choices"][0]
+    logprobs = choice["logprobs"]
+    tokens = logprobs["tokens"]
+    assert "".join(tokens) == choice["text"] and len(tokens) == 6
+    assert logprobs["text_offset"] == list(accumulate([0] + [len(token) for token in tokens[:-1]]))
+    for token, logprob, top in zip(tokens, logprobs["token_logprobs"], logprobs["top_logprobs"], strict=True):
+        # Greedy: the chosen token is the likeliest, so it is among the two and its logprob the largest.
+        assert len(top) == 2 and top[token] == logprob == max(top.values()) and logprob <= 0
+
+
+PENALISED = "Write a short poem about the sea."  # greedy, it repeats "a canvas of endless blue"
+
+
+@pytest.mark.parametrize(
+    ("penalties", "reference_penalties"),
+    [
+        ({"frequency_penalty": 1.5, "presence_penalty": 0.5}, {"frequency": 1.5, "presence": 0.5}),
+        ({"repetition_penalty": 1.3}, {"repetition": 1.3}),
+    ],
+)
+def test_penalties_apply_as_vllm_defines_them(
+    client: httpx.Client, tokenizer: Any, penalties: dict[str, float], reference_penalties: dict[str, float]
+) -> None:
+    expected = greedy_steps(PENALISED, 24, **reference_penalties)
+    answer = text_of(ask(client, PENALISED, max_tokens=24, **penalties))
+    assert answer == tokenizer.decode([token for token, _, _ in expected], skip_special_tokens=True)
+    assert answer != text_of(ask(client, PENALISED, max_tokens=24))
+
+
+def test_min_tokens_holds_back_the_end_of_text(client: httpx.Client) -> None:
+    short = ask(client, max_tokens=40)
+    assert short["choices"][0]["finish_reason"] == "stop" and short["usage"]["completion_tokens"] < 20
+    held = ask(client, max_tokens=40, min_tokens=20)
+    assert held["usage"]["completion_tokens"] >= 20

@@ -20,7 +20,7 @@ from services.functions.batching import BACKGROUND
 from services.functions.cache import ResponseCache, cache_key, count_lookups
 from services.functions.types import RefusalKind, Refused
 
-EVENTS = "deltas-with-tokens"  # the cached answers' format: a change must not read older entries
+EVENTS = "deltas-with-logprobs"  # the cached answers' format: a change must not read older entries
 
 # The generation service's error events carry an HTTP-like status; these are the kinds they mean.
 KINDS: dict[int, RefusalKind] = {
@@ -48,6 +48,12 @@ class GenerationRequest:
     ignore_eos: bool = False
     """generate `max_tokens`, past the model's end of text"""
     skip_special_tokens: bool = True
+    logprobs: int | None = None
+    """None: no logprobs; n: each token's, and the n likeliest tokens' at its place"""
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
 
     @property
     def deterministic(self) -> bool:
@@ -59,6 +65,9 @@ class Delta:
     text: str
     completion_tokens: int = 0
     """tokens generated so far, this delta's included"""
+    logprobs: list[dict[str, Any]] | None = None
+    """with logprobs asked: `token`, `logprob` and `top` ([token, logprob] pairs) of the tokens since
+    the previous delta"""
 
 
 @dataclass
@@ -66,6 +75,14 @@ class Done:
     finish_reason: str
     """`stop` (end of text or a stop string) or `length`"""
     completion_tokens: int
+
+
+@dataclass
+class Answer:
+    text: str
+    done: Done
+    logprobs: list[dict[str, Any]]
+    """every token's entry (as in `Delta`), when asked"""
 
 
 class Generation:
@@ -84,7 +101,7 @@ class Generation:
     async def _items(self) -> AsyncIterator[Delta | Done]:
         async for item in self._events:
             if item["type"] == "delta":
-                yield Delta(item["text"], item["tokens"])
+                yield Delta(item["text"], item["tokens"], item.get("logprobs"))
             elif item["type"] == "done":
                 yield Done(item["finish_reason"], item["completion_tokens"])
                 return
@@ -92,15 +109,17 @@ class Generation:
                 raise refusal(item)
         raise Refused("failed", "the generation service ended the stream early")
 
-    async def text(self) -> tuple[str, Done]:
+    async def text(self) -> Answer:
         """The whole answer."""
         parts: list[str] = []
+        logprobs: list[dict[str, Any]] = []
         async with self:
             async for item in self:
                 if isinstance(item, Delta):
                     parts.append(item.text)
+                    logprobs.extend(item.logprobs or [])
                 else:
-                    return "".join(parts), item
+                    return Answer("".join(parts), item, logprobs)
         raise Refused("failed", "the generation service ended the stream early")
 
     async def aclose(self) -> None:
@@ -170,6 +189,9 @@ class ChatFunction:
         except InvalidArgument as exc:
             raise Refused("invalid", message_of(exc), "tokens") from None
 
+    async def token_strings(self, tokens: list[int]) -> list[str]:
+        return await self._generator.token_strings(tokens=tokens)
+
     async def stats(self) -> dict[str, float]:
         return await self._generator.stats()
 
@@ -215,6 +237,11 @@ class ChatFunction:
             "top_k": request.top_k,
             "ignore_eos": request.ignore_eos,
             "skip_special_tokens": request.skip_special_tokens,
+            "logprobs": request.logprobs,
+            "presence_penalty": request.presence_penalty,
+            "frequency_penalty": request.frequency_penalty,
+            "repetition_penalty": request.repetition_penalty,
+            "min_tokens": request.min_tokens,
             "timeout": seconds_left(deadline),
             "background": BACKGROUND.get(),
         }
@@ -245,7 +272,7 @@ class ChatFunction:
                 if item["type"] == "start":
                     saved["prompt_tokens"] = item["prompt_tokens"]
                 elif item["type"] == "delta":
-                    saved["deltas"].append([item["text"], item["tokens"]])
+                    saved["deltas"].append([item["text"], item["tokens"], item.get("logprobs")])
                 elif item["type"] == "done" and key and self._cache:
                     await self._cache.set_many({key: orjson.dumps({**saved, "done": item})})
                 yield item
@@ -257,6 +284,6 @@ async def replay(answer: bytes) -> AsyncIterator[dict[str, Any]]:
     """A cached answer as the generation service's events, the same deltas as when it was generated."""
     saved = orjson.loads(answer)
     yield {"type": "start", "prompt_tokens": saved["prompt_tokens"]}
-    for text, tokens in saved["deltas"]:
-        yield {"type": "delta", "text": text, "tokens": tokens}
+    for text, tokens, logprobs in saved["deltas"]:
+        yield {"type": "delta", "text": text, "tokens": tokens, "logprobs": logprobs}
     yield {"type": "done", **saved["done"]}

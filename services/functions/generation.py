@@ -18,7 +18,7 @@ from pydantic import Field
 from models.catalog import CATALOG
 from services.admission import DEADLINE_PASSED, rejected, seconds_left
 from services.config import TIMEOUT_GRACE_SECONDS, get_settings, pick_device
-from services.functions.engine import Engine, EngineError, Sampling, TransformersEngine
+from services.functions.engine import Engine, EngineError, Sampling, TokenLogprob, TransformersEngine
 from services.functions.hardware import Choices, model_status, server_instance
 from services.functions.lifecycle import ModelSlot, Reloadable
 from services.functions.pacing import BEAT, EngineBeat, ServiceRate, admit
@@ -36,6 +36,8 @@ MODEL = CATALOG[settings.generation_model]
 ChatMessages = Annotated[list[ChatMessage], Field(min_length=1)]
 ChatMaxTokens = Annotated[int, Field(ge=1, le=settings.generation_max_tokens)]
 CHAT_DEFAULT_TOKENS = min(128, settings.generation_max_tokens)
+MAX_TOP_LOGPROBS = 20  # OpenAI's cap
+MAX_REPETITION_PENALTY = 10.0
 WAIT_SETTING = "FNSERVE_GENERATION_MAX_WAIT_SECONDS"
 
 
@@ -242,15 +244,23 @@ class Generator:
         top_k: Annotated[int, Field(ge=-1)] = 0,
         ignore_eos: bool = False,
         skip_special_tokens: bool = True,
+        logprobs: Annotated[
+            int | None, Field(ge=0, le=MAX_TOP_LOGPROBS, description="the chosen token's and the n likeliest")
+        ] = None,
+        presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0,
+        frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0,
+        repetition_penalty: Annotated[float, Field(gt=0, le=MAX_REPETITION_PENALTY)] = 1.0,
+        min_tokens: Annotated[int, Field(ge=0)] = 0,
         timeout: Annotated[float | None, Field(description="seconds left to the request's deadline")] = None,
         background: Annotated[
             bool, Field(description="a batch line: never refused for a full queue")
         ] = False,
     ) -> AsyncGenerator[str, None]:
         """Newline-delimited JSON events for the OpenAI routes: first `start` (prompt tokens) or `error`
-        (status, message, param, code), then `delta` (text), then `done` (finish reason, completion
-        tokens) or `error`. The first event comes before any generation, so callers can still answer
-        4xx, 429 (queue full) or 503 (queue full while the model loads)."""
+        (status, message, param, code), then `delta` (text; with `logprobs`, each token's entry), then
+        `done` (finish reason, completion tokens) or `error`. The first event comes before any
+        generation, so callers can still answer 4xx, 429 (queue full) or 503 (queue full while the model
+        loads)."""
         if not background and self._waiting >= settings.generation_max_queue:
             loading = self.slot.state == "loading"
             rejected("loading" if loading else "queue_full")
@@ -289,7 +299,10 @@ class Generator:
             if leave_queue():
                 self.first_tokens.observe(ahead, time.monotonic() - admitted)
 
-        sampling = Sampling(0, temperature, top_p, max(0, top_k), ignore_eos)
+        sampling = Sampling(
+            0, temperature, top_p, max(0, top_k), ignore_eos, logprobs,
+            presence_penalty, frequency_penalty, repetition_penalty, min_tokens,
+        )  # fmt: skip
         request = (messages, prompt, max_tokens, sampling, stop, skip_special_tokens, deadline)
         try:
             async with aclosing(self._events(*request, first_token)) as events:
@@ -319,6 +332,9 @@ class Generator:
                 budget = self.token_budget(ids, max_tokens)
             except ValueError as exc:
                 problem = (str(exc), "messages" if messages else "prompt")
+        if problem is None and sampling.min_tokens > budget:
+            message = f"min_tokens {sampling.min_tokens} is over the {budget} tokens this request may have"
+            problem = (message, "min_tokens")
         if problem:
             yield event("error", status=400, message=problem[0], param=problem[1])
             return
@@ -326,6 +342,14 @@ class Generator:
         clock = TokenClock(len(ids))
         decoder, matcher = IncrementalDecoder(self.tokenizer, skip_special_tokens), StopMatcher(stop)
         generated: list[int] = []
+        scored: list[dict[str, Any]] = []  # logprobs of tokens whose text has not been sent yet
+
+        def delta(text: str) -> str:
+            """A delta event; with logprobs, those of every token up to it."""
+            extra = {"logprobs": scored[:]} if sampling.logprobs is not None else {}
+            scored.clear()
+            return event("delta", text=text, tokens=len(generated), **extra)
+
         try:
             async with AsyncExitStack() as stack:
                 async with asyncio.timeout(seconds_left(deadline)):
@@ -335,9 +359,10 @@ class Generator:
                 async for step in until(deadline, steps):
                     first_token()
                     generated.extend(step.token_ids)
+                    scored.extend(self.logprob_entries(step.logprobs or []))
                     clock.tick(len(step.token_ids))
                     if text := matcher.push(decoder.push(step.token_ids, step.finished)):
-                        yield event("delta", text=text, tokens=len(generated))
+                        yield delta(text)
                     if matcher.stopped:
                         break  # leaving the block closes the stream, which cancels the request
         except EngineError as exc:
@@ -347,11 +372,24 @@ class Generator:
             rejected("deadline")
             yield event("error", status=504, message=DEADLINE_PASSED, code="deadline_exceeded")
             return
-        if not matcher.stopped and (rest := matcher.flush()):
-            yield event("delta", text=rest, tokens=len(generated))
+        rest = "" if matcher.stopped else matcher.flush()
+        if rest or scored:
+            yield delta(rest)
         at_eos = not sampling.ignore_eos and generated and generated[-1] == self.tokenizer.eos_token_id
         ended = matcher.stopped or at_eos
         yield event("done", finish_reason="stop" if ended else "length", completion_tokens=len(generated))
+
+    def logprob_entries(self, logprobs: list[TokenLogprob]) -> list[dict[str, Any]]:
+        """Each token as its text, its logprob and the likeliest tokens' texts and logprobs."""
+        text = self.tokenizer.decode
+        return [
+            {
+                "token": text([entry.token_id]),
+                "logprob": entry.logprob,
+                "top": [[text([token]), logprob] for token, logprob in entry.top],
+            }
+            for entry in logprobs
+        ]
 
     def _queued(self, change: int) -> None:
         self._waiting += change
@@ -443,11 +481,20 @@ class Generator:
 
     @bentoml.api
     async def detokenize(self, tokens: list[int]) -> str:
+        self.check_vocabulary(tokens)
+        return self.tokenizer.decode(tokens)
+
+    @bentoml.api
+    async def token_strings(self, tokens: list[int]) -> list[str]:
+        """The vocabulary's own spelling of each token (byte-level pieces), as vLLM's `token_strs`."""
+        self.check_vocabulary(tokens)
+        return self.tokenizer.convert_ids_to_tokens(tokens)
+
+    def check_vocabulary(self, tokens: list[int]) -> None:
         vocabulary = len(self.tokenizer)
         for i, token in enumerate(tokens):
             if not 0 <= token < vocabulary:
                 raise BadInput(f"tokens[{i}] is {token}, outside the vocabulary of {vocabulary} tokens")
-        return self.tokenizer.decode(tokens)
 
     @bentoml.on_startup
     async def start_idle_release(self) -> None:

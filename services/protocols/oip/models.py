@@ -275,8 +275,8 @@ class GenerationModel(Model):
 
     async def whole(self, asked: GenerationRequest, deadline: float | None) -> list[Tensor]:
         generation = await self.fn.start(asked, deadline)
-        text, done = await generation.text()
-        return self.final(text, generation.prompt_tokens, done)
+        answer = await generation.text()
+        return self.final(answer.text, generation.prompt_tokens, answer.done)
 
     def delta(self, text: str) -> list[Tensor]:
         return [bytes_tensor("text_output", text)]

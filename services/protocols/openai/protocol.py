@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from starlette.responses import JSONResponse, Response
 
 from services.functions.types import ChatMessage, Refused, Text, encodable
@@ -159,14 +159,14 @@ class TokenizeRequest(OpenAIModel):
     messages: list[ChatMessageIn] | None = Field(None, min_length=1)
     add_special_tokens: bool = Field(True, description="for a prompt; a chat's template places its own")
     add_generation_prompt: Literal[True] = Field(True, description="the template's assistant turn is added")
-    return_token_strs: Literal[False] = Field(False, description="only false is supported yet")
+    return_token_strs: bool = Field(False, description="each token as the vocabulary spells it")
 
 
 class TokenizeResponse(BaseModel):
     count: int
     max_model_len: int
     tokens: list[int]
-    token_strs: None = None
+    token_strs: list[str] | None = None
 
 
 class DetokenizeRequest(OpenAIModel):
@@ -259,27 +259,19 @@ class GenerationParams(OpenAIModel):
     service_tier: Text | None = Field(None, description="accepted and ignored")
     store: bool | None = Field(None, description="accepted and ignored: nothing is stored")
     response_format: ResponseFormat | None = None
-    presence_penalty: float = Field(0.0, ge=-2, le=2, description="only 0 is supported yet")
-    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="only 0 is supported yet")
+    presence_penalty: float = Field(
+        0.0, ge=-2, le=2, description="subtracted from the logit of every token the answer already holds"
+    )
+    frequency_penalty: float = Field(
+        0.0, ge=-2, le=2, description="subtracted from a token's logit once per time the answer holds it"
+    )
     ignore_eos: bool = Field(False, description="vLLM's: generate max_tokens, past the end of text")
     top_k: int = Field(0, ge=-1, description="vLLM's: sample from the k likeliest tokens; 0 or -1 = off")
-    min_tokens: int = Field(0, ge=0, description="vLLM's: only 0 is supported yet")
-    repetition_penalty: float = Field(1.0, gt=0, description="vLLM's: only 1 is supported yet")
+    min_tokens: int = Field(0, ge=0, description="vLLM's: no end of text before this many tokens")
+    repetition_penalty: float = Field(
+        1.0, gt=0, le=10, description="vLLM's: divides the logits of tokens in the prompt or answer (>1)"
+    )
     skip_special_tokens: bool = Field(True, description="vLLM's: leave special tokens out of the text")
-
-    @field_validator("presence_penalty", "frequency_penalty", "min_tokens")
-    @classmethod
-    def zero_only(cls, value: float) -> float:
-        if value:
-            raise ValueError("only 0 is supported by this server yet")
-        return value
-
-    @field_validator("repetition_penalty")
-    @classmethod
-    def one_only(cls, value: float) -> float:
-        if value != 1:
-            raise ValueError("only 1 is supported by this server yet")
-        return value
 
     @property
     def stops(self) -> list[str]:
@@ -289,30 +281,68 @@ class GenerationParams(OpenAIModel):
     def token_budget(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    @property
+    def top_logprobs_count(self) -> int | None:
+        """None: no logprobs; n: each token's logprob and the n likeliest at its place."""
+        return None
+
 
 class ChatCompletionRequest(GenerationParams):
     messages: list[ChatMessageIn] = Field(min_length=1)
-    logprobs: bool = Field(False, description="only false is supported yet")
-    top_logprobs: int | None = Field(None, ge=0, le=20, description="only with logprobs")
+    logprobs: bool = Field(False, description="each answer token's log-probability under the model")
+    top_logprobs: int | None = Field(None, ge=0, le=20, description="the n likeliest tokens at each place")
 
-    @field_validator("logprobs")
+    @field_validator("top_logprobs")
     @classmethod
-    def no_logprobs(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("logprobs are not supported by this server yet")
+    def top_needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
         return value
+
+    @property
+    def top_logprobs_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(GenerationParams):
     prompt: Text
-    logprobs: int | None = Field(None, ge=0, le=5, description="only null or 0 is supported yet")
+    logprobs: int | None = Field(
+        None, ge=0, le=20, description="the chosen token's log-probability and the n likeliest (vLLM's cap)"
+    )
 
-    @field_validator("logprobs")
-    @classmethod
-    def no_logprobs(cls, value: int | None) -> int | None:
-        if value:
-            raise ValueError("logprobs are not supported by this server yet")
-        return value
+    @property
+    def top_logprobs_count(self) -> int | None:
+        return self.logprobs
+
+
+def chat_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The function's per-token entries in chat's shape: `content`, a list of tokens with their bytes."""
+
+    def token(text: str, logprob: float) -> dict[str, Any]:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {
+        "content": [
+            {**token(e["token"], e["logprob"]), "top_logprobs": [token(*top) for top in e["top"]]}
+            for e in entries
+        ]
+    }
+
+
+def completion_logprobs(entries: list[dict[str, Any]], offset: int) -> dict[str, Any]:
+    """The legacy completions' shape: parallel lists, `text_offset` counted from `offset` (the answer's
+    characters before these tokens). The chosen token is among each place's `top_logprobs`, as OpenAI
+    documents it (so up to n + 1 of them)."""
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e["token"])
+    return {
+        "tokens": [e["token"] for e in entries],
+        "token_logprobs": [e["logprob"] for e in entries],
+        "top_logprobs": [{**dict(e["top"]), e["token"]: e["logprob"]} for e in entries],
+        "text_offset": offsets,
+    }
 
 
 class Usage(BaseModel):
@@ -321,10 +351,25 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatMessage
     finish_reason: Literal["stop", "length"]
+    logprobs: ChatLogprobs | None = Field(None, description="only when asked")
 
 
 class CompletionBase(BaseModel):
@@ -339,10 +384,18 @@ class ChatCompletion(CompletionBase):
     choices: list[ChatChoice]
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: Literal["stop", "length"]
+    logprobs: CompletionLogprobs | None = Field(None, description="only when asked")
 
 
 class Completion(CompletionBase):

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException
 
 from services.admission import DEADLINE, rejected
 from services.functions.api import Functions, current
-from services.functions.chat import Delta, Done, Generation, GenerationRequest
+from services.functions.chat import Answer, Delta, Done, Generation, GenerationRequest
 from services.functions.types import Refused
 from services.jobs.db import StoreUnavailable
 from services.protocols.openai import batches, images
@@ -48,7 +48,9 @@ from services.protocols.openai.protocol import (
     OrjsonResponse,
     TokenizeRequest,
     TokenizeResponse,
+    chat_logprobs,
     check_model,
+    completion_logprobs,
     error_body,
     error_response,
     invalid,
@@ -152,6 +154,11 @@ def generation_request(request: GenerationParams, **target: Any) -> GenerationRe
         top_k=max(0, request.top_k),
         ignore_eos=request.ignore_eos,
         skip_special_tokens=request.skip_special_tokens,
+        logprobs=request.top_logprobs_count,
+        presence_penalty=request.presence_penalty,
+        frequency_penalty=request.frequency_penalty,
+        repetition_penalty=request.repetition_penalty,
+        min_tokens=request.min_tokens,
         **target,
     )
 
@@ -213,6 +220,18 @@ class ChunkWriter:
         options = request.stream_options
         self.include_usage = bool(options and options.include_usage)
         self.usage_on_every_chunk = bool(options and options.continuous_usage_stats)
+        self.logprobs = request.top_logprobs_count is not None
+        self.offsets: dict[int, int] = {}  # completions: each choice's characters sent so far
+
+    def logprobs_of(self, index: int, entries: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """A choice's `logprobs` for these tokens, in the route's shape; None where not asked."""
+        if not self.logprobs:
+            return None
+        if self.chat:
+            return chat_logprobs(entries)
+        shaped = completion_logprobs(entries, self.offsets.get(index, 0))
+        self.offsets[index] = self.offsets.get(index, 0) + sum(len(e["token"]) for e in entries)
+        return shaped
 
     def usage(self, completion_tokens: int) -> dict[str, int]:
         """The prompt counts once, however many choices share it (as OpenAI counts it)."""
@@ -223,26 +242,36 @@ class ChunkWriter:
             "total_tokens": total,
         }
 
-    def whole(self, answers: list[tuple[str, Done]]) -> dict[str, Any]:
+    def whole(self, answers: list[Answer]) -> dict[str, Any]:
         choices = []
-        for index, (text, done) in enumerate(answers):
-            reason = done.finish_reason
+        for index, answer in enumerate(answers):
+            choice: dict[str, Any] = {"index": index, "finish_reason": answer.done.finish_reason}
             if self.chat:
-                message = {"role": "assistant", "content": text}
-                choices.append({"index": index, "message": message, "finish_reason": reason})
+                choice["message"] = {"role": "assistant", "content": answer.text}
             else:
-                choices.append({"index": index, "text": text, "finish_reason": reason})
+                choice["text"] = answer.text
+            if self.logprobs:
+                choice["logprobs"] = self.logprobs_of(index, answer.logprobs)
+            choices.append(choice)
         kind = "chat.completion" if self.chat else "text_completion"
-        return self.body(kind, choices, usage=self.usage(sum(done.completion_tokens for _, done in answers)))
+        tokens = sum(answer.done.completion_tokens for answer in answers)
+        return self.body(kind, choices, usage=self.usage(tokens))
 
     def body(self, kind: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
         head = {"id": self.id, "object": kind, "created": self.created, "model": self.model}
         return {**head, "choices": choices, **extra}
 
     def chunk(
-        self, index: int, text: str | None, reason: str | None = None, role: bool = False, tokens: int = 0
+        self,
+        index: int,
+        text: str | None,
+        reason: str | None = None,
+        role: bool = False,
+        tokens: int = 0,
+        logprobs: list[dict[str, Any]] | None = None,
     ) -> bytes:
-        """One choice's chunk; `tokens` is every choice's completion tokens so far."""
+        """One choice's chunk; `tokens` is every choice's completion tokens so far, `logprobs` the
+        entries of this chunk's tokens."""
         if self.chat:
             delta: dict[str, str] = {"role": "assistant"} if role else {}
             if text is not None:
@@ -250,6 +279,8 @@ class ChunkWriter:
             choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": reason}
         else:
             choice = {"index": index, "text": text or "", "finish_reason": reason}
+        if logprobs is not None:
+            choice["logprobs"] = self.logprobs_of(index, logprobs)
         extra: dict[str, Any] = {}
         if self.usage_on_every_chunk:
             extra["usage"] = self.usage(tokens)
@@ -276,7 +307,7 @@ class ChunkWriter:
             async for index, item in interleaved(generations):
                 tokens[index] = item.completion_tokens
                 if isinstance(item, Delta):
-                    yield self.chunk(index, item.text, tokens=sum(tokens))
+                    yield self.chunk(index, item.text, tokens=sum(tokens), logprobs=item.logprobs)
                 else:
                     yield self.chunk(index, None if self.chat else "", item.finish_reason, tokens=sum(tokens))
             if self.include_usage:
@@ -383,7 +414,9 @@ async def tokenize(request: TokenizeRequest) -> TokenizeResponse:
         raise APIError(400, "send exactly one of prompt and messages", "prompt")
     messages = None if request.messages is None else plain_messages(request.messages)
     tokens = await chat.tokenize(messages, request.prompt, request.add_special_tokens)
-    return TokenizeResponse(count=len(tokens), max_model_len=await chat.max_model_len(), tokens=tokens)
+    strings = await chat.token_strings(tokens) if request.return_token_strs else None
+    window = await chat.max_model_len()
+    return TokenizeResponse(count=len(tokens), max_model_len=window, tokens=tokens, token_strs=strings)
 
 
 @routes.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
