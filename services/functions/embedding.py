@@ -164,8 +164,9 @@ class EmbeddingFunction:
         entry = model_status(self.slot.state, self.device, self.choices)
         return {self.model_id: {**entry, "load": self._batcher.load()}}
 
-    async def check(self, texts: list[str], field: str = "input") -> None:
-        """Refuses (invalid) what the model cannot take; `field` is the caller's name for the texts."""
+    async def check(self, texts: list[str], field: str = "input", truncate: bool = False) -> None:
+        """Refuses (invalid) what the model cannot take; `field` is the caller's name for the texts.
+        `truncate`: the caller asked for inputs over the window to be cut to it."""
         limits = self.settings
         if not texts:
             raise Refused("invalid", f"{field} must not be empty", field)
@@ -177,7 +178,7 @@ class EmbeddingFunction:
             if len(text) > limits.embedding_max_input_chars:
                 message = f"{field}[{i}] is over {limits.embedding_max_input_chars} characters"
                 raise Refused("invalid", message, field)
-        if limits.embedding_overflow == "reject":
+        if limits.embedding_overflow == "reject" and not truncate:
             for i, count in enumerate(await self.token_counts(texts)):
                 if count > self.max_tokens:
                     message = f"{field}[{i}] is {count} tokens, over the model's window of {self.max_tokens}"

@@ -112,6 +112,9 @@ class EmbeddingRequest(OpenAIModel):
     )
     dimensions: int | None = Field(None, gt=0, description="only the model's own width is accepted")
     user: Text | None = None
+    truncate_prompt_tokens: Literal[-1] | None = Field(
+        None, description="vLLM's: -1 cuts each input to the window, whatever the server's overflow rule"
+    )
 
     @field_validator("input", mode="before")
     @classmethod

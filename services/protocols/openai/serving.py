@@ -123,7 +123,7 @@ async def answer_embeddings(fns: Functions, request: EmbeddingRequest) -> Orjson
     if request.dimensions is not None and request.dimensions != fn.dimensions:
         raise APIError(400, f"{fn.model_id} only returns {fn.dimensions} dimensions", "dimensions")
     texts = request.texts
-    await fn.check(texts, field="input")
+    await fn.check(texts, field="input", truncate=request.truncate_prompt_tokens == -1)
     result = await fn.embed(texts, DEADLINE.get())  # queued inputs of a request that times out are dropped
     as_base64 = request.encoding_format == "base64"
     data = [
@@ -300,11 +300,14 @@ class ChunkWriter:
         """`data: {chunk}` events, then `data: [DONE]`; a failure after the first byte is sent as an
         `event: error` with the OpenAI error body, never as a silently truncated 200."""
         tokens = [0] * len(generations)
+        started: set[int] = set()
         try:
-            if self.chat:
-                for index in range(len(generations)):
-                    yield self.chunk(index, "", role=True)
             async for index, item in interleaved(generations):
+                # A choice's role comes with its first token, not before: a tool timing the first chunk
+                # then measures the time to the first token.
+                if self.chat and index not in started:
+                    started.add(index)
+                    yield self.chunk(index, "", role=True)
                 tokens[index] = item.completion_tokens
                 if isinstance(item, Delta):
                     yield self.chunk(index, item.text, tokens=sum(tokens), logprobs=item.logprobs)
