@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import json
 import queue
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import httpx
@@ -80,8 +82,8 @@ def generation_inputs(prompt: str, max_tokens: int, stream: bool = True) -> list
     return [text_input("text_input", [prompt]), flag, text_input("sampling_parameters", [sampling])]
 
 
-def openai_completion(server: Server, prompt: str, max_tokens: int) -> str:
-    body = {"model": CHAT, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+def openai_completion(server: Server, prompt: str, max_tokens: int, **extra: Any) -> str:
+    body = {"model": CHAT, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra}
     with http(server) as client:
         response = client.post("/v1/completions", json=body)
     assert response.status_code == 200, response.text
@@ -227,6 +229,18 @@ def test_a_bad_request_on_a_stream_fails_alone(server: Server) -> None:
     finally:
         stream.client.stop_stream()
     assert texts["good"] == openai_completion(server, "Hello", 8)
+
+
+def test_vllm_sampling_parameters_apply_over_grpc(server: Server) -> None:
+    """Triton's vLLM backend takes vLLM's SamplingParams names; they do here what the OpenAI fields do."""
+    prompt, vllm = "Write a short poem about the sea.", {"repetition_penalty": 1.3, "min_tokens": 20}
+    inputs = generation_inputs(prompt, 24, stream=False)
+    sampling = json.dumps({"temperature": 0, "max_tokens": 24, **vllm})
+    inputs[2] = text_input("sampling_parameters", [sampling])
+    answer = server.grpc_client().infer(CHAT, inputs, headers=auth())
+    text = answer.as_numpy("text_output")[0].decode()
+    assert text == openai_completion(server, prompt, 24, **vllm) != openai_completion(server, prompt, 24)
+    assert answer.as_numpy("num_output_tokens")[0] >= 20
 
 
 def engine_idle(server: Server) -> None:

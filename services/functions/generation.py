@@ -22,7 +22,7 @@ from services.functions.engine import Engine, EngineError, Sampling, TokenLogpro
 from services.functions.hardware import Choices, model_status, server_instance
 from services.functions.lifecycle import ModelSlot, Reloadable
 from services.functions.pacing import BEAT, EngineBeat, ServiceRate, admit
-from services.functions.types import ChatMessage, Refused, Text
+from services.functions.types import ChatMessage, Penalty, Refused, RepetitionPenalty, Text
 
 if TYPE_CHECKING:
     import torch
@@ -37,7 +37,6 @@ ChatMessages = Annotated[list[ChatMessage], Field(min_length=1)]
 ChatMaxTokens = Annotated[int, Field(ge=1, le=settings.generation_max_tokens)]
 CHAT_DEFAULT_TOKENS = min(128, settings.generation_max_tokens)
 MAX_TOP_LOGPROBS = 20  # OpenAI's cap
-MAX_REPETITION_PENALTY = 10.0
 WAIT_SETTING = "FNSERVE_GENERATION_MAX_WAIT_SECONDS"
 
 
@@ -247,9 +246,9 @@ class Generator:
         logprobs: Annotated[
             int | None, Field(ge=0, le=MAX_TOP_LOGPROBS, description="the chosen token's and the n likeliest")
         ] = None,
-        presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0,
-        frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0,
-        repetition_penalty: Annotated[float, Field(gt=0, le=MAX_REPETITION_PENALTY)] = 1.0,
+        presence_penalty: Penalty = 0.0,
+        frequency_penalty: Penalty = 0.0,
+        repetition_penalty: RepetitionPenalty = 1.0,
         min_tokens: Annotated[int, Field(ge=0)] = 0,
         timeout: Annotated[float | None, Field(description="seconds left to the request's deadline")] = None,
         background: Annotated[

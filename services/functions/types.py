@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel
+from pydantic import AfterValidator, BaseModel, Field
 
 RefusalKind = Literal["invalid", "not_found", "queue_full", "loading", "deadline", "failed"]
 
@@ -20,6 +20,9 @@ def encodable(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(encodable)]
+# Penalties as OpenAI and vLLM bound them, for every protocol that takes them.
+Penalty = Annotated[float, Field(ge=-2, le=2)]
+RepetitionPenalty = Annotated[float, Field(gt=0, le=10)]
 
 
 class ChatMessage(BaseModel):

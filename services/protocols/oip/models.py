@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.functions.api import Functions
 from services.functions.chat import Done, GenerationRequest
-from services.functions.types import Refused
+from services.functions.types import Penalty, Refused, RepetitionPenalty
 from services.protocols.oip.tensors import Tensor, bytes_tensor, scalar
 
 VERSION = "1"
@@ -189,6 +189,13 @@ class SamplingParameters(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     stop: str | list[str] | None = Field(None)
     seed: int | None = None
+    # vLLM's SamplingParams names, which Triton's vLLM backend takes in `sampling_parameters`
+    top_k: int = Field(0, ge=-1, description="0 or -1: every token")
+    ignore_eos: bool = False
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    repetition_penalty: RepetitionPenalty = 1.0
+    min_tokens: int = Field(0, ge=0)
 
     @property
     def stops(self) -> list[str]:
@@ -263,6 +270,12 @@ class GenerationModel(Model):
             top_p=sampling.top_p,
             seed=sampling.seed,
             stop=sampling.stops,
+            top_k=max(0, sampling.top_k),
+            ignore_eos=sampling.ignore_eos,
+            presence_penalty=sampling.presence_penalty,
+            frequency_penalty=sampling.frequency_penalty,
+            repetition_penalty=sampling.repetition_penalty,
+            min_tokens=sampling.min_tokens,
         )
         return request, stream
 

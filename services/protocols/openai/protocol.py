@@ -9,7 +9,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from starlette.responses import JSONResponse, Response
 
-from services.functions.types import ChatMessage, Refused, Text, encodable
+from services.functions.types import ChatMessage, Penalty, Refused, RepetitionPenalty, Text, encodable
 
 
 class OpenAIModel(BaseModel):
@@ -262,17 +262,17 @@ class GenerationParams(OpenAIModel):
     service_tier: Text | None = Field(None, description="accepted and ignored")
     store: bool | None = Field(None, description="accepted and ignored: nothing is stored")
     response_format: ResponseFormat | None = None
-    presence_penalty: float = Field(
-        0.0, ge=-2, le=2, description="subtracted from the logit of every token the answer already holds"
+    presence_penalty: Penalty = Field(
+        0.0, description="subtracted from the logit of every token the answer already holds"
     )
-    frequency_penalty: float = Field(
-        0.0, ge=-2, le=2, description="subtracted from a token's logit once per time the answer holds it"
+    frequency_penalty: Penalty = Field(
+        0.0, description="subtracted from a token's logit once per time the answer holds it"
     )
     ignore_eos: bool = Field(False, description="vLLM's: generate max_tokens, past the end of text")
     top_k: int = Field(0, ge=-1, description="vLLM's: sample from the k likeliest tokens; 0 or -1 = off")
     min_tokens: int = Field(0, ge=0, description="vLLM's: no end of text before this many tokens")
-    repetition_penalty: float = Field(
-        1.0, gt=0, le=10, description="vLLM's: divides the logits of tokens in the prompt or answer (>1)"
+    repetition_penalty: RepetitionPenalty = Field(
+        1.0, description="vLLM's: divides the logits of tokens in the prompt or answer (>1)"
     )
     skip_special_tokens: bool = Field(True, description="vLLM's: leave special tokens out of the text")
 
