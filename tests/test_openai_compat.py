@@ -1,5 +1,6 @@
 """What the tools people point at OpenAI-compatible servers send, on the main server (fp32, real model):
-content parts, n choices, vLLM's extensions (ignore_eos, top_k, usage on every chunk), the fields
+content parts, n choices, logprobs against the model's own log-softmax, penalties and min_tokens against
+a reference decoding loop, vLLM's extensions (ignore_eos, top_k, usage on every chunk), the fields
 accepted and ignored, vLLM's /health, /tokenize and /detokenize, and /v1/models' max_model_len."""
 
 from __future__ import annotations

@@ -60,6 +60,15 @@ class GenerationRequest:
         return self.temperature == 0 or self.seed is not None
 
 
+VLLM_SAMPLING = ("ignore_eos", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens")
+
+
+def vllm_sampling(params: Any) -> dict[str, Any]:
+    """The `GenerationRequest` fields a protocol takes under vLLM's names (OpenAI's extensions, Triton's
+    vLLM backend), from its parsed request; `top_k` -1 is vLLM's "off", as 0 is here."""
+    return {name: getattr(params, name) for name in VLLM_SAMPLING} | {"top_k": max(0, params.top_k)}
+
+
 @dataclass
 class Delta:
     text: str

@@ -16,7 +16,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.functions.api import Functions
-from services.functions.chat import Done, GenerationRequest
+from services.functions.chat import Done, GenerationRequest, vllm_sampling
 from services.functions.types import Penalty, Refused, RepetitionPenalty
 from services.protocols.oip.tensors import Tensor, bytes_tensor, scalar
 
@@ -270,12 +270,7 @@ class GenerationModel(Model):
             top_p=sampling.top_p,
             seed=sampling.seed,
             stop=sampling.stops,
-            top_k=max(0, sampling.top_k),
-            ignore_eos=sampling.ignore_eos,
-            presence_penalty=sampling.presence_penalty,
-            frequency_penalty=sampling.frequency_penalty,
-            repetition_penalty=sampling.repetition_penalty,
-            min_tokens=sampling.min_tokens,
+            **vllm_sampling(sampling),
         )
         return request, stream
 

@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException
 
 from services.admission import DEADLINE, rejected
 from services.functions.api import Functions, current
-from services.functions.chat import Answer, Delta, Done, Generation, GenerationRequest
+from services.functions.chat import Answer, Delta, Done, Generation, GenerationRequest, vllm_sampling
 from services.functions.types import Refused
 from services.jobs.db import StoreUnavailable
 from services.protocols.openai import batches, images
@@ -151,14 +151,9 @@ def generation_request(request: GenerationParams, **target: Any) -> GenerationRe
         top_p=request.top_p,
         seed=request.seed,
         stop=request.stops,
-        top_k=max(0, request.top_k),
-        ignore_eos=request.ignore_eos,
         skip_special_tokens=request.skip_special_tokens,
         logprobs=request.top_logprobs_count,
-        presence_penalty=request.presence_penalty,
-        frequency_penalty=request.frequency_penalty,
-        repetition_penalty=request.repetition_penalty,
-        min_tokens=request.min_tokens,
+        **vllm_sampling(request),
         **target,
     )
 
