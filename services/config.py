@@ -157,6 +157,11 @@ class Settings(BaseSettings):
         + "; fp32 greedy output does not depend on what else is in the batch, bf16's can",
     )
     generation_max_tokens: int = Field(512, ge=1, description="cap on max_tokens per request")
+    speculation: Literal["auto", "off"] = Field(
+        "auto",
+        description="n-gram speculative decoding in the chat engine: auto drafts while steps are small "
+        "(CPU engine), off never",
+    )
     generation_max_queue: int = Field(
         64, ge=1, description="chat requests admitted but not yet generating; one more gets 429"
     )

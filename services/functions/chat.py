@@ -54,6 +54,8 @@ class GenerationRequest:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     min_tokens: int = 0
+    speculate: bool = True
+    """False: the engine never drafts for it, so its answer is plain decoding's, bit for bit"""
 
     @property
     def deterministic(self) -> bool:
@@ -251,6 +253,7 @@ class ChatFunction:
             "frequency_penalty": request.frequency_penalty,
             "repetition_penalty": request.repetition_penalty,
             "min_tokens": request.min_tokens,
+            "speculate": request.speculate,
             "timeout": seconds_left(deadline),
             "background": BACKGROUND.get(),
         }

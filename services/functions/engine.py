@@ -13,8 +13,11 @@ import os
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from services.functions.speculation import SpeculationStats, Speculator
+from services.functions.speculation import install as install_speculation
 
 
 class EngineError(RuntimeError):
@@ -53,6 +56,7 @@ class Sampling:
     frequency_penalty: float = 0.0  # subtracted per time the answer holds the token
     repetition_penalty: float = 1.0  # divides (or multiplies, if negative) seen tokens' logits
     min_tokens: int = 0  # the end of text is not chosen before this many tokens
+    speculate: bool = True  # False: never drafted, for answers identical to plain decoding in bf16
 
     @property
     def penalised(self) -> bool:
@@ -75,6 +79,7 @@ class EngineStats:
     running: int
     waiting: int
     free_cache: float  # share of the KV cache free, 0..1
+    speculation: dict[str, float] = field(default_factory=dict)  # SpeculationStats.as_dict()
 
 
 class Engine(Protocol):
@@ -164,6 +169,11 @@ def history_processing() -> None:
 
         def fill_defaults(self, int32_tensor: torch.Tensor) -> None:
             int32_tensor.fill_(0)
+
+        def move_rows(self, first_rows: dict[str, int]) -> None:
+            """Speculation widened the step's rows (services/functions/speculation.py); these rows
+            never draft, so each is one row, now at `first_rows[its request]`."""
+            self._rows = [(first_rows[state.request_id], state) for _, state in self._rows]
 
         def prepare_tensor_args(self, requests: list[Any]) -> torch.Tensor:
             self._rows = [
@@ -313,7 +323,15 @@ def logprobs_of(tokens: list[int], steps: deque[Any]) -> list[TokenLogprob]:
 
 
 class TransformersEngine:
-    def __init__(self, model: Any, eos_token_id: int, pad_token_id: int | None, cache_blocks: int) -> None:
+    def __init__(
+        self,
+        model: Any,
+        eos_token_id: int,
+        pad_token_id: int | None,
+        cache_blocks: int,
+        speculation: SpeculationStats | None = None,
+    ) -> None:
+        """`speculation`: draft n-grams (services/functions/speculation.py), counting into these stats."""
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
@@ -348,6 +366,10 @@ class TransformersEngine:
             raise RuntimeError(f"the engine's first logits processor is {type(first).__name__}, not History")
         self._history: Any = first
         self._greedy = GreedyBatches(processors, enabled=model.device.type == "cpu")
+        self._speculator = Speculator(speculation is not None, stats=speculation or SpeculationStats())
+        if speculation is not None:
+            install_speculation()
+            self._manager.fn_speculator = self._speculator
         self._manager.start()
         self._ids = itertools.count()
 
@@ -363,6 +385,8 @@ class TransformersEngine:
         if sampling.logprobs is not None:
             extras["logprobs"] = sampling.logprobs
             steps = self._history.sink[request_id] = deque()
+        if not sampling.speculate:
+            self._speculator.opted_out.add(request_id)
         with self._greedy.request(sampling.processed):
             try:
                 # Registered before the request is added, so that no result can arrive unheard.
@@ -392,6 +416,7 @@ class TransformersEngine:
                         sent = len(tokens)
             finally:
                 self._history.sink.pop(request_id, None)
+                self._speculator.forget(request_id)
                 if not finished:
                     self._manager.cancel_request(request_id)
                     # The manager drops a handler only when its request finishes; a cancelled one would stay.
@@ -408,12 +433,14 @@ class TransformersEngine:
 
     def stats(self) -> EngineStats:
         processor = self._manager.batch_processor
+        speculation = self._speculator.stats.as_dict()
         if processor is None:
-            return EngineStats(running=0, waiting=0, free_cache=1.0)
+            return EngineStats(running=0, waiting=0, free_cache=1.0, speculation=speculation)
         return EngineStats(
             running=len(processor.scheduler.active_requests),
             waiting=len(processor.scheduler.waiting_requests),
             free_cache=float(processor.cache.compute_free_capacity(relative=True)),
+            speculation=speculation,
         )
 
     def shutdown(self) -> bool:

@@ -22,6 +22,7 @@ from services.functions.engine import Engine, EngineError, Sampling, TokenLogpro
 from services.functions.hardware import Choices, model_status, server_instance
 from services.functions.lifecycle import ModelSlot, Reloadable
 from services.functions.pacing import BEAT, EngineBeat, ServiceRate, admit
+from services.functions.speculation import SpeculationStats
 from services.functions.types import ChatMessage, Penalty, Refused, RepetitionPenalty, Text
 
 if TYPE_CHECKING:
@@ -57,6 +58,12 @@ INTER_TOKEN = bentoml.metrics.Histogram(
 PROMPT_TOKENS = bentoml.metrics.Counter(name="fnserve_generation_prompt_tokens", documentation="Tokens in")
 COMPLETION_TOKENS = bentoml.metrics.Counter(
     name="fnserve_generation_completion_tokens", documentation="Tokens out"
+)
+SPECULATION = bentoml.metrics.Counter(
+    name="fnserve_speculation",
+    documentation="The chat engine's speculative decoding: steps, steps that drafted, drafts, draft tokens, "
+    "accepted draft tokens (their ratio is the acceptance rate)",
+    labelnames=["count"],
 )
 QUEUE_REQUESTS = bentoml.metrics.Gauge(
     name="fnserve_generation_queue_requests",
@@ -182,6 +189,7 @@ class Generator:
         )  # fmt: skip
         self.model_id = MODEL.name
         self.device = pick_device(settings.device)
+        self.speculation = self.decide_speculation()
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_ref.path)
         stored = AutoModelForCausalLM.from_pretrained(self.model_ref.path).to(self.device).eval()
         self.context_window: int = stored.config.max_position_embeddings
@@ -201,6 +209,21 @@ class Generator:
         self.first_tokens = ServiceRate()  # seconds to first token per request waiting
         self.beat = EngineBeat(server_instance())
 
+    def decide_speculation(self) -> SpeculationStats | None:
+        """Stats to count into where the engine drafts, else None. Only the synchronous CPU engine runs
+        the drafting patches; a GPU engine batches asynchronously and replays CUDA graphs."""
+        if settings.speculation == "off":
+            self.choices.add("speculation", "off", "setting", "FNSERVE_SPECULATION=off")
+            return None
+        if self.device.type != "cpu":
+            self.choices.add("speculation", "off", "rule", "drafting is implemented for the CPU engine only")
+            return None
+        reason = (
+            "n-gram drafts while a step holds at most a few tokens, where a CPU step costs about the same"
+        )
+        self.choices.add("speculation", "auto", "rule", reason)
+        return SpeculationStats()
+
     def start_engine(self) -> Engine:
         """The weights from the model store and a fresh engine loop."""
         return TransformersEngine(
@@ -208,6 +231,7 @@ class Generator:
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
             cache_blocks=self.cache_blocks,
+            speculation=self.speculation,
         )
 
     def stop_engine(self, engine: Engine) -> None:
@@ -250,6 +274,9 @@ class Generator:
         frequency_penalty: Penalty = 0.0,
         repetition_penalty: RepetitionPenalty = 1.0,
         min_tokens: Annotated[int, Field(ge=0)] = 0,
+        speculate: Annotated[
+            bool, Field(description="false: never drafted (services/functions/speculation.py)")
+        ] = True,
         timeout: Annotated[float | None, Field(description="seconds left to the request's deadline")] = None,
         background: Annotated[
             bool, Field(description="a batch line: never refused for a full queue")
@@ -300,7 +327,7 @@ class Generator:
 
         sampling = Sampling(
             0, temperature, top_p, max(0, top_k), ignore_eos, logprobs,
-            presence_penalty, frequency_penalty, repetition_penalty, min_tokens,
+            presence_penalty, frequency_penalty, repetition_penalty, min_tokens, speculate,
         )  # fmt: skip
         request = (messages, prompt, max_tokens, sampling, stop, skip_special_tokens, deadline)
         try:
@@ -444,14 +471,16 @@ class Generator:
         """Engine occupancy: running and waiting requests, free share of the KV cache, and the wait a
         new request is expected to have for its first token (what admission compares with its target)."""
         expected = {"expected_first_token_seconds": self.first_tokens.seconds_for(self._waiting + 1)}
+        speculation = self.speculation.as_dict() if self.speculation else {}
         if (engine := self.slot.current) is None:
-            return {"running": 0, "waiting": 0, "free_cache": 1.0, **expected}
+            return {"running": 0, "waiting": 0, "free_cache": 1.0, **expected, **speculation}
         stats = engine.stats()
         return {
             "running": stats.running,
             "waiting": stats.waiting,
             "free_cache": stats.free_cache,
             **expected,
+            **speculation,
         }
 
     @bentoml.api
@@ -501,10 +530,17 @@ class Generator:
         self._beat_task = asyncio.create_task(self._beat())
 
     async def _beat(self) -> None:
-        """Tells the encoders of this server that the engine has work (services/functions/pacing.py)."""
+        """Tells the encoders of this server that the engine has work (services/functions/pacing.py),
+        and brings the speculation counters up to date."""
+        counted = SpeculationStats()
         while True:
             if self._active:
                 self.beat.busy()
+            if self.speculation:
+                for name, value in vars(self.speculation).items():
+                    if added := value - getattr(counted, name):
+                        SPECULATION.labels(count=name).inc(added)
+                        setattr(counted, name, value)
             await asyncio.sleep(BEAT)
 
     @bentoml.on_shutdown

@@ -275,6 +275,10 @@ class GenerationParams(OpenAIModel):
         1.0, description="vLLM's: divides the logits of tokens in the prompt or answer (>1)"
     )
     skip_special_tokens: bool = Field(True, description="vLLM's: leave special tokens out of the text")
+    speculation: Literal["auto", "off"] = Field(
+        "auto", description="fnserve's: off never drafts tokens for this request, so its answer is plain "
+        "decoding's exactly (in bf16, drafting can change close greedy choices)",
+    )  # fmt: skip
 
     @property
     def stops(self) -> list[str]:

@@ -153,6 +153,7 @@ def generation_request(request: GenerationParams, **target: Any) -> GenerationRe
         stop=request.stops,
         skip_special_tokens=request.skip_special_tokens,
         logprobs=request.top_logprobs_count,
+        speculate=request.speculation == "auto",
         **vllm_sampling(request),
         **target,
     )

@@ -1,0 +1,184 @@
+"""Speculative decoding inside the continuous batch (services/functions/speculation.py), on the real model:
+the engine itself, in this process, in fp32, with drafting on and off; then the served route."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from services.functions import speculation
+from services.functions.engine import Sampling, TransformersEngine
+from services.functions.speculation import propose
+from tests.reference import _model
+from tests.server import LONG
+from tests.test_chat import MODEL, ask
+
+PARAGRAPH = (
+    "The lighthouse on the northern cape was built in 1871 from granite quarried on the island itself. "
+    "For more than a century its keepers climbed one hundred and twelve steps every evening to light the "
+    "lamp, and every morning they climbed them again to clean the lens."
+)
+GROUNDED = f"Write out this paragraph again, word for word:\n\n{PARAGRAPH}"
+OPEN = "Write a story about a dragon who is afraid of the dark."
+
+
+def test_propose_takes_the_latest_longest_match() -> None:
+    tokens = [1, 2, 3, 9, 1, 2, 4, 5, 7, 1, 2]
+    assert propose(tokens, 3) == [4, 5, 7]  # "1 2" last seen before 4 5 7 (not before 3 9 1)
+    assert propose([5, 6, 7, 8, 6], 2) == [7, 8]  # only a 1-gram matches
+    assert propose([1, 2, 3], 4) == [] and propose([7], 2) == []
+    assert propose([4, 4, 4, 4], 8) == [4]  # what follows the latest match: only the last token
+
+
+@pytest.fixture(scope="module")
+def engines() -> Iterator[tuple[TransformersEngine, TransformersEngine, Any]]:
+    """Drafting on and off over the same fp32 weights, and the tokenizer. The step budget is raised so
+    that a batch of 16 drafts too (the policy itself would not draft there)."""
+    tokenizer, model = _model()
+    budget = speculation.STEP_BUDGET
+    speculation.STEP_BUDGET = 64
+    on = TransformersEngine(
+        model, tokenizer.eos_token_id, tokenizer.pad_token_id, 64, speculation.SpeculationStats()
+    )
+    off = TransformersEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id, 64)
+    try:
+        yield on, off, tokenizer
+    finally:
+        speculation.STEP_BUDGET = budget
+        on.shutdown()
+        off.shutdown()
+
+
+def chat_ids(tokenizer: Any, question: str) -> list[int]:
+    messages = [{"role": "user", "content": question}]
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
+
+
+async def answer(engine: TransformersEngine, ids: list[int], sampling: Sampling) -> list[int]:
+    tokens: list[int] = []
+    async for step in engine.stream(ids, sampling):
+        tokens.extend(step.token_ids)
+    return tokens
+
+
+def answers(engine: TransformersEngine, prompts: list[list[int]], sampling: Sampling) -> list[list[int]]:
+    async def run() -> list[list[int]]:
+        return await asyncio.gather(*(answer(engine, ids, sampling) for ids in prompts))
+
+    return asyncio.run(run())
+
+
+def drafted(engine: TransformersEngine) -> tuple[float, float]:
+    stats = engine.stats().speculation
+    return stats["speculation_draft_tokens"], stats["speculation_accepted_tokens"]
+
+
+def test_greedy_fp32_is_token_identical_alone_and_in_a_batch_of_16(engines: Any) -> None:
+    on, off, tokenizer = engines
+    prompts = [chat_ids(tokenizer, GROUNDED), chat_ids(tokenizer, OPEN)]
+    before = drafted(on)
+    for ids in prompts:
+        assert answers(on, [ids], Sampling(96)) == answers(off, [ids], Sampling(96))
+    alone = drafted(on)
+    assert alone[1] > before[1]  # drafts were made and accepted
+    batch = [prompts[i % 2] for i in range(16)]
+    assert answers(on, batch, Sampling(48)) == answers(off, batch, Sampling(48))
+    assert drafted(on)[1] > alone[1]
+
+
+def test_max_tokens_is_exact_when_a_draft_runs_past_it(engines: Any) -> None:
+    on, off, tokenizer = engines
+    ids = chat_ids(tokenizer, GROUNDED)
+    whole = answers(off, [ids], Sampling(64))[0]
+    for limit in (3, 9, 17, 33):
+        (cut,) = answers(on, [ids], Sampling(limit))
+        assert cut == whole[:limit] and len(cut) == limit
+
+
+def test_sampled_tokens_keep_their_distribution(engines: Any) -> None:
+    """Point-mass rejection leaves the output distribution as it was. At each of the first places, the
+    tokens sampled with drafting on and off are compared by a chi-square test over the five likeliest
+    tokens there and the rest: 21.0 is its 0.1% point at 5 degrees of freedom (a rule that kept every
+    draft moves the drafted places far past it)."""
+    on, off, tokenizer = engines
+    ids = chat_ids(tokenizer, "Repeat this list three times: red, blue, green, red, blue, green.")
+    sampling = Sampling(8, temperature=0.7)
+    before = drafted(on)
+    runs: dict[str, list[list[int]]] = {"on": [], "off": []}
+    for _ in range(10):
+        runs["on"] += answers(on, [ids] * 20, sampling)
+        runs["off"] += answers(off, [ids] * 20, sampling)
+    tokens, accepted = (now - then for now, then in zip(drafted(on), before, strict=True))
+    assert 0 < accepted < tokens  # drafts were both kept and refused
+    for place in range(1, 8):
+        seen = {name: Counter(a[place] if len(a) > place else -1 for a in runs[name]) for name in runs}
+        pooled = seen["on"] + seen["off"]
+        top = [token for token, _ in pooled.most_common(5)]
+        table = [
+            [counts[t] for t in top] + [sum(counts.values()) - sum(counts[t] for t in top)]
+            for counts in seen.values()
+        ]
+        columns = [a + b for a, b in zip(*table, strict=True)]
+        rows, total = [sum(row) for row in table], sum(columns)
+        chi2 = sum(
+            (table[r][c] - rows[r] * columns[c] / total) ** 2 / (rows[r] * columns[c] / total)
+            for r in range(2)
+            for c in range(len(columns))
+            if columns[c]
+        )
+        assert chi2 < 21.0, (place, seen["on"].most_common(6), seen["off"].most_common(6))
+
+
+def test_a_request_cancelled_mid_draft_frees_its_cache(engines: Any) -> None:
+    on, _, tokenizer = engines
+    ids = chat_ids(tokenizer, GROUNDED)
+
+    async def read_then_close() -> float:
+        """The free cache while the request runs, past its prompt's blocks and mid-draft."""
+        stream = on.stream(ids, Sampling(200))
+        seen = 0
+        async for step in stream:
+            seen += len(step.token_ids)
+            if seen >= 40 and len(step.token_ids) > 1:  # a step that accepted a draft
+                break
+        busy = on.stats()
+        await stream.aclose()
+        assert busy.running == 1
+        return busy.free_cache
+
+    busy = asyncio.run(read_then_close())
+    deadline = time.monotonic() + LONG
+    while (stats := on.stats()).running:
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.05)
+    # Its partly filled block is freed (complete blocks stay cached for prefix sharing, evictable).
+    assert stats.free_cache > busy and stats.waiting == 0
+    assert answers(on, [ids], Sampling(8)) == answers(on, [ids], Sampling(8))  # and it serves on
+
+
+def test_the_served_route_drafts_changes_nothing_in_fp32_and_reports_it(client: httpx.Client) -> None:
+    question = f"Copy this paragraph out exactly:\n\n{PARAGRAPH}"
+    before = client.get("/engine/stats").json()
+    plain = ask(client, question, max_tokens=96, speculation="off")["choices"][0]["message"]["content"]
+    after_off = client.get("/engine/stats").json()
+    assert after_off["speculation_draft_tokens"] == before["speculation_draft_tokens"]
+    drafted_answer = ask(client, question, max_tokens=96)["choices"][0]["message"]["content"]
+    after = client.get("/engine/stats").json()
+    assert drafted_answer == plain
+    assert after["speculation_accepted_tokens"] > after_off["speculation_accepted_tokens"]
+    # A stop string inside the copied text cuts there, with or without drafts.
+    stopped = ask(client, question, max_tokens=96, stop=["twelve"])["choices"][0]
+    assert stopped["message"]["content"] == plain[: plain.index("twelve")]
+    assert stopped["finish_reason"] == "stop"
+    status = client.get("/models/status").json()[MODEL]["choices"]["speculation"]
+    assert status["value"] == "auto"
+    assert 'fnserve_speculation_total{count="accepted_tokens"' in client.get("/metrics").text
+    bad = client.post("/v1/chat/completions", json={"model": MODEL, "messages": [], "speculation": "maybe"})
+    assert bad.status_code == 400
+    assert ask(client, question, max_tokens=96)["choices"][0]["message"]["content"] == plain
