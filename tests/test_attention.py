@@ -39,3 +39,40 @@ def test_masked_attention_on_kv_heads_gives_the_same_logits(
         copied[flag] = len(copies)
     assert copied["0"] > 0 and copied["1"] == 0  # the switch does change the path
     assert torch.equal(logits["0"], logits["1"])
+
+
+def test_bf16_prompts_joining_a_running_batch_get_their_own_answer() -> None:
+    """The engine on CPU in bf16 (its eager attention, services/functions/engine.py): eight identical
+    greedy chats arriving a few at a time, ten times over, all answer the question. Under SDPA one or two
+    of them answered another text in about one trial in five."""
+    import asyncio
+    import random
+
+    from services.functions.engine import Sampling, TransformersEngine
+
+    path = bentoml.models.get(CATALOG["smollm2-135m-instruct"].tag).path
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    engine = TransformersEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id, 64)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
+    shuffle = random.Random(0)
+
+    async def answer(delay: float) -> str:
+        await asyncio.sleep(delay)
+        tokens: list[int] = []
+        async for step in engine.stream(ids, Sampling(8)):
+            tokens.extend(step.token_ids)
+        return tokenizer.decode(tokens, skip_special_tokens=True)
+
+    async def trials() -> list[str]:
+        texts: list[str] = []
+        for _ in range(10):
+            texts += await asyncio.gather(*(answer(shuffle.random() * 0.3) for _ in range(8)))
+        return texts
+
+    try:
+        texts = asyncio.run(trials())
+    finally:
+        engine.shutdown()
+    assert all(text.startswith("The capital of France is") for text in texts), set(texts)
