@@ -215,7 +215,7 @@ class Generator:
         if settings.speculation == "off":
             self.choices.add("speculation", "off", "setting", "FNSERVE_SPECULATION=off")
             return None
-        if self.device.type != "cpu":
+        if self.device != "cpu":
             self.choices.add("speculation", "off", "rule", "drafting is implemented for the CPU engine only")
             return None
         reason = (
