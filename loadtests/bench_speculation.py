@@ -189,8 +189,12 @@ def main() -> None:
     parser.add_argument("--streams", type=int, nargs="*", default=STREAMS)
     args = parser.parse_args()
     result: dict[str, Any] = {"machine": describe(), "max_tokens": MAX_TOKENS, "workloads": {}, "bars": {}}
-    with serve(env=CACHES_OFF) as url:
+    result["command"] = "make bench-speculation"
+    # A closed-loop benchmark measures throughput: admission by expected wait would refuse its queue.
+    with serve(env={**CACHES_OFF, "FNSERVE_GENERATION_MAX_WAIT_SECONDS": "3600"}) as url:
         result["served_dtypes"] = served_dtypes(url)
+        status = httpx.get(f"{url}/models/status", timeout=60).json()[MODEL]["choices"]
+        result["speculation_step_tokens"] = status["speculation_step_tokens"]
         measure(url, OPEN[:2], "off", 2)  # warm-up
         for workload, prompts in WORKLOADS.items():
             rows = result["workloads"].setdefault(workload, {})
@@ -208,6 +212,7 @@ def main() -> None:
                 }
                 rows[str(streams)] = cell
                 print(workload, streams, json.dumps(cell), flush=True)
+                (RESULTS / "speculation.json").write_text(json.dumps(result, indent=2) + "\n")  # so far
     (RESULTS / "speculation.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, RESULTS / "speculation.png")
 

@@ -12,9 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from services.functions import speculation
 from services.functions.engine import Sampling, TransformersEngine
-from services.functions.speculation import propose
+from services.functions.speculation import Drafting, propose
 from tests.reference import _model
 from tests.server import LONG
 from tests.test_chat import MODEL, ask
@@ -41,16 +40,11 @@ def engines() -> Iterator[tuple[TransformersEngine, TransformersEngine, Any]]:
     """Drafting on and off over the same fp32 weights, and the tokenizer. The step budget is raised so
     that a batch of 16 drafts too (the policy itself would not draft there)."""
     tokenizer, model = _model()
-    budget = speculation.STEP_BUDGET
-    speculation.STEP_BUDGET = 64
-    on = TransformersEngine(
-        model, tokenizer.eos_token_id, tokenizer.pad_token_id, 64, speculation.SpeculationStats()
-    )
+    on = TransformersEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id, 64, Drafting(64))
     off = TransformersEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id, 64)
     try:
         yield on, off, tokenizer
     finally:
-        speculation.STEP_BUDGET = budget
         on.shutdown()
         off.shutdown()
 
@@ -178,6 +172,8 @@ def test_the_served_route_drafts_changes_nothing_in_fp32_and_reports_it(client: 
     assert stopped["finish_reason"] == "stop"
     status = client.get("/models/status").json()[MODEL]["choices"]["speculation"]
     assert status["value"] == "auto"
+    budget = client.get("/models/status").json()[MODEL]["choices"]["speculation_step_tokens"]
+    assert budget["source"] == "measured" and int(budget["value"]) >= 1
     assert 'fnserve_speculation_total{count="accepted_tokens"' in client.get("/metrics").text
     bad = client.post("/v1/chat/completions", json={"model": MODEL, "messages": [], "speculation": "maybe"})
     assert bad.status_code == 400

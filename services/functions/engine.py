@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from services.functions.speculation import SpeculationStats, Speculator
+from services.functions.speculation import Drafting, Speculator
 from services.functions.speculation import install as install_speculation
 
 
@@ -337,9 +337,9 @@ class TransformersEngine:
         eos_token_id: int,
         pad_token_id: int | None,
         cache_blocks: int,
-        speculation: SpeculationStats | None = None,
+        speculation: Drafting | None = None,
     ) -> None:
-        """`speculation`: draft n-grams (services/functions/speculation.py), counting into these stats."""
+        """`speculation`: draft n-grams (services/functions/speculation.py) within its step budget."""
         import torch
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
@@ -377,7 +377,8 @@ class TransformersEngine:
             raise RuntimeError(f"the engine's first logits processor is {type(first).__name__}, not History")
         self._history: Any = first
         self._greedy = GreedyBatches(processors, enabled=model.device.type == "cpu")
-        self._speculator = Speculator(speculation is not None, stats=speculation or SpeculationStats())
+        drafting = speculation or Drafting(0)
+        self._speculator = Speculator(speculation is not None, drafting.step_budget, stats=drafting.stats)
         if speculation is not None:
             install_speculation()
             self._manager.fn_speculator = self._speculator

@@ -22,7 +22,7 @@ from services.functions.engine import Engine, EngineError, Sampling, TokenLogpro
 from services.functions.hardware import Choices, model_status, server_instance
 from services.functions.lifecycle import ModelSlot, Reloadable
 from services.functions.pacing import BEAT, EngineBeat, ServiceRate, admit
-from services.functions.speculation import SpeculationStats
+from services.functions.speculation import Drafting, SpeculationStats, measure_step_budget
 from services.functions.types import ChatMessage, Penalty, Refused, RepetitionPenalty, Text
 
 if TYPE_CHECKING:
@@ -189,7 +189,6 @@ class Generator:
         )  # fmt: skip
         self.model_id = MODEL.name
         self.device = pick_device(settings.device)
-        self.speculation = self.decide_speculation()
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_ref.path)
         stored = AutoModelForCausalLM.from_pretrained(self.model_ref.path).to(self.device).eval()
         self.context_window: int = stored.config.max_position_embeddings
@@ -198,6 +197,8 @@ class Generator:
             settings.generation_dtype, "FNSERVE_GENERATION_DTYPE", stored, probe_decoding, key=MODEL.name
         )
         served = stored.to(self.dtype)
+        self.drafting = self.decide_speculation(served)
+        self.speculation = self.drafting.stats if self.drafting else None
         self.weights = Reloadable(lambda: served, self.model_ref.path, self.dtype, self.device)
         self.slot = ModelSlot(MODEL.name, self.start_engine, self.stop_engine, settings.idle_release_seconds)
         self.slot.load_now()
@@ -209,20 +210,20 @@ class Generator:
         self.first_tokens = ServiceRate()  # seconds to first token per request waiting
         self.beat = EngineBeat(server_instance())
 
-    def decide_speculation(self) -> SpeculationStats | None:
-        """Stats to count into where the engine drafts, else None. Only the synchronous CPU engine runs
-        the drafting patches; a GPU engine batches asynchronously and replays CUDA graphs."""
+    def decide_speculation(self, model: torch.nn.Module) -> Drafting | None:
+        """How the engine drafts, or None. Only the synchronous CPU engine runs the drafting patches; a
+        GPU engine batches asynchronously and replays CUDA graphs."""
         if settings.speculation == "off":
             self.choices.add("speculation", "off", "setting", "FNSERVE_SPECULATION=off")
             return None
         if self.device != "cpu":
             self.choices.add("speculation", "off", "rule", "drafting is implemented for the CPU engine only")
             return None
-        reason = (
-            "n-gram drafts while a step holds at most a few tokens, where a CPU step costs about the same"
-        )
+        reason = "n-gram drafts while a step holds few tokens, where a CPU step costs about the same"
         self.choices.add("speculation", "auto", "rule", reason)
-        return SpeculationStats()
+        budget, why = measure_step_budget(model)
+        self.choices.add("speculation_step_tokens", budget, "measured", why)
+        return Drafting(budget)
 
     def start_engine(self) -> Engine:
         """The weights from the model store and a fresh engine loop."""
@@ -231,7 +232,7 @@ class Generator:
             eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
             cache_blocks=self.cache_blocks,
-            speculation=self.speculation,
+            speculation=self.drafting,
         )
 
     def stop_engine(self, engine: Engine) -> None:
