@@ -104,10 +104,17 @@ class TokenClock:
         self._first = True
 
     def tick(self, tokens: int) -> None:
+        """`tokens` arrived together (a step that accepted drafts): its gap is spread over them, so that
+        inter-token latencies stay one per token after the first and sum to the decoding time."""
         if not tokens:
             return
         now = time.perf_counter()
-        (TTFT if self._first else INTER_TOKEN).observe(now - self._last)
+        gap, rest = now - self._last, tokens
+        if self._first:
+            TTFT.observe(gap)
+            gap, rest = 0.0, tokens - 1
+        for _ in range(rest):
+            INTER_TOKEN.observe(gap / rest)
         self._first, self._last = False, now
         COMPLETION_TOKENS.inc(tokens)
 
