@@ -224,7 +224,11 @@ def test_a_replica_killed_mid_job_hands_its_lines_to_the_other_and_rejoins_when_
     dead, alive = cluster.replicas
     part = cluster.parts[dead.name]
     pids = {proc.pid for proc in part.tree()}
-    lines = [chat_line(i, max_tokens=24) for i in range(32)]
+    # Lines that run for seconds (64 tokens past the end of text), so that a line seen running is still
+    # running when the kill lands: a short answer could finish in between.
+    lines = [chat_line(i, max_tokens=64) for i in range(32)]
+    for line in lines:
+        line["body"]["ignore_eos"] = True
     batch = start_batch(balancer, lines, "/v1/chat/completions")
     deadline = time.monotonic() + LONG
     while not held_by(cluster, batch["id"], pids):
