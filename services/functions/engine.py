@@ -378,7 +378,7 @@ class TransformersEngine:
         self._history: Any = first
         self._greedy = GreedyBatches(processors, enabled=model.device.type == "cpu")
         drafting = speculation or Drafting(0)
-        self._speculator = Speculator(speculation is not None, drafting.step_budget, stats=drafting.stats)
+        self._speculator = Speculator(drafting.step_budget, set(first.supported_kwargs), stats=drafting.stats)
         if speculation is not None:
             install_speculation()
             self._manager.fn_speculator = self._speculator

@@ -130,26 +130,26 @@ def measure_step_budget(model: Any, context: int = 256) -> tuple[int, str]:
 class Speculator:
     """Chooses each step's drafts and settles them; runs on the engine's thread only."""
 
-    enabled: bool
-    step_budget: int = 0
+    step_budget: int
+    history_kwargs: set[str] = field(default_factory=set)  # processing that reads the answer per token
     opted_out: set[str] = field(default_factory=set)  # request ids; written by the event loop
     stats: SpeculationStats = field(default_factory=SpeculationStats)
     _records: dict[str, Record] = field(default_factory=dict)
     _planned: dict[str, Planned] = field(default_factory=dict)
 
-    def draft(self, scheduler: Any, free_cache: float, history_kwargs: set[str]) -> None:
+    def draft(self, scheduler: Any, free_cache: float) -> None:
         """Sets the drafts of this step's requests (their tokens to process), within the step budget."""
         self._planned = {}
         active = scheduler.active_requests
         decoding = [s for s in active.values() if s.status.name == "DECODING" and s.generated_tokens]
         budget = self.step_budget - len(active) - len(scheduler.waiting_requests)
-        if not self.enabled or budget <= 0 or free_cache < MIN_FREE_CACHE:
+        if budget <= 0 or free_cache < MIN_FREE_CACHE:
             return
         candidates = [
             state
             for state in decoding
             if state.request_id not in self.opted_out
-            and not state.logit_processor_kwargs.keys() & history_kwargs
+            and not state.logit_processor_kwargs.keys() & self.history_kwargs
             and self._record(state).paused_until <= self.stats.steps
         ]
         for state in candidates:
@@ -265,7 +265,7 @@ def install() -> None:
         if speculator is None:
             return library_prepare(self)
         free = float(self.cache.compute_free_capacity(relative=True))
-        speculator.draft(self.scheduler, free, HISTORY_KEYS)
+        speculator.draft(self.scheduler, free)
         ready = library_prepare(self)
         speculator.scheduled(io.requests_in_batch if ready else [])
         if ready and speculator.planned:
@@ -340,8 +340,3 @@ def install() -> None:
     processor_class.prepare_next_batch, processor_class.update_batch = prepare_next_batch, update_batch
     io_class.get_model_kwargs, io_class.prepare_batch_update = get_model_kwargs, prepare_batch_update
     processor_class.fn_speculation = True
-
-
-# The per-request processing that reads a request's answer token by token (services/functions/engine.py):
-# requests asking for it never draft.
-HISTORY_KEYS = {"logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens"}
