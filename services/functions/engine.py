@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from services.functions.speculation import Drafting, Speculator
+from services.functions.speculation import Drafting, Speculator, StepCost
 from services.functions.speculation import install as install_speculation
 
 
@@ -339,7 +339,8 @@ class TransformersEngine:
         cache_blocks: int,
         speculation: Drafting | None = None,
     ) -> None:
-        """`speculation`: draft n-grams (services/functions/speculation.py) within its step budget."""
+        """`speculation`: draft n-grams (services/functions/speculation.py) where its step cost says
+        they pay."""
         import torch
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
@@ -377,8 +378,9 @@ class TransformersEngine:
             raise RuntimeError(f"the engine's first logits processor is {type(first).__name__}, not History")
         self._history: Any = first
         self._greedy = GreedyBatches(processors, enabled=model.device.type == "cpu")
-        drafting = speculation or Drafting(0)
-        self._speculator = Speculator(drafting.step_budget, set(first.supported_kwargs), stats=drafting.stats)
+        drafting = speculation or Drafting(StepCost.free())  # never asked to draft: not installed
+        self._speculator = Speculator(drafting.cost, set(first.supported_kwargs), stats=drafting.stats)
+        self._drafting = speculation
         if speculation is not None:
             install_speculation()
             self._manager.fn_speculator = self._speculator
@@ -445,7 +447,7 @@ class TransformersEngine:
 
     def stats(self) -> EngineStats:
         processor = self._manager.batch_processor
-        speculation = self._speculator.stats.as_dict()
+        speculation = self._drafting.as_dict() if self._drafting else self._speculator.stats.as_dict()
         if processor is None:
             return EngineStats(running=0, waiting=0, free_cache=1.0, speculation=speculation)
         return EngineStats(

@@ -22,7 +22,7 @@ from services.functions.engine import Engine, EngineError, Sampling, TokenLogpro
 from services.functions.hardware import Choices, model_status, server_instance
 from services.functions.lifecycle import ModelSlot, Reloadable
 from services.functions.pacing import BEAT, EngineBeat, ServiceRate, admit
-from services.functions.speculation import Drafting, SpeculationStats, measure_step_budget
+from services.functions.speculation import Drafting, SpeculationStats, measure_step_cost
 from services.functions.types import ChatMessage, Penalty, Refused, RepetitionPenalty, Text
 
 if TYPE_CHECKING:
@@ -226,11 +226,11 @@ class Generator:
         if self.device != "cpu":
             self.choices.add("speculation", "off", "rule", "drafting is implemented for the CPU engine only")
             return None
-        reason = "n-gram drafts while a step holds few tokens, where a CPU step costs about the same"
+        reason = "n-gram drafts where the step cost says they pay (a CPU step of few tokens costs about one)"
         self.choices.add("speculation", "auto", "rule", reason)
-        budget, why = measure_step_budget(model)
-        self.choices.add("speculation_step_tokens", budget, "measured", why)
-        return Drafting(budget)
+        cost, why = measure_step_cost(model)
+        self.choices.add("speculation_step_cost", cost.summary(), "measured", why)
+        return Drafting(cost)
 
     def start_engine(self) -> Engine:
         """The weights from the model store and a fresh engine loop."""
@@ -479,7 +479,7 @@ class Generator:
         """Engine occupancy: running and waiting requests, free share of the KV cache, and the wait a
         new request is expected to have for its first token (what admission compares with its target)."""
         expected = {"expected_first_token_seconds": self.first_tokens.seconds_for(self._waiting + 1)}
-        speculation = self.speculation.as_dict() if self.speculation else {}
+        speculation = self.drafting.as_dict() if self.drafting else {}
         if (engine := self.slot.current) is None:
             return {"running": 0, "waiting": 0, "free_cache": 1.0, **expected, **speculation}
         stats = engine.stats()

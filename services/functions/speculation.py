@@ -10,11 +10,15 @@ drawn from the rest of the distribution, so the output distribution is unchanged
 of rejected drafts are given back (the request's length rolls back) and overwritten by the next step;
 only blocks of accepted tokens are hashed for prefix sharing.
 
-The policy: drafts are worth it while a step is cheap, so the drafts of a step share a token budget,
-measured for the device at start-up (`measure_step_budget`), that the running requests themselves use
-up (at 16 streams on a 2-core CPU, drafting stops); a request
-whose drafts keep failing drafts less, then pauses. Requests with logprobs or penalties (whose
-processing reads the answer token by token) and requests that opt out never draft.
+The policy: a step's drafts are chosen for the step's expected tokens per second. The engine fits its
+own step time as a function of the tokens it processes and the cached tokens they attend to (`StepCost`,
+least squares over its recent decode steps, from a start-up measurement), and each request's chance that
+a draft token is accepted (`Record`, from its recent drafts). Draft tokens are taken likeliest first
+while each one's chance is worth more than the time it adds at the step's current tokens per second: a
+cheap step with good drafts takes many, a full step whose next token costs as much as a request's share
+takes none. No step that prefills a prompt drafts (a new request's first token waits for no draft).
+Requests with logprobs or penalties (whose processing reads the answer token by token) and requests that
+opt out never draft.
 
 transformers 5.24's continuous batching keeps one logit per request and appends one token per step; the
 patches below (`install`) widen that for drafted requests only and leave every other step as it was.
@@ -27,10 +31,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MAX_NGRAM, MIN_NGRAM = 3, 1
-MAX_DRAFT = 8  # draft tokens per request and step
-STEP_COST = 1.35  # a step may hold as many tokens as cost at most this much more than one (measured)
-PAUSE_STEPS = 16  # steps a request waits to draft again after three drafts in a row failed
+MAX_DRAFT = 16  # draft tokens per request and step
 MIN_FREE_CACHE = 0.3  # drafting never competes with requests for the last blocks of the cache
+MAX_ACCEPTANCE = 0.95  # no request's drafts are taken as certain
+MEMORY = 0.8  # weight of a request's earlier drafts against its latest one
 
 
 def propose(tokens: list[int], k: int, max_n: int = MAX_NGRAM, min_n: int = MIN_NGRAM) -> list[int]:
@@ -47,11 +51,20 @@ def propose(tokens: list[int], k: int, max_n: int = MAX_NGRAM, min_n: int = MIN_
 
 @dataclass
 class Record:
-    """A request's recent drafting, for its next draft's length."""
+    """A request's recent drafting: its draft tokens accepted, and its drafts that ended in a rejection
+    (decayed counts; the prior is one of each). Their ratio is the chance that its next draft token is
+    accepted, given the one before it was: the maximum-likelihood rate of a geometric run."""
 
-    k: int = 4
-    failures: int = 0
-    paused_until: int = 0
+    accepted: float = 1.0
+    rejected: float = 1.0
+
+    @property
+    def acceptance(self) -> float:
+        return min(self.accepted / (self.accepted + self.rejected), MAX_ACCEPTANCE)
+
+    def learn(self, drafted: int, accepted: int) -> None:
+        self.accepted = MEMORY * self.accepted + accepted
+        self.rejected = MEMORY * self.rejected + (accepted < drafted)
 
 
 @dataclass
@@ -85,88 +98,164 @@ class Planned:
     prior_length: int  # the request's cached length before this step
 
 
-@dataclass
-class Drafting:
-    """What an engine drafts with: the most tokens a step may hold (decided for the device) and the stats
-    it counts into (kept across engine restarts)."""
+class StepCost:
+    """A decode step's seconds for n tokens to process over kv cached ones, as a + b·n + c·kv + d·n·kv
+    (kv in thousands): the fixed cost of a step (scheduling, sampling, the weights' pass), each token's
+    own, reading the cache, and each token's attention over it. Least squares over the engine's recent
+    decode steps (each weighs FORGET times the next one), held near a start-up prior that weighs as much
+    as PRIOR_STEPS steps; a coefficient that fits below zero is left out. The engine's own steps carry
+    what a bare forward pass does not (on a 2-core Zen 4 in bf16, a 4-request step took 85 ms against 40
+    for the pass alone), so they, not the prior, decide once they come."""
 
-    step_budget: int
-    stats: SpeculationStats = field(default_factory=SpeculationStats)
+    FORGET = 0.995
+    PRIOR_STEPS = 16
+
+    def __init__(self, prior: list[tuple[int, int, float]], learn: bool = True) -> None:
+        import numpy as np
+
+        self._np, self.learn = np, learn
+        self._prior_gram, self._prior_moment = np.zeros((4, 4)), np.zeros(4)
+        for n, kv, seconds in prior:
+            x = self._features(n, kv)
+            self._prior_gram += self.PRIOR_STEPS / len(prior) * np.outer(x, x)
+            self._prior_moment += self.PRIOR_STEPS / len(prior) * seconds * x
+        self._gram, self._moment = np.zeros((4, 4)), np.zeros(4)
+        self.steps = 0
+        self._fit()
+
+    @classmethod
+    def free(cls) -> StepCost:
+        """Draft tokens that cost nothing, whatever the steps take: drafting at every step it can (for
+        tests of the drafting itself, not of the policy)."""
+        return cls([(2, 256, 0.05), (64, 256, 0.05), (2, 4096, 0.05), (64, 4096, 0.05)], learn=False)
+
+    def _features(self, n: int, kv: int) -> Any:
+        return self._np.array([1.0, n, kv / 1000, n * kv / 1000])
+
+    def observe(self, n: int, kv: int, seconds: float) -> None:
+        if not self.learn:
+            return
+        x = self._features(n, kv)
+        self._gram = self.FORGET * self._gram + self._np.outer(x, x)
+        self._moment = self.FORGET * self._moment + seconds * x
+        self.steps += 1
+        self._fit()
+
+    def _fit(self) -> None:
+        gram, moment = self._prior_gram + self._gram, self._prior_moment + self._moment
+        kept = [0, 1, 2, 3]
+        while True:
+            coefficients = self._np.zeros(4)
+            coefficients[kept] = self._np.linalg.solve(gram[self._np.ix_(kept, kept)], moment[kept])
+            negative = [i for i in kept if coefficients[i] < 0]
+            if not negative:
+                break
+            kept.remove(negative[0])
+        self.coefficients = coefficients
+
+    def seconds(self, n: int, kv: int) -> float:
+        return float(self.coefficients @ self._features(n, kv))
+
+    def summary(self) -> str:
+        a, b, c, d = (float(v) * 1000 for v in self.coefficients)
+        return f"{a:.1f} ms + {b:.2f} ms/token + {c:.2f} ms/1k cached + {d:.3f} ms/token/1k cached"
+
+    def as_dict(self) -> dict[str, float]:
+        a, b, c, d = (float(v) * 1000 for v in self.coefficients)
+        return {
+            "speculation_cost_steps": self.steps,
+            "speculation_cost_fixed_ms": a,
+            "speculation_cost_per_token_ms": b,
+            "speculation_cost_per_kcached_ms": c,
+            "speculation_cost_per_token_kcached_ms": d,
+        }
 
 
-def measure_step_budget(model: Any, context: int = 256) -> tuple[int, str]:
-    """The most tokens one forward pass may take (after `context` cached ones) while it costs at most
-    STEP_COST times a 2-token pass: where a step's cost is near flat, drafts are nearly free. The base is
-    2 tokens because a continuous batch attends under a mask at every step, and 2 is the smallest pass
-    that does (one token alone takes a maskless path). Best of three each, after a warm-up. On a 2-core
-    Zen 4 in bf16: 41 ms for 2 tokens, 54 for 16, 67 for 32."""
+def measure_step_cost(model: Any) -> tuple[StepCost, str]:
+    """The prior of a StepCost: forward passes of 2 to 32 tokens over 256 and 2048 cached ones, best of
+    three each after a warm-up (2 is the smallest pass a continuous batch makes under its mask; one
+    token alone takes a maskless path)."""
     import time
 
     import torch
 
-    def best(tokens: int, cache: Any) -> float:
-        ids = torch.arange(2000, 2000 + tokens, device=model.device).unsqueeze(0)
-        times = []
-        for _ in range(4):
-            start = time.perf_counter()
-            model(ids, past_key_values=cache, use_cache=True)
-            times.append(time.perf_counter() - start)
-            cache.crop(-tokens)
-        return min(times[1:])
-
+    points: list[tuple[int, int, float]] = []
     with torch.no_grad():
-        cache = model(torch.arange(1000, 1000 + context, device=model.device).unsqueeze(0)).past_key_values
-        base = best(2, cache)
-        budget, cost = 2, 1.0
-        for tokens in (4, 8, 12, 16, 24, 32):
-            ratio = best(tokens, cache) / base
-            if ratio > STEP_COST:
-                break
-            budget, cost = tokens, ratio
-    return budget, f"a {budget}-token step cost {cost:.2f}x a 2-token step ({base * 1000:.0f} ms) here"
+        for context in (256, 2048):
+            ids = torch.arange(1000, 1000 + context, device=model.device).unsqueeze(0)
+            cache = model(ids).past_key_values
+            for tokens in (2, 8, 32):
+                ids = torch.arange(2000, 2000 + tokens, device=model.device).unsqueeze(0)
+                times = []
+                for _ in range(4):
+                    start = time.perf_counter()
+                    model(ids, past_key_values=cache, use_cache=True)
+                    times.append(time.perf_counter() - start)
+                    cache.crop(-tokens)
+                points.append((tokens, context, min(times[1:])))
+    cost = StepCost(points)
+    shown = ", ".join(f"{n} over {kv}: {seconds * 1000:.0f} ms" for n, kv, seconds in points)
+    return cost, f"forward passes here ({shown}); the engine's own steps refine it"
+
+
+@dataclass
+class Drafting:
+    """What an engine drafts with: its step cost (measured for the device, refined by its steps) and the
+    stats it counts into, both kept across engine restarts."""
+
+    cost: StepCost
+    stats: SpeculationStats = field(default_factory=SpeculationStats)
+
+    def as_dict(self) -> dict[str, float]:
+        return {**self.stats.as_dict(), **self.cost.as_dict()}
 
 
 @dataclass
 class Speculator:
     """Chooses each step's drafts and settles them; runs on the engine's thread only."""
 
-    step_budget: int
+    cost: StepCost
     history_kwargs: set[str] = field(default_factory=set)  # processing that reads the answer per token
     opted_out: set[str] = field(default_factory=set)  # request ids; written by the event loop
     stats: SpeculationStats = field(default_factory=SpeculationStats)
     _records: dict[str, Record] = field(default_factory=dict)
     _planned: dict[str, Planned] = field(default_factory=dict)
 
-    def draft(self, scheduler: Any, free_cache: float) -> None:
-        """Sets the drafts of this step's requests (their tokens to process), within the step budget."""
+    def draft(self, scheduler: Any, free_cache: float, max_tokens: int) -> None:
+        """Sets the drafts of this step's requests (their tokens to process): draft tokens likeliest
+        first, while a token's chance of acceptance is worth the time it adds to the step at the
+        step's expected tokens per second; at most `max_tokens` in the step."""
         self._planned = {}
-        active = scheduler.active_requests
-        decoding = [s for s in active.values() if s.status.name == "DECODING" and s.generated_tokens]
-        budget = self.step_budget - len(active) - len(scheduler.waiting_requests)
-        if budget <= 0 or free_cache < MIN_FREE_CACHE:
+        active = list(scheduler.active_requests.values())
+        if scheduler.waiting_requests or free_cache < MIN_FREE_CACHE:
             return
-        candidates = [
-            state
-            for state in decoding
-            if state.request_id not in self.opted_out
-            and not state.logit_processor_kwargs.keys() & self.history_kwargs
-            and self._record(state).paused_until <= self.stats.steps
-        ]
-        for state in candidates:
-            record = self._record(state)
+        if any(s.status.name != "DECODING" or len(s.tokens_to_process) != 1 for s in active):
+            return  # a prompt is being prefilled
+        offers: list[tuple[float, int, Any, list[int]]] = []  # (chance, place, request, drafts)
+        for state in active:
+            if (
+                not state.generated_tokens
+                or state.request_id in self.opted_out
+                or state.logit_processor_kwargs.keys() & self.history_kwargs
+                or state.tokens_to_process[-1] < 0
+            ):
+                continue
             room = state._new_tokens_limit - state.generated_len() - 1  # the sample after the drafts
-            k = min(record.k, MAX_DRAFT, budget, room)
-            if k <= 0:
-                continue
-            last = state.tokens_to_process[-1] if len(state.tokens_to_process) == 1 else None
-            if last is None or last < 0:
-                continue
-            drafts = propose(state.initial_tokens + state.generated_tokens, k)
-            if not drafts:
-                continue
-            state.tokens_to_process = [last, *drafts]
-            self._planned[state.request_id] = Planned(state, drafts, state.position_offset)
-            budget -= len(drafts)
+            drafts = propose(state.initial_tokens + state.generated_tokens, min(MAX_DRAFT, room))
+            acceptance = self._record(state).acceptance
+            offers.extend((acceptance**place, place, state, drafts) for place in range(1, len(drafts) + 1))
+        tokens, cached = len(active), sum(s.position_offset + 1 for s in active)
+        expected, seconds = float(tokens), self.cost.seconds(tokens, cached)
+        taken: dict[str, tuple[Any, list[int], int]] = {}
+        for chance, place, state, drafts in sorted(offers, key=lambda offer: -offer[0]):
+            more = self.cost.seconds(tokens + 1, cached + 1)
+            if tokens >= max_tokens or chance * seconds < expected * (more - seconds):
+                break  # (expected + chance) / more < expected / seconds
+            taken[state.request_id] = (state, drafts, place)
+            tokens, cached, expected, seconds = tokens + 1, cached + 1, expected + chance, more
+        for request_id, (state, drafts, count) in taken.items():
+            state.tokens_to_process = [state.tokens_to_process[-1], *drafts[:count]]
+            self._planned[request_id] = Planned(state, drafts[:count], state.position_offset)
 
     def _record(self, state: Any) -> Record:
         return self._records.setdefault(state.request_id, Record())
@@ -184,6 +273,17 @@ class Speculator:
             if planned and (not future.has_new_token or future.query_length != 1 + len(planned.drafts)):
                 raise RuntimeError(f"a drafted request was split by the scheduler: {future.state.request_id}")
         self.stats.speculating_steps += bool(self._planned)
+
+    @staticmethod
+    def decode_step(requests_in_batch: list[Any], started: float) -> tuple[int, int, float] | None:
+        """A step that only decodes (a drafted request's query is its last token and its drafts): its
+        tokens, the cached tokens they attend to and when it began, for the step cost; None for a
+        step that prefills, whose cost is another kind."""
+        if not all(f.has_new_token and f.state.status.name == "DECODING" for f in requests_in_batch):
+            return None
+        tokens = sum(future.query_length for future in requests_in_batch)
+        cached = sum(future.state.position_offset for future in requests_in_batch)  # this step included
+        return tokens, cached, started
 
     def rows(self, requests_in_batch: list[Any]) -> tuple[list[int], list[int], dict[str, int]]:
         """This step's logits rows: the position of each, the library's row it takes its processing
@@ -214,19 +314,11 @@ class Speculator:
         return samples[: accepted + 1], 1 + accepted
 
     def _learn(self, request_id: str, drafted: int, accepted: int) -> None:
-        record = self._records.setdefault(request_id, Record())
+        self._records.setdefault(request_id, Record()).learn(drafted, accepted)
         self.stats.drafts += 1
         self.stats.draft_tokens += drafted
         self.stats.accepted_tokens += accepted
         self.stats.emitted_tokens += accepted + 1
-        if accepted == drafted:
-            record.k, record.failures = min(record.k * 2, MAX_DRAFT), 0
-        elif accepted == 0:
-            record.k, record.failures = max(record.k // 2, 1), record.failures + 1
-            if record.failures >= 3:
-                record.paused_until, record.failures = self.stats.steps + PAUSE_STEPS, 0
-        else:
-            record.k, record.failures = max(accepted + 1, 1), 0
 
     def forget(self, request_id: str) -> None:
         self._records.pop(request_id, None)
@@ -242,6 +334,8 @@ def install() -> None:
     processor takes part when its manager has a `_fn_speculator`; steps without drafts run the library's
     own code unchanged. The engine must be synchronous (no async batching, no CUDA graphs): the CPU
     engine here."""
+    import time
+
     import torch
     from transformers.generation.continuous_batching import continuous_api as api
     from transformers.generation.continuous_batching import input_outputs as ios
@@ -264,10 +358,12 @@ def install() -> None:
         io.fn_rows = None
         if speculator is None:
             return library_prepare(self)
+        started = time.perf_counter()
         free = float(self.cache.compute_free_capacity(relative=True))
-        speculator.draft(self.scheduler, free)
+        speculator.draft(self.scheduler, free, self.max_batch_tokens)
         ready = library_prepare(self)
         speculator.scheduled(io.requests_in_batch if ready else [])
+        self.fn_step = speculator.decode_step(io.requests_in_batch, started) if ready else None
         if ready and speculator.planned:
             positions, sources, first_rows = speculator.rows(io.requests_in_batch)
             device = io.logits_indices.device
@@ -294,11 +390,20 @@ def install() -> None:
         return getattr(self, "fn_update", None) or library_outputs(self)
 
     def update_batch(self: Any) -> None:
+        """Settles the step, then counts its time into the step cost if it only decoded."""
+        speculator: Speculator | None = getattr(self, "fn_speculator", None)
+        if speculator is None:
+            return library_update(self)
+        settle(self, speculator)
+        if (step := getattr(self, "fn_step", None)) is not None:
+            tokens, cached, started = step
+            speculator.cost.observe(tokens, cached, time.perf_counter() - started)
+
+    def settle(self: Any, speculator: Speculator) -> None:
         """Settles the drafted requests here, as the library's update would settle one token at a time,
         then lets the library update the others with their one token each."""
-        speculator: Speculator | None = getattr(self, "fn_speculator", None)
         io = self.inputs_and_outputs
-        if speculator is None or io.fn_rows is None:
+        if io.fn_rows is None:
             return library_update(self)
         positions, _, first_rows = io.fn_rows
         samples = io.output_ids[0, : positions.numel()].tolist()
