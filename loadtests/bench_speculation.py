@@ -1,24 +1,29 @@
 """Speculative decoding, `auto` against `off`, in one run: tokens/s and time to first token at 1, 4, 16
 and 32 streams, on an input-grounded and an open-ended workload.
 
-    make bench-speculation   # ~15 minutes; writes loadtests/results/speculation.{json,png}
+    make bench-speculation   # ~17 minutes; writes loadtests/results/speculation.{json,png}
 
 One server with `make serve`'s defaults (response caches off, since prompts repeat). `off` is the
 per-request opt-out (`speculation: "off"`), which the engine treats as it treats FNSERVE_SPECULATION=off
 for that request, so both modes share the server, its warm-up and the machine's drift; at each level
-they alternate in ABBA order. Greedy requests, streamed; tokens are counted from `usage`, since a chunk
-carries every token a step accepted. Beside each figure: the engine's tokens per forward pass for the
-drafted requests and its acceptance rate, from /engine/stats.
+they alternate in ABBA order. Each stream sends its next request as soon as its last one ends, and the
+tokens are counted over a window of WINDOW seconds that opens once every stream has its first token: a
+level's figure is that many streams decoding together, not a burst that drains to one long answer.
+Greedy requests, streamed; tokens are counted from each chunk's running usage (vLLM's
+`continuous_usage_stats`), since a chunk carries every token a step accepted. Beside each figure: the
+engine's tokens per forward pass for the drafted requests and its acceptance rate, from /engine/stats.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,16 +65,18 @@ def misspelled(text: str) -> str:
     return " ".join(SPELLING.get(word, word) for word in text.split(" "))
 
 
+TASKS = [
+    "Rewrite the following paragraph in your own words, keeping every fact:\n\n{}",
+    "Fix the spelling mistakes in this paragraph and write it out again:\n\n{}",
+    "Copy out, word for word, the sentences of this paragraph that mention a number:\n\n{}",
+]
+# The three tasks in turn (each over the paragraphs in turn), so that any few streams hold all three.
 GROUNDED = [
-    *(f"Rewrite the following paragraph in your own words, keeping every fact:\n\n{p}" for p in PARAGRAPHS),
-    *(
-        f"Fix the spelling mistakes in this paragraph and write it out again:\n\n{misspelled(p)}"
-        for p in PARAGRAPHS
-    ),
-    *(
-        f"Copy out, word for word, the sentences of this paragraph that mention a number:\n\n{p}"
-        for p in PARAGRAPHS
-    ),
+    TASKS[task].format(
+        misspelled(PARAGRAPHS[(round_ + task) % 3]) if task == 1 else PARAGRAPHS[(round_ + task) % 3]
+    )
+    for round_ in range(3)
+    for task in range(3)
 ]
 OPEN = [
     "Write a story about a dragon who is afraid of the dark.",
@@ -82,57 +89,89 @@ OPEN = [
 WORKLOADS = {"grounded": GROUNDED, "open": OPEN}
 
 
-async def one_chat(client: httpx.AsyncClient, prompt: str, mode: str, stats: dict[str, list[float]]) -> None:
+WINDOW = 24.0  # seconds of each round that are counted
+
+
+@dataclass
+class Round:
+    """What the streams of one round saw: every token as it came, each request's time to first token."""
+
+    tokens: int = 0
+    ttft: list[float] = field(default_factory=list)
+    first: set[int] = field(default_factory=set)  # streams that have had a token
+    all_started: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+async def one_chat(
+    client: httpx.AsyncClient, prompt: str, mode: str, stream: int, seen: Round, streams: int
+) -> None:
     body = {
         "model": MODEL,
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": MAX_TOKENS,
         "temperature": 0,
         "stream": True,
-        "stream_options": {"include_usage": True},
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
         "speculation": mode,
     }
     start = time.perf_counter()
-    first = None
+    counted = 0
     async with client.stream("POST", "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
-            chunk = json.loads(line[6:])
-            if first is None and any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
-                first = time.perf_counter() - start
-            if chunk.get("usage"):
-                stats["tokens"].append(chunk["usage"]["completion_tokens"])
-    stats["ttft"].append(first or 0.0)
+            usage = json.loads(line[6:]).get("usage") or {}
+            if (tokens := usage.get("completion_tokens", 0)) > counted:
+                if not counted:
+                    seen.ttft.append(time.perf_counter() - start)
+                    seen.first.add(stream)
+                    if len(seen.first) == streams:
+                        seen.all_started.set()
+                seen.tokens += tokens - counted
+                counted = tokens
+
+
+async def load(url: str, prompts: list[str], mode: str, streams: int) -> dict[str, float]:
+    """`streams` streams, stream i over prompts i, i + streams, ... in turn, each request sent as the
+    last one ends; counted over WINDOW seconds once every stream has its first token, then cancelled."""
+    seen = Round()
+
+    async def stream(index: int, client: httpx.AsyncClient) -> None:
+        for turn in itertools.count():
+            await one_chat(
+                client, prompts[(index + turn * streams) % len(prompts)], mode, index, seen, streams
+            )
+
+    async with httpx.AsyncClient(
+        base_url=url, timeout=900, limits=httpx.Limits(max_connections=64)
+    ) as client:
+        tasks = [asyncio.create_task(stream(i, client)) for i in range(streams)]
+        await seen.all_started.wait()
+        opened = seen.tokens
+        await asyncio.sleep(WINDOW)
+        tokens = seen.tokens - opened
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return {
+        "tokens_per_s": tokens / WINDOW,
+        "ttft_p50_ms": 1000 * statistics.median(seen.ttft),
+        "requests": len(seen.ttft),
+        "tokens": tokens,
+        "round_tokens": seen.tokens,  # the window's and those before and after it
+    }
+
+
+def idle(url: str) -> None:
+    """Waits until the engine has finished with the cancelled requests of the last round."""
+    with httpx.Client(base_url=url, timeout=60) as client:
+        while (stats := engine_stats(client))["running"] or stats["waiting"]:
+            time.sleep(0.2)
 
 
 def engine_stats(client: httpx.Client) -> dict[str, float]:
     return client.get("/engine/stats").json()
-
-
-async def load(url: str, prompts: list[str], mode: str, streams: int) -> dict[str, float]:
-    """`streams` concurrent requests over the prompts in turn; one stream runs one request per task
-    (every third prompt) one after another."""
-    stats: dict[str, list[float]] = {"ttft": [], "tokens": []}
-    async with httpx.AsyncClient(
-        base_url=url, timeout=900, limits=httpx.Limits(max_connections=64)
-    ) as client:
-        started = time.perf_counter()
-        if streams == 1:
-            for prompt in prompts[::3]:
-                await one_chat(client, prompt, mode, stats)
-        else:
-            await asyncio.gather(
-                *(one_chat(client, prompts[i % len(prompts)], mode, stats) for i in range(streams))
-            )
-        elapsed = time.perf_counter() - started
-    return {
-        "tokens_per_s": sum(stats["tokens"]) / elapsed,
-        "ttft_p50_ms": 1000 * statistics.median(stats["ttft"]),
-        "requests": len(stats["tokens"]),
-        "tokens": sum(stats["tokens"]),
-    }
 
 
 def measure(url: str, prompts: list[str], mode: str, streams: int) -> dict[str, float]:
@@ -140,6 +179,7 @@ def measure(url: str, prompts: list[str], mode: str, streams: int) -> dict[str, 
     with httpx.Client(base_url=url, timeout=60) as client:
         before = engine_stats(client)
         result = asyncio.run(load(url, prompts, mode, streams))
+        idle(url)
         after = engine_stats(client)
 
     def grew(name: str) -> float:
@@ -156,10 +196,15 @@ def measure(url: str, prompts: list[str], mode: str, streams: int) -> dict[str, 
         drafts=drafts,
         acceptance_rate=accepted / drafted if drafted else 0.0,
         tokens_per_drafted_pass=(accepted + drafts) / drafts if drafts else 1.0,
-        tokens_per_step=result["tokens"] / steps if steps else 0.0,
+        tokens_per_step=result["round_tokens"] / steps if steps else 0.0,
         share_of_steps_drafting=drafting_steps / steps if steps else 0.0,
     )
     return result
+
+
+async def warm(url: str, prompts: list[str]) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=900) as client:
+        await asyncio.gather(*(one_chat(client, p, "off", i, Round(), 0) for i, p in enumerate(prompts)))
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -194,11 +239,11 @@ def main() -> None:
     with serve(env={**CACHES_OFF, "FNSERVE_GENERATION_MAX_WAIT_SECONDS": "3600"}) as url:
         result["served_dtypes"] = served_dtypes(url)
         status = httpx.get(f"{url}/models/status", timeout=60).json()[MODEL]["choices"]
-        result["speculation_step_tokens"] = status["speculation_step_tokens"]
+        result["speculation_step_cost"] = status["speculation_step_cost"]
         # Warm-up: every prompt once, so that every round finds its prompt's blocks in the prefix cache
         # (the first round would otherwise pay the only cold prefills).
         for prompts in WORKLOADS.values():
-            measure(url, prompts, "off", len(prompts))
+            asyncio.run(warm(url, prompts))
         for workload, prompts in WORKLOADS.items():
             rows = result["workloads"].setdefault(workload, {})
             for streams in args.streams:
@@ -216,6 +261,8 @@ def main() -> None:
                 rows[str(streams)] = cell
                 print(workload, streams, json.dumps(cell), flush=True)
                 (RESULTS / "speculation.json").write_text(json.dumps(result, indent=2) + "\n")  # so far
+        fitted = httpx.get(f"{url}/engine/stats", timeout=60).json()
+        result["step_cost_fitted"] = {k: v for k, v in fitted.items() if k.startswith("speculation_cost")}
     (RESULTS / "speculation.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, RESULTS / "speculation.png")
 

@@ -7,13 +7,14 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
 
 from services.functions.engine import Sampling, TransformersEngine
-from services.functions.speculation import Drafting, StepCost, propose
+from services.functions.speculation import Drafting, Speculator, StepCost, propose
 from tests.reference import _model
 from tests.server import LONG
 from tests.test_chat import MODEL, ask
@@ -180,3 +181,54 @@ def test_the_served_route_drafts_changes_nothing_in_fp32_and_reports_it(client: 
     bad = client.post("/v1/chat/completions", json={"model": MODEL, "messages": [], "speculation": "maybe"})
     assert bad.status_code == 400
     assert ask(client, question, max_tokens=96)["choices"][0]["message"]["content"] == plain
+
+
+def cost_of(fixed: float, per_token: float, learn: bool = False) -> StepCost:
+    """A step cost whose prior alone is a step of `fixed` seconds plus `per_token` per token."""
+    points = [(n, kv, fixed + per_token * n) for n in (2, 8, 32) for kv in (256, 2048)]
+    return StepCost(points, learn=learn)
+
+
+def running(request_id: str, answer: list[int]) -> SimpleNamespace:
+    """A decoding request's state as the policy reads it (transformers' RequestState's fields)."""
+    return SimpleNamespace(
+        request_id=request_id,
+        status=SimpleNamespace(name="DECODING"),
+        initial_tokens=[1, 2, 3],
+        generated_tokens=list(answer),
+        tokens_to_process=[answer[-1]],
+        logit_processor_kwargs={},
+        _new_tokens_limit=256,
+        generated_len=lambda: len(answer),
+        position_offset=2 + len(answer),
+    )
+
+
+def test_step_cost_learns_the_steps_it_times() -> None:
+    def truth(n: int, kv: int) -> float:
+        return 0.08 + 0.0015 * n + 0.02 * kv / 1000 + 0.0003 * n * kv / 1000
+
+    cost = cost_of(0.04, 0.002, learn=True)  # as a bare forward pass: cheaper than the engine's step
+    steps = [(n, kv) for n in (1, 4, 9, 16, 30) for kv in (300, 1500, 6000)]
+    for n, kv in steps * 20:
+        cost.observe(n, kv, truth(n, kv))
+    for n, kv in [(1, 400), (16, 6400), (40, 3000)]:
+        assert cost.seconds(n, kv) == pytest.approx(truth(n, kv), rel=0.05)
+    assert cost.as_dict()["speculation_cost_steps"] == len(steps) * 20
+
+
+def test_the_policy_drafts_where_a_token_is_worth_its_time() -> None:
+    """A repeating answer offers a long draft. Where a step's fixed cost dominates, it is taken; where a
+    token costs as much as a whole step, none is; and none while a prompt waits to be prefilled."""
+    answer = [5, 6, 7, 8] * 6
+
+    def drafts(cost: StepCost, waiting: dict[str, Any] | None = None) -> dict[str, int]:
+        speculator = Speculator(cost)
+        states = {name: running(name, answer) for name in ("a", "b")}
+        speculator.draft(SimpleNamespace(active_requests=states, waiting_requests=waiting or {}), 1.0, 512)
+        return {name: len(planned.drafts) for name, planned in speculator.planned.items()}
+
+    cheap = drafts(cost_of(0.08, 0.001))
+    assert set(cheap) == {"a", "b"} and min(cheap.values()) >= 4
+    assert drafts(cost_of(0.001, 0.05)) == {}
+    assert drafts(cost_of(0.08, 0.001), waiting={"c": running("c", answer)}) == {}

@@ -108,7 +108,8 @@ class StepCost:
     for the pass alone), so they, not the prior, decide once they come."""
 
     FORGET = 0.995
-    PRIOR_STEPS = 16
+    PRIOR_STEPS = 4
+    RIDGE = 1e-9  # keeps the fit solvable whatever the steps seen
 
     def __init__(self, prior: list[tuple[int, int, float]], learn: bool = True) -> None:
         import numpy as np
@@ -142,7 +143,8 @@ class StepCost:
         self._fit()
 
     def _fit(self) -> None:
-        gram, moment = self._prior_gram + self._gram, self._prior_moment + self._moment
+        gram = self._prior_gram + self._gram + self.RIDGE * self._np.eye(4)
+        moment = self._prior_moment + self._moment
         kept = [0, 1, 2, 3]
         while True:
             coefficients = self._np.zeros(4)
