@@ -1,14 +1,15 @@
 """Speculative decoding, `auto` against `off`, in one run: tokens/s and time to first token at 1, 4, 16
 and 32 streams, on an input-grounded and an open-ended workload.
 
-    make bench-speculation   # ~17 minutes; writes loadtests/results/speculation.{json,png}
+    make bench-speculation   # ~20 minutes; writes loadtests/results/speculation.{json,png}
 
 One server with `make serve`'s defaults (response caches off, since prompts repeat). `off` is the
 per-request opt-out (`speculation: "off"`), which the engine treats as it treats FNSERVE_SPECULATION=off
 for that request, so both modes share the server, its warm-up and the machine's drift; at each level
-they alternate in ABBA order. Each stream sends its next request as soon as its last one ends, and the
-tokens are counted over a window of WINDOW seconds that opens once every stream has its first token: a
-level's figure is that many streams decoding together, not a burst that drains to one long answer.
+they alternate in ABBA order (ABBABAAB at 16 and 32 streams). Each stream sends its next request as
+soon as its last one ends, and the tokens are counted over a window of WINDOW seconds that opens once
+every stream has its first token: a level's figure is that many streams decoding together, not a burst
+that drains to one long answer.
 Greedy requests, streamed; tokens are counted from each chunk's running usage (vLLM's
 `continuous_usage_stats`), since a chunk carries every token a step accepted. Beside each figure: the
 engine's tokens per forward pass for the drafted requests and its acceptance rate, from /engine/stats.
@@ -89,7 +90,9 @@ OPEN = [
 WORKLOADS = {"grounded": GROUNDED, "open": OPEN}
 
 
-WINDOW = 24.0  # seconds of each round that are counted
+WINDOW = 20.0  # seconds of each round that are counted
+# Rounds alternate ABBA, twice over (BAAB) where many streams make a round's figure vary more.
+ORDER = ("auto", "off", "off", "auto", "off", "auto", "auto", "off")
 
 
 @dataclass
@@ -248,9 +251,10 @@ def main() -> None:
             rows = result["workloads"].setdefault(workload, {})
             for streams in args.streams:
                 rounds: dict[str, list[dict[str, float]]] = {"auto": [], "off": []}
-                for mode in ("auto", "off", "off", "auto"):
+                for mode in ORDER[: 8 if streams >= 16 else 4]:
                     rounds[mode].append(measure(url, prompts, mode, streams))
-                cell = {mode: mean_of(runs) for mode, runs in rounds.items()}
+                cell: dict[str, Any] = {mode: mean_of(runs) for mode, runs in rounds.items()}
+                cell["rounds_tokens_per_s"] = {m: [r["tokens_per_s"] for r in rs] for m, rs in rounds.items()}
                 cell["ratio"] = cell["auto"]["tokens_per_s"] / cell["off"]["tokens_per_s"]
                 bar = BARS.get((workload, streams), 0.97)
                 result["bars"][f"{workload}@{streams}"] = {

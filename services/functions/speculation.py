@@ -35,6 +35,7 @@ MAX_DRAFT = 16  # draft tokens per request and step
 MIN_FREE_CACHE = 0.3  # drafting never competes with requests for the last blocks of the cache
 MAX_ACCEPTANCE = 0.95  # no request's drafts are taken as certain
 MEMORY = 0.8  # weight of a request's earlier drafts against its latest one
+POOL_MEMORY = 0.98  # the same for all requests' drafts, a new request's prior
 
 
 def propose(tokens: list[int], k: int, max_n: int = MAX_NGRAM, min_n: int = MIN_NGRAM) -> list[int]:
@@ -51,20 +52,22 @@ def propose(tokens: list[int], k: int, max_n: int = MAX_NGRAM, min_n: int = MIN_
 
 @dataclass
 class Record:
-    """A request's recent drafting: its draft tokens accepted, and its drafts that ended in a rejection
-    (decayed counts; the prior is one of each). Their ratio is the chance that its next draft token is
-    accepted, given the one before it was: the maximum-likelihood rate of a geometric run."""
+    """Recent drafting (of a request, or of all): draft tokens accepted, and drafts that ended in a
+    rejection (decayed counts). Their ratio is the chance that the next draft token is accepted, given
+    the one before it was: the maximum-likelihood rate of a geometric run. A request's counts start
+    from two drafts' worth at the rate of all requests' recent drafts."""
 
     accepted: float = 1.0
     rejected: float = 1.0
+    memory: float = MEMORY
 
     @property
     def acceptance(self) -> float:
         return min(self.accepted / (self.accepted + self.rejected), MAX_ACCEPTANCE)
 
     def learn(self, drafted: int, accepted: int) -> None:
-        self.accepted = MEMORY * self.accepted + accepted
-        self.rejected = MEMORY * self.rejected + (accepted < drafted)
+        self.accepted = self.memory * self.accepted + accepted
+        self.rejected = self.memory * self.rejected + (accepted < drafted)
 
 
 @dataclass
@@ -221,6 +224,7 @@ class Speculator:
     opted_out: set[str] = field(default_factory=set)  # request ids; written by the event loop
     stats: SpeculationStats = field(default_factory=SpeculationStats)
     _records: dict[str, Record] = field(default_factory=dict)
+    _pool: Record = field(default_factory=lambda: Record(memory=POOL_MEMORY))
     _planned: dict[str, Planned] = field(default_factory=dict)
 
     def draft(self, scheduler: Any, free_cache: float, max_tokens: int) -> None:
@@ -244,7 +248,7 @@ class Speculator:
                 continue
             room = state._new_tokens_limit - state.generated_len() - 1  # the sample after the drafts
             drafts = propose(state.initial_tokens + state.generated_tokens, min(MAX_DRAFT, room))
-            acceptance = self._record(state).acceptance
+            acceptance = self._record(state.request_id).acceptance
             offers.extend((acceptance**place, place, state, drafts) for place in range(1, len(drafts) + 1))
         tokens, cached = len(active), sum(s.position_offset + 1 for s in active)
         expected, seconds = float(tokens), self.cost.seconds(tokens, cached)
@@ -259,8 +263,11 @@ class Speculator:
             state.tokens_to_process = [state.tokens_to_process[-1], *drafts[:count]]
             self._planned[request_id] = Planned(state, drafts[:count], state.position_offset)
 
-    def _record(self, state: Any) -> Record:
-        return self._records.setdefault(state.request_id, Record())
+    def _record(self, request_id: str) -> Record:
+        if (record := self._records.get(request_id)) is None:
+            rate = self._pool.accepted / (self._pool.accepted + self._pool.rejected)
+            record = self._records[request_id] = Record(2 * rate, 2 * (1 - rate))
+        return record
 
     def scheduled(self, scheduled: list[Any]) -> None:
         """Counts the step (if there is one); a drafted request the scheduler left out of it goes back to
@@ -316,7 +323,9 @@ class Speculator:
         return samples[: accepted + 1], 1 + accepted
 
     def _learn(self, request_id: str, drafted: int, accepted: int) -> None:
-        self._records.setdefault(request_id, Record()).learn(drafted, accepted)
+        if record := self._records.get(request_id):  # none once the request is forgotten
+            record.learn(drafted, accepted)
+        self._pool.learn(drafted, accepted)
         self.stats.drafts += 1
         self.stats.draft_tokens += drafted
         self.stats.accepted_tokens += accepted
