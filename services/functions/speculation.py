@@ -237,6 +237,10 @@ class Speculator:
             return
         if any(s.status.name != "DECODING" or len(s.tokens_to_process) != 1 for s in active):
             return  # a prompt is being prefilled
+        tokens, cached = len(active), sum(s.position_offset + 1 for s in active)
+        expected, seconds = float(tokens), self.cost.seconds(tokens, cached)
+        # The least chance a first draft token needs: a request below it is not even looked up.
+        least = expected * (self.cost.seconds(tokens + 1, cached + 1) - seconds) / seconds
         offers: list[tuple[float, int, Any, list[int]]] = []  # (chance, place, request, drafts)
         for state in active:
             if (
@@ -244,14 +248,12 @@ class Speculator:
                 or state.request_id in self.opted_out
                 or state.logit_processor_kwargs.keys() & self.history_kwargs
                 or state.tokens_to_process[-1] < 0
+                or (acceptance := self._record(state.request_id).acceptance) < least
             ):
                 continue
             room = state._new_tokens_limit - state.generated_len() - 1  # the sample after the drafts
             drafts = propose(state.initial_tokens + state.generated_tokens, min(MAX_DRAFT, room))
-            acceptance = self._record(state.request_id).acceptance
             offers.extend((acceptance**place, place, state, drafts) for place in range(1, len(drafts) + 1))
-        tokens, cached = len(active), sum(s.position_offset + 1 for s in active)
-        expected, seconds = float(tokens), self.cost.seconds(tokens, cached)
         taken: dict[str, tuple[Any, list[int], int]] = {}
         for chance, place, state, drafts in sorted(offers, key=lambda offer: -offer[0]):
             more = self.cost.seconds(tokens + 1, cached + 1)
