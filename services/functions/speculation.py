@@ -342,6 +342,15 @@ class Speculator:
         return self._planned
 
 
+def reclaimable_share(cache: Any) -> float:
+    """The share of the cache that requests could take: its free blocks and its cached ones (complete
+    blocks kept for prefix sharing, which the library evicts when it needs room; its own free capacity
+    counts them as used, so a server that has answered many prompts would look full)."""
+    cached = sum(len(a.ledger.cached_blocks) * a.bytes_per_block for a in cache.cache_allocators.values())
+    total = cache.num_sectors * cache.bytes_per_sector
+    return float(cache.compute_free_capacity(relative=False) + cached) / total
+
+
 def install() -> None:
     """Widens transformers 5.24's continuous batching for drafted requests (once per process). A batch
     processor takes part when its manager has a `_fn_speculator`; steps without drafts run the library's
@@ -372,8 +381,7 @@ def install() -> None:
         if speculator is None:
             return library_prepare(self)
         started = time.perf_counter()
-        free = float(self.cache.compute_free_capacity(relative=True))
-        speculator.draft(self.scheduler, free, self.max_batch_tokens)
+        speculator.draft(self.scheduler, reclaimable_share(self.cache), self.max_batch_tokens)
         ready = library_prepare(self)
         speculator.scheduled(io.requests_in_batch if ready else [])
         self.fn_step = speculator.decode_step(io.requests_in_batch, started) if ready else None
