@@ -150,9 +150,12 @@ async def load(url: str, prompts: list[str], mode: str, streams: int) -> dict[st
         base_url=url, timeout=900, limits=httpx.Limits(max_connections=64)
     ) as client:
         tasks = [asyncio.create_task(stream(i, client)) for i in range(streams)]
-        await seen.all_started.wait()
+        started = asyncio.create_task(seen.all_started.wait())
+        done, _ = await asyncio.wait([started, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        failed(done - {started})
         opened = seen.tokens
-        await asyncio.sleep(WINDOW)
+        done, _ = await asyncio.wait(tasks, timeout=WINDOW, return_when=asyncio.FIRST_EXCEPTION)
+        failed(done)
         tokens = seen.tokens - opened
         for task in tasks:
             task.cancel()
@@ -164,6 +167,13 @@ async def load(url: str, prompts: list[str], mode: str, streams: int) -> dict[st
         "tokens": tokens,
         "round_tokens": seen.tokens,  # the window's and those before and after it
     }
+
+
+def failed(streams: set[asyncio.Task[None]]) -> None:
+    """A stream only ends by failing (a request that got an error): the run stops with its error."""
+    for task in streams:
+        task.result()
+        raise RuntimeError("a stream ended without an error")
 
 
 def idle(url: str) -> None:

@@ -14,6 +14,8 @@ import httpx
 import pytest
 
 from services.functions.engine import Sampling, TransformersEngine
+from services.functions.generation import engine_runs
+from services.functions.lifecycle import ModelSlot
 from services.functions.speculation import Drafting, Speculator, StepCost, propose, reclaimable_share
 from tests.reference import _model
 from tests.server import LONG
@@ -234,4 +236,31 @@ def test_the_policy_drafts_where_a_token_is_worth_its_time() -> None:
     cheap = drafts(cost_of(0.08, 0.001))
     assert set(cheap) == {"a", "b"} and min(cheap.values()) >= 4
     assert drafts(cost_of(0.001, 0.05)) == {}
+    assert drafts(cost_of(0.0, 0.0)) == {}  # a step priced at nothing is not divided by
+    idle = Speculator(cost_of(0.0, 0.001))
+    idle.draft(SimpleNamespace(active_requests={}, waiting_requests={}), 1.0, 512)  # no request, no step
+    assert idle.planned == {}
     assert drafts(cost_of(0.08, 0.001), waiting={"c": running("c", answer)}) == {}
+
+
+def test_an_engine_whose_loop_died_is_started_again_on_the_next_request() -> None:
+    """The model slot hands out a working engine: one whose loop has stopped is replaced, not used."""
+    tokenizer, model = _model()
+    ids = chat_ids(tokenizer, OPEN)
+
+    def start() -> TransformersEngine:
+        return TransformersEngine(model, tokenizer.eos_token_id, tokenizer.pad_token_id, 16)
+
+    slot = ModelSlot("chat", start, TransformersEngine.shutdown, 0, alive=engine_runs)
+    slot.load_now()
+
+    async def ask_slot() -> list[int]:
+        async with slot.use() as engine:
+            return await answer(engine, ids, Sampling(6))
+
+    first = slot.current
+    expected = asyncio.run(ask_slot())
+    assert first is not None and first.shutdown()  # its loop is gone, as when the loop fails
+    assert asyncio.run(ask_slot()) == expected
+    assert slot.current is not first and slot.current.running
+    slot.current.shutdown()

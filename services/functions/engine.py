@@ -90,6 +90,11 @@ class Engine(Protocol):
 
     def stats(self) -> EngineStats: ...
 
+    @property
+    def running(self) -> bool:
+        """False once the engine loop has stopped or died: nothing it is given would be served."""
+        ...
+
     def shutdown(self) -> bool:
         """Stops the engine loop; False if it is still running when the wait ends."""
         ...
@@ -456,6 +461,10 @@ class TransformersEngine:
             free_cache=float(processor.cache.compute_free_capacity(relative=True)),
             speculation=speculation,
         )
+
+    @property
+    def running(self) -> bool:
+        return self._manager.is_running()
 
     def shutdown(self) -> bool:
         self._manager.stop(block=True, timeout=10)

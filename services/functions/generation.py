@@ -163,6 +163,10 @@ class IncrementalDecoder:
         return delta
 
 
+def engine_runs(engine: Engine) -> bool:
+    return engine.running
+
+
 @bentoml.service(
     name="generation",
     workers=1,
@@ -207,7 +211,9 @@ class Generator:
         self.drafting = self.decide_speculation(served)
         self.speculation = self.drafting.stats if self.drafting else None
         self.weights = Reloadable(lambda: served, self.model_ref.path, self.dtype, self.device)
-        self.slot = ModelSlot(MODEL.name, self.start_engine, self.stop_engine, settings.idle_release_seconds)
+        self.slot = ModelSlot(
+            MODEL.name, self.start_engine, self.stop_engine, settings.idle_release_seconds, alive=engine_runs
+        )
         self.slot.load_now()
         logger.info("generation model %s on %s", MODEL.tag, self.device)
         self._release_task: asyncio.Task[None] | None = None

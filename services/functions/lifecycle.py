@@ -145,11 +145,18 @@ class Reloadable:
 
 class ModelSlot(Generic[M]):
     def __init__(
-        self, name: str, load: Callable[[], M], unload: Callable[[M], None], idle_seconds: float
+        self,
+        name: str,
+        load: Callable[[], M],
+        unload: Callable[[M], None],
+        idle_seconds: float,
+        alive: Callable[[M], bool] | None = None,
     ) -> None:
-        """`load` and `unload` run in a worker thread; `idle_seconds` 0 keeps the model resident."""
+        """`load` and `unload` run in a worker thread; `idle_seconds` 0 keeps the model resident;
+        `alive` tells a model that has stopped working (an engine whose loop died), which the next
+        `use()` unloads and loads again instead of handing out."""
         self.name = name
-        self._load, self._unload = load, unload
+        self._load, self._unload, self._alive = load, unload, alive
         self.idle_seconds = idle_seconds
         self._model: M | None = None
         self._lock = asyncio.Lock()
@@ -185,6 +192,10 @@ class ModelSlot(Generic[M]):
     @asynccontextmanager
     async def use(self) -> AsyncIterator[M]:
         async with self._lock:
+            if self._model is not None and self._alive and not self._alive(self._model):
+                logger.error("%s stopped working: loading it again", self.name)
+                dead, self._model = self._model, None
+                await asyncio.to_thread(self._unload, dead)
             if self._model is None:
                 self._pending = self._pending or asyncio.ensure_future(self._wake())
                 # Shielded: a caller that gives up (timeout, disconnect) does not abandon the load

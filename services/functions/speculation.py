@@ -239,6 +239,8 @@ class Speculator:
             return  # a prompt is being prefilled
         tokens, cached = len(active), sum(s.position_offset + 1 for s in active)
         expected, seconds = float(tokens), self.cost.seconds(tokens, cached)
+        if not tokens or seconds <= 0:  # nothing to draft for, or a fit that cannot price a step
+            return
         # The least chance a first draft token needs: a request below it is not even looked up.
         least = expected * (self.cost.seconds(tokens + 1, cached + 1) - seconds) / seconds
         offers: list[tuple[float, int, Any, list[int]]] = []  # (chance, place, request, drafts)
