@@ -1,7 +1,7 @@
 """Speculative decoding, `auto` against `off`, in one run: tokens/s and time to first token at 1, 4, 16
 and 32 streams, on an input-grounded and an open-ended workload.
 
-    make bench-speculation   # ~20 minutes; writes loadtests/results/speculation.{json,png}
+    make bench-speculation   # ~25 minutes; writes loadtests/results/speculation.{json,png}
 
 One server with `make serve`'s defaults (response caches off, since prompts repeat). `off` is the
 per-request opt-out (`speculation: "off"`), which the engine treats as it treats FNSERVE_SPECULATION=off
