@@ -209,7 +209,6 @@ class Generator:
         )
         served = stored.to(self.dtype)
         self.drafting = self.decide_speculation(served)
-        self.speculation = self.drafting.stats if self.drafting else None
         self.weights = Reloadable(lambda: served, self.model_ref.path, self.dtype, self.device)
         self.slot = ModelSlot(
             MODEL.name, self.start_engine, self.stop_engine, settings.idle_release_seconds, alive=engine_runs
@@ -550,8 +549,8 @@ class Generator:
         while True:
             if self._active:
                 self.beat.busy()
-            if self.speculation:
-                for name, value in vars(self.speculation).items():
+            if self.drafting:
+                for name, value in vars(self.drafting.stats).items():
                     if added := value - getattr(counted, name):
                         SPECULATION.labels(count=name).inc(added)
                         setattr(counted, name, value)

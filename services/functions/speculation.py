@@ -62,8 +62,12 @@ class Record:
     memory: float = MEMORY
 
     @property
+    def rate(self) -> float:
+        return self.accepted / (self.accepted + self.rejected)
+
+    @property
     def acceptance(self) -> float:
-        return min(self.accepted / (self.accepted + self.rejected), MAX_ACCEPTANCE)
+        return min(self.rate, MAX_ACCEPTANCE)
 
     def learn(self, drafted: int, accepted: int) -> None:
         self.accepted = self.memory * self.accepted + accepted
@@ -269,7 +273,7 @@ class Speculator:
 
     def _record(self, request_id: str) -> Record:
         if (record := self._records.get(request_id)) is None:
-            rate = self._pool.accepted / (self._pool.accepted + self._pool.rejected)
+            rate = self._pool.rate
             record = self._records[request_id] = Record(2 * rate, 2 * (1 - rate))
         return record
 
