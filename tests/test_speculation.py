@@ -243,6 +243,25 @@ def test_the_policy_drafts_where_a_token_is_worth_its_time() -> None:
     assert drafts(cost_of(0.08, 0.001), waiting={"c": running("c", answer)}) == {}
 
 
+def test_a_request_whose_copying_ended_stops_drafting_in_a_full_batch() -> None:
+    """In a batch of 32, where a draft token pays only at a chance of about 2 in 3, a request that has
+    just had 16 drafts accepted drafts; three rejections later it no longer does, however long its run
+    was."""
+    cost = cost_of(0.1, 0.006)
+    speculator = Speculator(cost)
+    states = {f"r{i}": running(f"r{i}", [9]) for i in range(31)}  # no earlier n-gram: nothing to offer
+    scheduler = SimpleNamespace(active_requests=states, waiting_requests={})
+    speculator._record("copier").learn(16, 16)
+    states["copier"] = running("copier", [5, 6, 7, 8] * 6)
+    speculator.draft(scheduler, 1.0, 512)
+    assert set(speculator.planned) == {"copier"}
+    for _ in range(3):
+        speculator._record("copier").learn(4, 0)
+    states["copier"] = running("copier", [5, 6, 7, 8] * 6)  # the step ran: one token to process again
+    speculator.draft(scheduler, 1.0, 512)
+    assert speculator.planned == {}
+
+
 def test_an_engine_whose_loop_died_is_started_again_on_the_next_request() -> None:
     """The model slot hands out a working engine: one whose loop has stopped is replaced, not used."""
     tokenizer, model = _model()

@@ -34,8 +34,8 @@ MAX_NGRAM, MIN_NGRAM = 3, 1
 MAX_DRAFT = 16  # draft tokens per request and step
 MIN_FREE_CACHE = 0.3  # drafting never competes with requests for the last blocks of the cache
 MAX_ACCEPTANCE = 0.95  # no request's drafts are taken as certain
-MEMORY = 0.8  # weight of a request's earlier drafts against its latest one
-POOL_MEMORY = 0.98  # the same for all requests' drafts, a new request's prior
+MEMORY = 0.8  # weight of a request's earlier draft outcomes against its latest one
+POOL_MEMORY = 0.98  # the same for all requests' outcomes, a new request's prior
 
 
 def propose(tokens: list[int], k: int, max_n: int = MAX_NGRAM, min_n: int = MIN_NGRAM) -> list[int]:
@@ -52,10 +52,13 @@ def propose(tokens: list[int], k: int, max_n: int = MAX_NGRAM, min_n: int = MIN_
 
 @dataclass
 class Record:
-    """Recent drafting (of a request, or of all): draft tokens accepted, and drafts that ended in a
-    rejection (decayed counts). Their ratio is the chance that the next draft token is accepted, given
-    the one before it was: the maximum-likelihood rate of a geometric run. A request's counts start
-    from two drafts' worth at the rate of all requests' recent drafts."""
+    """Recent draft outcomes (of a request, or of all): each accepted draft token counts as a success,
+    and each rejection that ended a draft as a failure; every outcome weighs `memory` times the next
+    one. Their ratio is the chance that the next draft token is accepted, given the one before it was
+    (the maximum-likelihood rate of a geometric run). The weight is per outcome, not per draft: weighed
+    per draft, one long accepted run outweighed the five rejections after it, and at 32 open-ended
+    streams requests whose copying had ended went on drafting at an acceptance of 0.17. A request's
+    counts start from two outcomes at the rate of all requests' recent ones."""
 
     accepted: float = 1.0
     rejected: float = 1.0
@@ -70,8 +73,9 @@ class Record:
         return min(self.rate, MAX_ACCEPTANCE)
 
     def learn(self, drafted: int, accepted: int) -> None:
-        self.accepted = self.memory * self.accepted + accepted
-        self.rejected = self.memory * self.rejected + (accepted < drafted)
+        for kept in [True] * accepted + [False] * (accepted < drafted):
+            self.accepted = self.memory * self.accepted + kept
+            self.rejected = self.memory * self.rejected + (not kept)
 
 
 @dataclass
