@@ -34,6 +34,7 @@ MAX_NGRAM, MIN_NGRAM = 3, 1
 MAX_DRAFT = 16  # draft tokens per request and step
 MIN_FREE_CACHE = 0.3  # drafting never competes with requests for the last blocks of the cache
 MAX_ACCEPTANCE = 0.95  # no request's drafts are taken as certain
+CONTEXTS = (1024, 256)  # cached tokens of the start-up passes, longest first: one prefill, then cropped
 MEMORY = 0.8  # weight of a request's earlier draft outcomes against its latest one
 POOL_MEMORY = 0.98  # the same for all requests' outcomes, a new request's prior
 
@@ -185,22 +186,26 @@ class StepCost:
 
 
 def measure_step_cost(model: Any) -> tuple[StepCost, str]:
-    """The prior of a StepCost: forward passes of 2 to 32 tokens over 256 and 2048 cached ones, best of
-    three each after a warm-up (2 is the smallest pass a continuous batch makes under its mask; one
-    token alone takes a maskless path)."""
+    """The prior of a StepCost: forward passes of 2 to 32 tokens over 1024 and 256 cached ones, best of
+    two each after a warm-up (2 is the smallest pass a continuous batch makes under its mask; one token
+    alone takes a maskless path). One prefill serves both contexts (cropped for the shorter), since the
+    prefill is most of the measurement and it delays every start-up; the prior weighs only PRIOR_STEPS
+    steps, so the engine's own steps soon carry the long contexts it was not measured at."""
     import time
 
     import torch
 
     points: list[tuple[int, int, float]] = []
     with torch.no_grad():
-        for context in (256, 2048):
-            ids = torch.arange(1000, 1000 + context, device=model.device).unsqueeze(0)
-            cache = model(ids).past_key_values
+        prompt = torch.arange(1000, 1000 + CONTEXTS[0], device=model.device).unsqueeze(0)
+        cache = model(prompt).past_key_values
+        for context in CONTEXTS:
+            if cache.get_seq_length() > context:
+                cache.crop(context - cache.get_seq_length())  # the library crops by a negative count only
             for tokens in (2, 8, 32):
                 ids = torch.arange(2000, 2000 + tokens, device=model.device).unsqueeze(0)
                 times = []
-                for _ in range(4):
+                for _ in range(3):
                     start = time.perf_counter()
                     model(ids, past_key_values=cache, use_cache=True)
                     times.append(time.perf_counter() - start)
