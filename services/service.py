@@ -10,11 +10,12 @@ import math
 import os
 from collections.abc import AsyncGenerator
 from contextlib import suppress
+from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated
 
 import bentoml
-from bentoml.exceptions import BadInput
+from bentoml.exceptions import BentoMLException
 from pydantic import BaseModel, Field
 
 from models.catalog import CATALOG
@@ -22,7 +23,7 @@ from services.admission import Admission
 from services.config import TIMEOUT_GRACE_SECONDS, get_settings
 from services.functions.api import Functions
 from services.functions.cache import response_cache
-from services.functions.chat import ChatFunction
+from services.functions.chat import ChatFunction, Delta, GenerationRequest
 from services.functions.embedding import EmbeddingFunction
 from services.functions.generation import CHAT_DEFAULT_TOKENS, ChatMaxTokens, ChatMessages, Generator
 from services.functions.hardware import server_instance
@@ -140,19 +141,32 @@ class Frontend:
         messages: ChatMessages,
         max_tokens: ChatMaxTokens = CHAT_DEFAULT_TOKENS,
     ) -> AsyncGenerator[str, None]:
-        """Native BentoML streaming chat (greedy text deltas), relayed from the generation service, whose
-        own port is private to `bentoml serve`."""
-        async for delta in self.generator.chat(messages=messages, max_tokens=max_tokens):
-            yield delta
+        """Native BentoML streaming chat: greedy text deltas."""
+        async for text in self._greedy(messages, max_tokens):
+            yield text
 
     @bentoml.task
     async def write(self, messages: ChatMessages, max_tokens: ChatMaxTokens = CHAT_DEFAULT_TOKENS) -> str:
         """BentoML task: one long greedy answer, submitted and collected later by BentoML's clients.
         BentoML keeps task state in a file that `bentoml serve` deletes at start, and cannot cancel
         locally: durable, resumable or bulk work belongs in /v1/batches."""
-        return "".join(
-            [delta async for delta in self.generator.chat(messages=messages, max_tokens=max_tokens)]
+        return "".join([text async for text in self._greedy(messages, max_tokens)])
+
+    async def _greedy(self, messages: ChatMessages, max_tokens: int) -> AsyncGenerator[str, None]:
+        """A greedy answer's text through the chat function, as every protocol's: a caller that goes
+        away cancels it in the engine. (The generator's own proxy method did not: BentoML 1.4.40's
+        stream wrapper leaves the call open when closed early, and the engine generated on.)"""
+        request = GenerationRequest(
+            messages=[m.model_dump() for m in messages], max_tokens=max_tokens, temperature=0
         )
+        try:
+            generation = await self.functions.chat.start(request)
+        except Refused as exc:
+            raise native_error(exc) from exc
+        async with generation:
+            async for item in generation:
+                if isinstance(item, Delta) and item.text:
+                    yield item.text
 
     @bentoml.api(
         batchable=True,
@@ -175,8 +189,23 @@ class Frontend:
             data = await asyncio.to_thread(image.read_bytes)
             scores = (await fn.classify(await fn.preprocess([data]))).scores
         except Refused as exc:
-            raise BadInput(exc.message) from exc
+            raise native_error(exc) from exc
         return [Label(class_id=i, label=name, score=p) for i, name, p in fn.top(scores, top_k)[0]]
+
+
+NATIVE_STATUS = {
+    "invalid": HTTPStatus.BAD_REQUEST,
+    "not_found": HTTPStatus.NOT_FOUND,
+    "queue_full": HTTPStatus.TOO_MANY_REQUESTS,
+    "loading": HTTPStatus.SERVICE_UNAVAILABLE,
+    "deadline": HTTPStatus.GATEWAY_TIMEOUT,
+    "failed": HTTPStatus.INTERNAL_SERVER_ERROR,
+}
+
+
+def native_error(exc: Refused) -> BentoMLException:
+    """A function's refusal as BentoML's native endpoints answer errors: its status, and its message."""
+    return BentoMLException(exc.message, error_code=NATIVE_STATUS[exc.kind])
 
 
 Frontend.add_asgi_middleware(
