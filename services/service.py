@@ -10,7 +10,6 @@ import math
 import os
 from collections.abc import AsyncGenerator
 from contextlib import suppress
-from http import HTTPStatus
 from pathlib import Path
 from typing import Annotated
 
@@ -38,6 +37,7 @@ from services.protocols.oip import grpc as oip_grpc
 from services.protocols.oip import rest as oip_rest
 from services.protocols.oip.models import repository_of
 from services.protocols.openai import serving as openai
+from services.protocols.status import HTTP_STATUS
 
 logger = logging.getLogger("bentoml.fnserve.service")  # under "bentoml": the server only logs that tree
 settings = get_settings()
@@ -193,19 +193,9 @@ class Frontend:
         return [Label(class_id=i, label=name, score=p) for i, name, p in fn.top(scores, top_k)[0]]
 
 
-NATIVE_STATUS = {
-    "invalid": HTTPStatus.BAD_REQUEST,
-    "not_found": HTTPStatus.NOT_FOUND,
-    "queue_full": HTTPStatus.TOO_MANY_REQUESTS,
-    "loading": HTTPStatus.SERVICE_UNAVAILABLE,
-    "deadline": HTTPStatus.GATEWAY_TIMEOUT,
-    "failed": HTTPStatus.INTERNAL_SERVER_ERROR,
-}
-
-
 def native_error(exc: Refused) -> BentoMLException:
     """A function's refusal as BentoML's native endpoints answer errors: its status, and its message."""
-    return BentoMLException(exc.message, error_code=NATIVE_STATUS[exc.kind])
+    return BentoMLException(exc.message, error_code=HTTP_STATUS[exc.kind])
 
 
 Frontend.add_asgi_middleware(

@@ -38,11 +38,11 @@ from services.protocols.oip.tensors import (
     to_values,
 )
 from services.protocols.sse import ClosingEventSourceResponse
+from services.protocols.status import HTTP_STATUS
 
 logger = logging.getLogger("bentoml.fnserve.oip")
 PREFIX = "/v2"
 HEADER_LENGTH = "Inference-Header-Content-Length"
-STATUS = {"invalid": 400, "not_found": 404, "queue_full": 429, "loading": 503, "deadline": 504, "failed": 500}
 
 
 def error_response(
@@ -64,7 +64,7 @@ routes = APIRouter(prefix=PREFIX)
 @app.exception_handler(Refused)
 async def on_refused(_: Request, exc: Refused) -> JSONResponse:
     count_refusal(exc)
-    return error_response(STATUS[exc.kind], exc.message, retry_after=exc.retry_after)
+    return error_response(HTTP_STATUS[exc.kind], exc.message, retry_after=exc.retry_after)
 
 
 @app.exception_handler(HTTPException)

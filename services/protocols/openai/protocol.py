@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from starlette.responses import JSONResponse, Response
 
 from services.functions.types import ChatMessage, Penalty, Refused, RepetitionPenalty, Text, encodable
+from services.protocols.status import HTTP_STATUS
 
 
 class OpenAIModel(BaseModel):
@@ -63,7 +64,7 @@ class APIError(Exception):
 
     @classmethod
     def of(cls, refusal: Refused) -> APIError:
-        status, code = REFUSALS[refusal.kind]
+        status, code = HTTP_STATUS[refusal.kind], REFUSAL_CODES[refusal.kind]
         return cls(status, refusal.message, refusal.param, code, refusal.retry_after)
 
 
@@ -94,13 +95,13 @@ def check_model(asked: str, served: str) -> None:
         raise APIError(404, f"The model `{asked}` does not exist", "model", "model_not_found")
 
 
-REFUSALS: dict[str, tuple[int, str | None]] = {
-    "invalid": (400, None),
-    "not_found": (404, "model_not_found"),
-    "queue_full": (429, "queue_full"),
-    "loading": (503, "model_loading"),
-    "deadline": (504, "deadline_exceeded"),
-    "failed": (500, None),
+REFUSAL_CODES: dict[str, str | None] = {
+    "invalid": None,
+    "not_found": "model_not_found",
+    "queue_full": "queue_full",
+    "loading": "model_loading",
+    "deadline": "deadline_exceeded",
+    "failed": None,
 }
 
 
