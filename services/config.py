@@ -215,6 +215,11 @@ class Settings(BaseSettings):
     generation_cache_size: int = Field(
         1000, ge=0, description="greedy answers each worker keeps (without Redis); 0 = off"
     )
+    remeasure: bool = Field(
+        False,
+        description="measure at start-up again (dtype, image batch, step cost) instead of reusing what "
+        "this machine measured before for the same model, torch and threads",
+    )
     idle_release_seconds: float = Field(
         600, ge=0, description="a model unused this long is released, and loaded again on use; 0 = never"
     )

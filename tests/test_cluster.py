@@ -224,9 +224,10 @@ def test_a_replica_killed_mid_job_hands_its_lines_to_the_other_and_rejoins_when_
     dead, alive = cluster.replicas
     part = cluster.parts[dead.name]
     pids = {proc.pid for proc in part.tree()}
-    # Lines that run for seconds (64 tokens past the end of text), so that a line seen running is still
-    # running when the kill lands: a short answer could finish in between.
-    lines = [chat_line(i, max_tokens=64) for i in range(32)]
+    # Lines that run for seconds (48 tokens past the end of text), so that a line seen running is still
+    # running when the kill lands: a short answer could finish in between. Twice the lines that both
+    # replicas run at once (FNSERVE_BATCH_GENERATION_CONCURRENCY), so that some wait for a claim.
+    lines = [chat_line(i, max_tokens=48) for i in range(16)]
     for line in lines:
         line["body"]["ignore_eos"] = True
     batch = start_batch(balancer, lines, "/v1/chat/completions")
@@ -242,8 +243,8 @@ def test_a_replica_killed_mid_job_hands_its_lines_to_the_other_and_rejoins_when_
         results = every_line_once(survivor, ended, lines)
     assert not part.running()
     assert ended["status"] == "completed" and ended["request_counts"] == {
-        "total": 32,
-        "completed": 32,
+        "total": 16,
+        "completed": 16,
         "failed": 0,
     }
     assert all(r["response"]["status_code"] == 200 for r in results)

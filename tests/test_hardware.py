@@ -15,6 +15,7 @@ import httpx
 import pytest
 import torch
 
+from services.config import get_settings
 from services.functions import hardware
 from services.functions.hardware import describe, machine
 from tests.server import LONG, ROOT, counter, serve
@@ -100,7 +101,7 @@ def test_without_bf16_instructions_the_rule_picks_fp32_without_timing(
     assert hardware.fastest_dtype("auto", "cpu", model, timed.append) == (
         "float32",
         "rule",
-        "AMD EPYC has no AVX-512 bf16 or AMX: torch would emulate bf16, slower",
+        "AMD EPYC (25/1) has no AVX-512 bf16 or AMX: torch would emulate bf16, slower than fp32",
     )
     assert timed == [] and model.weight.dtype == torch.float32
     assert hardware.fastest_dtype("bfloat16", "cpu", model, timed.append)[:2] == ("bfloat16", "setting")
@@ -144,3 +145,32 @@ def test_workers_of_one_server_share_one_decision(tmp_path: Path) -> None:
     answers = {worker.communicate(timeout=LONG)[0].strip() for worker in workers}
     assert len(answers) == 1 and answers <= {"first", "second"}
     assert log.read_text() == "decided\n"
+
+
+def test_a_measurement_is_reused_by_the_next_server_run_on_this_machine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a start-up measured is kept per machine and key; a later run reads it unless told to
+    measure again, and any other key (another model, dtype or setting) is measured on its own."""
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path))
+    measured: list[str] = []
+
+    def decide(value: str) -> dict[str, str]:
+        measured.append(value)
+        return {"value": value, "reason": f"timed {value}"}
+
+    assert hardware.remembered("model:1-batch", lambda: decide("4")) == {"value": "4", "reason": "timed 4"}
+    reused = hardware.remembered("model:1-batch", lambda: decide("8"))
+    assert reused["value"] == "4" and reused["reason"].startswith("timed 4 [measured ")
+    assert "reused" in reused["reason"] and measured == ["4"]
+    assert hardware.remembered("model:2-batch", lambda: decide("16"))["value"] == "16"
+    monkeypatch.setenv("FNSERVE_REMEASURE", "true")
+    get_settings.cache_clear()  # a server reads its settings once, at start-up
+    assert hardware.remembered("model:1-batch", lambda: decide("8"))["value"] == "8"
+    monkeypatch.delenv("FNSERVE_REMEASURE")
+    get_settings.cache_clear()
+    assert hardware.remembered("model:1-batch", lambda: decide("2"))["value"] == "8"
+    assert measured == ["4", "16", "8"]
+    ruled = {"value": "float32", "source": "rule", "reason": "no bf16 here"}
+    assert hardware.remembered("model:1-dtype-auto", lambda: ruled) == ruled
+    assert list(tmp_path.glob("fnserve-measurements/model-1-dtype-*")) == []  # nothing timed, nothing kept

@@ -270,13 +270,14 @@ class Replica:
 
 
 def shared_home(folder: Path) -> Path:
-    """A BENTOML_HOME of a server's own (`folder/home`) that shares the model and Bento stores:
+    """A BENTOML_HOME of a server's own (`folder/home`) that shares the model and Bento stores and the
+    start-up measurements of this machine (services/functions/hardware.py `remembered`):
     `bentoml serve` empties its home's prometheus_multiproc_dir at start, so servers sharing one home
     would wipe each other's metrics."""
     store = Path(os.environ.get("BENTOML_HOME", ROOT / ".bentoml"))
     home = folder / "home"
     home.mkdir(parents=True, exist_ok=True)
-    for shared in ("models", "bentos"):
+    for shared in ("models", "bentos", "fnserve-measurements"):
         (store / shared).mkdir(parents=True, exist_ok=True)
         if not (home / shared).exists():
             (home / shared).symlink_to(store / shared)

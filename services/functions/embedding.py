@@ -132,7 +132,7 @@ class EmbeddingFunction:
             "FNSERVE_EMBEDDING_DTYPE",
             stored,
             lambda model: encode(self.tokenizer, model, probe, self.max_tokens, self.device),
-            key=entry.name,
+            key=str(entry.tag),
         )
         served = stored.to(self.dtype)
         weights = Reloadable(lambda: served, model_path, self.dtype, self.device)

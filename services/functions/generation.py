@@ -19,10 +19,10 @@ from models.catalog import CATALOG
 from services.admission import DEADLINE_PASSED, rejected, seconds_left
 from services.config import TIMEOUT_GRACE_SECONDS, get_settings, pick_device
 from services.functions.engine import Engine, EngineError, Sampling, TokenLogprob, TransformersEngine
-from services.functions.hardware import Choices, model_status, server_instance
+from services.functions.hardware import Choices, model_status, once_per_server, server_instance
 from services.functions.lifecycle import ModelSlot, Reloadable
 from services.functions.pacing import BEAT, EngineBeat, ServiceRate, admit
-from services.functions.speculation import Drafting, SpeculationStats, measure_step_cost
+from services.functions.speculation import Drafting, SpeculationStats, StepCost, measure_step_cost
 from services.functions.types import ChatMessage, Penalty, Refused, RepetitionPenalty, Text
 
 if TYPE_CHECKING:
@@ -205,7 +205,7 @@ class Generator:
         self.context_window: int = stored.config.max_position_embeddings
         self.cache_tokens = (self.cache_blocks - 1) * 64  # one block of headroom
         self.dtype: torch.dtype = self.choices.dtype(
-            settings.generation_dtype, "FNSERVE_GENERATION_DTYPE", stored, probe_decoding, key=MODEL.name
+            settings.generation_dtype, "FNSERVE_GENERATION_DTYPE", stored, probe_decoding, key=str(MODEL.tag)
         )
         served = stored.to(self.dtype)
         self.drafting = self.decide_speculation(served)
@@ -233,8 +233,17 @@ class Generator:
             return None
         reason = "n-gram drafts where the step cost says they pay (a CPU step of few tokens costs about one)"
         self.choices.add("speculation", "auto", "rule", reason)
-        cost, why = measure_step_cost(model)
-        self.choices.add("speculation_step_cost", cost.summary(), "measured", why)
+
+        def decide() -> dict[str, object]:
+            points, why = measure_step_cost(model)
+            return {"points": points, "reason": why}
+
+        # Under the server's lock: the image function's measurement would otherwise time its passes
+        # on the same cores.
+        key = f"{MODEL.tag}-step-cost-{model.dtype}"
+        decided = once_per_server(server_instance(), key, decide, remember=True)
+        cost = StepCost(decided["points"])
+        self.choices.add("speculation_step_cost", cost.summary(), "measured", decided["reason"])
         return Drafting(cost)
 
     def start_engine(self) -> Engine:

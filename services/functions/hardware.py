@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import bentoml
 
@@ -141,14 +141,14 @@ class Choices:
         key: str,
     ) -> torch.dtype:
         """The dtype to serve `model` in (loaded as stored, fp32), decided once for all of this server's
-        workers of the function (`key`), then logged and exported."""
+        workers of the function (`key`: the model's tag), then logged and exported."""
         import torch
 
         def decide() -> dict[str, str]:
             value, source, reason = fastest_dtype(setting, model.device.type, model, forward)
             return {"value": value, "source": source, "reason": f"{variable}={setting}: {reason}"}
 
-        decided = once_per_server(server_instance(), key, decide)
+        decided = once_per_server(server_instance(), f"{key}-dtype-{setting}", decide, remember=True)
         self.add("dtype", decided["value"], decided["source"], decided["reason"])  # type: ignore[arg-type]
         return getattr(torch, decided["value"])
 
@@ -166,20 +166,58 @@ def server_folder() -> Path:
     return folder
 
 
-def once_per_server(server: str, key: str, decide: Callable[[], dict[str, str]]) -> dict[str, str]:
+def once_per_server(
+    server: str, key: str, decide: Callable[[], dict[str, Any]], remember: bool = False
+) -> dict[str, Any]:
     """Runs `decide` in the first worker of this server run (`server`) that asks for `key`, and gives the
     others its answer, so that every worker of a function serves the same dtype and only one pays for
     the measurement. Decisions of one server take turns: two functions timing their models at once on
-    the same cores would each measure the other."""
+    the same cores would each measure the other. With `remember`, see `remembered`."""
     folder = server_folder()
     path = folder / f"{server}-{key}.json"
     with open(folder / f"{server}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if path.exists():
             return json.loads(path.read_text())
-        decided = decide()
+        decided = remembered(key, decide) if remember else decide()
         path.write_text(json.dumps(decided))
         return decided
+
+
+def remembered(key: str, decide: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """A measurement this machine made before for `key` (a model's tag and what else it depends on),
+    under the same torch, threads and instruction-set caps, instead of measuring again: start-up
+    measurements were most of a restart's time (about 12 s of 28 on a 2-core Zen 3), and they measure
+    the machine, which a restart does not change. Kept in BentoML's home beside the model store, as
+    TensorRT keeps its timing cache; `FNSERVE_REMEASURE=true` measures again and keeps the new one."""
+    import hashlib
+
+    import torch
+
+    from services.config import get_settings
+
+    conditions = {"machine": describe(), "threads": torch.get_num_threads(), "key": key}
+    digest = hashlib.sha256(json.dumps(conditions, sort_keys=True).encode()).hexdigest()[:16]
+    folder = measurements_folder()
+    path = folder / f"{key.replace(':', '-')}-{digest}.json"
+    if path.exists() and not get_settings().remeasure:
+        earlier = json.loads(path.read_text())
+        when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(earlier.pop("measured_at")))
+        return {**earlier, "reason": f"{earlier['reason']} [measured {when} UTC on this machine, reused]"}
+    decided = decide()
+    if decided.get("source", "measured") != "measured":
+        return decided  # a setting or a rule: nothing timed, nothing to keep
+    staged = path.with_suffix(f".{os.getpid()}.tmp")
+    staged.write_text(json.dumps({**decided, "measured_at": time.time()}))
+    staged.replace(path)  # whole or not at all, for a replica reading it at the same time
+    return decided
+
+
+def measurements_folder() -> Path:
+    """Shared by every server run with this BentoML home (`server_folder` is per run)."""
+    folder = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml")) / "fnserve-measurements"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def server_instance() -> str:
@@ -198,6 +236,10 @@ def fastest_dtype(
     best of three each: one to two seconds for the models served here, once per server."""
     import torch
 
+    if setting == "bfloat16" and device == "cpu" and not machine().native_bf16:
+        # Seen on a Zen 3: emulated bf16 ran 5x slower, and one chat in a mixed batch answered nonsense.
+        logger.warning("bf16 is set on a CPU without bf16 instructions: torch emulates it, slower than fp32")
+        return setting, "setting", "set, on a CPU that emulates bf16 (slower than fp32)"
     if setting != "auto":
         return setting, "setting", "set"
     if device == "cuda":
@@ -206,7 +248,8 @@ def fastest_dtype(
         return "float16", "rule", f"{torch.cuda.get_device_name()} has no bf16: fp16 halves memory and time"
     here = machine()
     if not here.native_bf16:
-        return "float32", "rule", f"{here.cpu} has no AVX-512 bf16 or AMX: torch would emulate bf16, slower"
+        why = "torch would emulate bf16, slower than fp32"
+        return "float32", "rule", f"{here.cpu} ({here.family}) has no AVX-512 bf16 or AMX: {why}"
     import copy
 
     candidates = {"float32": model, "bfloat16": copy.deepcopy(model).to(torch.bfloat16)}

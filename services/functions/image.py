@@ -152,10 +152,10 @@ class ImageFunction:
             "FNSERVE_IMAGE_DTYPE",
             stored,
             lambda model: classify(model, probe, self.device),
-            key=entry.name,
+            key=str(entry.tag),
         )
         served = stored.to(self.dtype)
-        self.batch_size = self._choose_batch_size(served, entry.name)
+        self.batch_size = self._choose_batch_size(served, f"{entry.tag}-batch-{self.dtype}")
         weights = Reloadable(lambda: served, model_path, self.dtype, self.device)
         self._forward_lock = threading.Lock()
         self.slot = ModelSlot(
@@ -208,7 +208,7 @@ class ImageFunction:
                 "reason": f"images/s by batch size here: {shown}",
             }
 
-        decided = once_per_server(server_instance(), f"{key}-batch", decide)
+        decided = once_per_server(server_instance(), key, decide, remember=True)
         return int(self.choices.add("max_batch_size", decided["value"], "measured", decided["reason"]))
 
     def status(self) -> dict[str, Any]:

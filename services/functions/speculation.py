@@ -185,7 +185,7 @@ class StepCost:
         }
 
 
-def measure_step_cost(model: Any) -> tuple[StepCost, str]:
+def measure_step_cost(model: Any) -> tuple[list[tuple[int, int, float]], str]:
     """The prior of a StepCost: forward passes of 2 to 32 tokens over 1024 and 256 cached ones, best of
     two each after a warm-up (2 is the smallest pass a continuous batch makes under its mask; one token
     alone takes a maskless path). One prefill serves both contexts (cropped for the shorter), since the
@@ -211,9 +211,8 @@ def measure_step_cost(model: Any) -> tuple[StepCost, str]:
                     times.append(time.perf_counter() - start)
                     cache.crop(-tokens)
                 points.append((tokens, context, min(times[1:])))
-    cost = StepCost(points)
     shown = ", ".join(f"{n} over {kv}: {seconds * 1000:.0f} ms" for n, kv, seconds in points)
-    return cost, f"forward passes here ({shown}); the engine's own steps refine it"
+    return points, f"forward passes here ({shown}); the engine's own steps refine it"
 
 
 @dataclass
