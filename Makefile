@@ -8,7 +8,7 @@ SERVICE := services.service:Frontend
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: serve test cluster cluster-down cluster-packages test-beside-hog models bench bench-grpc bench-images bench-chat bench-batch bench-batch-postgres bench-engine bench-coldstart bench-spike bench-cluster bench-speculation bench-vllm-tool lint build container container-test
+.PHONY: serve test cluster cluster-down cluster-packages test-beside-hog models bench bench-grpc bench-images bench-chat bench-batch bench-batch-postgres bench-engine bench-coldstart bench-spike bench-cluster bench-speculation bench-dtypes bench-vllm-tool lint build container container-test
 
 # torch is installed first, alone: `pip install torch==2.13.0` takes the local CPU wheel on a machine
 # without a GPU, so the project install that follows finds it satisfied instead of fetching a CUDA build.
@@ -117,6 +117,10 @@ bench-cluster: models cluster-packages
 
 bench-speculation: models
 	$(BIN)/python loadtests/bench_speculation.py
+
+# fp32 against bf16 for both models on this machine (README "Per-machine choices").
+bench-dtypes: models
+	$(BIN)/python loadtests/bench_dtypes.py
 
 bench-vllm-tool: models $(VLLM_VENV)/.installed
 	$(BIN)/python loadtests/bench_vllm.py

@@ -33,6 +33,15 @@ def server() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def capped_server() -> Iterator[str]:
+    """Answers capped at 16 tokens (most valid chats the fuzzer sends would otherwise generate 128 to
+    512 tokens each: nine minutes in all here), and inputs over the embedding window refused instead of
+    cut: settings that the session server's tests must not see, on one server rather than two."""
+    with serve(env={"FNSERVE_GENERATION_MAX_TOKENS": "16", "FNSERVE_EMBEDDING_OVERFLOW": "reject"}) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
 def client(server: str) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server, timeout=LONG) as c:
         yield c

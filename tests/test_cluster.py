@@ -24,7 +24,7 @@ from deploy.cluster.parts import free_port, haproxy_stats
 from tests.server import LONG, ROOT
 from tests.test_batch import EMBEDDER, chat_line, embedding_line, final, jsonl, lines_of, wait_until
 
-IDLE_SECONDS = 30
+IDLE_SECONDS = 15
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import numpy as np
 import openai
 import pytest
 
-from tests.server import histogram, serve
+from tests.server import LONG, histogram
 
 MODEL = "all-minilm-l6-v2"
 
@@ -216,8 +216,8 @@ def test_openapi_documents_the_routes(client: httpx.Client) -> None:
     assert "/v1/embeddings" in spec["paths"] and "/encode" in spec["paths"]
 
 
-def test_reject_policy_refuses_inputs_over_the_window() -> None:
-    with serve(env={"FNSERVE_EMBEDDING_OVERFLOW": "reject"}) as url, httpx.Client(base_url=url) as c:
+def test_reject_policy_refuses_inputs_over_the_window(capped_server: str) -> None:
+    with httpx.Client(base_url=capped_server, timeout=LONG) as c:
         long_text = "word " * 400
         response = c.post("/v1/embeddings", json={"model": MODEL, "input": ["short", long_text]})
         assert response.status_code == 400

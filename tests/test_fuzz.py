@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 
-from tests.server import LONG, serve
+from tests.server import LONG
 
 CONFIG = Path(__file__).with_name("schemathesis.toml")
 CASES_PER_OPERATION = 25  # bounded: `make test` runs it; the seed makes a failure repeatable
@@ -19,16 +17,9 @@ CASES_PER_OPERATION = 25  # bounded: `make test` runs it; the seed makes a failu
 FUZZ_WORKERS = 2
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[str]:
-    """Its own server, with answers capped at 16 tokens: most valid chats the fuzzer sends would
-    otherwise generate 128 to 512 tokens each (nine minutes in all here)."""
-    with serve(env={"FNSERVE_GENERATION_MAX_TOKENS": "16"}) as url:
-        yield url
-
-
-def test_fuzzing_finds_no_server_errors_and_no_schema_violations(server: str) -> None:
+def test_fuzzing_finds_no_server_errors_and_no_schema_violations(capped_server: str) -> None:
     """Run as a user would run it: straight at the served document (OpenAPI 3.1, tests/test_openapi.py)."""
+    server = capped_server
     document = httpx.get(f"{server}/docs.json", timeout=LONG).json()
     command = [
         *(

@@ -40,9 +40,9 @@ DATA: dict[str, dict[str, Any]] = {
 
 
 def inference_perf(url: str, api: str, out: Path) -> dict[str, Any]:
-    """Two requests a second for 8 s, streamed, `ignore_eos` as the tool sends it; its summary report."""
+    """Four requests a second for 4 s, streamed, `ignore_eos` as the tool sends it; its summary report."""
     config = {
-        "load": {"type": "constant", "stages": [{"rate": 2, "duration": 8}], "num_workers": 1},
+        "load": {"type": "constant", "stages": [{"rate": 4, "duration": 4}], "num_workers": 1},
         "api": {"type": api, "streaming": True},
         "server": {"type": "vllm", "model_name": MODEL, "base_url": url, "ignore_eos": True},
         "tokenizer": {"pretrained_model_name_or_path": bentoml.models.get(MODEL).path},
