@@ -161,7 +161,11 @@ class Choices:
 def server_folder() -> Path:
     """Where the workers of a server run share state (files named by `server_instance()`). In BentoML's
     home: the server's own state lives there, and a test server's home is removed after it."""
-    folder = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml")) / "fnserve-choices"
+    return home_folder("fnserve-choices")
+
+
+def home_folder(name: str) -> Path:
+    folder = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml")) / name
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -198,8 +202,8 @@ def remembered(key: str, decide: Callable[[], dict[str, Any]]) -> dict[str, Any]
 
     conditions = {"machine": describe(), "threads": torch.get_num_threads(), "key": key}
     digest = hashlib.sha256(json.dumps(conditions, sort_keys=True).encode()).hexdigest()[:16]
-    folder = measurements_folder()
-    path = folder / f"{key.replace(':', '-')}-{digest}.json"
+    # Shared by every server run with this BentoML home (`server_folder` is per run).
+    path = home_folder("fnserve-measurements") / f"{key.replace(':', '-')}-{digest}.json"
     if path.exists() and not get_settings().remeasure:
         earlier = json.loads(path.read_text())
         when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(earlier.pop("measured_at")))
@@ -211,13 +215,6 @@ def remembered(key: str, decide: Callable[[], dict[str, Any]]) -> dict[str, Any]
     staged.write_text(json.dumps({**decided, "measured_at": time.time()}))
     staged.replace(path)  # whole or not at all, for a replica reading it at the same time
     return decided
-
-
-def measurements_folder() -> Path:
-    """Shared by every server run with this BentoML home (`server_folder` is per run)."""
-    folder = Path(os.environ.get("BENTOML_HOME", Path.home() / "bentoml")) / "fnserve-measurements"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
 
 
 def server_instance() -> str:
