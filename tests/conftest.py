@@ -11,7 +11,7 @@ import pytest
 
 from deploy.cluster.parts import Postgres, temporary_postgres
 from services.jobs.store import BatchStore
-from tests.server import LONG, serve
+from tests.server import BATCH_MAX_FILE_BYTES, CACHES_OFF, KEYS, LONG, MAX_BODY, ONE_WORKER, free_port, serve
 
 # Admission by time refuses what would wait past a target in seconds, so on a slow or busy machine it
 # would refuse requests a test expects served. The test servers inherit targets out of reach; the
@@ -26,10 +26,30 @@ for variable in (
 
 @pytest.fixture(scope="session")
 def server() -> Iterator[str]:
-    # fp32: the tests compare served text with transformers' exactly, and bf16 greedy output can depend
-    # on what else is in the batch.
-    with serve(env={"FNSERVE_GENERATION_DTYPE": "float32"}) as url:
+    """Default settings but two: fp32, because the tests compare served text with transformers' exactly
+    and bf16 greedy output can depend on what else is in the batch; and a cap on batch files that a
+    test can reach. The batch tests run their jobs here too, each to its end."""
+    env = {"FNSERVE_GENERATION_DTYPE": "float32", "FNSERVE_BATCH_MAX_FILE_BYTES": str(BATCH_MAX_FILE_BYTES)}
+    with serve(env=env) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def keyed_server() -> Iterator[tuple[str, str]]:
+    """API keys required and bodies capped (the admission tests), fp32 and no caches (the OIP tests
+    compare protocols token for token, every answer computed): its URL and its gRPC address."""
+    grpc_port = free_port()
+    env = {
+        **CACHES_OFF,
+        **ONE_WORKER,
+        "FNSERVE_GRPC_PORT": str(grpc_port),
+        "FNSERVE_API_KEYS": ",".join(KEYS),
+        "FNSERVE_MAX_BODY_BYTES": str(MAX_BODY),
+        "FNSERVE_EMBEDDING_DTYPE": "float32",
+        "FNSERVE_GENERATION_DTYPE": "float32",
+    }
+    with serve(env=env) as url:
+        yield url, f"127.0.0.1:{grpc_port}"
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,14 @@ BENTOML = [sys.executable, "-m", "bentoml"]
 LONG = 600
 # For measurements and tests that must reach the model: a cached answer is served without it.
 CACHES_OFF = {"FNSERVE_EMBEDDING_CACHE_SIZE": "0", "FNSERVE_GENERATION_CACHE_SIZE": "0"}
+# For servers whose tests are not about the entry workers: each worker imports torch and loads the
+# encoders, and a second one made a server's start-up 16 s instead of 10 s on the 2-core Zen 3 here.
+ONE_WORKER = {"FNSERVE_EMBEDDING_WORKERS": "1"}
+# The session server's cap on batch input files (tests/test_batch.py uploads one past it).
+BATCH_MAX_FILE_BYTES = 2_000_000
+# The keyed server's API keys and body cap (tests/test_admission.py, tests/test_oip.py).
+KEYS = ("first-key", "second-key")
+MAX_BODY = 100_000
 
 
 def stop_tree(proc: subprocess.Popen[bytes]) -> None:
@@ -47,15 +55,14 @@ def serve(
     target: str = "services.service:Frontend", env: dict[str, str] | None = None, cwd: Path = ROOT
 ) -> Iterator[str]:
     """Serve `target` (an import string or a Bento tag) and yield its base URL once /readyz answers.
-    Its gRPC port is a free one too, unless `env` names it (FNSERVE_GRPC_PORT)."""
+    Its gRPC port and its batch store are its own too, unless `env` names them (FNSERVE_GRPC_PORT,
+    FNSERVE_BATCH_DIR): servers on one store would run each other's batch lines."""
     port = free_port()
     command = [*BENTOML, "serve", target, "--host", "127.0.0.1", "--port", str(port)]
-    env = {"FNSERVE_GRPC_PORT": str(free_port()), **(env or {})}
-    with (
-        private_home() as home,
-        run_server(command, port, env={**env, "BENTOML_HOME": home}, cwd=cwd) as url,
-    ):
-        yield url
+    with private_home() as home:
+        own = {"FNSERVE_GRPC_PORT": str(free_port()), "FNSERVE_BATCH_DIR": str(Path(home) / "batches")}
+        with run_server(command, port, env={**own, **(env or {}), "BENTOML_HOME": home}, cwd=cwd) as url:
+            yield url
 
 
 @contextmanager

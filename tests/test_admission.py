@@ -12,18 +12,14 @@ from starlette.types import Receive, Scope, Send
 
 from services.admission import Admission
 from services.protocols.guard import Guard
-from tests.server import LONG, serve
+from tests.server import KEYS, LONG, MAX_BODY
 
-KEYS = ("first-key", "second-key")
-MAX_BODY = 100_000
 EMBEDDER = "all-minilm-l6-v2"
 
 
 @pytest.fixture(scope="module")
-def url() -> Iterator[str]:
-    env = {"FNSERVE_API_KEYS": ",".join(KEYS), "FNSERVE_MAX_BODY_BYTES": str(MAX_BODY)}
-    with serve(env=env) as base:
-        yield base
+def url(keyed_server: tuple[str, str]) -> str:
+    return keyed_server[0]
 
 
 def test_every_route_but_the_probes_needs_a_key(url: str) -> None:

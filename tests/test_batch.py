@@ -10,7 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -23,28 +23,16 @@ import pytest
 
 from services.jobs.store import CHUNK, MIGRATIONS, BatchStore, Outcome
 from tests.reference import reference
-from tests.server import LONG, serve, server_processes
+from tests.server import BATCH_MAX_FILE_BYTES, LONG, ONE_WORKER, serve, server_processes
 
 EMBEDDER = "all-minilm-l6-v2"
 CHAT = "smollm2-135m-instruct"
-MAX_FILE_BYTES = 2_000_000
-
-
-def server_env(store: Path) -> dict[str, str]:
-    return {
-        "FNSERVE_BATCH_DIR": str(store),
-        "FNSERVE_GENERATION_DTYPE": "float32",  # exact text against transformers
-        "FNSERVE_BATCH_MAX_FILE_BYTES": str(MAX_FILE_BYTES),
-    }
 
 
 @pytest.fixture(scope="module")
-def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
-    with (
-        serve(env=server_env(tmp_path_factory.mktemp("store"))) as url,
-        httpx.Client(base_url=url, timeout=LONG) as c,
-    ):
-        yield c
+def api(client: httpx.Client) -> httpx.Client:
+    """The session server (conftest), whose store is in its own BentoML home."""
+    return client
 
 
 def embedding_line(i: int) -> dict[str, Any]:
@@ -185,9 +173,8 @@ def test_bad_batches_are_refused_at_creation(
 
 
 def test_bad_uploads_and_unknown_ids(api: httpx.Client) -> None:
-    too_big = api.post(
-        "/v1/files", files={"file": ("big.jsonl", b"x" * (MAX_FILE_BYTES + 1))}, data={"purpose": "batch"}
-    )
+    big = ("big.jsonl", b"x" * (BATCH_MAX_FILE_BYTES + 1))
+    too_big = api.post("/v1/files", files={"file": big}, data={"purpose": "batch"})
     assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "file_too_large"
     wrong_purpose = api.post("/v1/files", files={"file": ("a.jsonl", b"{}")}, data={"purpose": "fine-tune"})
     assert wrong_purpose.status_code == 400
@@ -249,18 +236,20 @@ def kill_server(url: str) -> None:
 
 
 def test_kill_9_mid_job_then_restart_resumes_with_exact_accounting(tmp_path: Path) -> None:
-    lines = [chat_line(i, max_tokens=24) for i in range(24)]
-    with serve(env=server_env(tmp_path)) as url, httpx.Client(base_url=url, timeout=LONG) as client:
+    lines = [chat_line(i, max_tokens=24) for i in range(16)]
+    # A store that both server runs find; in one worker, as many lines at once as two would run.
+    env = {**ONE_WORKER, "FNSERVE_BATCH_DIR": str(tmp_path), "FNSERVE_BATCH_GENERATION_CONCURRENCY": "8"}
+    with serve(env=env) as url, httpx.Client(base_url=url, timeout=LONG) as client:
         batch = submit(client, jsonl(lines), "/v1/chat/completions")
         before = wait_until(client, batch["id"], lambda b: b["request_counts"]["completed"] >= 4)
         kill_server(url)
-    assert before["request_counts"]["completed"] < 24, "the job finished before the kill: make it longer"
-    with serve(env=server_env(tmp_path)) as url, httpx.Client(base_url=url, timeout=LONG) as client:
+    assert before["request_counts"]["completed"] < 16, "the job finished before the kill: make it longer"
+    with serve(env=env) as url, httpx.Client(base_url=url, timeout=LONG) as client:
         batch = wait_until(client, batch["id"], final)
         outputs = lines_of(client, batch["output_file_id"])
         errors = lines_of(client, batch["error_file_id"])
     assert batch["status"] == "completed" and not errors
-    assert batch["request_counts"] == {"total": 24, "completed": 24, "failed": 0}
+    assert batch["request_counts"] == {"total": 16, "completed": 16, "failed": 0}
     assert sorted(line["custom_id"] for line in outputs) == sorted(line["custom_id"] for line in lines)
     assert all(line["response"]["status_code"] == 200 for line in outputs)
 

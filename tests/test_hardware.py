@@ -18,7 +18,7 @@ import torch
 from services.config import get_settings
 from services.functions import hardware
 from services.functions.hardware import describe, machine
-from tests.server import LONG, ROOT, counter, serve
+from tests.server import LONG, ONE_WORKER, ROOT, counter, serve
 
 EMBEDDER = "all-minilm-l6-v2"
 CHAT = "smollm2-135m-instruct"
@@ -38,8 +38,8 @@ def avx2_server() -> Iterator[str]:
         pytest.skip("the AVX2 caps apply to x86-64 CPUs")
     env = {
         **AVX2_ONLY,
+        **ONE_WORKER,
         "FNSERVE_DEVICE": "cpu",
-        "FNSERVE_EMBEDDING_WORKERS": "1",
         "FNSERVE_GENERATION_THREADS": "1",
     }
     with serve(env=env) as url:

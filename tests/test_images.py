@@ -19,7 +19,7 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from services.functions.image import classify, load, preprocess
-from tests.server import LONG, free_port, serve
+from tests.server import LONG, ONE_WORKER, free_port, serve
 from tests.test_batch import final, jsonl, lines_of, submit, wait_until
 
 MODEL = "efficientnet-lite0"
@@ -32,6 +32,7 @@ def server() -> Iterator[tuple[str, str]]:
     """fp32, so answers can be compared with the model run here, and low limits to test them."""
     port = free_port()
     env = {
+        **ONE_WORKER,
         "FNSERVE_GRPC_PORT": str(port),
         "FNSERVE_IMAGE_DTYPE": "float32",
         "FNSERVE_IMAGE_MAX_PIXELS": str(MAX_PIXELS),

@@ -1,9 +1,13 @@
-"""Scale to zero in the process: models are released after the idle time and come back on the next request."""
+"""A server's life: models are released after the idle time and come back on the next request (scale to
+zero in the process), and SIGTERM lets a stream in flight finish before the server exits."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import signal
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -20,6 +24,13 @@ from tests.server import CACHES_OFF, LONG, counter, serve, server_processes
 
 IDLE_SECONDS = 3
 EMBEDDER, CHAT = "all-minilm-l6-v2", "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def idle_server() -> Iterator[str]:
+    """Models released after IDLE_SECONDS, and no caches; the last test here stops it with SIGTERM."""
+    with serve(env={"FNSERVE_IDLE_RELEASE_SECONDS": str(IDLE_SECONDS), **CACHES_OFF}) as url:
+        yield url
 
 
 def generation_rss(url: str) -> int:
@@ -84,15 +95,15 @@ def test_a_store_holding_both_tied_weights_is_spilled_and_read_back(tmp_path: Pa
         assert torch.equal(before, model.load()(ids).logits)
 
 
-def test_idle_models_are_released_and_wake_on_the_next_request() -> None:
-    env = {"FNSERVE_IDLE_RELEASE_SECONDS": str(IDLE_SECONDS), **CACHES_OFF}
+def test_idle_models_are_released_and_wake_on_the_next_request(idle_server: str) -> None:
+    url = idle_server
     body = {
         "model": CHAT,
         "messages": [{"role": "user", "content": "What is the capital of France?"}],
         "max_tokens": 16,
         "temperature": 0,
     }
-    with serve(env=env) as url, httpx.Client(base_url=url, timeout=LONG) as client:
+    with httpx.Client(base_url=url, timeout=LONG) as client:
         # The idle clock starts when a worker is up, so a slow start-up may find models asleep already.
         first = client.post("/v1/chat/completions", json=body)
         assert first.status_code == 200 and "Paris" in first.json()["choices"][0]["message"]["content"]
@@ -135,3 +146,23 @@ def test_weights_are_released_only_once_the_engine_loop_has_stopped(stopped: boo
     engine = SimpleNamespace(shutdown=lambda: stopped)
     Generator.inner.stop_engine(host, engine)
     assert released == ([True] if stopped else [])
+
+
+def test_a_stream_in_flight_completes_after_sigterm(idle_server: str) -> None:
+    body = {
+        "model": CHAT,
+        "messages": [{"role": "user", "content": "Tell me a long story about a fox."}],
+        "max_tokens": 48,
+        "temperature": 0,
+        "stream": True,
+    }
+    arbiter = server_processes(idle_server)[0]
+    with httpx.stream("POST", f"{idle_server}/v1/chat/completions", json=body, timeout=LONG) as response:
+        lines = response.iter_lines()
+        events = [next(line for line in lines if line.startswith("data: "))]
+        arbiter.send_signal(signal.SIGTERM)
+        events += [line for line in lines if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(event[6:]) for event in events[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"  # all 48 tokens, not cut short
+    arbiter.wait(timeout=LONG)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import queue
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,9 +20,9 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
-from tests.server import CACHES_OFF, LONG, free_port, serve
+from tests.server import KEYS, LONG, ONE_WORKER, free_port, serve
 
-KEY = "oip-key"
+KEY = KEYS[0]
 
 
 def auth() -> dict[str, str]:
@@ -50,19 +49,10 @@ class Server:
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
-    """fp32 and no caches: greedy answers then do not depend on what else is in the batch, and every
-    answer is computed, so the protocols can be compared token for token."""
-    port = free_port()
-    env = {
-        **CACHES_OFF,
-        "FNSERVE_GRPC_PORT": str(port),
-        "FNSERVE_API_KEYS": KEY,
-        "FNSERVE_EMBEDDING_DTYPE": "float32",
-        "FNSERVE_GENERATION_DTYPE": "float32",
-    }
-    with serve(env=env) as url:
-        yield Server(url, f"127.0.0.1:{port}")
+def server(keyed_server: tuple[str, str]) -> Server:
+    """fp32 and no caches (conftest): greedy answers then do not depend on what else is in the batch,
+    and every answer is computed, so the protocols can be compared token for token."""
+    return Server(*keyed_server)
 
 
 def http(server: Server) -> httpx.Client:
@@ -405,7 +395,7 @@ def test_one_concurrency_bound_covers_both_ports() -> None:
     """One worker that takes one request at a time: while a gRPC stream's request runs, a gRPC call and
     an HTTP request are both refused for load, each in its protocol's terms, and served once it ends."""
     port = free_port()
-    env = {"FNSERVE_GRPC_PORT": str(port), "FNSERVE_EMBEDDING_WORKERS": "1", "FNSERVE_MAX_CONCURRENCY": "1"}
+    env = {**ONE_WORKER, "FNSERVE_GRPC_PORT": str(port), "FNSERVE_MAX_CONCURRENCY": "1"}
     with serve(env=env) as url:
         server = Server(url, f"127.0.0.1:{port}")
         client = server.grpc_client()

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.server import LONG, counter, serve
+from tests.server import LONG, ONE_WORKER, counter, serve
 
 CHAT = "smollm2-135m-instruct"
 EMBEDDER = "all-minilm-l6-v2"
@@ -23,7 +23,7 @@ unique = itertools.count()
 @pytest.fixture(scope="module")
 def url() -> Iterator[str]:
     """One entry worker, so that every request meets the same queue."""
-    with serve(env={"FNSERVE_EMBEDDING_WORKERS": "1", "FNSERVE_EMBEDDING_MAX_LATENCY_MS": "600000"}) as base:
+    with serve(env={**ONE_WORKER, "FNSERVE_EMBEDDING_MAX_LATENCY_MS": "600000"}) as base:
         yield base
 
 
