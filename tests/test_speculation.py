@@ -102,8 +102,9 @@ def test_max_tokens_is_exact_when_a_draft_runs_past_it(engines: Any) -> None:
 def test_sampled_tokens_keep_their_distribution(engines: Any) -> None:
     """Point-mass rejection leaves the output distribution as it was. At each of the first places, the
     tokens sampled with drafting on and off are compared by a chi-square test over the five likeliest
-    tokens there and the rest: 21.0 is its 0.1% point at 5 degrees of freedom (a rule that kept every
-    draft moves the drafted places far past it)."""
+    tokens there and the rest: 21.0 is its 0.1% point at 5 degrees of freedom. A rule that kept every
+    draft moves the drafted places far past it: measured on the Zen 3 (AMD EPYC 25/1), its largest was
+    43 at 100 samples a side and 88 at 200, against at most 15 for the rule served."""
     on, off, tokenizer = engines
     # A bare prompt, not a chat: a third of the chat template's tokens, and the prefill of 20 copies of
     # it was most of this test's time. Its repeats give the proposer drafts at every place.
@@ -111,7 +112,7 @@ def test_sampled_tokens_keep_their_distribution(engines: Any) -> None:
     sampling = Sampling(8, temperature=0.7)
     before = drafted(on)
     runs: dict[str, list[list[int]]] = {"on": [], "off": []}
-    for _ in range(8):  # 200 samples each, in batches that leave drafting its cache (MIN_FREE_CACHE)
+    for _ in range(5):  # 125 samples each, in batches that leave drafting its cache (MIN_FREE_CACHE)
         runs["on"] += answers(on, [ids] * 25, sampling)
         runs["off"] += answers(off, [ids] * 25, sampling)
     tokens, accepted = (now - then for now, then in zip(drafted(on), before, strict=True))
