@@ -31,6 +31,12 @@ class Settings(BaseSettings):
     generation_threads: int = Field(
         0, ge=0, description="intra-op threads of the generation engine; 0 = every core"
     )
+    gil_switch_microseconds: int = Field(
+        0,
+        ge=0,
+        description="how long a thread may hold Python's GIL while another waits: a worker's event loop "
+        "and its model's thread share it; 0 = 500 (Python's own is 5,000)",
+    )
 
     @field_validator("embedding_model", "generation_model", "image_model")
     @classmethod

@@ -41,6 +41,7 @@ def avx2_server() -> Iterator[str]:
         **ONE_WORKER,
         "FNSERVE_DEVICE": "cpu",
         "FNSERVE_GENERATION_THREADS": "1",
+        "FNSERVE_GIL_SWITCH_MICROSECONDS": "1000",
     }
     with serve(env=env) as url:
         yield url
@@ -65,6 +66,12 @@ def test_a_cpu_without_fast_bf16_serves_both_models_in_fp32_and_says_why(avx2_se
         "reason": "FNSERVE_GENERATION_THREADS is set",
     }
     assert made[EMBEDDER]["workers"]["source"] == "setting"
+    for model in (EMBEDDER, CHAT):
+        assert made[model]["gil_switch_microseconds"] == {
+            "value": "1000",
+            "source": "setting",
+            "reason": "FNSERVE_GIL_SWITCH_MICROSECONDS is set",
+        }
     answer = httpx.post(
         f"{avx2_server}/v1/chat/completions",
         json={
@@ -88,6 +95,10 @@ def test_an_explicit_dtype_wins_and_auto_picks_a_served_dtype(server: str) -> No
     for name in ("workers", "threads", "max_batch_size"):
         assert int(made[EMBEDDER][name]["value"]) >= 1 and made[EMBEDDER][name]["reason"]
     assert int(made[CHAT]["cache_blocks"]["value"]) >= 4
+    # Python's own 5 ms let a busy event loop starve the model's thread (services/functions/hardware.py).
+    for model in (EMBEDDER, CHAT, "efficientnet-lite0"):
+        assert made[model]["gil_switch_microseconds"]["value"] == "500"
+        assert made[model]["gil_switch_microseconds"]["source"] == "rule"
 
 
 def test_without_bf16_instructions_the_rule_picks_fp32_without_timing(

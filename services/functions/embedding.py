@@ -20,7 +20,7 @@ from models.catalog import CATALOG
 from services.config import Settings, pick_device
 from services.functions.batching import GreedyBatcher, WaitTarget, answered_by
 from services.functions.cache import cache_key, response_cache, through_cache
-from services.functions.hardware import Choices, model_status
+from services.functions.hardware import Choices, model_status, share_the_gil
 from services.functions.lifecycle import ModelSlot, Reloadable
 from services.functions.pacing import encoder_share
 from services.functions.types import Refused
@@ -112,6 +112,7 @@ class EmbeddingFunction:
             "the worker's share of the cores",
         )  # fmt: skip
         torch.set_num_threads(threads)
+        share_the_gil(self.choices, settings.gil_switch_microseconds)
         self.choices.setting_or(
             "max_batch_size", "FNSERVE_EMBEDDING_MAX_BATCH_SIZE", settings.embedding_max_batch_size,
             settings.embedding_batch_size, "texts per forward pass: a GPU keeps gaining past 32, a CPU not",

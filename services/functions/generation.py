@@ -19,7 +19,7 @@ from models.catalog import CATALOG
 from services.admission import DEADLINE_PASSED, rejected, seconds_left
 from services.config import TIMEOUT_GRACE_SECONDS, get_settings, pick_device
 from services.functions.engine import Engine, EngineError, Sampling, TokenLogprob, TransformersEngine
-from services.functions.hardware import Choices, model_status, once_per_server, server_instance
+from services.functions.hardware import Choices, model_status, once_per_server, server_instance, share_the_gil
 from services.functions.lifecycle import ModelSlot, Reloadable
 from services.functions.pacing import BEAT, EngineBeat, ServiceRate, admit
 from services.functions.speculation import Drafting, SpeculationStats, StepCost, measure_step_cost
@@ -193,6 +193,7 @@ class Generator:
             "one engine loop per server: its forward passes may use every core",
         )  # fmt: skip
         torch.set_num_threads(threads)
+        share_the_gil(self.choices, settings.gil_switch_microseconds)
         self.cache_blocks = self.choices.setting_or(
             "cache_blocks", "FNSERVE_GENERATION_CACHE_BLOCKS", settings.generation_cache_blocks,
             settings.cache_blocks, "KV-cache blocks of 64 tokens: a CPU's step time grows with the batch, a "

@@ -27,7 +27,7 @@ from models.catalog import CATALOG
 from services.config import Settings, pick_device
 from services.functions.batching import GreedyBatcher, WaitTarget, answered_by
 from services.functions.cache import cache_key, response_cache, through_cache
-from services.functions.hardware import Choices, model_status, once_per_server, server_instance
+from services.functions.hardware import Choices, model_status, once_per_server, server_instance, share_the_gil
 from services.functions.lifecycle import ModelSlot, Reloadable
 from services.functions.pacing import encoder_share
 from services.functions.types import Refused
@@ -143,6 +143,7 @@ class ImageFunction:
         self.settings = settings
         self.model_id = entry.name
         self.choices = Choices("image")
+        share_the_gil(self.choices, settings.gil_switch_microseconds)
         self.device = pick_device(settings.device)
         self.labels: list[str] = json.loads((Path(model_path) / "labels.json").read_text())
         stored = load(model_path, self.device)
