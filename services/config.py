@@ -31,6 +31,12 @@ class Settings(BaseSettings):
     generation_threads: int = Field(
         0, ge=0, description="intra-op threads of the generation engine; 0 = every core"
     )
+    trace_requests: bool = Field(
+        False,
+        description="an OpenTelemetry span for every HTTP request and response message, as BentoML "
+        "records by default even with no exporter; they cost about a fifth of a busy entry worker's "
+        "event loop (README, Benchmark). On: configure BentoML's tracing exporter too",
+    )
     gil_switch_microseconds: int = Field(
         0,
         ge=0,
@@ -88,6 +94,11 @@ class Settings(BaseSettings):
     @property
     def cache_blocks(self) -> int:
         return self.generation_cache_blocks or (512 if self.cuda_present else 64)
+
+    @property
+    def tracing(self) -> dict[str, object]:
+        """BentoML's tracing section of a service: every URL excluded unless requests are traced."""
+        return {} if self.trace_requests else {"excluded_urls": [".*"]}
 
     @property
     def cuda_present(self) -> bool:

@@ -79,6 +79,7 @@ ADMISSION = Admission(
         "concurrency": settings.autoscale_target,
     },
     logging={"access": {"enabled": False}},
+    tracing=settings.tracing,
     workers=settings.workers,
 )
 @bentoml.asgi_app(openai.app, path="/")

@@ -36,8 +36,9 @@ def server() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def keyed_server() -> Iterator[tuple[str, str]]:
-    """API keys required and bodies capped (the admission tests), fp32 and no caches (the OIP tests
-    compare protocols token for token, every answer computed): its URL and its gRPC address."""
+    """API keys required, bodies capped and requests traced (the admission tests), fp32 and no caches
+    (the OIP tests compare protocols token for token, every answer computed): its URL and its gRPC
+    address."""
     grpc_port = free_port()
     env = {
         **CACHES_OFF,
@@ -45,6 +46,7 @@ def keyed_server() -> Iterator[tuple[str, str]]:
         "FNSERVE_GRPC_PORT": str(grpc_port),
         "FNSERVE_API_KEYS": ",".join(KEYS),
         "FNSERVE_MAX_BODY_BYTES": str(MAX_BODY),
+        "FNSERVE_TRACE_REQUESTS": "true",
         "FNSERVE_EMBEDDING_DTYPE": "float32",
         "FNSERVE_GENERATION_DTYPE": "float32",
     }

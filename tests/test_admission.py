@@ -1,4 +1,5 @@
-"""API keys and body-size limits on a real server; the concurrency bound on the middleware."""
+"""API keys, body-size limits and request tracing on a real server; the concurrency bound on the
+middleware."""
 
 from __future__ import annotations
 
@@ -50,6 +51,16 @@ def test_openai_client_with_a_key(url: str) -> None:
     assert len(client.embeddings.create(model=EMBEDDER, input="hello").data[0].embedding) == 384
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=f"{url}/v1", api_key="nope").models.list()
+
+
+def test_requests_are_traced_only_where_the_setting_asks(url: str, server: str) -> None:
+    """BentoML records a span per request unless its URL is excluded; its native endpoints then name
+    the span in a header. Off by default (services/config.py), on here with FNSERVE_TRACE_REQUESTS."""
+    auth = {"Authorization": f"Bearer {KEYS[0]}"}
+    traced = httpx.post(f"{url}/encode", json={"texts": ["x"]}, headers=auth, timeout=LONG)
+    assert traced.status_code == 200 and len(traced.headers["x-bentoml-request-id"]) == 16
+    untraced = httpx.post(f"{server}/encode", json={"texts": ["x"]}, timeout=LONG)
+    assert untraced.status_code == 200 and "x-bentoml-request-id" not in untraced.headers
 
 
 def test_oversized_bodies_get_413_and_the_next_request_is_served(url: str) -> None:

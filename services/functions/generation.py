@@ -172,6 +172,7 @@ def engine_runs(engine: Engine) -> bool:
     workers=1,
     traffic={"timeout": settings.request_timeout_seconds + TIMEOUT_GRACE_SECONDS},
     logging={"access": {"enabled": False}},
+    tracing=settings.tracing,
     # BentoML's client recycles its session every 100 calls by default and kills the calls in flight
     # (about one 500 per 100 concurrent calls, field notes); streams live long, so never recycle.
     runner_connection={"max_requests": 10**9, "max_age": 1e9},
