@@ -14,10 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -83,6 +87,18 @@ def measure_raw(
     return results
 
 
+def connections_per_process(url: str) -> list[int]:
+    """How the server's workers share the open connections, most first (`ss`, mid-run): workers that
+    accept from one socket can split a burst of new connections unevenly (README "Benchmark")."""
+    if shutil.which("ss") is None:  # iproute2's; the figure is a diagnosis, not a bar
+        return []
+    port = url.rsplit(":", 1)[1]
+    listed = subprocess.run(
+        ["ss", "-tnpH", "state", "established", f"( sport = :{port} )"], capture_output=True, text=True
+    ).stdout
+    return sorted(Counter(re.findall(r"pid=(\d+)", listed)).values(), reverse=True)
+
+
 def run_wrk(
     url: str,
     text: str,
@@ -90,10 +106,10 @@ def run_wrk(
     seconds: float,
     script: Path = LUA,
     env: dict[str, str] | None = None,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """One wrk point with `script` (embeddings.lua posts `text`; another script reads its own `env`).
     `per_s` counts 2xx answers only, `errors` every failure, refusals included."""
-    done = subprocess.run(
+    wrk = subprocess.Popen(
         [
             "wrk",
             f"-t{min(2, connections)}",
@@ -106,11 +122,16 @@ def run_wrk(
             url,
         ],
         env={**os.environ, "WRK_TEXT": text, **(env or {})},
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        check=True,
     )
-    stats = json.loads(done.stdout.strip().splitlines()[-1])
+    time.sleep(seconds / 2)
+    split = connections_per_process(url)
+    out, err = wrk.communicate()
+    if wrk.returncode:
+        raise RuntimeError(f"wrk failed: {err}")
+    stats = json.loads(out.strip().splitlines()[-1])
     seconds_run = stats["duration_us"] / 1e6
     errors = sum(stats[k] for k in ("errors_connect", "errors_read", "errors_timeout", "errors_status"))
     # wrk counts a refused answer (429, 503) as a request; throughput here is answers served.
@@ -123,6 +144,7 @@ def run_wrk(
         "p50_ms": stats["p50_us"] / 1000,
         "p99_ms": stats["p99_us"] / 1000,
         "errors": errors,
+        "connections_per_process": split,
     }
 
 
@@ -135,7 +157,8 @@ def sweep(name: str, url: str, seconds: float) -> dict[str, list[dict[str, float
             point = run_wrk(url, text, connections, seconds)
             print(
                 f"{name} {size} c={connections}: {point['per_s']:.0f} req/s, p50 {point['p50_ms']:.0f} ms, "
-                f"p99 {point['p99_ms']:.0f} ms, errors {point['errors']}",
+                f"p99 {point['p99_ms']:.0f} ms, errors {point['errors']}, "
+                f"connections per process {point['connections_per_process']}",
                 flush=True,
             )
             out[size].append(point)
