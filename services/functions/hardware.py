@@ -165,9 +165,10 @@ GIL_SWITCH_MICROSECONDS = 500
 def share_the_gil(choices: Choices, setting: int) -> None:
     """A forward pass runs in a thread beside the worker's event loop and takes the GIL back after each
     of its hundreds of torch ops. At Python's 5 ms switch interval a loop busy answering or refusing
-    requests kept each hand-back waiting: one entry worker at 64 connections served 22 embeddings/s
-    (the rest refused as the rate it measured fell) where at 0.5 ms it served 420 (Zen 5, 2026-12-04;
-    README "Per-machine choices"). The interval is per process, so every function of it sets the same."""
+    requests kept each hand-back waiting: one entry worker at 256 connections served 20 embeddings/s
+    (the rest refused as the rate it measured fell) where at 0.5 ms it served 341 (2-core EPYC Zen 5,
+    family 26 model 2, 2026-12-04; README "Per-machine choices"). The interval is per process, so every
+    function of it sets the same."""
     microseconds = choices.setting_or(
         "gil_switch_microseconds", "FNSERVE_GIL_SWITCH_MICROSECONDS", setting, GIL_SWITCH_MICROSECONDS,
         "the event loop hands the GIL back to the model's thread within this; Python's own 5,000 "
