@@ -37,6 +37,12 @@ class Settings(BaseSettings):
         "records by default even with no exporter; they cost about a fifth of a busy entry worker's "
         "event loop (README, Benchmark). On: configure BentoML's tracing exporter too",
     )
+    http_socket_per_worker: bool = Field(
+        True,
+        description="each entry worker listens on the HTTP port with a socket of its own (SO_REUSEPORT), "
+        "so the kernel spreads connections over the workers; off: one shared socket, where a free worker "
+        "can take a whole burst (services/listener.py)",
+    )
     gil_switch_microseconds: int = Field(
         0,
         ge=0,

@@ -31,6 +31,7 @@ from services.functions.types import Refused, Text
 from services.jobs.db import StoreUnavailable
 from services.jobs.runner import BatchRunner
 from services.jobs.store import BatchStore
+from services.listener import spread_connections
 from services.protocols import openapi
 from services.protocols.guard import Guard
 from services.protocols.oip import grpc as oip_grpc
@@ -109,6 +110,7 @@ class Frontend:
             )
         self._tasks: list[asyncio.Task[None]] = []
         self._grpc: oip_grpc.grpc.aio.Server | None = None
+        spread_connections(settings.workers, settings.http_socket_per_worker)  # last: now it can serve
 
     async def __is_ready__(self) -> bool:
         """`/readyz`: ready once the generation service answers too."""
