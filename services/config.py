@@ -43,6 +43,12 @@ class Settings(BaseSettings):
         "so the kernel spreads connections over the workers; off: one shared socket, where a free worker "
         "can take a whole burst (services/listener.py)",
     )
+    hold_early_retries: bool = Field(
+        True,
+        description="a 429 to a connection that asked again before its last 429's Retry-After passed is "
+        "answered when that Retry-After has passed (at most 1 s later): a client retrying at once costs "
+        "one refusal a second, not a busy event loop (services/protocols/guard.py)",
+    )
     gil_switch_microseconds: int = Field(
         0,
         ge=0,

@@ -206,4 +206,5 @@ Frontend.add_asgi_middleware(
     admission=ADMISSION,
     max_body_bytes=settings.max_body_bytes,
     upload_bytes=settings.batch_max_file_bytes + 2**20,  # room for multipart framing: the route checks it
+    hold_early_retries=settings.hold_early_retries,
 )

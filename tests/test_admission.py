@@ -4,6 +4,7 @@ middleware."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 
 import httpx
@@ -12,7 +13,7 @@ import pytest
 from starlette.types import Receive, Scope, Send
 
 from services.admission import Admission
-from services.protocols.guard import Guard
+from services.protocols.guard import HOLD_SECONDS, EarlyRetries, Guard
 from tests.server import KEYS, LONG, MAX_BODY
 
 EMBEDDER = "all-minilm-l6-v2"
@@ -112,3 +113,49 @@ def test_requests_past_the_concurrency_bound_get_429_and_probes_still_answer() -
     assert [r.status_code for r in served] == [200, 200] and probe.status_code == 200
     assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
     assert refused.json()["error"]["code"] == "concurrency"
+
+
+def test_a_connection_asking_again_before_its_retry_after_gets_its_next_429_when_it_passes() -> None:
+    now = [100.0]
+    early = EarlyRetries(clock=lambda: now[0])
+    a, b = ("127.0.0.1", 40001), ("127.0.0.1", 40002)
+    assert early.hold(a, 1) == 0  # a first refusal: at once
+    now[0] += 0.25
+    assert early.hold(a, 1) == 0.75  # asked again early: answered when the Retry-After has passed
+    assert early.hold(b, 1) == 0  # another connection is answered at once
+    now[0] += 0.75 + 1
+    assert early.hold(a, 30) == 0  # waited as told
+    assert early.hold(a, 30) == HOLD_SECONDS  # asked again at once: held, but never past the cap
+
+
+def test_a_repeated_429_on_one_connection_is_held_without_keeping_a_place_in_flight() -> None:
+    release = asyncio.Event()
+
+    async def slow_app(scope: Scope, receive: Receive, send: Send) -> None:
+        await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    admission = Admission([], max_concurrency=1, timeout_seconds=5)
+    guard = Guard(slow_app, admission, max_body_bytes=100, upload_bytes=100)
+
+    def client(port: int) -> httpx.AsyncClient:
+        transport = httpx.ASGITransport(app=guard, client=("127.0.0.1", port))
+        return httpx.AsyncClient(transport=transport, base_url="http://fnserve")
+
+    async def scenario() -> None:
+        async with client(40001) as busy_client, client(40002) as retrier:
+            busy = asyncio.create_task(busy_client.get("/v1/models"))
+            while admission.in_flight < 1:
+                await asyncio.sleep(0.01)
+            first_sent = time.monotonic()
+            first, again = await retrier.get("/v1/models"), await retrier.get("/v1/models")
+            assert time.monotonic() - first_sent >= 1  # the second waited for the first's Retry-After
+            for refused in (first, again):
+                assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+                assert refused.json()["error"]["code"] == "concurrency"
+            assert admission.in_flight == 1 and not busy.done()  # only the busy request holds a place
+            release.set()
+            assert (await busy).status_code == 200
+
+    asyncio.run(scenario())
