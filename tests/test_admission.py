@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import httpx
 import openai
 import pytest
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.admission import Admission
 from services.protocols.guard import HOLD_SECONDS, EarlyRetries, Guard
@@ -85,14 +85,21 @@ def test_oversized_bodies_get_413_and_the_next_request_is_served(url: str) -> No
     assert ok.status_code == 200
 
 
-def test_requests_past_the_concurrency_bound_get_429_and_probes_still_answer() -> None:
-    """The bound itself, on the middleware alone: a server would need hundreds of open requests."""
-    release = asyncio.Event()
+def held_until(release: asyncio.Event) -> ASGIApp:
+    """An app that answers 200 once `release` is set: requests that stay in flight until then."""
 
-    async def slow_app(scope: Scope, receive: Receive, send: Send) -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
         await release.wait()
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
+
+    return app
+
+
+def test_requests_past_the_concurrency_bound_get_429_and_probes_still_answer() -> None:
+    """The bound itself, on the middleware alone: a server would need hundreds of open requests."""
+    release = asyncio.Event()
+    slow_app = held_until(release)
 
     guard = Guard(
         slow_app, Admission([], max_concurrency=2, timeout_seconds=5), max_body_bytes=100, upload_bytes=100
@@ -130,11 +137,7 @@ def test_a_connection_asking_again_before_its_retry_after_gets_its_next_429_when
 
 def test_a_repeated_429_on_one_connection_is_held_without_keeping_a_place_in_flight() -> None:
     release = asyncio.Event()
-
-    async def slow_app(scope: Scope, receive: Receive, send: Send) -> None:
-        await release.wait()
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b"ok"})
+    slow_app = held_until(release)
 
     admission = Admission([], max_concurrency=1, timeout_seconds=5)
     guard = Guard(slow_app, admission, max_body_bytes=100, upload_bytes=100)
