@@ -46,7 +46,9 @@ class EarlyRetries:
     inputs a second and served 108, against 162 at 16 connections (README, Benchmark). A 429 that
     repeats an early retry is answered when the Retry-After has passed (at most `HOLD_SECONDS` later),
     so such a connection costs one refusal a second, while a client that waits as told is answered at
-    once. Keyed by connection (the peer's address and port): one HTTP/1.1 request at a time."""
+    once. Measured there, 256 long-input connections: 152 answers/s with 331 refusals held, against 65
+    with 42,255 refusals at once. Keyed by connection (the peer's address and port): one HTTP/1.1
+    request at a time."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
