@@ -10,8 +10,10 @@ puts it on the descriptor number BentoML's worker passed to uvicorn (`--fd`). uv
 descriptor to the event loop only after the service's `__init__` (its lifespan runs first), so the swap
 in `__init__` is what the worker serves. Connections waiting on the shared socket at that moment, before
 any worker served, are reset; clients retry them as they would any refused start-up connection.
-tests/test_admission.py checks on a real server that every worker listens on a socket of its own and
-that a burst of connections reaches both."""
+Connections waiting on a worker's own socket when that worker stops are reset, not handed to the others,
+unless the host sets the sysctl net.ipv4.tcp_migrate_req=1 (Linux 5.14+). tests/test_connections.py
+checks on a real server that every worker listens on a socket of its own and that a burst of connections
+reaches each."""
 
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import socket
 import sys
 
 logger = logging.getLogger("bentoml.fnserve.listener")
+_swapped: set[int] = set()  # descriptors this process already serves on a socket of its own
 
 
 def worker_option(argv: list[str], name: str) -> int | None:
@@ -52,7 +55,12 @@ def listen_on_own_socket(fd: int, backlog: int) -> bool:
     own = socket.socket(family, socket.SOCK_STREAM)
     own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     own.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    own.bind(address)
+    try:
+        own.bind(address)
+    except OSError:
+        own.close()
+        logger.exception("cannot bind %s again with SO_REUSEPORT; the HTTP port is stopped", address)
+        raise
     own.listen(backlog)
     own_fd = own.detach()
     os.dup2(own_fd, fd, inheritable=False)
@@ -68,8 +76,11 @@ def spread_connections(workers: int, enabled: bool) -> None:
     if fd is None:
         logger.info("not started by BentoML's worker (no --fd): connections stay on the shared socket")
         return
+    if fd in _swapped:  # a second service instance in this process: the swap is done, and serving
+        return
     if not listen_on_own_socket(fd, worker_option(sys.argv, "--backlog") or socket.SOMAXCONN):
         return
+    _swapped.add(fd)
     logger.info(
         "HTTP connections: this worker listens on its own socket (SO_REUSEPORT), so the kernel spreads "
         "them over the %d workers; with one shared socket a free worker took whole bursts",

@@ -33,7 +33,7 @@ from services.jobs.runner import BatchRunner
 from services.jobs.store import BatchStore
 from services.listener import spread_connections
 from services.protocols import openapi
-from services.protocols.guard import Guard
+from services.protocols.guard import EarlyRetries, Guard
 from services.protocols.oip import grpc as oip_grpc
 from services.protocols.oip import rest as oip_rest
 from services.protocols.oip.models import repository_of
@@ -206,5 +206,5 @@ Frontend.add_asgi_middleware(
     admission=ADMISSION,
     max_body_bytes=settings.max_body_bytes,
     upload_bytes=settings.batch_max_file_bytes + 2**20,  # room for multipart framing: the route checks it
-    hold_early_retries=settings.hold_early_retries,
+    early_retries=EarlyRetries(max_held=ADMISSION.max_concurrency) if settings.hold_early_retries else None,
 )

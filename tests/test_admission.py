@@ -4,8 +4,8 @@ middleware."""
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import suppress
 
 import httpx
 import openai
@@ -124,7 +124,7 @@ def test_requests_past_the_concurrency_bound_get_429_and_probes_still_answer() -
 
 def test_a_connection_asking_again_before_its_retry_after_gets_its_next_429_when_it_passes() -> None:
     now = [100.0]
-    early = EarlyRetries(clock=lambda: now[0])
+    early = EarlyRetries(max_held=1, clock=lambda: now[0])
     a, b = ("127.0.0.1", 40001), ("127.0.0.1", 40002)
     assert early.hold(a, 1) == 0  # a first refusal: at once
     now[0] += 0.25
@@ -133,32 +133,53 @@ def test_a_connection_asking_again_before_its_retry_after_gets_its_next_429_when
     now[0] += 0.75 + 1
     assert early.hold(a, 30) == 0  # waited as told
     assert early.hold(a, 30) == HOLD_SECONDS  # asked again at once: held, but never past the cap
+    early.holding = 1
+    assert early.hold(b, 1) == 0  # as many held as may be: at once
 
 
-def test_a_repeated_429_on_one_connection_is_held_without_keeping_a_place_in_flight() -> None:
+def test_a_held_429_keeps_no_place_in_flight_and_past_the_most_held_429s_go_at_once() -> None:
     release = asyncio.Event()
-    slow_app = held_until(release)
+    busy_app = held_until(release)
 
-    admission = Admission([], max_concurrency=1, timeout_seconds=5)
-    guard = Guard(slow_app, admission, max_body_bytes=100, upload_bytes=100)
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"] != "/refuse":
+            return await busy_app(scope, receive, send)
+        # A function's refusal for time, with a long Retry-After: a repeat is held for a minute.
+        headers = [(b"retry-after", b"60"), (b"content-type", b"application/json")]
+        await send({"type": "http.response.start", "status": 429, "headers": headers})
+        await send({"type": "http.response.body", "body": b'{"error": {"code": "queue_full"}}'})
+
+    admission = Admission([], max_concurrency=2, timeout_seconds=5)
+    early = EarlyRetries(max_held=1, longest=60)
+    guard = Guard(app, admission, max_body_bytes=100, upload_bytes=100, early_retries=early)
 
     def client(port: int) -> httpx.AsyncClient:
         transport = httpx.ASGITransport(app=guard, client=("127.0.0.1", port))
         return httpx.AsyncClient(transport=transport, base_url="http://fnserve")
 
-    async def scenario() -> None:
-        async with client(40001) as busy_client, client(40002) as retrier:
-            busy = asyncio.create_task(busy_client.get("/v1/models"))
-            while admission.in_flight < 1:
-                await asyncio.sleep(0.01)
-            first_sent = time.monotonic()
-            first, again = await retrier.get("/v1/models"), await retrier.get("/v1/models")
-            assert time.monotonic() - first_sent >= 1  # the second waited for the first's Retry-After
-            for refused in (first, again):
-                assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
-                assert refused.json()["error"]["code"] == "concurrency"
-            assert admission.in_flight == 1 and not busy.done()  # only the busy request holds a place
-            release.set()
-            assert (await busy).status_code == 200
+    async def until(condition: Callable[[], bool]) -> None:
+        while not condition():
+            await asyncio.sleep(0.01)
 
-    asyncio.run(scenario())
+    async def scenario() -> None:
+        async with client(40001) as a, client(40002) as retrier, client(40003) as other, client(40004) as b:
+            busy = asyncio.create_task(a.get("/busy"))
+            await until(lambda: admission.in_flight == 1)
+            first = await retrier.get("/refuse")
+            assert first.status_code == 429 and first.headers["retry-after"] == "60"
+            again = asyncio.create_task(retrier.get("/refuse"))
+            await until(lambda: early.holding == 1)
+            assert admission.in_flight == 1  # the held refusal left admission
+            for _ in range(2):  # a first refusal, then a repeat at once, as one is held already
+                assert (await other.get("/refuse")).headers["retry-after"] == "60"
+            assert not again.done()  # still held
+            second = asyncio.create_task(b.get("/busy"))
+            await until(lambda: admission.in_flight == 2)  # so another request takes the place
+            release.set()
+            assert [r.status_code for r in await asyncio.gather(busy, second)] == [200, 200]
+            again.cancel()
+            with suppress(asyncio.CancelledError):
+                await again
+            assert early.holding == 0
+
+    asyncio.run(asyncio.wait_for(scenario(), LONG))

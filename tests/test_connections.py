@@ -28,11 +28,15 @@ def listening_sockets(worker: psutil.Process, port: int) -> set[str]:
     }
 
 
-def accepted(worker: psutil.Process, port: int) -> int:
+def accepted(worker: psutil.Process, port: int, clients: set[int]) -> int:
+    """How many of the connections from the local ports `clients` `worker` has accepted."""
     return sum(
         1
         for c in worker.net_connections(kind="tcp")
-        if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == port
+        if c.status == psutil.CONN_ESTABLISHED
+        and c.laddr.port == port
+        and c.raddr
+        and c.raddr.port in clients
     )
 
 
@@ -47,9 +51,13 @@ def test_a_burst_of_connections_reaches_every_worker_and_each_is_served(server: 
     assert len(set.union(*listeners)) == len(workers), "each worker listens on a socket of its own"
 
     connections = [socket.create_connection(("127.0.0.1", port), timeout=LONG) for _ in range(burst)]
+    clients = {c.getsockname()[1] for c in connections}
     try:
         deadline = time.monotonic() + LONG
-        while sum(counts := [accepted(w, port) for w in workers]) < burst and time.monotonic() < deadline:
+        while (
+            sum(counts := [accepted(w, port, clients) for w in workers]) < burst
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.2)
         assert sum(counts) == burst
         # The kernel hashes each connection to one worker's socket: a worker with none of 32 per worker

@@ -44,21 +44,27 @@ class EarlyRetries:
     costs the worker's event loop a request's parsing, beside the model's thread on the same cores. At
     256 connections on a 2-core EPYC (Zen 5, 2026-12-04) the entry workers refused about 1,600 long
     inputs a second and served 108, against 162 at 16 connections (README, Benchmark). A 429 that
-    repeats an early retry is answered when the Retry-After has passed (at most `HOLD_SECONDS` later),
+    repeats an early retry is answered when the Retry-After has passed (at most `longest` later),
     so such a connection costs one refusal a second, while a client that waits as told is answered at
     once. Measured there, 256 long-input connections: 152 answers/s with 331 refusals held, against 65
     with 42,255 refusals at once. Keyed by connection (the peer's address and port): one HTTP/1.1
     request at a time."""
 
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
+    def __init__(
+        self, max_held: int, longest: float = HOLD_SECONDS, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        """`max_held` 429s at most are held at once: BentoML's own concurrency bound, outside this
+        middleware, counts a held one, and past it BentoML answers a plain 429 at once."""
+        self.max_held, self.holding, self._longest, self._clock = max_held, 0, longest, clock
         self._next: TTLCache[tuple[str, int], float] = TTLCache(maxsize=65536, ttl=60, timer=clock)
 
     def hold(self, peer: tuple[str, int], retry_after: float) -> float:
-        """Seconds to hold this 429 to `peer` (0 if its last one's Retry-After has passed), remembering
-        the Retry-After it gives."""
+        """Seconds to hold this 429 to `peer` (0 if its last one's Retry-After has passed, or as many
+        are held as may be), remembering the Retry-After it gives."""
         now = self._clock()
-        held = min(max(0.0, self._next.get(peer, now) - now), HOLD_SECONDS)
+        held = min(max(0.0, self._next.get(peer, now) - now), self._longest)
+        if self.holding >= self.max_held:
+            held = 0.0
         self._next[peer] = now + held + retry_after
         return held
 
@@ -81,12 +87,19 @@ class PacedSend:
         else:
             await self._send(message)
 
-    async def flush(self) -> None:
-        if self._held:
+    async def flush(self, at_once: bool = False) -> None:
+        """Sends what was held: after the hold, or `at_once` (the request failed after its 429)."""
+        if not self._held:
+            return
+        if not at_once and self._early:
             HELD.inc()
-            await asyncio.sleep(self._seconds)
-            for message in self._held:
-                await self._send(message)
+            self._early.holding += 1
+            try:
+                await asyncio.sleep(self._seconds)
+            finally:
+                self._early.holding -= 1
+        for message in self._held:
+            await self._send(message)
 
 
 def retry_after(start: Message) -> float:
@@ -102,21 +115,27 @@ class Guard:
         admission: Admission,
         max_body_bytes: int,
         upload_bytes: int,
-        hold_early_retries: bool = True,
+        early_retries: EarlyRetries | None = None,
     ) -> None:
         """BentoML's own concurrency bound sits above the admission's as a backstop, since its 429 is in
-        no protocol's shape and has no Retry-After."""
+        no protocol's shape and has no Retry-After. `early_retries`: None answers every 429 at once."""
         self.app = app
         self.admission = admission
         self._max_body_bytes, self._upload_bytes = max_body_bytes, upload_bytes
-        self._early = EarlyRetries() if hold_early_retries else None
+        self.early_retries = early_retries
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         client = scope.get("client")
-        paced = PacedSend(send, tuple(client) if client else None, self._early)
-        await self._guarded(scope, receive, paced)
+        # Port 0: uvicorn took the address from a proxy's X-Forwarded-For, which names no connection.
+        peer = (client[0], client[1]) if client and client[1] else None
+        paced = PacedSend(send, peer, self.early_retries)
+        try:
+            await self._guarded(scope, receive, paced)
+        except Exception:
+            await paced.flush(at_once=True)
+            raise
         await paced.flush()
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
