@@ -73,14 +73,13 @@ class PacedSend:
     """One request's ASGI `send`, holding back a 429 that repeats an early retry until `flush`, after
     the request has left admission: a held refusal keeps no place among the requests in flight."""
 
-    def __init__(self, send: Send, peer: tuple[str, int] | None, early: EarlyRetries | None) -> None:
+    def __init__(self, send: Send, peer: tuple[str, int], early: EarlyRetries) -> None:
         self._send, self._peer, self._early = send, peer, early
         self._held: list[Message] = []
         self._seconds = 0.0
 
     async def __call__(self, message: Message) -> None:
-        start = message["type"] == "http.response.start"
-        if start and message["status"] == 429 and self._peer and self._early:
+        if message["type"] == "http.response.start" and message["status"] == 429:
             self._seconds = self._early.hold(self._peer, retry_after(message))
         if self._seconds:
             self._held.append(message)
@@ -91,7 +90,7 @@ class PacedSend:
         """Sends what was held: after the hold, or `at_once` (the request failed after its 429)."""
         if not self._held:
             return
-        if not at_once and self._early:
+        if not at_once:
             HELD.inc()
             self._early.holding += 1
             try:
@@ -104,8 +103,8 @@ class PacedSend:
 
 def retry_after(start: Message) -> float:
     """The Retry-After of a response's start message, in seconds (1 where it has none)."""
-    value = dict(start.get("headers", [])).get(b"retry-after", b"1")
-    return float(value) if value.isdigit() else 1.0
+    value = header(start, b"retry-after")
+    return float(value) if value and value.isdigit() else 1.0
 
 
 class Guard:
@@ -122,15 +121,16 @@ class Guard:
         self.app = app
         self.admission = admission
         self._max_body_bytes, self._upload_bytes = max_body_bytes, upload_bytes
-        self.early_retries = early_retries
+        self._early = early_retries
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         client = scope.get("client")
         # Port 0: uvicorn took the address from a proxy's X-Forwarded-For, which names no connection.
-        peer = (client[0], client[1]) if client and client[1] else None
-        paced = PacedSend(send, peer, self.early_retries)
+        if self._early is None or not client or not client[1]:
+            return await self._guarded(scope, receive, send)
+        paced = PacedSend(send, (client[0], client[1]), self._early)
         try:
             await self._guarded(scope, receive, paced)
         except Exception:
@@ -195,8 +195,9 @@ class RefusalSender:
         await self._send({"type": "http.response.body", "body": response.body})
 
 
-def header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
+def header(scope: Scope | Message, name: bytes) -> str | None:
+    """A header of a request's scope or a response's start message (where headers are optional)."""
+    for key, value in scope.get("headers", []):
         if key == name:
             return value.decode("latin-1")
     return None
