@@ -1,19 +1,19 @@
 """A listening socket of its own for each entry worker on the HTTP port, with SO_REUSEPORT, so that the
 kernel spreads new connections over the workers as the gRPC port's already are.
 
-Why: BentoML 1.4.40's arbiter binds the HTTP port once and every worker accepts from that one socket.
-A worker whose event loop is free when a burst of connections arrives accepts the whole burst: 64
+Why: BentoML 1.4.40's arbiter binds the HTTP port once and every worker accepts from that one socket. A
+worker whose event loop is free when a burst of connections arrives accepts the whole burst: 64
 connections of a load generator all on one of two workers, about once in nine runs, at half the
-throughput (README, Benchmark). BentoML offers no per-worker socket for HTTP, so each worker swaps its
-own in before it serves: it stops the shared socket listening, binds a new one to the same address, and
-puts it on the descriptor number BentoML's worker passed to uvicorn (`--fd`). uvicorn hands that
-descriptor to the event loop only after the service's `__init__` (its lifespan runs first), so the swap
-in `__init__` is what the worker serves. Connections waiting on the shared socket at that moment, before
-any worker served, are reset; clients retry them as they would any refused start-up connection.
-Connections waiting on a worker's own socket when that worker stops are reset, not handed to the others,
-unless the host sets the sysctl net.ipv4.tcp_migrate_req=1 (Linux 5.14+). tests/test_connections.py
-checks on a real server that every worker listens on a socket of its own and that a burst of connections
-reaches each."""
+throughput (2-core EPYC Zen 5, family 26 model 2, 2026-12-04; README, Benchmark). BentoML offers no
+per-worker socket for HTTP, so each worker swaps its own in before it serves: it stops the shared socket
+listening, binds a new one to the same address, and puts it on the descriptor number BentoML's worker
+passed to uvicorn (`--fd`). uvicorn hands that descriptor to the event loop only after the service's
+`__init__` (its lifespan runs first), so the swap in `__init__` is what the worker serves. Connections
+waiting on the shared socket at that moment, before any worker served, are reset; clients retry them as
+they would any refused start-up connection. Connections waiting on a worker's own socket when that
+worker stops are reset, not handed to the others, unless the host sets the sysctl
+net.ipv4.tcp_migrate_req=1 (Linux 5.14+). tests/test_connections.py checks on a real server that every
+worker listens on a socket of its own and that a burst of connections reaches each."""
 
 from __future__ import annotations
 
