@@ -287,14 +287,6 @@ def attention_on_kv_heads() -> None:
     os.environ.setdefault(SDPA_GQA_SWITCH, "1")
 
 
-# On CPU in bf16, transformers 5.24's SDPA path of continuous batching gave the last prompt of a batch that
-# also held other requests a wrong first token: of 8 concurrent identical greedy chats, one or two answered
-# "L'Étoile, la Marseillaise, ..." instead of "The capital of France is Paris." in 6 of 30 trials (fp32: 0
-# of 20). Its eager path (paged) gave 0 of 20, at 62 against 74 tokens/s for 8 streams on a Zen 4:
-# still above fp32's 55. tests/test_attention.py repeats the trial.
-HALF_PRECISION_CPU_ATTENTION = "eager"
-
-
 class GreedyBatches:
     """Turns the engine's logits processing off while no running request samples (or asks for logprobs
     or penalties), so that an all-greedy
@@ -346,7 +338,6 @@ class TransformersEngine:
     ) -> None:
         """`speculation`: draft n-grams (services/functions/speculation.py) where its step cost says
         they pay."""
-        import torch
         from transformers import GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
@@ -356,8 +347,6 @@ class TransformersEngine:
         sample_by_inverse_cdf()
         if model.device.type == "cpu":
             attention_on_kv_heads()
-            if model.dtype != torch.float32:
-                model.set_attn_implementation(HALF_PRECISION_CPU_ATTENTION)
 
         # Temperature, top-p, top-k and a repetition penalty set here make transformers build their
         # processors; every request then sets its own values (per-request processors).
