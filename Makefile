@@ -79,10 +79,10 @@ build: models
 lint: $(VENV)/.installed
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
-# Needs `wrk` (Debian package); installed here if missing.
+# Needs `wrk` (Debian package); installed here if missing. BENCH_NAME names the results, for another machine's run.
 bench: models
 	command -v wrk >/dev/null || (apt-get install -y wrk || (apt-get update && apt-get install -y wrk))
-	$(BIN)/python loadtests/bench_embeddings.py
+	$(BIN)/python loadtests/bench_embeddings.py $(if $(BENCH_NAME),--name $(BENCH_NAME))
 
 # Needs `wrk` and `h2load` (Debian's wrk and nghttp2-client); installed here if missing.
 bench-grpc: models
