@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from functools import lru_cache
 from pathlib import Path
@@ -76,7 +77,7 @@ class Settings(BaseSettings):
 
     @property
     def workers(self) -> int:
-        return self.embedding_workers or (1 if self.cuda_present else os.cpu_count() or 1)
+        return self.embedding_workers or (1 if self.cuda_present else usable_cores())
 
     @property
     def workers_reason(self) -> str:
@@ -87,7 +88,7 @@ class Settings(BaseSettings):
 
     @property
     def threads_per_worker(self) -> int:
-        return self.torch_threads or max(1, (os.cpu_count() or 1) // self.workers)
+        return self.torch_threads or max(1, usable_cores() // self.workers)
 
     @property
     def autoscale_target(self) -> int:
@@ -277,6 +278,20 @@ class Settings(BaseSettings):
     batch_retention_seconds: float = Field(
         7 * 24 * 3600, gt=0, description="finished batches and their files are deleted after this long"
     )
+
+
+def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
+    """Cores this process may run on: its CPU affinity (taskset, a cpuset), capped by a cgroup v2 CPU
+    quota (a pod's `cpu: 2000m` on a 32-core node is 2). os.cpu_count() counts the host's, which would
+    start a worker and a torch thread per host core in a container allowed two."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = cpu_max.read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):  # no cgroup v2 CPU controller here: the affinity is the bound
+        pass
+    return cores
 
 
 @lru_cache(maxsize=1)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 from collections.abc import AsyncGenerator
 from contextlib import suppress
 from pathlib import Path
@@ -19,7 +18,7 @@ from pydantic import BaseModel, Field
 
 from models.catalog import CATALOG
 from services.admission import Admission
-from services.config import TIMEOUT_GRACE_SECONDS, get_settings
+from services.config import TIMEOUT_GRACE_SECONDS, get_settings, usable_cores
 from services.functions.api import Functions
 from services.functions.cache import response_cache
 from services.functions.chat import ChatFunction, Delta, GenerationRequest
@@ -69,7 +68,7 @@ ADMISSION = Admission(
 
 @bentoml.service(
     name="fnserve",
-    resources={"cpu": str(os.cpu_count() or 1)},
+    resources={"cpu": str(usable_cores())},
     # Admission (services/admission.py) enforces max_concurrency and the request deadline in each
     # protocol's error shape; BentoML's own bounds sit above them as a backstop (its 429 and 504 are
     # plain). `concurrency` is the autoscaling target on a cluster (as in deploy/), stated because a

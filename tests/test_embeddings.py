@@ -235,3 +235,20 @@ def test_truncate_policy_embeds_inputs_over_the_window(client: httpx.Client) -> 
     response = client.post("/v1/embeddings", json={"model": MODEL, "input": "word " * 400})
     assert response.status_code == 200
     assert response.json()["usage"]["prompt_tokens"] == 256
+
+
+def test_the_counting_tokenizer_is_written_only_by_its_first_call() -> None:
+    """Why EmbeddingFunction counts once at start-up: the stored tokenizer sets truncation, a first
+    `truncation=False` call turns it off (a write two threads could race on), later calls only read."""
+    import bentoml
+    from transformers import AutoTokenizer
+
+    from models.catalog import CATALOG
+
+    tokenizer = AutoTokenizer.from_pretrained(bentoml.models.get(CATALOG[MODEL].tag).path)
+    assert tokenizer.backend_tokenizer.truncation is not None
+    tokenizer(["warm-up"], truncation=False)
+    settled = (tokenizer.backend_tokenizer.truncation, tokenizer.backend_tokenizer.padding)
+    assert settled == (None, None)
+    tokenizer(["a second call"], truncation=False)
+    assert (tokenizer.backend_tokenizer.truncation, tokenizer.backend_tokenizer.padding) == settled

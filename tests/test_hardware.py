@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import uuid
@@ -185,3 +186,32 @@ def test_a_measurement_is_reused_by_the_next_server_run_on_this_machine(
     ruled = {"value": "float32", "source": "rule", "reason": "no bf16 here"}
     assert hardware.remembered("model:1-dtype-auto", lambda: ruled) == ruled
     assert list(tmp_path.glob("fnserve-measurements/model-1-dtype-*")) == []  # nothing timed, nothing kept
+
+
+def test_usable_cores_follow_the_cgroup_quota_and_the_affinity(tmp_path: Path) -> None:
+    from services.config import usable_cores
+
+    allowed = len(os.sched_getaffinity(0))
+    quota = tmp_path / "cpu.max"
+    quota.write_text("150000 100000\n")  # 1.5 cores' time: two cores, each partly
+    assert usable_cores(quota) == min(allowed, 2)
+    quota.write_text("max 100000\n")
+    assert usable_cores(quota) == allowed
+    assert usable_cores(tmp_path / "absent") == allowed
+
+
+@pytest.mark.skipif(shutil.which("taskset") is None, reason="needs util-linux's taskset")
+def test_a_process_pinned_to_one_core_sizes_its_workers_and_threads_for_one() -> None:
+    code = "from services.config import get_settings as s; print(s().workers, s().threads_per_worker)"
+    unset = ("FNSERVE_EMBEDDING_WORKERS", "FNSERVE_TORCH_THREADS")
+    env = {name: value for name, value in os.environ.items() if name not in unset}
+    pinned = subprocess.run(
+        ["taskset", "-c", "0", sys.executable, "-c", code],
+        cwd=ROOT,
+        env={**env, "FNSERVE_DEVICE": "cpu"},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=LONG,
+    )
+    assert pinned.stdout.split() == ["1", "1"], pinned.stderr

@@ -27,6 +27,7 @@ from deploy.cluster.parts import (
     start_replica,
     wait_for,
 )
+from services.config import usable_cores
 
 STATE = "cluster.json"
 STOP_ORDER = ("haproxy", "replica", "redis", "postgres")
@@ -36,7 +37,7 @@ def replica_defaults(replicas: int) -> dict[str, str]:
     """Replicas on one machine share its cores: one worker each, and the cores split between them,
     unless the caller's environment says otherwise (on a machine of its own, a replica takes the
     defaults, which fill it)."""
-    threads = str(max(1, (os.cpu_count() or 1) // replicas))
+    threads = str(max(1, usable_cores() // replicas))
     defaults = {
         "FNSERVE_EMBEDDING_WORKERS": "1",
         "FNSERVE_TORCH_THREADS": threads,

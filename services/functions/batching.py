@@ -20,8 +20,6 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from bentoml.exceptions import ServiceUnavailable
-
 from services.admission import DEADLINE_PASSED, rejected, seconds_left
 from services.functions.pacing import ServiceRate, admit
 from services.functions.types import Refused
@@ -66,9 +64,20 @@ class WaitTarget:
 
 
 @dataclass
+class _Request:
+    """What the chunks of one request share: once one has entered a forward pass, the request has
+    started, and the chunks after it wait for their own request, not for the queue; a request shed
+    for waiting is counted once, however many chunks it had."""
+
+    started: bool = False
+    shed: bool = False
+
+
+@dataclass
 class _Job(Generic[T, R]):
     items: list[T]
     future: asyncio.Future[list[R]]
+    request: _Request
     enqueued: float = field(default_factory=time.monotonic)
 
 
@@ -86,11 +95,11 @@ class GreedyBatcher(Generic[T, R]):
     ) -> None:
         """`run_batch` maps items to results in order and runs in a worker thread; `on_batch` receives
         each batch's size and the queue wait of its oldest job; `on_queue` the online items waiting,
-        whenever that changes. Jobs
-        queued longer than `max_queue_seconds` are shed with ServiceUnavailable (503) instead of running
-        late; an online request that would take a non-empty queue past `max_queue` items raises QueueFull,
-        and one expected to wait past `wait_target` is refused. After each forward pass of `busy`
-        seconds, the worker rests `rest_after(busy)` seconds (answers are sent first)."""
+        whenever that changes. Requests that wait longer than `max_queue_seconds` to start are shed
+        (refused as overloaded: 503) instead of running late; an online request that would take a
+        non-empty queue past `max_queue` items raises QueueFull, and one expected to wait past
+        `wait_target` is refused. After each forward pass of `busy` seconds, the worker rests
+        `rest_after(busy)` seconds (answers are sent first)."""
         self._run_batch = run_batch
         self._max_batch_size = max_batch_size
         self._max_queue_seconds = max_queue_seconds
@@ -118,7 +127,8 @@ class GreedyBatcher(Generic[T, R]):
         # Background work is cut small, so that an online request never waits behind a full forward.
         size = self._background_size if background else self._max_batch_size
         loop = asyncio.get_running_loop()
-        jobs = [_Job(items[i : i + size], loop.create_future()) for i in range(0, len(items), size)]
+        request = _Request()
+        jobs = [_Job(items[i : i + size], loop.create_future(), request) for i in range(0, len(items), size)]
         if background:
             self._background.extend(jobs)
         else:
@@ -159,9 +169,16 @@ class GreedyBatcher(Generic[T, R]):
             job = self._queue.popleft()
             if job.future.done():
                 continue
-            if now - job.enqueued > self._max_queue_seconds:
-                job.future.set_exception(ServiceUnavailable("the request waited too long in the queue"))
+            if not job.request.started and now - job.enqueued > self._max_queue_seconds:
+                if not job.request.shed:
+                    rejected("overloaded")
+                    job.request.shed = True
+                message = (
+                    f"the request waited over {self._max_queue_seconds:g} s for the model; try again shortly"
+                )
+                job.future.set_exception(Refused("overloaded", message, retry_after=1))
                 continue
+            job.request.started = True
             batch.append(job)
             count += len(job.items)
         if batch:

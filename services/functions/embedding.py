@@ -124,6 +124,9 @@ class EmbeddingFunction:
         # overflow check gets its own instance, and forward passes (greedy batcher and BentoML's batcher
         # for /encode run in different threads) take turns.
         self._counting_tokenizer = AutoTokenizer.from_pretrained(model_path)
+        # Its first call turns off the truncation and padding the stored tokenizer.json sets, a write
+        # that two first requests counting at once would race on; made here, before any request.
+        self._counting_tokenizer(["warm-up"], truncation=False)
         self._forward_lock = threading.Lock()
         self.max_tokens = settings.embedding_max_tokens
         stored = AutoModel.from_pretrained(model_path).to(self.device).eval()

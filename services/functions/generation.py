@@ -17,7 +17,7 @@ from pydantic import Field
 
 from models.catalog import CATALOG
 from services.admission import DEADLINE_PASSED, rejected, seconds_left
-from services.config import TIMEOUT_GRACE_SECONDS, get_settings, pick_device
+from services.config import TIMEOUT_GRACE_SECONDS, get_settings, pick_device, usable_cores
 from services.functions.engine import Engine, EngineError, Sampling, TokenLogprob, TransformersEngine
 from services.functions.hardware import Choices, model_status, once_per_server, server_instance, share_the_gil
 from services.functions.lifecycle import ModelSlot, Reloadable
@@ -183,14 +183,12 @@ class Generator:
     model_ref = bentoml.models.BentoModel(MODEL.tag)
 
     def __init__(self) -> None:
-        import os
-
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.choices = Choices("generation")
         threads = self.choices.setting_or(
-            "threads", "FNSERVE_GENERATION_THREADS", settings.generation_threads, os.cpu_count() or 1,
+            "threads", "FNSERVE_GENERATION_THREADS", settings.generation_threads, usable_cores(),
             "one engine loop per server: its forward passes may use every core",
         )  # fmt: skip
         torch.set_num_threads(threads)

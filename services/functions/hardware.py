@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import bentoml
 
+from services.config import usable_cores
+
 if TYPE_CHECKING:
     import torch
 
@@ -79,7 +81,7 @@ def machine() -> Machine:
         if torch.cuda.is_available():
             gpu = torch.cuda.get_device_name()
     present = tuple(flag for flag in FLAGS_THAT_MATTER if flag in flags)
-    return Machine(cpu, family, os.cpu_count() or 1, present, capability, gpu)
+    return Machine(cpu, family, usable_cores(), present, capability, gpu)
 
 
 def describe() -> dict[str, object]:

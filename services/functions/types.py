@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, Field
 
-RefusalKind = Literal["invalid", "not_found", "queue_full", "loading", "deadline", "failed"]
+RefusalKind = Literal["invalid", "not_found", "queue_full", "loading", "overloaded", "deadline", "failed"]
 
 
 def encodable(text: str) -> str:

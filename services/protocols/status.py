@@ -12,6 +12,7 @@ HTTP_STATUS: dict[RefusalKind, HTTPStatus] = {
     "not_found": HTTPStatus.NOT_FOUND,
     "queue_full": HTTPStatus.TOO_MANY_REQUESTS,
     "loading": HTTPStatus.SERVICE_UNAVAILABLE,
+    "overloaded": HTTPStatus.SERVICE_UNAVAILABLE,
     "deadline": HTTPStatus.GATEWAY_TIMEOUT,
     "failed": HTTPStatus.INTERNAL_SERVER_ERROR,
 }

@@ -35,6 +35,7 @@ CODES: dict[str, grpc.StatusCode] = {
     "not_found": Code.NOT_FOUND,
     "queue_full": Code.RESOURCE_EXHAUSTED,
     "loading": Code.UNAVAILABLE,
+    "overloaded": Code.UNAVAILABLE,
     "deadline": Code.DEADLINE_EXCEEDED,
     "failed": Code.INTERNAL,
 }

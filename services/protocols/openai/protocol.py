@@ -100,6 +100,7 @@ REFUSAL_CODES: dict[str, str | None] = {
     "not_found": "model_not_found",
     "queue_full": "queue_full",
     "loading": "model_loading",
+    "overloaded": "overloaded",
     "deadline": "deadline_exceeded",
     "failed": None,
 }

@@ -17,7 +17,6 @@ from typing import Any
 
 import anyio
 import orjson
-from bentoml.exceptions import ServiceUnavailable
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -86,12 +85,6 @@ async def on_validation_error(_: Request, exc: RequestValidationError) -> JSONRe
 @app.exception_handler(HTTPException)
 async def on_http_error(_: Request, exc: HTTPException) -> JSONResponse:
     return error_response(exc.status_code, str(exc.detail), code=HTTPStatus(exc.status_code).phrase)
-
-
-@app.exception_handler(ServiceUnavailable)
-async def on_overload(_: Request, exc: ServiceUnavailable) -> JSONResponse:
-    rejected("overloaded")
-    return error_response(503, str(exc), code="overloaded")
 
 
 @app.exception_handler(StoreUnavailable)

@@ -1,0 +1,79 @@
+"""The greedy batcher's shedding, in-process: what waits too long to start is refused as overloaded,
+which every protocol answers as "try again" (503, gRPC UNAVAILABLE), and a request larger than one forward
+pass is never shed for waiting behind its own passes. The forward is a plain function that holds on an
+event, so the waits are made by the test, not by the machine's speed."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from http import HTTPStatus
+from typing import get_args
+
+import grpc
+import pytest
+
+from services.functions.batching import GreedyBatcher
+from services.functions.types import RefusalKind, Refused
+from services.protocols.oip.grpc import CODES
+from services.protocols.openai.protocol import REFUSAL_CODES
+from services.protocols.status import HTTP_STATUS
+
+SHED_AFTER = 0.05  # seconds a request may wait to start
+LONG = 600.0
+
+
+def doubling(started: threading.Event, release: threading.Event, batches: list[list[int]]):
+    def run(items: list[int]) -> list[int]:
+        batches.append(list(items))
+        started.set()
+        assert release.wait(LONG)
+        time.sleep(2 * SHED_AFTER)  # every later pass has waited past SHED_AFTER when this one ends
+        return [2 * item for item in items]
+
+    return run
+
+
+def batcher(run, max_batch_size: int) -> GreedyBatcher[int, int]:
+    return GreedyBatcher(run, max_batch_size=max_batch_size, max_queue_seconds=SHED_AFTER, max_queue=10_000)
+
+
+def test_a_request_larger_than_a_batch_is_never_shed_behind_its_own_passes() -> None:
+    started, release, batches = threading.Event(), threading.Event(), []
+    release.set()
+
+    async def main() -> list[int]:
+        return await batcher(doubling(started, release, batches), max_batch_size=4).submit(list(range(10)))
+
+    assert asyncio.run(main()) == [2 * i for i in range(10)]
+    assert batches == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_a_request_that_waits_too_long_to_start_is_refused_as_overloaded() -> None:
+    started, release, batches = threading.Event(), threading.Event(), []
+
+    async def main() -> tuple[object, object, list[int]]:
+        shared = batcher(doubling(started, release, batches), max_batch_size=4)
+        first = asyncio.create_task(shared.submit([1]))
+        assert await asyncio.to_thread(started.wait, LONG)
+        second = asyncio.create_task(shared.submit([2, 3]))
+        await asyncio.sleep(0)  # queued behind the pass that holds
+        release.set()
+        answers = await asyncio.gather(first, second, return_exceptions=True)
+        after = await shared.submit([5])  # the batcher serves on
+        return answers[0], answers[1], after
+
+    first, second, after = asyncio.run(main())
+    assert first == [2] and after == [10]
+    assert isinstance(second, Refused) and second.kind == "overloaded", second
+    assert second.retry_after == 1 and f"{SHED_AFTER:g} s" in second.message
+    assert batches == [[1], [5]]
+
+
+@pytest.mark.parametrize("kind", get_args(RefusalKind))
+def test_every_refusal_has_a_status_in_every_protocol(kind: str) -> None:
+    assert kind in HTTP_STATUS and kind in CODES and kind in REFUSAL_CODES
+    if kind == "overloaded":
+        assert HTTP_STATUS[kind] == HTTPStatus.SERVICE_UNAVAILABLE
+        assert CODES[kind] == grpc.StatusCode.UNAVAILABLE
