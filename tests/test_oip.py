@@ -323,6 +323,7 @@ def tensor(name: str, datatype: str, shape: list[int]) -> pb.ModelInferRequest.I
         ([tensor("words", "BYTES", [1])], [b"\1\0\0\0a"], "no input 'words'"),
         ([tensor("text", "BYTES", [1])], [b"\2\0\0\0\xff\xfe"], "not UTF-8"),
         ([tensor("text", "NOPE", [1])], [b""], "unknown datatype"),
+        ([tensor("text", "FP32", [0, 2**62, 4])], [b""], "cannot be held"),
     ],
 )
 def test_malformed_tensors_are_invalid_argument_and_the_next_call_is_served(
@@ -338,6 +339,17 @@ def test_malformed_tensors_are_invalid_argument_and_the_next_call_is_served(
     )
     answer = raw_infer(server, good)
     assert isinstance(answer, pb.ModelInferResponse) and answer.outputs[0].shape == [1, 384]
+
+
+def test_a_request_parameter_without_a_value_is_invalid_argument(server: Server) -> None:
+    request = pb.ModelInferRequest(
+        model_name=EMBEDDER, inputs=[tensor("text", "BYTES", [1])], raw_input_contents=[b"\2\0\0\0ok"]
+    )
+    request.parameters["top_k"].CopyFrom(pb.InferParameter())
+    error = raw_infer(server, request)
+    assert isinstance(error, grpc.RpcError)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert "parameter 'top_k' has no value" in error.details()
 
 
 BINARY_HEAD = orjson.dumps(
@@ -360,10 +372,18 @@ BINARY_HEAD = orjson.dumps(
             {},
             "must be strings",
         ),
+        (
+            orjson.dumps(
+                {"inputs": [{"name": "text", "shape": [1] * 65, "datatype": "FP32", "data": [1.0]}]}
+            ),
+            {},
+            "cannot be held",
+        ),
+        (BINARY_HEAD, {"Inference-Header-Content-Length": b"\xb2"}, "must be the JSON header's size"),
     ],
 )
 def test_malformed_rest_infer_bodies_get_400(
-    server: Server, body: bytes, headers: dict[str, str], problem: str
+    server: Server, body: bytes, headers: dict[str, str | bytes], problem: str
 ) -> None:
     with http(server) as client:
         response = client.post(f"/v2/models/{EMBEDDER}/infer", content=body, headers=headers)

@@ -65,9 +65,12 @@ class Abort(Exception):
 
 
 def parameters(request: Any) -> dict[str, Any]:
-    return {
-        key: getattr(value, value.WhichOneof("parameter_choice")) for key, value in request.parameters.items()
-    }
+    values = {}
+    for key, value in request.parameters.items():
+        if (choice := value.WhichOneof("parameter_choice")) is None:
+            raise Refused("invalid", f"parameter '{key}' has no value")
+        values[key] = getattr(value, choice)
+    return values
 
 
 def decode_inputs(request: pb.ModelInferRequest) -> dict[str, Tensor]:

@@ -121,7 +121,7 @@ async def infer_request(request: Request) -> tuple[InferRequest, dict[str, Tenso
     length = request.headers.get(HEADER_LENGTH)
     binary = b""
     if length is not None:
-        if not length.isdigit() or int(length) > len(body):
+        if not (length.isascii() and length.isdigit()) or int(length) > len(body):  # '²' is a digit
             raise Refused("invalid", f"{HEADER_LENGTH} must be the JSON header's size, at most the body's")
         body, binary = body[: int(length)], body[int(length) :]
     parsed: InferRequest = parse(InferRequest, body)

@@ -80,7 +80,7 @@ def from_raw(name: str, datatype: str, shape: list[int], raw: bytes) -> Tensor:
         raise bad_tensor(
             f"input '{name}': {datatype} of shape {shape} is {count * dtype.itemsize} bytes, not {len(raw)}"
         )
-    return Tensor(name, datatype, shape, np.frombuffer(raw, dtype=dtype).reshape(shape))
+    return Tensor(name, datatype, shape, shaped(name, np.frombuffer(raw, dtype=dtype), shape))
 
 
 def from_values(name: str, datatype: str, shape: list[int], values: list[Any]) -> Tensor:
@@ -102,7 +102,16 @@ def from_values(name: str, datatype: str, shape: list[int], values: list[Any]) -
         array = np.array(flat, dtype=np.dtype(DTYPES[datatype]))
     except OverflowError as exc:
         raise bad_tensor(f"input '{name}': a value is out of range for {datatype}") from exc
-    return Tensor(name, datatype, shape, array.reshape(shape))
+    return Tensor(name, datatype, shape, shaped(name, array, shape))
+
+
+def shaped(name: str, array: np.ndarray, shape: list[int]) -> np.ndarray:
+    """numpy refuses some shapes whose element count matches, such as [0, 10**20] (a dimension past
+    its index range) or more than 64 dimensions: the caller's fault, said as such."""
+    try:
+        return array.reshape(shape)
+    except ValueError as exc:
+        raise bad_tensor(f"input '{name}': shape {shape} cannot be held: {exc}") from None
 
 
 def flatten(values: Any) -> Any:
