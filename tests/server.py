@@ -112,6 +112,11 @@ def run_server(
         Path(log.name).unlink(missing_ok=True)
 
 
+def server_log(url: str) -> Path:
+    """What a server started by `run_server` has printed so far (its file is removed when it stops)."""
+    return ROOT / f".pytest-server-{url.rsplit(':', 1)[1]}.log"
+
+
 def server_processes(url: str) -> list[psutil.Process]:
     """The `bentoml serve` started by this test process that listens at `url`, and all its workers."""
     port = url.rsplit(":", 1)[1]

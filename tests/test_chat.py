@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from tests.reference import reference
-from tests.server import LONG, counter
+from tests.server import LONG, counter, server_log
 
 TOKENS = "fnserve_generation_completion_tokens_total"
 
@@ -113,9 +113,11 @@ def test_sixteen_concurrent_streams_complete_with_their_sequential_answers(clien
     assert answers[:3] == [sequential[q] for q in questions[:3]]  # fp32: batching does not change text
 
 
-def test_disconnect_mid_stream_cancels_in_the_engine(server: str, client: httpx.Client) -> None:
-    body = chat_body("Write a very long story about a dragon.", max_tokens=500, stream=True)
-    before = counter(server, TOKENS)
+@pytest.mark.parametrize("choices", [1, 2])
+def test_disconnect_mid_stream_cancels_in_the_engine(server: str, client: httpx.Client, choices: int) -> None:
+    """With `n: 2` each choice is read by a task of its own, which must stop before its request closes."""
+    body = chat_body("Write a very long story about a dragon.", max_tokens=500, stream=True, n=choices)
+    before, logged = counter(server, TOKENS), server_log(server).stat().st_size
     with (
         httpx.Client(base_url=server, timeout=LONG) as own,
         own.stream("POST", "/v1/chat/completions", json=body) as r,
@@ -123,12 +125,15 @@ def test_disconnect_mid_stream_cancels_in_the_engine(server: str, client: httpx.
         lines = r.iter_lines()
         for _ in range(10):
             next(lines)
-        assert client.get("/engine/stats").json()["running"] == 1
+        assert client.get("/engine/stats").json()["running"] == choices
     deadline = time.monotonic() + LONG
     while client.get("/engine/stats").json()["running"]:
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    assert counter(server, TOKENS) - before < 450  # cancelled: far from the 500 tokens it asked for
+    assert counter(server, TOKENS) - before < 450 * choices  # cancelled: far from 500 tokens a choice
+    with server_log(server).open("rb") as log:
+        log.seek(logged)
+        assert b"Traceback" not in log.read()  # the stream closed cleanly, each of its requests with it
 
 
 def test_openai_client_chat_completions_streaming_and_models(server: str) -> None:

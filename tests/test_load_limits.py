@@ -123,6 +123,15 @@ def test_a_chat_past_its_deadline_is_cancelled_in_the_engine(url: str) -> None:
     )
     assert response.status_code == 504
     assert response.json()["error"]["code"] == "deadline_exceeded"
+    # Two choices: the first to pass the deadline answers, and the other is stopped and closed with it.
+    both = httpx.post(
+        f"{url}/v1/chat/completions",
+        json={**body, "n": 2},
+        headers={"x-fnserve-timeout": deadline},
+        timeout=LONG,
+    )
+    assert both.status_code == 504, both.text
+    assert both.json()["error"]["code"] == "deadline_exceeded"
     with httpx.stream(
         "POST",
         f"{url}/v1/chat/completions",
@@ -139,8 +148,8 @@ def test_a_chat_past_its_deadline_is_cancelled_in_the_engine(url: str) -> None:
     while (stats := httpx.get(f"{url}/engine/stats", timeout=LONG).json())["running"] or stats["waiting"]:
         assert time.monotonic() < wait_for, stats
         time.sleep(0.1)
-    # Both were cut in the engine: together they made fewer tokens than one would have run to.
-    assert completion_tokens(url) - before < 400
+    # All four choices were cut in the engine: together they made fewer tokens than two would have run to.
+    assert completion_tokens(url) - before < 2 * 400
     after = httpx.post(f"{url}/v1/chat/completions", json=chat_body("Hi", max_tokens=4), timeout=LONG)
     assert after.status_code == 200
 

@@ -12,6 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from http import HTTPStatus
 from typing import Any
 
@@ -175,13 +176,24 @@ async def answer_completion(fns: Functions, request: GenerationParams, chat: boo
     headers = cache_header(generations[0].cached)
     if request.stream:
         return ClosingEventSourceResponse(chunks.sse(generations), headers=headers)
+    readers = [asyncio.ensure_future(generation.text()) for generation in generations]
     try:
-        answers = await asyncio.gather(*(generation.text() for generation in generations))
-    finally:  # also when the handler is cancelled: the engine must drop the requests then
-        with anyio.CancelScope(shield=True):
-            for generation in generations:
-                await generation.aclose()
+        answers = await asyncio.gather(*readers)
+    finally:  # also when one choice fails or the handler is cancelled: the engine must drop them all
+        await close_choices(generations, readers)
     return OrjsonResponse(chunks.whole(answers), headers=headers)
+
+
+async def close_choices(generations: list[Generation], readers: list[asyncio.Future[Any]]) -> None:
+    """Stops the tasks that read the choices, then closes the choices, which drops their requests in
+    the engine: a generation a task is still reading cannot be closed ("already running"). Shielded,
+    as it must finish when the handler is being cancelled."""
+    with anyio.CancelScope(shield=True):
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+        for generation in generations:
+            await generation.aclose()
 
 
 async def answer_chat(fns: Functions, request: ChatCompletionRequest) -> Response:
@@ -291,17 +303,20 @@ class ChunkWriter:
         tokens = [0] * len(generations)
         started: set[int] = set()
         try:
-            async for index, item in interleaved(generations):
-                # A choice's role comes with its first token, not before: a tool timing the first chunk
-                # then measures the time to the first token.
-                if self.chat and index not in started:
-                    started.add(index)
-                    yield self.chunk(index, "", role=True)
-                tokens[index] = item.completion_tokens
-                if isinstance(item, Delta):
-                    yield self.chunk(index, item.text, tokens=sum(tokens), logprobs=item.logprobs)
-                else:
-                    yield self.chunk(index, None if self.chat else "", item.finish_reason, tokens=sum(tokens))
+            async with aclosing(interleaved(generations)) as items:
+                async for index, item in items:
+                    # A choice's role comes with its first token, not before: a tool timing the first chunk
+                    # then measures the time to the first token.
+                    if self.chat and index not in started:
+                        started.add(index)
+                        yield self.chunk(index, "", role=True)
+                    tokens[index] = item.completion_tokens
+                    if isinstance(item, Delta):
+                        yield self.chunk(index, item.text, tokens=sum(tokens), logprobs=item.logprobs)
+                    else:
+                        yield self.chunk(
+                            index, None if self.chat else "", item.finish_reason, tokens=sum(tokens)
+                        )
             if self.include_usage:
                 yield self.sse_data(self.body(self.kind_chunk, [], usage=self.usage(sum(tokens))))
             yield format_sse_event(data_str="[DONE]")
@@ -314,8 +329,7 @@ class ChunkWriter:
             body = error_body(exc.status, exc.message, exc.param, exc.code)
             yield format_sse_event(event="error", data_str=orjson.dumps(body).decode())
         finally:
-            for generation in generations:
-                await generation.aclose()
+            await close_choices(generations, [])
 
 
 async def interleaved(generations: list[Generation]) -> AsyncIterator[tuple[int, Delta | Done]]:
@@ -344,8 +358,7 @@ async def interleaved(generations: list[Generation]) -> AsyncIterator[tuple[int,
             left -= isinstance(item, Done)
             yield index, item
     finally:
-        for task in pumps:
-            task.cancel()
+        await close_choices([], pumps)
 
 
 @routes.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERRORS)
