@@ -56,3 +56,37 @@ def test_preprocessing_gives_the_pixels_pillow_gives(name: str) -> None:
     levels = np.abs(served - expected) * STD * 255  # back to 8-bit levels
     assert levels.max() < 1.5, f"{name}: pixels differ by up to {levels.max():.1f} levels"
     assert levels.mean() < 0.05, f"{name}: pixels differ by {levels.mean():.3f} levels on average"
+
+
+def close_to(served: np.ndarray, expected: np.ndarray) -> bool:
+    return served.shape == expected.shape and float((np.abs(served - expected) * STD * 255).max()) < 1.5
+
+
+def test_a_strip_two_million_pixels_long_is_read_by_its_centre() -> None:
+    """Resized whole it would be 256x512,000,000 pixels; only its centre reaches the crop anyway."""
+    strip = rng.integers(0, 256, (1, 2_000_000, 3), dtype=np.uint8)
+    centre = strip[:, 1_000_000 - 2 : 1_000_000 + 2]
+    assert close_to(preprocess(png(strip), 10**9, 10**9, "image"), trained(png(centre)))
+
+
+def test_a_camera_jpeg_with_a_preview_is_its_main_picture_not_an_animation() -> None:
+    out = io.BytesIO()
+    main, preview = Image.new("RGB", (300, 200), "red"), Image.new("RGB", (160, 120), "blue")
+    main.save(out, "MPO", save_all=True, append_images=[preview])
+    assert Image.open(io.BytesIO(out.getvalue())).n_frames == 2
+    assert close_to(preprocess(out.getvalue(), 10**9, 10**9, "image"), trained(out.getvalue()))
+
+
+def test_a_photo_taken_upright_is_read_upright() -> None:
+    """EXIF orientation 6: stored on its side, shown turned 90 degrees clockwise."""
+    stored = np.zeros((200, 300, 3), dtype=np.uint8)
+    stored[:, :150] = (255, 0, 0)
+    stored[:, 150:] = (0, 0, 255)
+    image = Image.fromarray(stored)
+    exif = image.getexif()
+    exif[0x0112] = 6
+    out = io.BytesIO()
+    image.save(out, "JPEG", exif=exif, quality=95)
+    decoded = Image.open(io.BytesIO(out.getvalue()))
+    shown = png(np.asarray(decoded.convert("RGB").transpose(Image.Transpose.ROTATE_270)))
+    assert close_to(preprocess(out.getvalue(), 10**9, 10**9, "image"), trained(shown))

@@ -3,9 +3,11 @@ zero in the process), and SIGTERM lets a stream in flight finish before the serv
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForCausalLM
 
 from models.catalog import CATALOG
-from services.functions.lifecycle import Reloadable
+from services.functions.lifecycle import ModelSlot, Reloadable
 from tests.server import CACHES_OFF, LONG, counter, serve, server_processes
 
 IDLE_SECONDS = 3
@@ -166,3 +168,36 @@ def test_a_stream_in_flight_completes_after_sigterm(idle_server: str) -> None:
     chunks = [json.loads(event[6:]) for event in events[:-1]]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"  # all 48 tokens, not cut short
     arbiter.wait(timeout=LONG)
+
+
+def test_a_model_woken_for_a_caller_who_gave_up_counts_its_idle_time_from_the_load() -> None:
+    """The load goes on after its caller leaves (shielded); the model it brings must then stay its idle
+    time, not be released at the next check because the last use was long before."""
+    finish = threading.Event()
+
+    def load() -> str:
+        assert finish.wait(LONG)
+        return "model"
+
+    slot = ModelSlot("m", load, lambda model: None, idle_seconds=20)  # checked every 5 s
+
+    async def main() -> str:
+        slot._last_used -= 3600  # last used an hour ago
+        releasing = asyncio.create_task(slot.release_when_idle())
+
+        async def caller() -> None:
+            async with slot.use():
+                pass
+
+        waiting = asyncio.create_task(caller())
+        while slot.state != "loading":
+            await asyncio.sleep(0.01)
+        waiting.cancel()  # the caller gives up while the model loads
+        finish.set()
+        while slot.state == "loading":
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(6)  # past a check of the release loop
+        releasing.cancel()
+        return slot.state
+
+    assert asyncio.run(main()) == "loaded"

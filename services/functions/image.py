@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("bentoml.fnserve.image")
 SIZE, RESIZE = 224, 256
+# The centre crop keeps a square 224/256 of the short side wide, so a long side past this many short
+# sides is cut to its centre before the resize: a 200,000x10 strip resized whole takes gigabytes.
+MAX_ASPECT = 4
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32).reshape(3, 1, 1)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32).reshape(3, 1, 1)
 # Modes Pillow converts to 8-bit RGB without loss of meaning; others (CMYK, 16- and 32-bit) are refused
@@ -60,7 +63,7 @@ class Classified:
 def preprocess(data: bytes, max_bytes: int, max_pixels: int, where: str) -> np.ndarray:
     """One encoded image as the model's input [3, 224, 224] float32; refuses what is not a single 8-bit
     image within the limits, naming `where` (the caller's name for it) and the problem."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
         raise Refused("invalid", f"{where} is empty", where)
@@ -72,6 +75,7 @@ def preprocess(data: bytes, max_bytes: int, max_pixels: int, where: str) -> np.n
             image = Image.open(BytesIO(data))
             check_image(image, max_pixels, where)
             image.load()
+            image = ImageOps.exif_transpose(image)  # a phone's portrait photo, upright as it is shown
     except UnidentifiedImageError:
         raise Refused(
             "invalid", f"{where} is not an image Pillow can read (JPEG, PNG, WebP, ...)", where
@@ -89,7 +93,8 @@ def check_image(image: Any, max_pixels: int, where: str) -> None:
     if pixels > max_pixels:
         message = f"{where} is {image.width}x{image.height} pixels, over the limit of {max_pixels}"
         raise Refused("invalid", message + " (a decompression bomb?)", where)
-    if getattr(image, "n_frames", 1) > 1:
+    # A camera's JPEG with previews (MPO) has frames too; Pillow reads the main picture, frame 0.
+    if getattr(image, "n_frames", 1) > 1 and image.format != "MPO":
         raise Refused("invalid", f"{where} is animated ({image.n_frames} frames); send one frame", where)
     if image.mode not in MODES:
         raise Refused("invalid", f"{where} is in mode {image.mode}; send 8-bit RGB or greyscale", where)
@@ -105,6 +110,13 @@ def model_input(image: Any) -> np.ndarray:
     `tests/test_image_preprocessing.py` fails if the two stop agreeing."""
     import torch
 
+    long, short = max(image.size), min(image.size)
+    if long > MAX_ASPECT * short:
+        keep = MAX_ASPECT * short
+        box = (long - keep) // 2
+        image = image.crop(
+            (box, 0, box + keep, short) if image.width == long else (0, box, short, box + keep)
+        )
     pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)[None]
     scale = RESIZE / min(image.size)
     size = (max(SIZE, round(image.height * scale)), max(SIZE, round(image.width * scale)))

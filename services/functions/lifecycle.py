@@ -215,6 +215,8 @@ class ModelSlot(Generic[M]):
             self._model = await asyncio.to_thread(self._load)
         finally:
             self._pending = None
+        # Idle from now: a caller that gave up during the load left no use behind to count from.
+        self._last_used = time.monotonic()
         seconds = time.perf_counter() - start
         LOADS.labels(model=self.name).inc()
         COLD_START.labels(model=self.name).observe(seconds)
