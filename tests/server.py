@@ -82,7 +82,7 @@ def run_server(
 ) -> Iterator[str]:
     """Run a server process listening on `port` and yield its URL once `ready_path` answers 200;
     always stop it."""
-    log = open(ROOT / f".pytest-server-{port}.log", "w+b")  # noqa: SIM115 - closed below
+    log = open(log_path(port), "w+b")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         command,
         cwd=cwd,
@@ -112,9 +112,14 @@ def run_server(
         Path(log.name).unlink(missing_ok=True)
 
 
+def log_path(port: int | str) -> Path:
+    """Where `run_server` keeps what the server on `port` prints (removed when it stops)."""
+    return ROOT / f".pytest-server-{port}.log"
+
+
 def server_log(url: str) -> Path:
-    """What a server started by `run_server` has printed so far (its file is removed when it stops)."""
-    return ROOT / f".pytest-server-{url.rsplit(':', 1)[1]}.log"
+    """What a server started by `run_server` at `url` has printed so far."""
+    return log_path(url.rsplit(":", 1)[1])
 
 
 def server_processes(url: str) -> list[psutil.Process]:
