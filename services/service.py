@@ -108,7 +108,7 @@ class Frontend:
                 "is set)"
             )
         self._tasks: list[asyncio.Task[None]] = []
-        self._grpc: oip_grpc.grpc.aio.Server | None = None
+        self._grpc: oip_grpc.Running | None = None
         spread_connections(settings.workers, settings.http_socket_per_worker)  # last: now it can serve
 
     async def __is_ready__(self) -> bool:
@@ -130,8 +130,10 @@ class Frontend:
 
     @bentoml.on_shutdown
     async def stop_background_tasks(self) -> None:
+        """gRPC calls in flight get as long to finish as HTTP ones (BentoML waits for those without a
+        limit, and each call has its deadline): a fixed few seconds would cut a long stream mid-answer."""
         if self._grpc is not None:
-            await self._grpc.stop(grace=5)
+            await self._grpc.stop(grace=settings.request_timeout_seconds + TIMEOUT_GRACE_SECONDS)
         for task in self._tasks:
             task.cancel()
         with suppress(StoreUnavailable):  # what is not recorded runs again, elsewhere or after a restart

@@ -1,10 +1,11 @@
 """A server's life: models are released after the idle time and come back on the next request (scale to
-zero in the process), and SIGTERM lets a stream in flight finish before the server exits."""
+zero in the process), and SIGTERM lets streams in flight, HTTP and gRPC, finish before the server exits."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import shutil
 import signal
 import threading
@@ -17,22 +18,34 @@ import bentoml
 import httpx
 import pytest
 import torch
+import tritonclient.grpc as tg
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForCausalLM
 
 from models.catalog import CATALOG
 from services.functions.lifecycle import ModelSlot, Reloadable
-from tests.server import CACHES_OFF, LONG, counter, serve, server_processes
+from tests.oip_client import Stream, generation_inputs
+from tests.server import CACHES_OFF, LONG, counter, free_port, serve, server_processes
 
 IDLE_SECONDS = 3
 EMBEDDER, CHAT = "all-minilm-l6-v2", "smollm2-135m-instruct"
+STORY = "Once upon a time, in a land far away, there lived a dragon who"
+LONGEST_ANSWER = 2048  # tokens: the shutdown test's gRPC stream, in the KV cache's 4,096
 
 
 @pytest.fixture(scope="module")
-def idle_server() -> Iterator[str]:
-    """Models released after IDLE_SECONDS, and no caches; the last test here stops it with SIGTERM."""
-    with serve(env={"FNSERVE_IDLE_RELEASE_SECONDS": str(IDLE_SECONDS), **CACHES_OFF}) as url:
-        yield url
+def idle_server() -> Iterator[tuple[str, str]]:
+    """Models released after IDLE_SECONDS, and no caches; the last test here stops it with SIGTERM.
+    Its URL and its gRPC address."""
+    grpc_port = free_port()
+    env = {
+        "FNSERVE_IDLE_RELEASE_SECONDS": str(IDLE_SECONDS),
+        "FNSERVE_GRPC_PORT": str(grpc_port),
+        "FNSERVE_GENERATION_MAX_TOKENS": str(LONGEST_ANSWER),
+        **CACHES_OFF,
+    }
+    with serve(env=env) as url:
+        yield url, f"127.0.0.1:{grpc_port}"
 
 
 def generation_rss(url: str) -> int:
@@ -97,8 +110,8 @@ def test_a_store_holding_both_tied_weights_is_spilled_and_read_back(tmp_path: Pa
         assert torch.equal(before, model.load()(ids).logits)
 
 
-def test_idle_models_are_released_and_wake_on_the_next_request(idle_server: str) -> None:
-    url = idle_server
+def test_idle_models_are_released_and_wake_on_the_next_request(idle_server: tuple[str, str]) -> None:
+    url, _ = idle_server
     body = {
         "model": CHAT,
         "messages": [{"role": "user", "content": "What is the capital of France?"}],
@@ -150,7 +163,20 @@ def test_weights_are_released_only_once_the_engine_loop_has_stopped(stopped: boo
     assert released == ([True] if stopped else [])
 
 
-def test_a_stream_in_flight_completes_after_sigterm(idle_server: str) -> None:
+def test_streams_in_flight_complete_after_sigterm(idle_server: tuple[str, str]) -> None:
+    """An HTTP stream and a gRPC stream run to their last token. The gRPC one is sized from this
+    machine's own speed to run about 12 s, well past the 5 s its calls once had at shutdown."""
+    url, address = idle_server
+    grpc_client = tg.InferenceServerClient(address)
+    grpc_client.infer(CHAT, generation_inputs(STORY, 1, stream=False))  # awake, if it was released
+    start = time.monotonic()
+    grpc_client.infer(CHAT, generation_inputs(STORY, 16, stream=False))
+    tokens = min(math.ceil(12 / ((time.monotonic() - start) / 16)), LONGEST_ANSWER)
+    stream = Stream(grpc_client, headers={})
+    stream.send("long", generation_inputs(STORY, tokens, ignore_eos=True))
+    first, error = stream.next()
+    assert error is None and first.as_numpy("finish_reason") is None, error  # running, not finished
+
     body = {
         "model": CHAT,
         "messages": [{"role": "user", "content": "Tell me a long story about a fox."}],
@@ -158,8 +184,8 @@ def test_a_stream_in_flight_completes_after_sigterm(idle_server: str) -> None:
         "temperature": 0,
         "stream": True,
     }
-    arbiter = server_processes(idle_server)[0]
-    with httpx.stream("POST", f"{idle_server}/v1/chat/completions", json=body, timeout=LONG) as response:
+    arbiter = server_processes(url)[0]
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=LONG) as response:
         lines = response.iter_lines()
         events = [next(line for line in lines if line.startswith("data: "))]
         arbiter.send_signal(signal.SIGTERM)
@@ -167,7 +193,15 @@ def test_a_stream_in_flight_completes_after_sigterm(idle_server: str) -> None:
     assert events[-1] == "data: [DONE]"
     chunks = [json.loads(event[6:]) for event in events[:-1]]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"  # all 48 tokens, not cut short
-    arbiter.wait(timeout=LONG)
+
+    while (answer := stream.next())[0] is not None and answer[0].as_numpy("finish_reason") is None:
+        pass
+    result, error = answer
+    assert error is None, error
+    assert result.as_numpy("finish_reason")[0] == b"length"
+    assert result.as_numpy("num_output_tokens")[0] == tokens  # every token, though the server stopped
+    arbiter.wait(timeout=LONG)  # the open stream was ended by the server, not waited on
+    stream.client.stop_stream()
 
 
 def test_a_model_woken_for_a_caller_who_gave_up_counts_its_idle_time_from_the_load() -> None:

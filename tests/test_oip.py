@@ -20,6 +20,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
+from tests.oip_client import CHAT, Stream, generation_inputs, text_input
 from tests.server import KEYS, LONG, ONE_WORKER, free_port, serve
 
 KEY = KEYS[0]
@@ -31,7 +32,6 @@ def auth() -> dict[str, str]:
 
 
 EMBEDDER = "all-minilm-l6-v2"
-CHAT = "smollm2-135m-instruct"
 STORY = "Once upon a time, in a land far away, there lived a dragon who"  # runs on for 500 tokens
 TEXTS = ["Grüße aus Köln", "日本語の文章です", "emoji 🚀 and ascii"]
 
@@ -59,19 +59,6 @@ def http(server: Server) -> httpx.Client:
     return httpx.Client(base_url=server.url, headers=auth(), timeout=LONG)
 
 
-def text_input(name: str, texts: list[str], module: object = tg) -> object:
-    tensor = module.InferInput(name, [len(texts)], "BYTES")  # type: ignore[attr-defined]
-    tensor.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=object))
-    return tensor
-
-
-def generation_inputs(prompt: str, max_tokens: int, stream: bool = True) -> list[tg.InferInput]:
-    flag = tg.InferInput("stream", [1], "BOOL")
-    flag.set_data_from_numpy(np.array([stream]))
-    sampling = f'{{"temperature": 0, "max_tokens": {max_tokens}}}'
-    return [text_input("text_input", [prompt]), flag, text_input("sampling_parameters", [sampling])]
-
-
 def openai_completion(server: Server, prompt: str, max_tokens: int, **extra: Any) -> str:
     body = {"model": CHAT, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, **extra}
     with http(server) as client:
@@ -91,33 +78,6 @@ def grpc_error(call: object) -> InferenceServerException:
     with pytest.raises(InferenceServerException) as caught:
         call()  # type: ignore[operator]
     return caught.value
-
-
-class Stream:
-    """One ModelStreamInfer stream, its responses in arrival order."""
-
-    def __init__(self, client: tg.InferenceServerClient) -> None:
-        self.client, self.answers = client, queue.Queue()
-        client.start_stream(callback=lambda result, error: self.answers.put((result, error)), headers=auth())
-
-    def send(self, request_id: str, inputs: list[tg.InferInput], model: str = CHAT) -> None:
-        self.client.async_stream_infer(model, inputs, request_id=request_id)
-
-    def next(self) -> tuple[tg.InferResult | None, InferenceServerException | None]:
-        return self.answers.get(timeout=LONG)
-
-    def collect(self, ids: set[str]) -> tuple[dict[str, str], list[str]]:
-        """Joined text per request until each has its final response, and the ids in arrival order."""
-        texts, order, finished = dict.fromkeys(ids, ""), [], set()
-        while finished != ids:
-            result, error = self.next()
-            assert error is None, error
-            request_id = result.get_response().id
-            order.append(request_id)
-            texts[request_id] += result.as_numpy("text_output")[0].decode()
-            if result.as_numpy("finish_reason") is not None:
-                finished.add(request_id)
-        return texts, order
 
 
 def test_health_and_metadata_over_grpc_and_http(server: Server) -> None:
@@ -177,7 +137,7 @@ def test_an_empty_text_is_invalid_argument_as_rest_refuses_it(server: Server) ->
 def test_streamed_generation_equals_the_openai_answer(server: Server) -> None:
     prompt = "The three primary colours are"
     expected = openai_completion(server, prompt, 24)
-    stream = Stream(server.grpc_client())
+    stream = Stream(server.grpc_client(), auth())
     try:
         stream.send("only", generation_inputs(prompt, 24))
         texts, order = stream.collect({"only"})
@@ -194,7 +154,7 @@ def test_streamed_generation_equals_the_openai_answer(server: Server) -> None:
 def test_two_requests_interleave_on_one_stream(server: Server) -> None:
     prompts = {"first": "Count from one to twenty:", "second": "List some fruits:"}
     expected = {rid: openai_completion(server, prompt, 32) for rid, prompt in prompts.items()}
-    stream = Stream(server.grpc_client())
+    stream = Stream(server.grpc_client(), auth())
     try:
         for rid, prompt in prompts.items():
             stream.send(rid, generation_inputs(prompt, 32))
@@ -207,7 +167,7 @@ def test_two_requests_interleave_on_one_stream(server: Server) -> None:
 
 
 def test_a_bad_request_on_a_stream_fails_alone(server: Server) -> None:
-    stream = Stream(server.grpc_client())
+    stream = Stream(server.grpc_client(), auth())
     try:
         bad = generation_inputs("Hello", 8)
         bad[2] = text_input("sampling_parameters", ['{"temperature": 0, "beam_width": 4}'])
@@ -253,7 +213,7 @@ def generated_tokens(server: Server) -> float:
 
 def test_cancelling_a_stream_frees_its_request_in_the_engine(server: Server) -> None:
     before = generated_tokens(server)
-    stream = Stream(server.grpc_client())
+    stream = Stream(server.grpc_client(), auth())
     stream.send("long", generation_inputs(STORY, 500))
     for _ in range(5):
         result, error = stream.next()

@@ -14,6 +14,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any
 
@@ -120,6 +121,11 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, repository: Repository, admission: Admission) -> None:
         self.repository, self.admission = repository, admission
         self._ready = repository.fns.ready
+        self._draining = asyncio.Event()
+
+    def drain(self) -> None:
+        """At shutdown: open streams take no new requests and end once their requests have answered."""
+        self._draining.set()
 
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -190,18 +196,29 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Each request runs as its own task and answers under its `id`, so requests interleave on one
         stream. A request's error ends that request, not the stream. When the stream ends or is
-        cancelled, its requests still running are cancelled in the engine."""
+        cancelled, its requests still running are cancelled in the engine; when the server drains,
+        they finish and the stream ends, though the client has not closed it."""
         async with self.answering(context, admit=False):
             pass  # the key is checked once, for the whole stream
         answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
 
-        async def read() -> None:
+        async def take() -> None:
             async for request in requests:
                 task = asyncio.create_task(self._stream_one(request, context, answers.put_nowait))
                 running.add(task)
                 task.add_done_callback(running.discard)
-            while running:  # the client has sent everything: answer the rest, then end the stream
+
+        async def read() -> None:
+            taking, draining = asyncio.create_task(take()), asyncio.create_task(self._draining.wait())
+            try:
+                done, _ = await asyncio.wait((taking, draining), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                taking.cancel()
+                draining.cancel()
+            if taking in done:
+                await taking  # a failure reading the stream surfaces here
+            while running:  # nothing more to take: answer the rest, then end the stream
                 await asyncio.wait(list(running))
             answers.put_nowait(None)
 
@@ -301,20 +318,33 @@ def status_of(exc: Refused | Abort) -> grpc.StatusCode:
     return CODES[exc.kind]
 
 
+@dataclass
+class Running:
+    server: grpc.aio.Server
+    service: InferenceService
+
+    async def stop(self, grace: float) -> None:
+        """New calls are refused and open streams take no new requests; what is in flight has `grace`
+        seconds to finish."""
+        self.service.drain()
+        await self.server.stop(grace)
+
+
 async def start(
     repository: Repository,
     admission: Admission,
     address: str,
     max_message_bytes: int,
-) -> grpc.aio.Server:
+) -> Running:
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 1),  # every worker binds the port
     ]
     server = grpc.aio.server(options=options)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(repository, admission), server)
+    service = InferenceService(repository, admission)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
     server.add_insecure_port(address)
     await server.start()
     logger.info("OIP v2 gRPC on %s", address)
-    return server
+    return Running(server, service)
