@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -115,9 +117,8 @@ class Settings(BaseSettings):
 
     @property
     def cuda_present(self) -> bool:
-        """Checked from the device files, so the manager process need not import torch."""
-        nodes = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia/version")
-        return self.device == "cuda" or (self.device == "auto" and any(Path(n).exists() for n in nodes))
+        """Whether the models will run on CUDA, which the per-device sizes follow."""
+        return self.device == "cuda" or (self.device == "auto" and cuda_usable())
 
     embedding_model: str = Field("all-minilm-l6-v2", description="catalogue name of an embedding model")
     embedding_dtype: Dtype = Field("auto", description=DTYPE_HELP)
@@ -297,6 +298,35 @@ def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     return Settings()
+
+
+CUDA_NODES = (Path("/dev/nvidiactl"), Path("/dev/nvidia0"), Path("/proc/driver/nvidia/version"))
+
+
+def cuda_usable(
+    nodes: tuple[Path, ...] = CUDA_NODES,
+    environ: Mapping[str, str] = os.environ,
+    torch_lib: Path | None = None,
+) -> bool:
+    """What `torch.cuda.is_available()` will answer in the workers, told without importing torch, so the
+    manager process stays small: a driver's device files, GPUs that CUDA_VISIBLE_DEVICES does not hide
+    (CUDA stops at its first entry that is not an index or a UUID, so "" and "-1" hide them all), and
+    a torch built with CUDA (torch's CPU wheel has no libtorch_cuda in torch/lib)."""
+    if not any(node.exists() for node in nodes):
+        return False
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        first = visible.split(",")[0].strip()
+        if not (first.isdigit() or first.startswith(("GPU-", "MIG-"))):
+            return False
+    return any((torch_lib or torch_library()).glob("libtorch_cuda*.so"))
+
+
+def torch_library() -> Path:
+    """torch's shared libraries, found without importing torch."""
+    spec = importlib.util.find_spec("torch")
+    assert spec is not None and spec.origin is not None, "torch is not installed"
+    return Path(spec.origin).parent / "lib"
 
 
 def pick_device(requested: str) -> str:

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import torch
 
-from services.config import get_settings
+from services.config import cuda_usable, get_settings, torch_library
 from services.functions import hardware
 from services.functions.hardware import describe, machine
 from tests.server import LONG, ONE_WORKER, ROOT, counter, serve
@@ -215,3 +215,26 @@ def test_a_process_pinned_to_one_core_sizes_its_workers_and_threads_for_one() ->
         timeout=LONG,
     )
     assert pinned.stdout.split() == ["1", "1"], pinned.stderr
+
+
+def test_cuda_is_counted_only_where_torch_will_find_it(tmp_path: Path) -> None:
+    """The GPU sizes (batch, KV blocks, workers) follow what the workers' torch will use: not a GPU
+    that CUDA_VISIBLE_DEVICES hides, nor one beside torch's CPU wheel."""
+    node, cuda_lib, cpu_lib = tmp_path / "nvidiactl", tmp_path / "cuda", tmp_path / "cpu"
+    node.touch()
+    for lib, names in ((cuda_lib, ("libtorch_cpu.so", "libtorch_cuda.so")), (cpu_lib, ("libtorch_cpu.so",))):
+        lib.mkdir()
+        for name in names:
+            (lib / name).touch()
+    gpu_host = {"nodes": (node,), "torch_lib": cuda_lib}
+    assert cuda_usable(environ={}, **gpu_host)
+    for shown in ("0", "1,0", "GPU-8f6e2b1c", "MIG-4a1b"):
+        assert cuda_usable(environ={"CUDA_VISIBLE_DEVICES": shown}, **gpu_host), shown
+    for hidden in ("", "-1", " ", "none"):
+        assert not cuda_usable(environ={"CUDA_VISIBLE_DEVICES": hidden}, **gpu_host), hidden
+    assert not cuda_usable(nodes=(node,), environ={}, torch_lib=cpu_lib)
+    assert not cuda_usable(nodes=(tmp_path / "absent",), environ={}, torch_lib=cuda_lib)
+    # On this machine, with the torch installed here, it agrees with torch itself; and the wheel's
+    # layout still tells its build (fails if torch moves or renames its CUDA library).
+    assert cuda_usable() == torch.cuda.is_available()
+    assert any(torch_library().glob("libtorch_cuda*.so")) == (torch.version.cuda is not None)
