@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import torch
 
@@ -157,6 +158,26 @@ def test_workers_of_one_server_share_one_decision(tmp_path: Path) -> None:
     answers = {worker.communicate(timeout=LONG)[0].strip() for worker in workers}
     assert len(answers) == 1 and answers <= {"first", "second"}
     assert log.read_text() == "decided\n"
+
+
+def test_a_new_server_run_removes_the_files_of_runs_that_have_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path))
+    folder = hardware.server_folder()
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    this = psutil.Process()
+    running = f"{this.pid}-{this.create_time():.3f}"
+    gone = [f"{int(ended.stdout)}-1733300000.250", f"{this.pid}-1733300000.250"]  # the second: a reused pid
+    for server in (running, *gone):
+        (folder / f"{server}.lock").touch()
+        (folder / f"{server}-embedding-dtype.json").write_text("{}")
+    assert hardware.once_per_server(running, "chat-dtype", lambda: {"value": "x"}) == {"value": "x"}
+    assert sorted(path.name for path in folder.iterdir()) == [
+        f"{running}-chat-dtype.json",
+        f"{running}-embedding-dtype.json",
+        f"{running}.lock",
+    ]
 
 
 def test_a_measurement_is_reused_by_the_next_server_run_on_this_machine(

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import platform
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -181,8 +182,11 @@ def share_the_gil(choices: Choices, setting: int) -> None:
 
 def server_folder() -> Path:
     """Where the workers of a server run share state (files named by `server_instance()`). In BentoML's
-    home: the server's own state lives there, and a test server's home is removed after it."""
-    return home_folder("fnserve-choices")
+    home: the server's own state lives there, and a test server's home is removed after it. One folder
+    per host, as process ids are: a home shared by several machines keeps each one's apart."""
+    folder = home_folder("fnserve-choices") / socket.gethostname()
+    folder.mkdir(exist_ok=True)
+    return folder
 
 
 def home_folder(name: str) -> Path:
@@ -204,9 +208,30 @@ def once_per_server(
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if path.exists():
             return json.loads(path.read_text())
+        forget_ended_servers(folder)
         decided = remembered(key, decide) if remember else decide()
         path.write_text(json.dumps(decided))
         return decided
+
+
+def forget_ended_servers(folder: Path) -> None:
+    """Removes the files of server runs that have ended (named `<pid>-<start time>-...` by
+    `server_instance()`); otherwise each start of a server leaves a few behind, for good."""
+    import psutil
+
+    for path in folder.iterdir():
+        pid, _, rest = path.name.partition("-")
+        started = rest.removesuffix(".lock").split("-")[0]
+        if not pid.isdigit():
+            continue
+        try:
+            alive = f"{psutil.Process(int(pid)).create_time():.3f}" == started
+        except psutil.NoSuchProcess:
+            alive = False
+        except psutil.Error:  # not ours to judge
+            alive = True
+        if not alive:
+            path.unlink(missing_ok=True)
 
 
 def remembered(key: str, decide: Callable[[], dict[str, Any]]) -> dict[str, Any]:
