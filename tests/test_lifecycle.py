@@ -200,6 +200,8 @@ def test_streams_in_flight_complete_after_sigterm(idle_server: tuple[str, str]) 
     assert error is None, error
     assert result.as_numpy("finish_reason")[0] == b"length"
     assert result.as_numpy("num_output_tokens")[0] == tokens  # every token, though the server stopped
+    _, ended = stream.next()  # then the server ends the stream, which the client had left open
+    assert ended is not None and ended.status() == "StatusCode.UNAVAILABLE", ended
     arbiter.wait(timeout=LONG)  # the open stream was ended by the server, not waited on
     stream.client.stop_stream()
 

@@ -266,6 +266,41 @@ def raw_infer(server: Server, request: pb.ModelInferRequest) -> grpc.RpcError | 
             return error
 
 
+def test_bytes_that_are_no_request_end_the_call_invalid_argument_and_the_next_is_served(
+    server: Server,
+) -> None:
+    """Over a stream and in a unary call. The stream once waited on forever (and would hold the
+    server's shutdown for its whole grace); both once ended UNKNOWN, a server fault."""
+    with grpc.insecure_channel(server.grpc) as channel:
+        call = channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            request_serializer=lambda raw: raw,
+            response_deserializer=pb.ModelStreamInferResponse.FromString,
+        )
+        garbage = iter([b"\xff\xff\xff"])
+        with pytest.raises(grpc.RpcError) as caught:
+            list(call(garbage, metadata=tuple(auth().items()), timeout=LONG))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value
+    assert "not a ModelStreamInfer request" in caught.value.details()
+    with grpc.insecure_channel(server.grpc) as channel:
+        call = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=lambda raw: raw,
+            response_deserializer=pb.ModelInferResponse.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as caught:
+            call(b"\xff\xff\xff", metadata=tuple(auth().items()), timeout=LONG)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value
+    assert "not a ModelInfer request" in caught.value.details()
+    stream = Stream(server.grpc_client(), auth())
+    try:
+        stream.send("next", generation_inputs("Hi", 4))
+        texts, _ = stream.collect({"next"})
+    finally:
+        stream.client.stop_stream()
+    assert texts["next"]
+
+
 def tensor(name: str, datatype: str, shape: list[int]) -> pb.ModelInferRequest.InferInputTensor:
     return pb.ModelInferRequest.InferInputTensor(name=name, datatype=datatype, shape=shape)
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
@@ -209,24 +210,34 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 running.add(task)
                 task.add_done_callback(running.discard)
 
-        async def read() -> None:
-            taking, draining = asyncio.create_task(take()), asyncio.create_task(self._draining.wait())
+        async def read() -> bool:
+            """Takes requests until the client has sent everything (False) or the server drains
+            (True), then waits for their answers; a failure reading the stream ends it at once."""
             try:
-                done, _ = await asyncio.wait((taking, draining), return_when=asyncio.FIRST_COMPLETED)
+                taking, draining = asyncio.create_task(take()), asyncio.create_task(self._draining.wait())
+                try:
+                    done, _ = await asyncio.wait((taking, draining), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    taking.cancel()
+                    draining.cancel()
+                if taking in done:
+                    await taking
+                while running:
+                    await asyncio.wait(list(running))
+                return taking not in done
             finally:
-                taking.cancel()
-                draining.cancel()
-            if taking in done:
-                await taking  # a failure reading the stream surfaces here
-            while running:  # nothing more to take: answer the rest, then end the stream
-                await asyncio.wait(list(running))
-            answers.put_nowait(None)
+                answers.put_nowait(None)
 
         reader = asyncio.create_task(read())
         try:
             while (answer := await answers.get()) is not None:
                 yield answer
-            await reader  # a failure reading the stream surfaces here
+            if await reader:  # a failure reading the stream surfaces here
+                # Requests the client sent after the drain began were not taken: UNAVAILABLE tells it
+                # to send those again, elsewhere.
+                await context.abort(
+                    Code.UNAVAILABLE, "the server is shutting down; requests without an answer were not taken"
+                )
         finally:
             for task in (reader, *running):
                 task.cancel()
@@ -319,6 +330,65 @@ def status_of(exc: Refused | Abort) -> grpc.StatusCode:
 
 
 @dataclass
+class Malformed:
+    """A message that did not parse, handed on by `RejectMalformed` in place of a request."""
+
+    message: str
+
+
+class RejectMalformed(grpc.aio.ServerInterceptor):
+    """grpc ends a call whose message does not parse with UNKNOWN, as if the server had failed; the
+    caller sent it, so it ends INVALID_ARGUMENT. This rewraps grpc's method handler, a namedtuple in
+    grpcio 1.85 (pinned); test_oip's unparsable-bytes test fails if that changes."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+
+        def lenient(raw: bytes) -> object:
+            try:
+                return parse(raw)
+            except DecodeError as exc:
+                return Malformed(f"the message is not a {details.method.rsplit('/', 1)[-1]} request: {exc}")
+
+        async def refuse(message: object, context: grpc.aio.ServicerContext) -> None:
+            if isinstance(message, Malformed):
+                await context.abort(Code.INVALID_ARGUMENT, message.message)
+
+        if handler.unary_unary is not None:
+            unary = handler.unary_unary
+
+            async def checked(request: object, context: grpc.aio.ServicerContext) -> object:
+                await refuse(request, context)
+                return await unary(request, context)
+
+            return handler._replace(request_deserializer=lenient, unary_unary=checked)
+        if handler.stream_stream is not None:
+            streaming = handler.stream_stream
+
+            async def checked_stream(
+                requests: AsyncIterator[object], context: grpc.aio.ServicerContext
+            ) -> AsyncIterator[object]:
+                async def parsed() -> AsyncIterator[object]:
+                    async for request in requests:
+                        await refuse(request, context)
+                        yield request
+
+                async with aclosing(streaming(parsed(), context)) as answers:
+                    async for answer in answers:
+                        yield answer
+
+            return handler._replace(request_deserializer=lenient, stream_stream=checked_stream)
+        return handler
+
+
+@dataclass
 class Running:
     server: grpc.aio.Server
     service: InferenceService
@@ -341,7 +411,7 @@ async def start(
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 1),  # every worker binds the port
     ]
-    server = grpc.aio.server(options=options)
+    server = grpc.aio.server(options=options, interceptors=[RejectMalformed()])
     service = InferenceService(repository, admission)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
     server.add_insecure_port(address)
