@@ -20,7 +20,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from services.config import Settings, get_settings  # noqa: E402
+from services.config import TIMEOUT_GRACE_SECONDS, Settings, get_settings  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -43,10 +43,19 @@ class Deployment:
 SHARED = {"FNSERVE_BATCH_DATABASE_URL": "batch-database-url", "FNSERVE_REDIS_URL": "redis-url"}
 
 
+def http_probe(path: str, port: int, failures: int = 3) -> dict[str, Any]:
+    return {"httpGet": {"path": path, "port": port}, "periodSeconds": 5, "failureThreshold": failures}
+
+
+def stop_grace(settings: Settings) -> int:
+    """Seconds from SIGTERM to SIGKILL: a request's whole deadline and the gRPC grace's margin past it,
+    then that margin again for the batch lines that finished to be recorded and the process to exit."""
+    return int(settings.request_timeout_seconds + 2 * TIMEOUT_GRACE_SECONDS)
+
+
 def container(spec: Deployment, settings: Settings, grpc_port: bool = False) -> dict[str, Any]:
     """Knative (and KServe on it) route one port per container, so only a plain Deployment declares the
     gRPC port; the server listens on it everywhere (README, Kubernetes)."""
-    probe = {"httpGet": {"path": "/readyz", "port": spec.port}, "periodSeconds": 5, "failureThreshold": 3}
     ports = [{"name": "http1", "containerPort": spec.port, "protocol": "TCP"}]
     if grpc_port:
         ports.append({"name": "grpc", "containerPort": spec.grpc_port, "protocol": "TCP"})
@@ -66,13 +75,12 @@ def container(spec: Deployment, settings: Settings, grpc_port: bool = False) -> 
             "requests": {"cpu": spec.cpu, "memory": spec.memory},
             "limits": {"cpu": spec.cpu, "memory": spec.memory},
         },
-        # Ready while models sleep (a request wakes them); loading at start takes seconds, not minutes.
-        "readinessProbe": probe,
-        "livenessProbe": {
-            **probe,
-            "httpGet": {"path": "/livez", "port": spec.port},
-            "initialDelaySeconds": 10,
-        },
+        # Ready while models sleep (a request wakes them). The start-up probe holds the other two off
+        # while the server starts: seconds on a quiet machine, but a busy node or a cold image cache
+        # can take minutes, and a liveness probe with a fixed delay would kill a slow start for good.
+        "startupProbe": http_probe("/livez", spec.port, failures=60),
+        "readinessProbe": http_probe("/readyz", spec.port),
+        "livenessProbe": http_probe("/livez", spec.port),
     }
 
 
@@ -137,7 +145,7 @@ def keda_http(spec: Deployment, settings: Settings) -> list[dict[str, Any]]:
             "template": {
                 "metadata": {"labels": labels},
                 "spec": {
-                    "terminationGracePeriodSeconds": settings.request_timeout_seconds,
+                    "terminationGracePeriodSeconds": stop_grace(settings),
                     "containers": [container(spec, settings, grpc_port=True)],
                 },
             },
@@ -183,6 +191,9 @@ def bentocloud(spec: Deployment, settings: Settings) -> dict[str, Any]:
         "bento": f"{spec.name}:latest",
         "access_authorization": True,
         "envs": [{"name": key, "value": value} for key, value in spec.env.items()],
+        # A BentoCloud secret of that name, mounted as environment variables, whose keys are SHARED's
+        # variable names (README, Cluster manifests): the replicas' shared database and Redis.
+        "secrets": [spec.secret],
         "services": {
             "fnserve": {
                 "instance_type": "cpu.2",

@@ -38,6 +38,7 @@ from services.protocols.oip import rest as oip_rest
 from services.protocols.oip.models import repository_of
 from services.protocols.openai import serving as openai
 from services.protocols.status import HTTP_STATUS
+from services.stopping import on_stop_signal
 
 logger = logging.getLogger("bentoml.fnserve.service")  # under "bentoml": the server only logs that tree
 settings = get_settings()
@@ -109,6 +110,7 @@ class Frontend:
             )
         self._tasks: list[asyncio.Task[None]] = []
         self._grpc: oip_grpc.Running | None = None
+        self._grpc_stopped: asyncio.Task[None] | None = None
         spread_connections(settings.workers, settings.http_socket_per_worker)  # last: now it can serve
 
     async def __is_ready__(self) -> bool:
@@ -127,13 +129,24 @@ class Frontend:
         if settings.grpc_port:
             address = f"{settings.grpc_host}:{settings.grpc_port}"
             self._grpc = await oip_grpc.start(repository_of(fns), ADMISSION, address, settings.max_body_bytes)
+        on_stop_signal(self._begin_stopping)
+
+    def _begin_stopping(self) -> None:
+        """At the stop signal, while HTTP drains (services/stopping.py): gRPC refuses new calls and the
+        batch runner claims no more lines. gRPC calls in flight get as long to finish as HTTP ones (each
+        has its deadline): a fixed few seconds would cut a long stream mid-answer."""
+        self.functions.jobs.stop_claiming()
+        if self._grpc is not None and self._grpc_stopped is None:
+            grace = settings.request_timeout_seconds + TIMEOUT_GRACE_SECONDS
+            self._grpc_stopped = asyncio.create_task(self._grpc.stop(grace))
 
     @bentoml.on_shutdown
     async def stop_background_tasks(self) -> None:
-        """gRPC calls in flight get as long to finish as HTTP ones (BentoML waits for those without a
-        limit, and each call has its deadline): a fixed few seconds would cut a long stream mid-answer."""
-        if self._grpc is not None:
-            await self._grpc.stop(grace=settings.request_timeout_seconds + TIMEOUT_GRACE_SECONDS)
+        """After the HTTP drain: what the signal began (or begins now, if it came another way) ends, and
+        the batch lines that finished are recorded."""
+        self._begin_stopping()
+        if self._grpc_stopped is not None:
+            await self._grpc_stopped
         for task in self._tasks:
             task.cancel()
         with suppress(StoreUnavailable):  # what is not recorded runs again, elsewhere or after a restart

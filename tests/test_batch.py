@@ -3,6 +3,7 @@ the openai client and the CLI."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -21,6 +22,8 @@ import openai
 import psutil
 import pytest
 
+from services.config import Settings
+from services.jobs.runner import BatchRunner
 from services.jobs.store import CHUNK, MIGRATIONS, BatchStore, Outcome
 from tests.reference import reference
 from tests.server import BATCH_MAX_FILE_BYTES, LONG, ONE_WORKER, serve, server_processes
@@ -384,3 +387,47 @@ def test_a_custom_id_no_database_can_hold_is_a_bad_line(store_at: Callable[..., 
     assert store.get_batch(batch["id"])["request_counts"] == batch["request_counts"]
     [good] = store.claim(10, lease_seconds=600, max_attempts=5)
     assert good.custom_id == "e1"
+
+
+def test_a_stopping_runner_records_its_lines_in_flight_and_claims_no_more(tmp_path: Path) -> None:
+    """At the stop signal a worker takes no new lines (another server gets them at once, not after this
+    one's drain) and still records the ones it is running (they are not left to their lease)."""
+    store = BatchStore(tmp_path, "stopping")
+    file_id = store.add_file(jsonl([embedding_line(i) for i in range(10)]), "in.jsonl", "batch")["id"]
+    batch = store.create_batch(file_id, "/v1/embeddings", 3600, "1h", None, max_lines=10)
+
+    async def stop_with_four_in_flight() -> None:
+        four_running, release = asyncio.Event(), asyncio.Event()
+        running = 0
+
+        async def execute(endpoint: str, body: dict[str, Any]) -> tuple[bool, str]:
+            nonlocal running
+            running += 1
+            if running == 4:
+                four_running.set()
+            await release.wait()
+            return True, json.dumps({"status_code": 200, "body": {}})
+
+        runner = BatchRunner(store, execute, Settings(batch_concurrency=4))
+        task = asyncio.create_task(runner.run())
+        try:
+            await asyncio.wait_for(four_running.wait(), LONG)
+            runner.stop_claiming()
+            release.set()
+            deadline = time.monotonic() + LONG
+            while store.get_batch(batch["id"])["request_counts"]["completed"] < 4:
+                assert time.monotonic() < deadline and not task.done()
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(1)  # room for a claim that should not happen
+        finally:
+            task.cancel()
+        assert running == 4
+
+    asyncio.run(stop_with_four_in_flight())
+    assert store.get_batch(batch["id"])["request_counts"] == {"total": 10, "completed": 4, "failed": 0}
+    following = BatchStore(tmp_path, "next")
+    left = following.claim(10, lease_seconds=600, max_attempts=5)
+    assert sorted(line.idx for line in left) == list(range(4, 10))
+    assert {line.attempts for line in left} == {1}
+    store.close()
+    following.close()

@@ -15,12 +15,14 @@ import httpx
 import numpy as np
 import psycopg
 import pytest
+import tritonclient.grpc as tg
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import serialize_byte_tensor
 
 from deploy.cluster.cluster import Cluster
 from deploy.cluster.parts import free_port, haproxy_stats
+from tests.oip_client import Stream, generation_inputs
 from tests.server import LONG, ONE_WORKER, ROOT
 from tests.test_batch import EMBEDDER, chat_line, embedding_line, final, jsonl, lines_of, wait_until
 
@@ -114,6 +116,17 @@ def test_the_balancer_spreads_requests_and_grpc_calls_over_both_replicas(
             assert np.frombuffer(response.raw_output_contents[0], dtype=np.float32).shape == (384,)
             answered.add(dict(call.initial_metadata())["x-fnserve-replica"])
     assert answered == names
+
+    # A streamed generation through the balancer: its tokens arrive while the client's stream stays open.
+    client = tg.InferenceServerClient(f"127.0.0.1:{cluster.grpc_port}")
+    try:
+        stream = Stream(client, {})
+        stream.send("through-haproxy", generation_inputs("Hi", 8))
+        texts, order = stream.collect({"through-haproxy"})
+    finally:
+        client.stop_stream()
+        client.close()
+    assert texts["through-haproxy"] and len(order) > 3
 
 
 def test_an_embedding_cached_by_one_replica_is_a_hit_on_the_other(cluster: Cluster) -> None:

@@ -11,7 +11,7 @@ from cloudcoil.models.keda.v1alpha1 import ScaledObject  # noqa: F401 - the KEDA
 from cloudcoil.models.knative_serving.serving.v1 import Service as KnativeService
 
 from deploy.generate import HERE, SHARED, Deployment, manifests, render
-from services.config import Settings, get_settings
+from services.config import TIMEOUT_GRACE_SECONDS, Settings, get_settings
 
 K8S = "1.37.0"
 settings = get_settings()
@@ -39,6 +39,10 @@ def check_container(container: dict[str, Any]) -> None:
     assert container["ports"][0]["containerPort"] == spec.port
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": spec.port}
     assert container["livenessProbe"]["httpGet"] == {"path": "/livez", "port": spec.port}
+    assert "initialDelaySeconds" not in container["livenessProbe"]  # the start-up probe covers start-up
+    startup = container["startupProbe"]
+    assert startup["httpGet"] == {"path": "/livez", "port": spec.port}
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # a slow start is not killed
     shared = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
     [secret] = load("secret.yaml")
     kubernetes_validate.validate(secret, K8S, strict=True)
@@ -83,6 +87,9 @@ def test_keda_http_add_on_variant() -> None:
     )
     assert target["port"] == service["spec"]["ports"][0]["port"] == spec.port
     assert scaled["spec"]["timeouts"]["responseHeader"] == settings.request_timeout_seconds
+    # SIGKILL comes after a request's whole deadline and the gRPC grace: not mid-answer.
+    grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace > settings.request_timeout_seconds + TIMEOUT_GRACE_SECONDS
 
 
 def test_bentocloud_deployment_scales_every_service_to_zero() -> None:
@@ -92,3 +99,6 @@ def test_bentocloud_deployment_scales_every_service_to_zero() -> None:
     names = {Frontend.name, *(dep.on.name for dep in Frontend.dependencies.values())}
     assert set(document["services"]) == names
     assert all(service["scaling"]["min_replicas"] == 0 for service in document["services"].values())
+    # Replicas share batches and caches only through the secret's variables (README, Cluster manifests).
+    assert document["secrets"] == [spec.secret]
+    assert all(name.removeprefix("FNSERVE_").lower() in Settings.model_fields for name in SHARED)

@@ -4,10 +4,12 @@ zero in the process), and SIGTERM lets streams in flight, HTTP and gRPC, finish 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import math
 import shutil
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +23,7 @@ import torch
 import tritonclient.grpc as tg
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForCausalLM
+from tritonclient.utils import InferenceServerException
 
 from models.catalog import CATALOG
 from services.functions.lifecycle import ModelSlot, Reloadable
@@ -163,9 +166,40 @@ def test_weights_are_released_only_once_the_engine_loop_has_stopped(stopped: boo
     assert released == ([True] if stopped else [])
 
 
+def held_request(url: str, body: bytes) -> socket.socket:
+    """An embedding request whose body is not sent yet: the server has taken it (it answered 100
+    Continue) and waits for the rest, so its HTTP drain cannot end before the test lets it."""
+    host, port = httpx.URL(url).host, httpx.URL(url).port
+    connection = socket.create_connection((host, port), timeout=LONG)
+    head = (
+        f"POST /v1/embeddings HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n"
+    )
+    connection.sendall(head.encode())
+    assert connection.recv(1024) == b"HTTP/1.1 100 Continue\r\n\r\n"
+    return connection
+
+
+def refused_by_grpc(address: str) -> str:
+    """The status of the first gRPC call the server refuses, each from a new connection."""
+    deadline = time.monotonic() + LONG
+    while time.monotonic() < deadline:
+        client = tg.InferenceServerClient(address)
+        try:
+            client.is_server_live(client_timeout=LONG)
+        except InferenceServerException as exc:
+            return str(exc.status())
+        finally:
+            client.close()
+        time.sleep(0.2)
+    raise AssertionError(f"gRPC on {address} still took calls {LONG} s after SIGTERM")
+
+
 def test_streams_in_flight_complete_after_sigterm(idle_server: tuple[str, str]) -> None:
-    """An HTTP stream and a gRPC stream run to their last token. The gRPC one is sized from this
-    machine's own speed to run about 12 s, well past the 5 s its calls once had at shutdown."""
+    """An HTTP stream and a gRPC stream run to their last token, and an HTTP request taken before the
+    signal is answered. The gRPC one is sized from this machine's own speed to run about 12 s, well
+    past the 5 s its calls once had at shutdown. While HTTP still drains, gRPC refuses new calls (a
+    balancer sends them to another replica) instead of taking them until the drain ends."""
     url, address = idle_server
     grpc_client = tg.InferenceServerClient(address)
     grpc_client.infer(CHAT, generation_inputs(STORY, 1, stream=False))  # awake, if it was released
@@ -185,12 +219,22 @@ def test_streams_in_flight_complete_after_sigterm(idle_server: tuple[str, str]) 
         "stream": True,
     }
     arbiter = server_processes(url)[0]
+    embedding = json.dumps({"model": EMBEDDER, "input": "taken before the signal"}).encode()
+    held = held_request(url, embedding)
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=LONG) as response:
         lines = response.iter_lines()
         events = [next(line for line in lines if line.startswith("data: "))]
         arbiter.send_signal(signal.SIGTERM)
+        assert refused_by_grpc(address) == "StatusCode.UNAVAILABLE"
         events += [line for line in lines if line.startswith("data: ")]
     assert events[-1] == "data: [DONE]"
+    held.sendall(embedding)
+    reply = http.client.HTTPResponse(held)
+    reply.begin()
+    answer = reply.read()
+    held.close()
+    assert reply.status == 200, answer
+    assert len(json.loads(answer)["data"][0]["embedding"]) == 384
     chunks = [json.loads(event[6:]) for event in events[:-1]]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"  # all 48 tokens, not cut short
 

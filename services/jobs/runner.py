@@ -41,8 +41,15 @@ class BatchRunner:
         self._endings: dict[str, str] = {}
         self._renewed = time.monotonic()
         self._unavailable = False
+        self._claiming = True
 
     def wake(self) -> None:
+        self._wake.set()
+
+    def stop_claiming(self) -> None:
+        """At the stop signal: lines in flight run on and are recorded, and no new ones are taken, so the
+        other workers and replicas get them at once instead of after this worker's drain."""
+        self._claiming = False
         self._wake.set()
 
     async def run(self) -> None:
@@ -78,7 +85,7 @@ class BatchRunner:
         settings = self.settings
         lease = settings.batch_lease_seconds
         held = list(self._in_flight.values())
-        room = settings.batch_concurrency - len(held)
+        room = settings.batch_concurrency - len(held) if self._claiming else 0
         # Chat and completion lines wait for one of a few slots: a worker holds at most twice as many as
         # it can run, and leaves the rest to other workers and replicas.
         generating = sum(line.endpoint in GENERATION_ENDPOINTS for line in held)
