@@ -1,7 +1,7 @@
 """`fnserve batch ...`: submit a JSONL file as a batch job, follow it, cancel it, download its results.
 
 fnserve batch submit requests.jsonl --endpoint /v1/embeddings --wait
-fnserve batch status|cancel ID
+fnserve batch wait|status|cancel ID
 fnserve batch download ID [--output out.jsonl] [--errors errors.jsonl]
 """
 
@@ -20,6 +20,14 @@ from tqdm import tqdm
 from services.jobs.store import FINAL
 from services.protocols.openai.protocol import BatchEndpoint
 
+# A server restarting, a replica loading, the batch database away, a balancer with no replica up.
+PASSING = {502, 503, 504}
+PATIENCE_SECONDS = 600.0  # how long a wait keeps asking through an outage
+
+
+class Unavailable(Exception):
+    """The server is away or busy for now: the same request may be answered later."""
+
 
 class Client:
     def __init__(self, url: str, api_key: str | None) -> None:
@@ -27,17 +35,44 @@ class Client:
         self._http = httpx.Client(base_url=url, headers=headers, timeout=300)
 
     def call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        response = self._http.request(method, path, **kwargs)
-        if response.status_code >= 400:
-            try:
-                message = response.json()["error"]["message"]
-            except (ValueError, KeyError, TypeError):
-                message = response.text
-            raise SystemExit(f"error {response.status_code}: {message}")
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise Unavailable(f"{type(exc).__name__}: {exc}") from exc
+        checked(response)
         return response
 
     def batch(self, batch_id: str) -> dict[str, Any]:
         return self.call("GET", f"/v1/batches/{batch_id}").json()
+
+    def save(self, file_id: str, target: Path) -> None:
+        """Streamed to disk (a batch's output can be far larger than memory), and renamed into place
+        only when whole: a cut download leaves no truncated file that looks finished."""
+        partial = target.with_name(f"{target.name}.partial")
+        try:
+            with self._http.stream("GET", f"/v1/files/{file_id}/content") as response:
+                if response.status_code >= 400:
+                    response.read()
+                    checked(response)
+                with partial.open("wb") as out:
+                    for chunk in response.iter_bytes():
+                        out.write(chunk)
+        except httpx.TransportError as exc:
+            partial.unlink(missing_ok=True)
+            raise Unavailable(f"{type(exc).__name__}: {exc}") from exc
+        partial.replace(target)
+
+
+def checked(response: httpx.Response) -> None:
+    """An error answer as the message the server gave, in its error shape where it has one."""
+    if response.status_code < 400:
+        return
+    try:
+        message = response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        message = response.text
+    text = f"error {response.status_code}: {message}"
+    raise Unavailable(text) if response.status_code in PASSING else SystemExit(text)
 
 
 def submit(client: Client, args: argparse.Namespace) -> int:
@@ -52,6 +87,15 @@ def submit(client: Client, args: argparse.Namespace) -> int:
     print(batch["id"], flush=True)
     if not args.wait:
         return 0
+    return followed(client, batch)
+
+
+def wait_for(client: Client, args: argparse.Namespace) -> int:
+    return followed(client, poll(client, args.id))
+
+
+def followed(client: Client, batch: dict[str, Any]) -> int:
+    """Follows the batch to its end, prints how it ended; 0 if it completed."""
     batch = wait(client, batch)
     print(f"{batch['status']}: {json.dumps(batch['request_counts'])}")
     return 0 if batch["status"] == "completed" else 1
@@ -68,7 +112,22 @@ def wait(client: Client, batch: dict[str, Any]) -> dict[str, Any]:
             if batch["status"] in FINAL:
                 return batch
             time.sleep(0.5)
-            batch = client.batch(batch["id"])
+            batch = poll(client, batch["id"])
+
+
+def poll(client: Client, batch_id: str) -> dict[str, Any]:
+    """The batch as the server has it now, asking again through an outage of up to PATIENCE_SECONDS:
+    the job runs on in the store while a server restarts, so a follower should not give up on it."""
+    since, pause = time.monotonic(), 1.0
+    while True:
+        try:
+            return client.batch(batch_id)
+        except Unavailable as exc:
+            if time.monotonic() - since > PATIENCE_SECONDS:
+                raise SystemExit(f"gave up after {PATIENCE_SECONDS:.0f} s: {exc}") from exc
+            tqdm.write(f"{exc}; asking again in {pause:.0f} s", file=sys.stderr)
+            time.sleep(pause)
+            pause = min(pause * 2, 15.0)
 
 
 def status(client: Client, args: argparse.Namespace) -> int:
@@ -88,7 +147,7 @@ def download(client: Client, args: argparse.Namespace) -> int:
         raise SystemExit(f"batch {args.id} is {batch['status']}: its files are written when it ends")
     for file_id, target in ((batch["output_file_id"], args.output), (batch["error_file_id"], args.errors)):
         if file_id and target:
-            Path(target).write_bytes(client.call("GET", f"/v1/files/{file_id}/content").content)
+            client.save(file_id, Path(target))
             print(f"{file_id} -> {target}")
     return 0
 
@@ -104,7 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     one.add_argument("--endpoint", required=True, choices=get_args(BatchEndpoint))
     one.add_argument("--wait", action="store_true", help="follow it to the end with a progress bar")
     one.set_defaults(run=submit)
-    for name, run, help_text in (("status", status, "show a batch"), ("cancel", cancel, "cancel a batch")):
+    for name, run, help_text in (
+        ("wait", wait_for, "follow a batch to its end with a progress bar"),
+        ("status", status, "show a batch"),
+        ("cancel", cancel, "cancel a batch"),
+    ):
         command = batch.add_parser(name, help=help_text)
         command.add_argument("id")
         command.set_defaults(run=run)
@@ -114,7 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     fetch.add_argument("--errors", default="errors.jsonl")
     fetch.set_defaults(run=download)
     args = parser.parse_args(argv)
-    return args.run(Client(args.url, args.api_key), args)
+    try:
+        return args.run(Client(args.url, args.api_key), args)
+    except Unavailable as exc:
+        raise SystemExit(f"{exc} (the server is away or busy: try again)") from exc
 
 
 if __name__ == "__main__":

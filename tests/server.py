@@ -52,12 +52,16 @@ def stop_tree(proc: subprocess.Popen[bytes]) -> None:
 
 @contextmanager
 def serve(
-    target: str = "services.service:Frontend", env: dict[str, str] | None = None, cwd: Path = ROOT
+    target: str = "services.service:Frontend",
+    env: dict[str, str] | None = None,
+    cwd: Path = ROOT,
+    port: int | None = None,
 ) -> Iterator[str]:
-    """Serve `target` (an import string or a Bento tag) and yield its base URL once /readyz answers.
-    Its gRPC port and its batch store are its own too, unless `env` names them (FNSERVE_GRPC_PORT,
-    FNSERVE_BATCH_DIR): servers on one store would run each other's batch lines."""
-    port = free_port()
+    """Serve `target` (an import string or a Bento tag) and yield its base URL once /readyz answers,
+    on `port` (a restarted server's) or a free one. Its gRPC port and its batch store are its own too,
+    unless `env` names them (FNSERVE_GRPC_PORT, FNSERVE_BATCH_DIR): servers on one store would run each
+    other's batch lines."""
+    port = port or free_port()
     command = [*BENTOML, "serve", target, "--host", "127.0.0.1", "--port", str(port)]
     with private_home() as home:
         own = {"FNSERVE_GRPC_PORT": str(free_port()), "FNSERVE_BATCH_DIR": str(Path(home) / "batches")}

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from services.config import Settings
 from services.jobs.runner import BatchRunner
 from services.jobs.store import CHUNK, MIGRATIONS, BatchStore, Outcome
 from tests.reference import reference
-from tests.server import BATCH_MAX_FILE_BYTES, LONG, ONE_WORKER, serve, server_processes
+from tests.server import BATCH_MAX_FILE_BYTES, LONG, ONE_WORKER, free_port, serve, server_processes
 
 EMBEDDER = "all-minilm-l6-v2"
 CHAT = "smollm2-135m-instruct"
@@ -190,10 +191,15 @@ def test_bad_uploads_and_unknown_ids(api: httpx.Client) -> None:
     assert api.post("/v1/embeddings", json={"model": EMBEDDER, "input": "still serving"}).status_code == 200
 
 
+def fnserve_cli(url: str) -> list[str]:
+    """`fnserve batch` as a user runs it, from the venv's script."""
+    return [str(Path(sys.executable).with_name("fnserve")), "--url", url, "batch"]
+
+
 def test_cli_submits_waits_and_downloads(api: httpx.Client, tmp_path: Path) -> None:
     source = tmp_path / "in.jsonl"
     source.write_bytes(jsonl([embedding_line(i) for i in range(40)]))
-    fnserve = [str(Path(sys.executable).with_name("fnserve")), "--url", str(api.base_url), "batch"]
+    fnserve = fnserve_cli(str(api.base_url))
     submitted = subprocess.run(
         [*fnserve, "submit", str(source), "--endpoint", "/v1/embeddings", "--wait"],
         capture_output=True, text=True, timeout=180,
@@ -242,15 +248,29 @@ def test_kill_9_mid_job_then_restart_resumes_with_exact_accounting(tmp_path: Pat
     lines = [chat_line(i, max_tokens=24) for i in range(16)]
     # A store that both server runs find; in one worker, as many lines at once as two would run.
     env = {**ONE_WORKER, "FNSERVE_BATCH_DIR": str(tmp_path), "FNSERVE_BATCH_GENERATION_CONCURRENCY": "8"}
-    with serve(env=env) as url, httpx.Client(base_url=url, timeout=LONG) as client:
-        batch = submit(client, jsonl(lines), "/v1/chat/completions")
-        before = wait_until(client, batch["id"], lambda b: b["request_counts"]["completed"] >= 4)
-        kill_server(url)
-    assert before["request_counts"]["completed"] < 16, "the job finished before the kill: make it longer"
-    with serve(env=env) as url, httpx.Client(base_url=url, timeout=LONG) as client:
-        batch = wait_until(client, batch["id"], final)
-        outputs = lines_of(client, batch["output_file_id"])
-        errors = lines_of(client, batch["error_file_id"])
+    port, progress = free_port(), tmp_path / "follower.log"
+    with progress.open("w") as log, ExitStack() as stopping:
+        with serve(env=env, port=port) as url, httpx.Client(base_url=url, timeout=LONG) as client:
+            batch = submit(client, jsonl(lines), "/v1/chat/completions")
+            # A user following the job from the command line: it must ride out the restart below.
+            command = [*fnserve_cli(url), "wait", batch["id"]]
+            follower = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
+            stopping.callback(follower.kill)
+            before = wait_until(client, batch["id"], lambda b: b["request_counts"]["completed"] >= 4)
+            deadline = time.monotonic() + LONG
+            while not progress.read_text():  # its progress bar is up: it follows the job
+                assert time.monotonic() < deadline and follower.poll() is None
+                time.sleep(0.2)
+            kill_server(url)
+        assert before["request_counts"]["completed"] < 16, "the job finished before the kill: make it longer"
+        with serve(env=env, port=port) as url, httpx.Client(base_url=url, timeout=LONG) as client:
+            batch = wait_until(client, batch["id"], final)
+            outputs = lines_of(client, batch["output_file_id"])
+            errors = lines_of(client, batch["error_file_id"])
+            followed, _ = follower.communicate(timeout=LONG)
+    shown = progress.read_text()
+    assert follower.returncode == 0, shown
+    assert followed.startswith("completed:") and "asking again" in shown and "16/16" in shown
     assert batch["status"] == "completed" and not errors
     assert batch["request_counts"] == {"total": 16, "completed": 16, "failed": 0}
     assert sorted(line["custom_id"] for line in outputs) == sorted(line["custom_id"] for line in lines)
