@@ -43,8 +43,8 @@ class Deployment:
 SHARED = {"FNSERVE_BATCH_DATABASE_URL": "batch-database-url", "FNSERVE_REDIS_URL": "redis-url"}
 
 
-def http_probe(path: str, port: int, failures: int = 3) -> dict[str, Any]:
-    return {"httpGet": {"path": path, "port": port}, "periodSeconds": 5, "failureThreshold": failures}
+def http_probe(path: str, port: int, failures: int = 3, period: int = 5) -> dict[str, Any]:
+    return {"httpGet": {"path": path, "port": port}, "periodSeconds": period, "failureThreshold": failures}
 
 
 def stop_grace(settings: Settings) -> int:
@@ -78,7 +78,9 @@ def container(spec: Deployment, settings: Settings, grpc_port: bool = False) -> 
         # Ready while models sleep (a request wakes them). The start-up probe holds the other two off
         # while the server starts: seconds on a quiet machine, but a busy node or a cold image cache
         # can take minutes, and a liveness probe with a fixed delay would kill a slow start for good.
-        "startupProbe": http_probe("/livez", spec.port, failures=60),
+        # Every second: on Knative (1.15 or later; older webhooks refuse the field) a start-up probe
+        # turns off the queue-proxy's fast probing, so its period is added to every cold start.
+        "startupProbe": http_probe("/livez", spec.port, failures=300, period=1),
         "readinessProbe": http_probe("/readyz", spec.port),
         "livenessProbe": http_probe("/livez", spec.port),
     }

@@ -20,19 +20,28 @@ from tqdm import tqdm
 from services.jobs.store import FINAL
 from services.protocols.openai.protocol import BatchEndpoint
 
-# A server restarting, a replica loading, the batch database away, a balancer with no replica up.
-PASSING = {502, 503, 504}
+# A busy server (admission's 429), a server restarting, a replica loading, the batch database away, a
+# balancer with no replica up: the same request may be answered later.
+PASSING = {429, 502, 503, 504}
 PATIENCE_SECONDS = 600.0  # how long a wait keeps asking through an outage
+# A connection a server neither accepts nor refuses (a node gone, a server draining) fails in seconds,
+# so that a follower says so and asks again; an answer may take longer (a large file).
+TIMEOUT = httpx.Timeout(300, connect=10)
+POLL_TIMEOUT = httpx.Timeout(30, connect=10)
 
 
 class Unavailable(Exception):
     """The server is away or busy for now: the same request may be answered later."""
 
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
 
 class Client:
     def __init__(self, url: str, api_key: str | None) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._http = httpx.Client(base_url=url, headers=headers, timeout=300)
+        self._http = httpx.Client(base_url=url, headers=headers, timeout=TIMEOUT)
 
     def call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
@@ -43,12 +52,14 @@ class Client:
         return response
 
     def batch(self, batch_id: str) -> dict[str, Any]:
-        return self.call("GET", f"/v1/batches/{batch_id}").json()
+        return self.call("GET", f"/v1/batches/{batch_id}", timeout=POLL_TIMEOUT).json()
 
     def save(self, file_id: str, target: Path) -> None:
-        """Streamed to disk (a batch's output can be far larger than memory), and renamed into place
-        only when whole: a cut download leaves no truncated file that looks finished."""
-        partial = target.with_name(f"{target.name}.partial")
+        """Streamed to disk (a batch's output can be far larger than memory). A regular file is written
+        beside the target and renamed into place only when whole, so a cut download leaves no truncated
+        file that looks finished; anything else (/dev/stdout, a pipe, a link) is written through."""
+        whole = not target.exists() or (target.is_file() and not target.is_symlink())
+        partial = target.with_name(f"{target.name}.partial") if whole else target
         try:
             with self._http.stream("GET", f"/v1/files/{file_id}/content") as response:
                 if response.status_code >= 400:
@@ -57,10 +68,14 @@ class Client:
                 with partial.open("wb") as out:
                     for chunk in response.iter_bytes():
                         out.write(chunk)
-        except httpx.TransportError as exc:
-            partial.unlink(missing_ok=True)
-            raise Unavailable(f"{type(exc).__name__}: {exc}") from exc
-        partial.replace(target)
+        except BaseException as exc:
+            if whole:
+                partial.unlink(missing_ok=True)
+            if isinstance(exc, httpx.TransportError):
+                raise Unavailable(f"{type(exc).__name__}: {exc}") from exc
+            raise
+        if whole:
+            partial.replace(target)
 
 
 def checked(response: httpx.Response) -> None:
@@ -72,7 +87,13 @@ def checked(response: httpx.Response) -> None:
     except (ValueError, KeyError, TypeError):
         message = response.text
     text = f"error {response.status_code}: {message}"
-    raise Unavailable(text) if response.status_code in PASSING else SystemExit(text)
+    if response.status_code not in PASSING:
+        raise SystemExit(text)
+    try:
+        retry_after = float(response.headers.get("Retry-After", ""))
+    except ValueError:  # absent, or an HTTP date: the follower's own back-off applies
+        retry_after = None
+    raise Unavailable(text, retry_after)
 
 
 def submit(client: Client, args: argparse.Namespace) -> int:
@@ -125,8 +146,9 @@ def poll(client: Client, batch_id: str) -> dict[str, Any]:
         except Unavailable as exc:
             if time.monotonic() - since > PATIENCE_SECONDS:
                 raise SystemExit(f"gave up after {PATIENCE_SECONDS:.0f} s: {exc}") from exc
-            tqdm.write(f"{exc}; asking again in {pause:.0f} s", file=sys.stderr)
-            time.sleep(pause)
+            wait_seconds = min(max(exc.retry_after or pause, 0.0), 60.0)
+            tqdm.write(f"{exc}; asking again in {wait_seconds:.0f} s", file=sys.stderr)
+            time.sleep(wait_seconds)
             pause = min(pause * 2, 15.0)
 
 

@@ -300,7 +300,9 @@ def get_settings() -> Settings:
     return Settings()
 
 
-CUDA_NODES = (Path("/dev/nvidiactl"), Path("/dev/nvidia0"), Path("/proc/driver/nvidia/version"))
+# Device files only: /proc/driver/nvidia is the host kernel's, and a container given no GPU on a GPU
+# node sees it too, while its torch finds no device.
+CUDA_NODES = (Path("/dev/nvidiactl"), Path("/dev/nvidia0"))
 
 
 def cuda_usable(

@@ -23,6 +23,7 @@ import openai
 import psutil
 import pytest
 
+from services import cli
 from services.config import Settings
 from services.jobs.runner import BatchRunner
 from services.jobs.store import CHUNK, MIGRATIONS, BatchStore, Outcome
@@ -216,6 +217,30 @@ def test_cli_submits_waits_and_downloads(api: httpx.Client, tmp_path: Path) -> N
     )
     assert fetched.returncode == 0, fetched.stderr
     assert len(output.read_text().splitlines()) == 40
+    # Into a pipe: written through (a rename onto /dev/stdout would replace the device's link).
+    piped = subprocess.run(
+        [*fnserve, "download", batch_id, "--output", "/dev/stdout", "--errors", ""],
+        capture_output=True,
+        text=True,
+        timeout=LONG,
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout.startswith(output.read_text()) and Path("/dev/stdout").is_symlink()
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_a_busy_or_away_server_is_asked_again_and_a_wrong_request_is_not() -> None:
+    """What `fnserve batch wait` rides out (admission's 429 with its Retry-After, 502/503/504) and what
+    ends it at once (a request the server will never accept)."""
+    busy = httpx.Response(429, headers={"Retry-After": "2"}, json={"error": {"message": "overloaded"}})
+    with pytest.raises(cli.Unavailable, match="error 429: overloaded") as raised:
+        cli.checked(busy)
+    assert raised.value.retry_after == 2.0
+    for status in (502, 503, 504):
+        with pytest.raises(cli.Unavailable):
+            cli.checked(httpx.Response(status, text="away"))
+    with pytest.raises(SystemExit, match="error 404: no such batch"):
+        cli.checked(httpx.Response(404, json={"error": {"message": "no such batch"}}))
 
 
 def test_bentoml_task_endpoint_with_bentoml_client(api: httpx.Client) -> None:

@@ -43,6 +43,7 @@ def check_container(container: dict[str, Any]) -> None:
     startup = container["startupProbe"]
     assert startup["httpGet"] == {"path": "/livez", "port": spec.port}
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # a slow start is not killed
+    assert startup["periodSeconds"] == 1  # and a cold start waits at most a second on it
     shared = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "valueFrom" in e}
     [secret] = load("secret.yaml")
     kubernetes_validate.validate(secret, K8S, strict=True)

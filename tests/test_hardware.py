@@ -17,7 +17,7 @@ import psutil
 import pytest
 import torch
 
-from services.config import cuda_usable, get_settings, torch_library
+from services.config import CUDA_NODES, cuda_usable, get_settings, torch_library
 from services.functions import hardware
 from services.functions.hardware import describe, machine
 from tests.server import LONG, ONE_WORKER, ROOT, counter, serve
@@ -180,6 +180,25 @@ def test_a_new_server_run_removes_the_files_of_runs_that_have_ended(
     ]
 
 
+def test_a_server_in_another_pid_namespace_keeps_its_files_apart(tmp_path: Path) -> None:
+    """Containers sharing a host's name and a BentoML home but not their processes: each would take
+    the other's live runs for ended ones (it cannot see their PIDs) and remove their files."""
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare(1) here to start a process in a PID namespace of its own")
+    show = "from services.functions.hardware import server_folder; print(server_folder())"
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path)}
+    folders = []
+    for command in ([], ["unshare", "--pid", "--fork", "--mount-proc"]):
+        line = [*command, sys.executable, "-c", show]
+        shown = subprocess.run(line, capture_output=True, text=True, env=env, cwd=ROOT, timeout=LONG)
+        if command and shown.returncode != 0:
+            pytest.skip(f"unshare is not allowed here: {shown.stderr.strip()}")
+        assert shown.returncode == 0, shown.stderr
+        folders.append(Path(shown.stdout.strip()))
+    assert folders[0] != folders[1] and folders[0].parent == folders[1].parent
+    assert all(folder.name.startswith(platform.node()) for folder in folders)
+
+
 def test_a_measurement_is_reused_by_the_next_server_run_on_this_machine(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -255,6 +274,8 @@ def test_cuda_is_counted_only_where_torch_will_find_it(tmp_path: Path) -> None:
         assert not cuda_usable(environ={"CUDA_VISIBLE_DEVICES": hidden}, **gpu_host), hidden
     assert not cuda_usable(nodes=(node,), environ={}, torch_lib=cpu_lib)
     assert not cuda_usable(nodes=(tmp_path / "absent",), environ={}, torch_lib=cuda_lib)
+    # Only device files count: a container given no GPU on a GPU node still sees the driver's /proc.
+    assert all(node.parts[1] == "dev" for node in CUDA_NODES)
     # On this machine, with the torch installed here, it agrees with torch itself; and the wheel's
     # layout still tells its build (fails if torch moves or renames its CUDA library).
     assert cuda_usable() == torch.cuda.is_available()

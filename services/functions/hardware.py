@@ -183,10 +183,21 @@ def share_the_gil(choices: Choices, setting: int) -> None:
 def server_folder() -> Path:
     """Where the workers of a server run share state (files named by `server_instance()`). In BentoML's
     home: the server's own state lives there, and a test server's home is removed after it. One folder
-    per host, as process ids are: a home shared by several machines keeps each one's apart."""
-    folder = home_folder("fnserve-choices") / socket.gethostname()
+    per set of process ids (`pid_space()`): a server that clears the files of ended runs judges only
+    the runs whose processes it can see."""
+    folder = home_folder("fnserve-choices") / pid_space()
     folder.mkdir(exist_ok=True)
     return folder
+
+
+def pid_space() -> str:
+    """The host's name and its PID namespace: machines sharing a home have their own PIDs, and so do
+    containers that share a host's name (host networking) but not its processes."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid").removeprefix("pid:[").removesuffix("]")
+    except OSError:  # no procfs: the host's name alone
+        return socket.gethostname()
+    return f"{socket.gethostname()}-{namespace}"
 
 
 def home_folder(name: str) -> Path:
