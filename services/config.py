@@ -200,7 +200,8 @@ class Settings(BaseSettings):
         5.0,
         gt=0,
         description="a chat request expected to wait longer than this for its first token (the "
-        "requests waiting ahead at the recent rate) gets 429 with Retry-After at once",
+        "requests waiting ahead at the recent rate) gets 429 with Retry-After at once, unless none waits "
+        "ahead of it",
     )
     generation_cache_blocks: int = Field(
         0,

@@ -1,20 +1,23 @@
-"""The greedy batcher's shedding, in-process: what waits too long to start is refused as overloaded,
-which every protocol answers as "try again" (503, gRPC UNAVAILABLE), and a request larger than one forward
-pass is never shed for waiting behind its own passes. The forward is a plain function that holds on an
-event, so the waits are made by the test, not by the machine's speed."""
+"""The greedy batcher's shedding and admission by time, in-process: what waits too long to start is
+refused as overloaded, which every protocol answers as "try again" (503, gRPC UNAVAILABLE), and a request
+larger than one forward pass is never shed for waiting behind its own passes. The forward is a plain
+function that holds on an event, so the waits are made by the test, not by the machine's speed."""
 
 from __future__ import annotations
 
 import asyncio
+import shutil
 import threading
 import time
 from http import HTTPStatus
+from pathlib import Path
 from typing import get_args
 
 import grpc
 import pytest
 
 from services.functions.batching import GreedyBatcher
+from services.functions.pacing import EngineBeat, admit
 from services.functions.types import RefusalKind, Refused
 from services.protocols.oip.grpc import CODES
 from services.protocols.openai.protocol import REFUSAL_CODES
@@ -77,3 +80,33 @@ def test_every_refusal_has_a_status_in_every_protocol(kind: str) -> None:
     if kind == "overloaded":
         assert HTTP_STATUS[kind] == HTTPStatus.SERVICE_UNAVAILABLE
         assert CODES[kind] == grpc.StatusCode.UNAVAILABLE
+
+
+def test_admission_by_time_holds_an_idle_function_to_the_request_deadline_only() -> None:
+    """One slow first token (a long prompt) must not shut the chat out: with nothing waiting ahead a
+    request is admitted past the target, as it starts at once; with a queue ahead the target refuses;
+    a request that cannot be served within its own deadline, or whose deadline has passed, is refused
+    either way."""
+    target, soon, later = 5.0, time.monotonic() + 1.0, time.monotonic() + LONG
+    admit("generation", 7.0, target, None, "SETTING", idle=True)
+    admit("generation", 7.0, target, later, "SETTING", idle=True)
+    with pytest.raises(Refused) as queued:
+        admit("generation", 7.0, target, None, "SETTING")
+    assert queued.value.kind == "queue_full" and "SETTING" in queued.value.message
+    assert queued.value.retry_after == 2
+    with pytest.raises(Refused) as short:
+        admit("generation", 7.0, target, soon, "SETTING", idle=True)
+    assert short.value.kind == "queue_full" and "the request's deadline" in short.value.message
+    with pytest.raises(Refused) as late:
+        admit("generation", 0.0, target, time.monotonic() - 0.5, "SETTING", idle=True)
+    assert late.value.kind == "deadline" and HTTP_STATUS["deadline"] == HTTPStatus.GATEWAY_TIMEOUT
+
+
+def test_the_engine_beat_outlives_its_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's sign of work to the encoders is made again if its folder was removed under the
+    running server (the beat task died of it, and the encoders stopped yielding to chat for good)."""
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path))
+    beat = EngineBeat("1-2.000")
+    shutil.rmtree(beat.path.parent)
+    beat.busy()
+    assert beat.path.exists()

@@ -3,9 +3,12 @@ sharing a real PostgreSQL (batches and files) and a real Redis (the response cac
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -24,7 +27,7 @@ from deploy.cluster.cluster import Cluster
 from deploy.cluster.parts import free_port, haproxy_stats
 from tests.oip_client import Stream, generation_inputs
 from tests.server import LONG, ONE_WORKER, ROOT
-from tests.test_batch import EMBEDDER, chat_line, embedding_line, final, jsonl, lines_of, wait_until
+from tests.test_batch import CHAT, EMBEDDER, chat_line, embedding_line, final, jsonl, lines_of, wait_until
 
 IDLE_SECONDS = 15
 
@@ -285,3 +288,48 @@ def test_a_replica_killed_mid_job_hands_its_lines_to_the_other_and_rejoins_when_
         response = balancer.post("/v1/embeddings", json=body)
         answered.append((response.status_code, response.headers.get("x-fnserve-replica", "")))
     assert {status for status, _ in answered} == {200}, answered
+
+
+def accepts(url: str) -> bool:
+    address = httpx.URL(url)
+    try:
+        socket.create_connection((address.host, address.port), timeout=2).close()
+    except OSError:
+        return False
+    return True
+
+
+def test_cluster_down_answers_the_stream_in_flight_then_stops_everything(cluster: Cluster) -> None:
+    """`make cluster-down` while a chat streams through the balancer: HAProxy closes its port at once
+    but keeps the connection it has (its soft stop), the replica answers to the last token, then
+    every part stops. (The balancer's hard stop cut such a stream mid-answer.) Last in this module:
+    it stops the cluster."""
+    body = {
+        "model": CHAT, "messages": [{"role": "user", "content": "Tell me a long story."}],
+        "max_tokens": 256, "ignore_eos": True, "speculation": "off", "stream": True,
+        "stream_options": {"include_usage": True},
+    }  # fmt: skip
+    arrived: list[tuple[float, str]] = []
+    command = [sys.executable, "-m", "deploy.cluster", "--dir", str(cluster.folder), "down"]
+    with (
+        httpx.Client(timeout=LONG) as client,
+        client.stream("POST", f"{cluster.url}/v1/chat/completions", json=body) as stream,
+    ):
+        assert stream.status_code == 200
+        reader = threading.Thread(
+            target=lambda: arrived.extend((time.monotonic(), line) for line in stream.iter_lines())
+        )
+        reader.start()
+        down = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=1)
+        deadline = time.monotonic() + LONG
+        while accepts(cluster.url):
+            assert time.monotonic() < deadline, "the balancer never closed its port"
+            time.sleep(0.05)
+        closed = time.monotonic()
+        reader.join(LONG)
+    events = [line.removeprefix("data: ") for _, line in arrived if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["usage"]["completion_tokens"] == 256
+    assert any(at > closed for at, _ in arrived), "the stream ended before the balancer stopped"
+    said, _ = down.communicate(timeout=LONG)
+    assert down.returncode == 0 and "cluster stopped" in said, said
+    assert not any(part.running() for part in cluster.parts.values())

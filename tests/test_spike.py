@@ -20,10 +20,16 @@ EMBEDDER = "all-minilm-l6-v2"
 unique = itertools.count()
 
 
+# A chat target no first token meets, on any machine: the chats here run one at a time, so each finds
+# nothing waiting ahead and must be admitted all the same (only its own deadline can refuse it).
+CHAT_TARGET = "0.001"
+
+
 @pytest.fixture(scope="module")
 def url() -> Iterator[str]:
     """One entry worker, so that every request meets the same queue."""
-    with serve(env={**ONE_WORKER, "FNSERVE_EMBEDDING_MAX_LATENCY_MS": "600000"}) as base:
+    env = {**ONE_WORKER, "FNSERVE_EMBEDDING_MAX_LATENCY_MS": "600000"}
+    with serve(env={**env, "FNSERVE_GENERATION_MAX_WAIT_SECONDS": CHAT_TARGET}) as base:
         yield base
 
 
@@ -110,6 +116,17 @@ def test_a_chat_that_cannot_get_its_first_token_within_its_deadline_is_refused_a
         )
         assert_refused_for_time(refused)
     assert httpx.post(f"{url}/v1/chat/completions", json=chat_body(), timeout=LONG).status_code == 200
+
+
+def test_first_tokens_slower_than_the_target_do_not_shut_an_idle_chat_out(url: str) -> None:
+    """Every first token here takes longer than the chat target; the estimate made of them refuses a
+    request that would wait behind others, never one that starts at once. (It refused every chat after
+    one slow first token, and none was admitted to bring the estimate down again.)"""
+    for _ in range(3):
+        answered = httpx.post(f"{url}/v1/chat/completions", json=chat_body(), timeout=LONG)
+        assert answered.status_code == 200, answered.text
+    stats = httpx.get(f"{url}/engine/stats", timeout=LONG).json()
+    assert stats["expected_first_token_seconds"] > float(CHAT_TARGET) and stats["waiting"] == 0
 
 
 def test_chat_keeps_answering_under_a_flood_of_embeddings_and_all_is_served_after(url: str) -> None:

@@ -27,10 +27,12 @@ from deploy.cluster.parts import (
     start_replica,
     wait_for,
 )
-from services.config import usable_cores
+from services.config import TIMEOUT_GRACE_SECONDS, get_settings, usable_cores
 
 STATE = "cluster.json"
-STOP_ORDER = ("haproxy", "replica", "redis", "postgres")
+# Stages, each side by side. The balancer and the replicas first, together: HAProxy's soft stop closes
+# its ports and lets the connections it has finish, while each replica answers the requests it has.
+STOP_ORDER = (("haproxy", "replica"), ("redis",), ("postgres",))
 
 
 def replica_defaults(replicas: int) -> dict[str, str]:
@@ -149,10 +151,13 @@ class Cluster:
         self._started(self.postgres().start())
 
     def down(self) -> None:
-        for kind in STOP_ORDER:  # the replicas side by side: each waits for its requests to finish
-            parts = [part for name, part in self.parts.items() if name.startswith(kind)]
+        """Requests in flight are answered first, for as long as a request may run."""
+        settings = get_settings()
+        drain = settings.request_timeout_seconds + 2 * TIMEOUT_GRACE_SECONDS
+        for stage in STOP_ORDER:
+            parts = [part for name, part in self.parts.items() if name.startswith(stage)]
             with ThreadPoolExecutor(max(1, len(parts))) as pool:
-                list(pool.map(Part.stop, parts))
+                list(pool.map(lambda part: part.stop(timeout=drain), parts))
         if self.pg_data:
             shutil.rmtree(self.pg_data, ignore_errors=True)
         (self.folder / STATE).unlink(missing_ok=True)

@@ -313,7 +313,9 @@ def haproxy_config(port: int, grpc_port: int, replicas: list[Replica], stats: Pa
 def start_haproxy(config: Path) -> Part:
     binary = debian_binary("/usr/sbin/haproxy")
     subprocess.run([binary, "-c", "-q", "-f", str(config)], check=True)
-    return Part.start("haproxy", [binary, "-db", "-f", str(config)], config.with_suffix(".log"))
+    # SIGUSR1 is HAProxy's soft stop (SIGTERM its hard one, which cuts every connection at once).
+    command = [binary, "-db", "-f", str(config)]
+    return Part.start("haproxy", command, config.with_suffix(".log"), stop_signal=signal.SIGUSR1)
 
 
 def haproxy_stats(stats: Path) -> dict[tuple[str, str], dict[str, str]]:

@@ -321,9 +321,12 @@ class Generator:
         if not background:
             try:
                 expected = self.first_tokens.seconds_for(ahead)
-                admit("generation", expected, settings.generation_max_wait_seconds, deadline, WAIT_SETTING)
+                target, idle = settings.generation_max_wait_seconds, self._waiting == 0
+                admit("generation", expected, target, deadline, WAIT_SETTING, idle=idle)
             except Refused as refusal:
-                yield event("error", status=429, message=refusal.message, code="queue_full",
+                late = refusal.kind == "deadline"
+                status, code = (504, "deadline_exceeded") if late else (429, "queue_full")
+                yield event("error", status=status, message=refusal.message, code=code,
                             retry_after=refusal.retry_after)  # fmt: skip
                 return
         # Counted from admission, before any await, so that requests arriving together cannot all pass
@@ -331,8 +334,6 @@ class Generator:
         self._queued(1)
         online = not background  # the encoders yield to online chats, never to batch lines
         self._active += online
-        if online:
-            self.beat.busy()
         waiting, admitted = [True], time.monotonic()
 
         def leave_queue() -> bool:
@@ -353,6 +354,8 @@ class Generator:
         )  # fmt: skip
         request = (messages, prompt, max_tokens, sampling, stop, skip_special_tokens, deadline)
         try:
+            if online:
+                self.beat.busy()
             async with aclosing(self._events(*request, first_token)) as events:
                 async for line in events:
                     yield line

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import bentoml
 
-from services.admission import rejected, seconds_left
+from services.admission import DEADLINE_PASSED, rejected, seconds_left
 from services.functions.hardware import Choices, server_folder, server_instance
 from services.functions.types import Refused
 
@@ -52,12 +52,23 @@ class ServiceRate:
         return units * sum(s for _, s in self._seen) / done if done else 0.0
 
 
-def admit(function: str, expected: float, target: float, deadline: float | None, setting: str) -> None:
+def admit(
+    function: str, expected: float, target: float, deadline: float | None, setting: str, idle: bool = False
+) -> None:
     """Refuses (queue_full, with a retry-after) a request expected to wait past `target` or its own
-    deadline before it starts."""
+    deadline before it starts, and (deadline) one whose deadline has passed already. With nothing
+    waiting ahead (`idle`) only the request's own deadline can refuse it: it starts at once, a refusal
+    could not make it sooner, and one slow request's estimate (a long prompt's first token) would
+    otherwise refuse every later one, none of which would be admitted to correct it."""
     EXPECTED_WAIT.labels(function=function).set(expected)
     left = seconds_left(deadline)
-    limit, why = (left, "the request's deadline") if left is not None and left < target else (target, setting)
+    if left is not None and left <= 0:
+        rejected("deadline")
+        raise Refused("deadline", DEADLINE_PASSED)
+    if left is not None and (idle or left < target):
+        limit, why = left, "the request's deadline"
+    else:
+        limit, why = (math.inf if idle else target), setting
     if expected <= limit:
         return
     rejected("expected_wait")
@@ -88,7 +99,11 @@ class EngineBeat:
         """Called by the engine's process whenever it has requests."""
         now = time.time()
         if now - self._touched >= BEAT:
-            self.path.touch()
+            try:
+                self.path.touch()
+            except FileNotFoundError:  # its folder was removed under the running server: made again
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.path.touch()
             self._touched = now
 
 
