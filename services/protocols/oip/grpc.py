@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
@@ -118,15 +119,18 @@ def response(
     return message
 
 
+SHUTTING_DOWN = "the server is shutting down; send this call to another replica"
+# How long a stopping server refuses new calls itself before it closes its port. grpc cancels a call it
+# had taken but not yet handed over when its server stops (the client sees CANCELLED, which neither
+# clients nor balancers retry); callers that come in this time get UNAVAILABLE, which they do.
+REFUSING_SECONDS = 2.0
+
+
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, repository: Repository, admission: Admission) -> None:
+    def __init__(self, repository: Repository, admission: Admission, draining: asyncio.Event) -> None:
         self.repository, self.admission = repository, admission
         self._ready = repository.fns.ready
-        self._draining = asyncio.Event()
-
-    def drain(self) -> None:
-        """At shutdown: open streams take no new requests and end once their requests have answered."""
-        self._draining.set()
+        self._draining = draining
 
     async def ServerLive(self, request: Any, context: grpc.aio.ServicerContext) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -236,7 +240,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 # Requests the client sent after the drain began were not taken: UNAVAILABLE tells it
                 # to send those again, elsewhere.
                 await context.abort(
-                    Code.UNAVAILABLE, "the server is shutting down; requests without an answer were not taken"
+                    Code.UNAVAILABLE, f"{SHUTTING_DOWN}: requests without an answer were not taken"
                 )
         finally:
             for task in (reader, *running):
@@ -388,15 +392,49 @@ class RejectMalformed(grpc.aio.ServerInterceptor):
         return handler
 
 
+class RefuseWhenDraining(grpc.aio.ServerInterceptor):
+    """Once the server is stopping, every new call ends UNAVAILABLE, whatever its method: the callers
+    send it to another replica. Rewraps grpc's method handler as RejectMalformed does."""
+
+    def __init__(self, draining: asyncio.Event) -> None:
+        self.draining = draining
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or not self.draining.is_set():
+            return handler
+
+        async def refuse(request: object, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(Code.UNAVAILABLE, SHUTTING_DOWN)
+
+        kind = next(
+            k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream") if getattr(handler, k)
+        )
+        return handler._replace(**{kind: refuse})
+
+
 @dataclass
 class Running:
     server: grpc.aio.Server
-    service: InferenceService
+    draining: asyncio.Event
+    draining_since: float = 0.0
+
+    def drain(self) -> None:
+        """At the stop signal: new calls are refused and open streams take no new requests; what is in
+        flight runs on."""
+        if not self.draining.is_set():
+            self.draining_since = time.monotonic()
+            self.draining.set()
 
     async def stop(self, grace: float) -> None:
-        """New calls are refused and open streams take no new requests; what is in flight has `grace`
-        seconds to finish."""
-        self.service.drain()
+        """Closes the port, once calls have been refused for REFUSING_SECONDS; what is in flight has
+        `grace` seconds to finish."""
+        self.drain()
+        await asyncio.sleep(max(0.0, self.draining_since + REFUSING_SECONDS - time.monotonic()))
         await self.server.stop(grace)
 
 
@@ -411,10 +449,12 @@ async def start(
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 1),  # every worker binds the port
     ]
-    server = grpc.aio.server(options=options, interceptors=[RejectMalformed()])
-    service = InferenceService(repository, admission)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
+    draining = asyncio.Event()
+    server = grpc.aio.server(options=options, interceptors=[RefuseWhenDraining(draining), RejectMalformed()])
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+        InferenceService(repository, admission, draining), server
+    )
     server.add_insecure_port(address)
     await server.start()
     logger.info("OIP v2 gRPC on %s", address)
-    return Running(server, service)
+    return Running(server, draining)
