@@ -340,15 +340,17 @@ class Malformed:
     message: str
 
 
+# What an interceptor calls for the method's handler (the next interceptor's, or the servicer's).
+Next = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]]
+
+
 class RejectMalformed(grpc.aio.ServerInterceptor):
     """grpc ends a call whose message does not parse with UNKNOWN, as if the server had failed; the
     caller sent it, so it ends INVALID_ARGUMENT. This rewraps grpc's method handler, a namedtuple in
     grpcio 1.85 (pinned); test_oip's unparsable-bytes test fails if that changes."""
 
     async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
+        self, continuation: Next, details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
         if handler is None or handler.request_deserializer is None:
@@ -400,9 +402,7 @@ class RefuseWhenDraining(grpc.aio.ServerInterceptor):
         self.draining = draining
 
     async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
+        self, continuation: Next, details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
         if handler is None or not self.draining.is_set():
