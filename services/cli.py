@@ -47,7 +47,13 @@ class Client:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            raise Unavailable(f"{type(exc).__name__}: {exc}") from exc
+            reason = f"{type(exc).__name__}: {exc}"
+            if method != "GET" and not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+                # Sent, perhaps taken: sending it again could make a second file or batch.
+                raise SystemExit(
+                    f"{reason}; the server may have taken it: see `fnserve batch status`"
+                ) from exc
+            raise Unavailable(reason) from exc
         checked(response)
         return response
 
@@ -170,7 +176,7 @@ def download(client: Client, args: argparse.Namespace) -> int:
     for file_id, target in ((batch["output_file_id"], args.output), (batch["error_file_id"], args.errors)):
         if file_id and target:
             client.save(file_id, Path(target))
-            print(f"{file_id} -> {target}")
+            print(f"{file_id} -> {target}", file=sys.stderr)  # stdout may be the file itself
     return 0
 
 

@@ -4,6 +4,7 @@ sharing a real PostgreSQL (batches and files) and a real Redis (the response cac
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -30,6 +31,7 @@ from tests.server import LONG, ONE_WORKER, ROOT
 from tests.test_batch import CHAT, EMBEDDER, chat_line, embedding_line, final, jsonl, lines_of, wait_until
 
 IDLE_SECONDS = 15
+MAX_TOKENS = 512  # a chat's longest answer, the replicas' default (FNSERVE_GENERATION_MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +58,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         assert running is not None
         yield running
     finally:
-        subprocess.run([*command, "down"], env=env, cwd=ROOT, timeout=300, check=True)
+        # Past the replicas' drain (the request deadline and its margins) and the stores' stop.
+        subprocess.run([*command, "down"], env=env, cwd=ROOT, timeout=2 * LONG, check=True)
     assert Cluster.load(folder) is None
 
 
@@ -302,13 +305,17 @@ def accepts(url: str) -> bool:
 def test_cluster_down_answers_the_stream_in_flight_then_stops_everything(cluster: Cluster) -> None:
     """`make cluster-down` while a chat streams through the balancer: HAProxy closes its port at once
     but keeps the connection it has (its soft stop), the replica answers to the last token, then
-    every part stops. (The balancer's hard stop cut such a stream mid-answer.) Last in this module:
-    it stops the cluster."""
+    every part stops. (The balancer's hard stop cut such a stream mid-answer.) The stream is sized from
+    this machine's speed. Last in this module: it stops the cluster."""
     body = {
         "model": CHAT, "messages": [{"role": "user", "content": "Tell me a long story."}],
-        "max_tokens": 256, "ignore_eos": True, "speculation": "off", "stream": True,
-        "stream_options": {"include_usage": True},
+        "max_tokens": 16, "ignore_eos": True, "speculation": "off",
     }  # fmt: skip
+    start = time.monotonic()
+    assert httpx.post(f"{cluster.url}/v1/chat/completions", json=body, timeout=LONG).status_code == 200
+    # About 10 s of stream on this machine: far longer than `down` takes to reach the balancer.
+    tokens = min(math.ceil(10 / ((time.monotonic() - start) / 16)), MAX_TOKENS)
+    body |= {"max_tokens": tokens, "stream": True, "stream_options": {"include_usage": True}}
     arrived: list[tuple[float, str]] = []
     command = [sys.executable, "-m", "deploy.cluster", "--dir", str(cluster.folder), "down"]
     with (
@@ -328,7 +335,7 @@ def test_cluster_down_answers_the_stream_in_flight_then_stops_everything(cluster
         closed = time.monotonic()
         reader.join(LONG)
     events = [line.removeprefix("data: ") for _, line in arrived if line.startswith("data: ")]
-    assert events[-1] == "[DONE]" and json.loads(events[-2])["usage"]["completion_tokens"] == 256
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["usage"]["completion_tokens"] == tokens
     assert any(at > closed for at, _ in arrived), "the stream ended before the balancer stopped"
     said, _ = down.communicate(timeout=LONG)
     assert down.returncode == 0 and "cluster stopped" in said, said

@@ -111,7 +111,8 @@ def test_a_chat_that_cannot_get_its_first_token_within_its_deadline_is_refused_a
         refused = httpx.post(
             f"{url}/v1/chat/completions",
             json=chat_body(stream=stream),
-            headers={"x-fnserve-timeout": f"{expected / 100:.6f}"},
+            # Half the estimate: still ahead when the request reaches the engine (past, it is a 504).
+            headers={"x-fnserve-timeout": f"{expected / 2:.6f}"},
             timeout=LONG,
         )
         assert_refused_for_time(refused)

@@ -11,6 +11,7 @@ import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -151,13 +152,14 @@ class Cluster:
         self._started(self.postgres().start())
 
     def down(self) -> None:
-        """Requests in flight are answered first, for as long as a request may run."""
-        settings = get_settings()
-        drain = settings.request_timeout_seconds + 2 * TIMEOUT_GRACE_SECONDS
-        for stage in STOP_ORDER:
+        """Requests in flight are answered first, for as long as a request may run; the stores then
+        stop within Part.stop's own bound."""
+        drain = get_settings().request_timeout_seconds + 2 * TIMEOUT_GRACE_SECONDS
+        for number, stage in enumerate(STOP_ORDER):
             parts = [part for name, part in self.parts.items() if name.startswith(stage)]
+            stop = partial(Part.stop, timeout=drain) if number == 0 else Part.stop
             with ThreadPoolExecutor(max(1, len(parts))) as pool:
-                list(pool.map(lambda part: part.stop(timeout=drain), parts))
+                list(pool.map(stop, parts))
         if self.pg_data:
             shutil.rmtree(self.pg_data, ignore_errors=True)
         (self.folder / STATE).unlink(missing_ok=True)

@@ -11,6 +11,7 @@ embeddings keeps every core busy, and the engine's decode steps wait their turn 
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import deque
@@ -22,6 +23,7 @@ from services.admission import DEADLINE_PASSED, rejected, seconds_left
 from services.functions.hardware import Choices, server_folder, server_instance
 from services.functions.types import Refused
 
+logger = logging.getLogger("bentoml.fnserve.pacing")
 EXPECTED_WAIT = bentoml.metrics.Gauge(
     name="fnserve_expected_wait_seconds",
     documentation="A new request's expected wait to start (first token for chat), by function",
@@ -100,10 +102,10 @@ class EngineBeat:
         now = time.time()
         if now - self._touched >= BEAT:
             try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)  # if removed under the running server
                 self.path.touch()
-            except FileNotFoundError:  # its folder was removed under the running server: made again
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self.path.touch()
+            except OSError as exc:  # the encoders only yield less: never a chat's failure
+                logger.warning("the engine's beat %s could not be written: %s", self.path, exc)
             self._touched = now
 
 
