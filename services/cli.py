@@ -37,6 +37,10 @@ class Unavailable(Exception):
         super().__init__(message)
         self.retry_after = retry_after
 
+    @classmethod
+    def of(cls, exc: httpx.TransportError) -> Unavailable:
+        return cls(f"{type(exc).__name__}: {exc}")
+
 
 class Client:
     def __init__(self, url: str, api_key: str | None) -> None:
@@ -47,13 +51,10 @@ class Client:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
-            reason = f"{type(exc).__name__}: {exc}"
             if method != "GET" and not isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
                 # Sent, perhaps taken: sending it again could make a second file or batch.
-                raise SystemExit(
-                    f"{reason}; the server may have taken it: see `fnserve batch status`"
-                ) from exc
-            raise Unavailable(reason) from exc
+                raise SystemExit(f"{Unavailable.of(exc)}; the server may have taken it") from exc
+            raise Unavailable.of(exc) from exc
         checked(response)
         return response
 
@@ -78,7 +79,7 @@ class Client:
             if whole:
                 partial.unlink(missing_ok=True)
             if isinstance(exc, httpx.TransportError):
-                raise Unavailable(f"{type(exc).__name__}: {exc}") from exc
+                raise Unavailable.of(exc) from exc
             raise
         if whole:
             partial.replace(target)

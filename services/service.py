@@ -138,7 +138,6 @@ class Frontend:
         self.functions.jobs.stop_claiming()
         if self._grpc is not None and self._grpc_stopped is None:
             grace = settings.request_timeout_seconds + TIMEOUT_GRACE_SECONDS
-            self._grpc.drain()
             self._grpc_stopped = asyncio.create_task(self._grpc.stop(grace))
 
     @bentoml.on_shutdown

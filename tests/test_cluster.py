@@ -327,7 +327,9 @@ def test_cluster_down_answers_the_stream_in_flight_then_stops_everything(cluster
             target=lambda: arrived.extend((time.monotonic(), line) for line in stream.iter_lines())
         )
         reader.start()
-        down = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=1)
+        down = subprocess.Popen(
+            command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         deadline = time.monotonic() + LONG
         while accepts(cluster.url):
             assert time.monotonic() < deadline, "the balancer never closed its port"

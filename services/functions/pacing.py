@@ -69,8 +69,10 @@ def admit(
         raise Refused("deadline", DEADLINE_PASSED)
     if left is not None and (idle or left < target):
         limit, why = left, "the request's deadline"
+    elif idle:
+        return
     else:
-        limit, why = (math.inf if idle else target), setting
+        limit, why = target, setting
     if expected <= limit:
         return
     rejected("expected_wait")

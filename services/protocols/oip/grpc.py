@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
@@ -421,20 +420,12 @@ class RefuseWhenDraining(grpc.aio.ServerInterceptor):
 class Running:
     server: grpc.aio.Server
     draining: asyncio.Event
-    draining_since: float = 0.0
-
-    def drain(self) -> None:
-        """At the stop signal: new calls are refused and open streams take no new requests; what is in
-        flight runs on."""
-        if not self.draining.is_set():
-            self.draining_since = time.monotonic()
-            self.draining.set()
 
     async def stop(self, grace: float) -> None:
-        """Closes the port, once calls have been refused for REFUSING_SECONDS; what is in flight has
-        `grace` seconds to finish."""
-        self.drain()
-        await asyncio.sleep(max(0.0, self.draining_since + REFUSING_SECONDS - time.monotonic()))
+        """New calls are refused and open streams take no new requests; the port closes after
+        REFUSING_SECONDS, and what is in flight has `grace` seconds to finish."""
+        self.draining.set()
+        await asyncio.sleep(REFUSING_SECONDS)
         await self.server.stop(grace)
 
 
