@@ -152,8 +152,6 @@ def import_model(entry: CatalogEntry, force: bool = False) -> str:
         staged = workdir / "staged"
         stage(entry, folder, staged)
         stage_labels(entry, workdir, staged)
-        if stored(entry):  # --force: replaced only once the new copy has passed every check
-            bentoml.models.delete(entry.tag)
         with bentoml.models.create(
             entry.tag,
             labels={"task": entry.task, "source": entry.source.kind},
@@ -166,6 +164,10 @@ def import_model(entry: CatalogEntry, force: bool = False) -> str:
             },
         ) as model:
             shutil.copytree(staged, model.path, dirs_exist_ok=True)
+            # --force: the stored copy goes only now, with the new one checked and whole in BentoML's
+            # temporary folder; leaving this block moves that into the store.
+            if stored(entry):
+                bentoml.models.delete(entry.tag)
     return entry.tag
 
 

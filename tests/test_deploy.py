@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
@@ -10,6 +12,8 @@ import yaml
 from cloudcoil.models.keda.v1alpha1 import ScaledObject  # noqa: F401 - the KEDA models load
 from cloudcoil.models.knative_serving.serving.v1 import Service as KnativeService
 
+from deploy.cluster.cluster import request_limit
+from deploy.cluster.parts import Replica, debian_binary, haproxy_config
 from deploy.generate import HERE, SHARED, Deployment, manifests, render
 from services.config import TIMEOUT_GRACE_SECONDS, Settings, get_settings
 
@@ -103,3 +107,26 @@ def test_bentocloud_deployment_scales_every_service_to_zero() -> None:
     # Replicas share batches and caches only through the secret's variables (README, Cluster manifests).
     assert document["secrets"] == [spec.secret]
     assert all(name.removeprefix("FNSERVE_").lower() in Settings.model_fields for name in SHARED)
+
+
+def test_the_local_clusters_balancer_lets_a_request_run_to_its_deadline(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """HAProxy's timeouts and its soft stop's bound follow the request deadline the replicas are given:
+    a shorter one makes the balancer's shorter, a longer one would otherwise be cut by it."""
+    monkeypatch.setenv("FNSERVE_REQUEST_TIMEOUT_SECONDS", "1200")
+    get_settings.cache_clear()
+    try:
+        limit = request_limit()
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+    assert limit == 1200 + 2 * TIMEOUT_GRACE_SECONDS
+    config = tmp_path / "haproxy.cfg"
+    config.write_text(haproxy_config(8000, 8001, [Replica("r0", 8002, 8003)], tmp_path / "sock", limit))
+    lines = {" ".join(line.split()) for line in config.read_text().splitlines()}
+    assert {f"hard-stop-after {limit}s", f"timeout client {limit}s", f"timeout server {limit}s"} <= lines
+    checked = subprocess.run(
+        [debian_binary("/usr/sbin/haproxy"), "-c", "-f", str(config)], capture_output=True
+    )
+    assert checked.returncode == 0, checked.stderr

@@ -36,15 +36,15 @@ def stored_models(home: Path) -> list[str]:
     return eval(done.stdout)  # a printed list of str
 
 
-def run_import(home: Path, entry: CatalogEntry) -> subprocess.CompletedProcess[str]:
+def run_import(home: Path, entry: CatalogEntry, force: bool = False) -> subprocess.CompletedProcess[str]:
     """Import one entry in a child process (BentoML reads BENTOML_HOME once per process)."""
     code = (
         "import sys; from models.catalog import CatalogEntry; from models.importer import import_model, "
-        "ImportFailed\ntry:\n    print(import_model(CatalogEntry.model_validate_json(sys.argv[1])))\n"
-        "except ImportFailed as exc:\n    sys.exit(f'import failed: {exc}')"
+        "ImportFailed\ntry:\n    print(import_model(CatalogEntry.model_validate_json(sys.argv[1]), "
+        "force=sys.argv[2] == 'force'))\nexcept ImportFailed as exc:\n    sys.exit(f'import failed: {exc}')"
     )
     return subprocess.run(
-        [sys.executable, "-c", code, entry.model_dump_json()],
+        [sys.executable, "-c", code, entry.model_dump_json(), "force" if force else "keep"],
         cwd=ROOT,
         env={**os.environ, "BENTOML_HOME": str(home)},
         capture_output=True,
@@ -72,6 +72,22 @@ def test_local_directory_source_imports_with_labels_and_metadata(store: Path, mi
     info = (store / "models" / "all-minilm-l6-v2" / MINILM.version / "model.yaml").read_text()
     assert "task: embedding" in info and MINILM.sha256 in info and "dtype: float32" in info
     assert run_import(store, entry).returncode == 0, "re-import is a no-op"
+
+
+def test_a_forced_import_replaces_the_stored_copy_only_once_the_new_one_passed(
+    store: Path, minilm_dir: Path
+) -> None:
+    entry = MINILM.model_copy(update={"source": DirectorySource(path=str(minilm_dir))})
+    assert run_import(store, entry).returncode == 0
+    info = store / "models" / "all-minilm-l6-v2" / MINILM.version / "model.yaml"
+    first = info.read_text()
+    refused = run_import(store, entry.model_copy(update={"sha256": "0" * 64}), force=True)
+    assert refused.returncode != 0 and "checksum" in refused.stderr
+    assert info.read_text() == first and stored_models(store) == [MINILM.tag]
+    assert run_import(store, entry, force=True).returncode == 0
+    assert stored_models(store) == [MINILM.tag]
+    replaced = info.read_text()
+    assert replaced != first and "creation_time" in replaced and MINILM.sha256 in replaced
 
 
 def test_wrong_checksum_is_refused_and_stores_nothing(store: Path, minilm_dir: Path) -> None:

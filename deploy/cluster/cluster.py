@@ -119,7 +119,9 @@ class Cluster:
         for replica in self.replicas:
             wait_for(replica.name, lambda r=replica: ready(r.url), self.parts[replica.name], timeout=600)
         config = self.folder / "haproxy.cfg"
-        config.write_text(haproxy_config(self.port, self.grpc_port, self.replicas, self.stats))
+        config.write_text(
+            haproxy_config(self.port, self.grpc_port, self.replicas, self.stats, request_limit())
+        )
         haproxy = self._started(start_haproxy(config))
         wait_for("HAProxy's view of every replica", self.all_up, haproxy, timeout=120)
 
@@ -154,7 +156,7 @@ class Cluster:
     def down(self) -> None:
         """Requests in flight are answered first, for as long as a request may run; the stores then
         stop within Part.stop's own bound."""
-        drain = get_settings().request_timeout_seconds + 2 * TIMEOUT_GRACE_SECONDS
+        drain = request_limit()
         for number, stage in enumerate(STOP_ORDER):
             parts = [part for name, part in self.parts.items() if name.startswith(stage)]
             stop = partial(Part.stop, timeout=drain) if number == 0 else Part.stop
@@ -163,6 +165,11 @@ class Cluster:
         if self.pg_data:
             shutil.rmtree(self.pg_data, ignore_errors=True)
         (self.folder / STATE).unlink(missing_ok=True)
+
+
+def request_limit() -> int:
+    """How long a request may run, end to end: fnserve's deadline and BentoML's grace after it."""
+    return get_settings().request_timeout_seconds + 2 * TIMEOUT_GRACE_SECONDS
 
 
 def ready(url: str) -> bool:

@@ -301,13 +301,17 @@ def start_replica(replica: Replica, folder: Path, env: dict[str, str]) -> Part:
     return Part.start(replica.name, command, folder / "server.log", env=env)
 
 
-def haproxy_config(port: int, grpc_port: int, replicas: list[Replica], stats: Path) -> str:
+def haproxy_config(port: int, grpc_port: int, replicas: list[Replica], stats: Path, limit: int) -> str:
+    """`limit`: the seconds a request may take, in which the balancer neither times it out nor, when
+    stopping softly, cuts it."""
     template = (Path(__file__).parent / "haproxy.cfg").read_text()
     http = "\n".join(f"    server {r.name} 127.0.0.1:{r.port}" for r in replicas)
     grpc = "\n".join(
         f"    server {r.name} 127.0.0.1:{r.grpc_port} proto h2 check-proto h1 port {r.port}" for r in replicas
     )
-    return template.format(port=port, grpc_port=grpc_port, http_servers=http, grpc_servers=grpc, stats=stats)
+    return template.format(
+        port=port, grpc_port=grpc_port, http_servers=http, grpc_servers=grpc, stats=stats, limit=limit
+    )
 
 
 def start_haproxy(config: Path) -> Part:
