@@ -27,6 +27,7 @@ from tritonclient.utils import InferenceServerException
 
 from models.catalog import CATALOG
 from services.functions.lifecycle import ModelSlot, Reloadable
+from services.protocols.oip.grpc import QUIET_SECONDS, REFUSING_SECONDS, closing_in
 from tests.oip_client import Stream, generation_inputs
 from tests.server import CACHES_OFF, LONG, counter, free_port, serve, server_processes
 
@@ -193,6 +194,18 @@ def refused_by_grpc(address: str) -> str:
             client.close()
         time.sleep(0.2)
     raise AssertionError(f"gRPC on {address} still took calls {LONG} s after SIGTERM")
+
+
+def test_a_stopping_grpc_server_closes_its_port_once_calls_stop_coming() -> None:
+    """Idle, it closes QUIET_SECONDS after the signal (not a fixed wait at every scale-down); under
+    calls, it refuses each itself for up to REFUSING_SECONDS, where a closing port could cancel them."""
+    signalled = 100.0
+    assert closing_in(signalled, -math.inf, signalled) == QUIET_SECONDS
+    assert closing_in(signalled, -math.inf, signalled + QUIET_SECONDS) == 0
+    assert closing_in(signalled, 100.25, 100.5) == 0.25  # a call came: quiet from then on
+    assert closing_in(signalled, 101.75, 102.0) == 0  # calls still coming: closed at the bound
+    assert closing_in(signalled, 101.75, 101.75) == signalled + REFUSING_SECONDS - 101.75
+    assert QUIET_SECONDS < REFUSING_SECONDS
 
 
 def test_streams_in_flight_complete_after_sigterm(idle_server: tuple[str, str]) -> None:

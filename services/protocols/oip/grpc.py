@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
@@ -121,7 +122,10 @@ def response(
 SHUTTING_DOWN = "the server is shutting down; send this call to another replica"
 # How long a stopping server refuses new calls itself before it closes its port. grpc cancels a call it
 # had taken but not yet handed over when its server stops (the client sees CANCELLED, which neither
-# clients nor balancers retry); callers that come in this time get UNAVAILABLE, which they do.
+# clients nor balancers retry); callers that come in this time get UNAVAILABLE, which they do. The port
+# closes once no call has come for QUIET_SECONDS, and at the latest after REFUSING_SECONDS: a server
+# that nobody calls stops at once (every scale-down and restart), one under traffic keeps refusing.
+QUIET_SECONDS = 0.5
 REFUSING_SECONDS = 2.0
 
 
@@ -399,10 +403,12 @@ class RefuseWhenDraining(grpc.aio.ServerInterceptor):
 
     def __init__(self, draining: asyncio.Event) -> None:
         self.draining = draining
+        self.last_call = -math.inf  # the event loop's clock
 
     async def intercept_service(
         self, continuation: Next, details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler:
+        self.last_call = asyncio.get_running_loop().time()
         handler = await continuation(details)
         if handler is None or not self.draining.is_set():
             return handler
@@ -419,14 +425,24 @@ class RefuseWhenDraining(grpc.aio.ServerInterceptor):
 @dataclass
 class Running:
     server: grpc.aio.Server
-    draining: asyncio.Event
+    refusing: RefuseWhenDraining
 
     async def stop(self, grace: float) -> None:
-        """New calls are refused and open streams take no new requests; the port closes after
-        REFUSING_SECONDS, and what is in flight has `grace` seconds to finish."""
-        self.draining.set()
-        await asyncio.sleep(REFUSING_SECONDS)
+        """New calls are refused and open streams take no new requests; the port closes when calls
+        stop coming (QUIET_SECONDS, REFUSING_SECONDS at most), and what is in flight has `grace` seconds
+        to finish."""
+        self.refusing.draining.set()
+        clock = asyncio.get_running_loop().time
+        signalled = clock()
+        while (wait := closing_in(signalled, self.refusing.last_call, clock())) > 0:
+            await asyncio.sleep(wait)
         await self.server.stop(grace)
+
+
+def closing_in(signalled: float, last_call: float, now: float) -> float:
+    """Seconds until a stopping server may close its port: when no call has come for QUIET_SECONDS,
+    or REFUSING_SECONDS after the signal, whichever is first."""
+    return max(0.0, min(max(signalled, last_call) + QUIET_SECONDS, signalled + REFUSING_SECONDS) - now)
 
 
 async def start(
@@ -441,11 +457,12 @@ async def start(
         ("grpc.so_reuseport", 1),  # every worker binds the port
     ]
     draining = asyncio.Event()
-    server = grpc.aio.server(options=options, interceptors=[RefuseWhenDraining(draining), RejectMalformed()])
+    refusing = RefuseWhenDraining(draining)
+    server = grpc.aio.server(options=options, interceptors=[refusing, RejectMalformed()])
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(
         InferenceService(repository, admission, draining), server
     )
     server.add_insecure_port(address)
     await server.start()
     logger.info("OIP v2 gRPC on %s", address)
-    return Running(server, draining)
+    return Running(server, refusing)
