@@ -30,7 +30,7 @@ from tests.oip_client import Stream, generation_inputs
 from tests.server import LONG, ONE_WORKER, ROOT
 from tests.test_batch import CHAT, EMBEDDER, chat_line, embedding_line, final, jsonl, lines_of, wait_until
 
-IDLE_SECONDS = 15
+IDLE_SECONDS = 8
 MAX_TOKENS = 512  # a chat's longest answer, the replicas' default (FNSERVE_GENERATION_MAX_TOKENS)
 
 
