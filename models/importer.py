@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from contextlib import suppress
 from pathlib import Path
 
 import bentoml
@@ -141,6 +142,17 @@ def stored(entry: CatalogEntry) -> bool:
     return True
 
 
+def set_aside(entry: CatalogEntry) -> tuple[Path, Path]:
+    """Moves the stored copy of `entry` out of BentoML's model store, which takes every folder in it for
+    a model, to beside the store: on one disk, a rename. Its folder's place in the store is BentoML
+    1.4.40's layout (models/NAME/VERSION), pinned; tests/test_importer.py fails if it changes."""
+    stored_at = Path(bentoml.models.get(entry.tag).path).resolve()
+    kept = stored_at.parents[2] / f".fnserve-replaced-{entry.name}-{stored_at.name}"
+    shutil.rmtree(kept, ignore_errors=True)  # from an import killed here before
+    shutil.move(stored_at, kept)
+    return stored_at, kept
+
+
 def import_model(entry: CatalogEntry, force: bool = False) -> str:
     """Import one catalogue entry; returns its tag. Skips work when the tag is already stored."""
     if stored(entry) and not force:
@@ -152,22 +164,35 @@ def import_model(entry: CatalogEntry, force: bool = False) -> str:
         staged = workdir / "staged"
         stage(entry, folder, staged)
         stage_labels(entry, workdir, staged)
-        with bentoml.models.create(
-            entry.tag,
-            labels={"task": entry.task, "source": entry.source.kind},
-            metadata={
-                "source": entry.source.model_dump(),
-                "sha256": entry.sha256,
-                "task": entry.task,
-                "dtype": "float32",
-                "weights_file": entry.weights_file,
-            },
-        ) as model:
-            shutil.copytree(staged, model.path, dirs_exist_ok=True)
-            # --force: the stored copy goes only now, with the new one checked and whole in BentoML's
-            # temporary folder; leaving this block moves that into the store.
-            if stored(entry):
-                bentoml.models.delete(entry.tag)
+        was_stored = stored(entry)
+        kept: tuple[Path, Path] | None = None  # --force: where the stored copy was, and where it waits
+        try:
+            with bentoml.models.create(
+                entry.tag,
+                labels={"task": entry.task, "source": entry.source.kind},
+                metadata={
+                    "source": entry.source.model_dump(),
+                    "sha256": entry.sha256,
+                    "task": entry.task,
+                    "dtype": "float32",
+                    "weights_file": entry.weights_file,
+                },
+            ) as model:
+                shutil.copytree(staged, model.path, dirs_exist_ok=True)
+                if was_stored:
+                    kept = set_aside(entry)
+        except BaseException:
+            # Leaving the block copies into the store, not a rename: one cut short (Ctrl-C, a full disk)
+            # can leave a partial copy that passes for stored. It goes, and a kept copy comes back.
+            if kept:
+                shutil.rmtree(kept[0], ignore_errors=True)
+                shutil.move(kept[1], kept[0])
+            elif not was_stored:
+                with suppress(bentoml.exceptions.NotFound):
+                    bentoml.models.delete(entry.tag)
+            raise
+        if kept:
+            shutil.rmtree(kept[1])
     return entry.tag
 
 

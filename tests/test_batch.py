@@ -434,6 +434,21 @@ def test_a_custom_id_no_database_can_hold_is_a_bad_line(store_at: Callable[..., 
     assert good.custom_id == "e1"
 
 
+@BACKENDS
+def test_ids_no_database_can_hold_are_found_nowhere(store_at: Callable[..., BatchStore]) -> None:
+    """A NUL or a lone surrogate in an id a caller sent (a path, `after`, `purpose`): PostgreSQL refuses
+    such text in a query, which answered 500 for a lookup that can only be a 404 or an empty list."""
+    store = store_at("test")
+    file_id = store.add_file(jsonl([json.dumps(embedding_line(1))]), "in.jsonl", "batch")["id"]
+    batch = store.create_batch(file_id, "/v1/embeddings", 3600, "1h", None, max_lines=10)
+    for bad in (f"{file_id}\x00", "\ud800", f"{batch['id']}\x00"):
+        assert store.get_file(bad) is None and store.get_batch(bad) is None
+        assert not store.delete_file(bad) and not store.end_batch(bad, "cancelled")
+        assert store.list_files(bad) == [] and store.list_batches(10, bad) == []
+    assert [row["id"] for row in store.list_batches(10, None)] == [batch["id"]]
+    assert store.get_file(file_id) is not None
+
+
 def test_a_stopping_runner_records_its_lines_in_flight_and_claims_no_more(tmp_path: Path) -> None:
     """At the stop signal a worker takes no new lines (another server gets them at once, not after this
     one's drain) and still records the ones it is running (they are not left to their lease)."""

@@ -311,6 +311,10 @@ def test_cluster_down_answers_the_stream_in_flight_then_stops_everything(cluster
         "model": CHAT, "messages": [{"role": "user", "content": "Tell me a long story."}],
         "max_tokens": 16, "ignore_eos": True, "speculation": "off",
     }  # fmt: skip
+    for index in range(2):  # awake on both replicas: a model load in the timing would shorten the stream
+        with replica_client(cluster, index) as replica:
+            woken = replica.post("/v1/chat/completions", json={**body, "max_tokens": 1})
+            assert woken.status_code == 200, woken.text
     start = time.monotonic()
     assert httpx.post(f"{cluster.url}/v1/chat/completions", json=body, timeout=LONG).status_code == 200
     # About 10 s of stream on this machine: far longer than `down` takes to reach the balancer.

@@ -36,9 +36,28 @@ def stored_models(home: Path) -> list[str]:
     return eval(done.stdout)  # a printed list of str
 
 
-def run_import(home: Path, entry: CatalogEntry, force: bool = False) -> subprocess.CompletedProcess[str]:
+# Run in the child before an import that is cut short: BentoML's first copy into the store (as it leaves
+# `bentoml.models.create`) writes model.yaml and is then interrupted, as Ctrl-C or a full disk would.
+CUT_SAVE = """
+import os, shutil
+from pathlib import Path
+real, store = shutil.copytree, os.path.join(os.environ["BENTOML_HOME"], "models")
+def copytree(src, dst, *args, **kwargs):
+    if str(dst).startswith(store) and not getattr(copytree, "cut", False):
+        copytree.cut = True
+        Path(dst).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(Path(src) / "model.yaml", Path(dst) / "model.yaml")
+        raise KeyboardInterrupt
+    return real(src, dst, *args, **kwargs)
+shutil.copytree = copytree
+"""
+
+
+def run_import(
+    home: Path, entry: CatalogEntry, force: bool = False, cut: bool = False
+) -> subprocess.CompletedProcess[str]:
     """Import one entry in a child process (BentoML reads BENTOML_HOME once per process)."""
-    code = (
+    code = (CUT_SAVE if cut else "") + (
         "import sys; from models.catalog import CatalogEntry; from models.importer import import_model, "
         "ImportFailed\ntry:\n    print(import_model(CatalogEntry.model_validate_json(sys.argv[1]), "
         "force=sys.argv[2] == 'force'))\nexcept ImportFailed as exc:\n    sys.exit(f'import failed: {exc}')"
@@ -88,6 +107,25 @@ def test_a_forced_import_replaces_the_stored_copy_only_once_the_new_one_passed(
     assert stored_models(store) == [MINILM.tag]
     replaced = info.read_text()
     assert replaced != first and "creation_time" in replaced and MINILM.sha256 in replaced
+    assert not list(store.glob(".fnserve-replaced-*"))  # the old copy, kept aside meanwhile, is gone
+
+
+def test_an_import_cut_short_leaves_no_partial_copy_and_a_forced_one_keeps_the_old(
+    store: Path, minilm_dir: Path
+) -> None:
+    entry = MINILM.model_copy(update={"source": DirectorySource(path=str(minilm_dir))})
+    cut = run_import(store, entry, cut=True)
+    assert cut.returncode != 0 and "KeyboardInterrupt" in cut.stderr
+    assert stored_models(store) == []  # not a model.yaml without its weights, passing for stored
+    assert run_import(store, entry).returncode == 0
+    folder = store / "models" / "all-minilm-l6-v2" / MINILM.version
+    whole = {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()}
+    assert "model.safetensors" in whole
+    cut = run_import(store, entry, force=True, cut=True)
+    assert cut.returncode != 0 and "KeyboardInterrupt" in cut.stderr
+    assert stored_models(store) == [MINILM.tag]
+    assert {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()} == whole
+    assert not list(store.glob(".fnserve-replaced-*"))
 
 
 def test_wrong_checksum_is_refused_and_stores_nothing(store: Path, minilm_dir: Path) -> None:

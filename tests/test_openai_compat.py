@@ -123,6 +123,14 @@ def test_top_k_of_one_samples_the_greedy_answer(client: httpx.Client) -> None:
     assert sampled != {greedy}
 
 
+def test_the_largest_top_k_and_seed_are_served(client: httpx.Client) -> None:
+    """A top-k past the vocabulary samples from all of it; the largest seed is cached as any other."""
+    body = chat_body(max_tokens=8, temperature=1.0, top_k=2**31 - 1, seed=-(2**63))
+    first, again = (client.post("/v1/chat/completions", json=body) for _ in range(2))
+    assert first.status_code == again.status_code == 200, first.text
+    assert text_of(again.json()) == text_of(first.json()) and again.headers["x-fnserve-cache"] == "hit"
+
+
 ACCEPTED = {
     "user": "someone",
     "metadata": {"team": "search"},
@@ -159,6 +167,8 @@ def test_fields_with_no_effect_here_are_accepted(client: httpx.Client) -> None:
         ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"top_k": -2}, "top_k"),
+        ({"top_k": 2**31}, "top_k"),  # past the engine's int32: it had stopped every request in the batch
+        ({"seed": 2**63}, "seed"),  # past the cache key's 64 bits: a 500 before
         ({"logit_bias": {"1": 5}}, "logit_bias"),
     ],
 )

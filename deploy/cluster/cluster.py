@@ -58,6 +58,9 @@ class Cluster:
     redis_url: str = ""
     pg_data: str = ""
     pg_port: int = 0
+    # How long a request may run on these replicas, as `up` started them (their environment's setting):
+    # HAProxy's timeouts and the drain at `down`.
+    limit_seconds: int = 0
     replicas: list[Replica] = field(default_factory=list)
     parts: dict[str, Part] = field(default_factory=dict)
 
@@ -74,6 +77,7 @@ class Cluster:
             "redis_url": self.redis_url,
             "pg_data": self.pg_data,
             "pg_port": self.pg_port,
+            "limit_seconds": self.limit_seconds,
             "replicas": [vars(r) for r in self.replicas],
             "parts": {name: part.to_json() for name, part in self.parts.items()},
         }
@@ -93,6 +97,7 @@ class Cluster:
             state["redis_url"],
             state["pg_data"],
             state["pg_port"],
+            state.get("limit_seconds") or request_limit(),
             [Replica(**r) for r in state["replicas"]],
             {name: Part(**part) for name, part in state["parts"].items()},
         )
@@ -104,6 +109,7 @@ class Cluster:
 
     def up(self, replicas: int) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.limit_seconds = request_limit()
         self.pg_data = tempfile.mkdtemp(prefix="fnserve-pg-")
         self.pg_port = free_port()
         postgres = self.postgres()
@@ -120,7 +126,7 @@ class Cluster:
             wait_for(replica.name, lambda r=replica: ready(r.url), self.parts[replica.name], timeout=600)
         config = self.folder / "haproxy.cfg"
         config.write_text(
-            haproxy_config(self.port, self.grpc_port, self.replicas, self.stats, request_limit())
+            haproxy_config(self.port, self.grpc_port, self.replicas, self.stats, self.limit_seconds)
         )
         haproxy = self._started(start_haproxy(config))
         wait_for("HAProxy's view of every replica", self.all_up, haproxy, timeout=120)
@@ -156,7 +162,7 @@ class Cluster:
     def down(self) -> None:
         """Requests in flight are answered first, for as long as a request may run; the stores then
         stop within Part.stop's own bound."""
-        drain = request_limit()
+        drain = self.limit_seconds or request_limit()
         for number, stage in enumerate(STOP_ORDER):
             parts = [part for name, part in self.parts.items() if name.startswith(stage)]
             stop = partial(Part.stop, timeout=drain) if number == 0 else Part.stop

@@ -23,7 +23,7 @@ from services.functions.hardware import Choices, model_status, once_per_server, 
 from services.functions.lifecycle import ModelSlot, Reloadable
 from services.functions.pacing import BEAT, EngineBeat, ServiceRate, admit
 from services.functions.speculation import Drafting, SpeculationStats, StepCost, measure_step_cost
-from services.functions.types import ChatMessage, Penalty, Refused, RepetitionPenalty, Text
+from services.functions.types import ChatMessage, Penalty, Refused, RepetitionPenalty, Text, TopK
 
 if TYPE_CHECKING:
     import torch
@@ -286,7 +286,7 @@ class Generator:
         temperature: Annotated[float, Field(ge=0, le=2)] = 1.0,
         top_p: Annotated[float, Field(gt=0, le=1)] = 1.0,
         stop: Annotated[list[Text], Field(max_length=4)] = [],  # noqa: B006 - pydantic copies defaults
-        top_k: Annotated[int, Field(ge=-1)] = 0,
+        top_k: TopK = 0,
         ignore_eos: bool = False,
         skip_special_tokens: bool = True,
         logprobs: Annotated[

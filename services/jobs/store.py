@@ -282,6 +282,8 @@ class BatchStore:
         return row  # as committed (see create_batch)
 
     def get_file(self, file_id: str) -> dict | None:
+        if not storable(file_id):  # no such id can exist, and PostgreSQL would refuse the query
+            return None
         rows = self._rows("SELECT * FROM files WHERE id = ?", file_id)
         return rows[0] if rows else None
 
@@ -298,11 +300,15 @@ class BatchStore:
             seq = page[-1]["seq"] + 1
 
     def list_files(self, purpose: str | None = None) -> list[dict]:
+        if purpose and not storable(purpose):
+            return []
         if purpose:
             return self._rows("SELECT * FROM files WHERE purpose = ? ORDER BY created_at DESC", purpose)
         return self._rows("SELECT * FROM files ORDER BY created_at DESC")
 
     def delete_file(self, file_id: str) -> bool:
+        if not storable(file_id):
+            return False
         with self._transaction() as db:
             deleted = db.execute("DELETE FROM files WHERE id = ?", (file_id,)).rowcount
             db.execute("DELETE FROM file_chunks WHERE file_id = ?", (file_id,))
@@ -365,6 +371,8 @@ class BatchStore:
         return {**created, "request_counts": {"total": len(rows), "completed": 0, "failed": failed}}
 
     def get_batch(self, batch_id: str) -> dict | None:
+        if not storable(batch_id):
+            return None
         rows = self._rows("SELECT * FROM batches WHERE id = ?", batch_id)
         if not rows:
             return None
@@ -384,6 +392,8 @@ class BatchStore:
         return batch
 
     def list_batches(self, limit: int, after: str | None) -> list[dict]:
+        if after is not None and not storable(after):  # no batch comes after an id that cannot exist
+            return []
         ids = self._rows(
             "SELECT id FROM batches WHERE ? IS NULL"
             " OR created_at < (SELECT created_at FROM batches WHERE id = ?)"
@@ -396,6 +406,8 @@ class BatchStore:
     def end_batch(self, batch_id: str, ending: str, now: float | None = None) -> bool:
         """Cancel or expire: lines not yet started are settled as errors that say why; lines running
         finish and are kept. False if the batch was already ending or final."""
+        if not storable(batch_id):
+            return False
         now = int(now or time.time())
         error = ended_error(ending)
         status = "cancelling" if ending == "cancelled" else "in_progress"

@@ -434,7 +434,10 @@ class Running:
         self.refusing.draining.set()
         clock = asyncio.get_running_loop().time
         signalled = clock()
-        while (wait := closing_in(signalled, self.refusing.last_call, clock())) > 0:
+        while True:
+            await asyncio.sleep(0)  # calls the loop has already taken in reach the interceptor first
+            if (wait := closing_in(signalled, self.refusing.last_call, clock())) <= 0:
+                break
             await asyncio.sleep(wait)
         await self.server.stop(grace)
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.functions.api import Functions
 from services.functions.chat import Done, GenerationRequest, vllm_sampling
-from services.functions.types import Penalty, Refused, RepetitionPenalty
+from services.functions.types import Penalty, Refused, RepetitionPenalty, Seed, TopK
 from services.protocols.oip.tensors import Tensor, bytes_tensor, scalar
 
 VERSION = "1"
@@ -188,9 +188,9 @@ class SamplingParameters(BaseModel):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     stop: str | list[str] | None = Field(None)
-    seed: int | None = None
+    seed: Seed | None = None
     # vLLM's SamplingParams names, which Triton's vLLM backend takes in `sampling_parameters`
-    top_k: int = Field(0, ge=-1, description="0 or -1: every token")
+    top_k: TopK = Field(0, description="0 or -1: every token")
     ignore_eos: bool = False
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0

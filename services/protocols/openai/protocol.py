@@ -9,7 +9,16 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from starlette.responses import JSONResponse, Response
 
-from services.functions.types import ChatMessage, Penalty, Refused, RepetitionPenalty, Text, encodable
+from services.functions.types import (
+    ChatMessage,
+    Penalty,
+    Refused,
+    RepetitionPenalty,
+    Seed,
+    Text,
+    TopK,
+    encodable,
+)
 from services.protocols.status import HTTP_STATUS
 
 
@@ -250,7 +259,7 @@ class GenerationParams(OpenAIModel):
     max_completion_tokens: int | None = Field(None, ge=1, description="the newer name of max_tokens")
     temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy")
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = Field(
+    seed: Seed | None = Field(
         None, description="a seeded request is cached: its repeats get the first answer (README)"
     )
     stop: Text | Annotated[list[Text], Field(max_length=4)] | None = Field(
@@ -271,7 +280,7 @@ class GenerationParams(OpenAIModel):
         0.0, description="subtracted from a token's logit once per time the answer holds it"
     )
     ignore_eos: bool = Field(False, description="vLLM's: generate max_tokens, past the end of text")
-    top_k: int = Field(0, ge=-1, description="vLLM's: sample from the k likeliest tokens; 0 or -1 = off")
+    top_k: TopK = Field(0, description="vLLM's: sample from the k likeliest tokens; 0 or -1 = off")
     min_tokens: int = Field(0, ge=0, description="vLLM's: no end of text before this many tokens")
     repetition_penalty: RepetitionPenalty = Field(
         1.0, description="vLLM's: divides the logits of tokens in the prompt or answer (>1)"
