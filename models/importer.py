@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -135,21 +136,32 @@ def stage(entry: CatalogEntry, folder: Path, out: Path) -> None:
 
 
 def stored(entry: CatalogEntry) -> bool:
+    """Whether the tag is in the store; a folder of it without its model.yaml (an import killed as
+    BentoML copied it in) is removed, so that importing again can replace it."""
     try:
         bentoml.models.get(entry.tag)
     except bentoml.exceptions.NotFound:
         return False
+    except bentoml.exceptions.BentoMLException:
+        bentoml.models.delete(entry.tag)
+        return False
     return True
 
 
-def set_aside(entry: CatalogEntry) -> tuple[Path, Path]:
+def set_aside(entry: CatalogEntry) -> tuple[Path, Path | None]:
     """Moves the stored copy of `entry` out of BentoML's model store, which takes every folder in it for
-    a model, to beside the store: on one disk, a rename. Its folder's place in the store is BentoML
-    1.4.40's layout (models/NAME/VERSION), pinned; tests/test_importer.py fails if it changes."""
+    a model, to beside the store; returns where it was and where it is kept. Its folder's place in the
+    store is BentoML 1.4.40's layout (models/NAME/VERSION), pinned; tests/test_importer.py fails if it
+    changes. Only a rename: where the store is a disk of its own (a mounted volume) the copy is deleted
+    instead, as a copy of the model onto the other disk could fill it."""
     stored_at = Path(bentoml.models.get(entry.tag).path).resolve()
     kept = stored_at.parents[2] / f".fnserve-replaced-{entry.name}-{stored_at.name}"
     shutil.rmtree(kept, ignore_errors=True)  # from an import killed here before
-    shutil.move(stored_at, kept)
+    try:
+        os.rename(stored_at, kept)
+    except OSError:
+        bentoml.models.delete(entry.tag)
+        return stored_at, None
     return stored_at, kept
 
 
@@ -165,7 +177,7 @@ def import_model(entry: CatalogEntry, force: bool = False) -> str:
         stage(entry, folder, staged)
         stage_labels(entry, workdir, staged)
         was_stored = stored(entry)
-        kept: tuple[Path, Path] | None = None  # --force: where the stored copy was, and where it waits
+        kept: tuple[Path, Path | None] | None = None  # --force: where the stored copy was, where it waits
         try:
             with bentoml.models.create(
                 entry.tag,
@@ -186,12 +198,13 @@ def import_model(entry: CatalogEntry, force: bool = False) -> str:
             # can leave a partial copy that passes for stored. It goes, and a kept copy comes back.
             if kept:
                 shutil.rmtree(kept[0], ignore_errors=True)
-                shutil.move(kept[1], kept[0])
+                if kept[1]:
+                    os.rename(kept[1], kept[0])
             elif not was_stored:
                 with suppress(bentoml.exceptions.NotFound):
                     bentoml.models.delete(entry.tag)
             raise
-        if kept:
+        if kept and kept[1]:
             shutil.rmtree(kept[1])
     return entry.tag
 

@@ -169,6 +169,8 @@ def test_fields_with_no_effect_here_are_accepted(client: httpx.Client) -> None:
         ({"top_k": -2}, "top_k"),
         ({"top_k": 2**31}, "top_k"),  # past the engine's int32: it had stopped every request in the batch
         ({"seed": 2**63}, "seed"),  # past the cache key's 64 bits: a 500 before
+        ({"min_tokens": 2**64}, "min_tokens"),
+        ({"max_tokens": 2**64}, "max_tokens"),
         ({"logit_bias": {"1": 5}}, "logit_bias"),
     ],
 )

@@ -25,8 +25,9 @@ Penalty = Annotated[float, Field(ge=-2, le=2)]
 RepetitionPenalty = Annotated[float, Field(gt=0, le=10)]
 # Integers the engine and the cache carry in fixed widths: transformers builds top_k into an int32 tensor
 # inside the running batch (an overflow there stopped the engine for every request in it), and the cache
-# key is JSON that orjson writes only within 64 bits.
-TopK = Annotated[int, Field(ge=-1, le=2**31 - 1)]
+# key is JSON that orjson writes only within 64 bits (a larger count or seed was a 500).
+INT32_MAX = 2**31 - 1
+TopK = Annotated[int, Field(ge=-1, le=INT32_MAX)]
 Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 
 
