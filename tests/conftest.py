@@ -11,7 +11,16 @@ import pytest
 
 from deploy.cluster.parts import Postgres, temporary_postgres
 from services.jobs.store import BatchStore
-from tests.server import BATCH_MAX_FILE_BYTES, CACHES_OFF, KEYS, LONG, MAX_BODY, ONE_WORKER, free_port, serve
+from tests.server import (
+    BATCH_MAX_FILE_BYTES,
+    CACHES_OFF,
+    KEYS,
+    MAX_BODY,
+    ONE_WORKER,
+    free_port,
+    http_client,
+    serve,
+)
 
 # Admission by time refuses what would wait past a target in seconds, so on a slow or busy machine it
 # would refuse requests a test expects served. The test servers inherit targets out of reach; the
@@ -65,7 +74,7 @@ def capped_server() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def client(server: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server, timeout=LONG) as c:
+    with http_client(server) as c:
         yield c
 
 

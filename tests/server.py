@@ -22,6 +22,18 @@ BENTOML = [sys.executable, "-m", "bentoml"]
 # A request's outer limit in tests: generous, so that a slow or busy machine makes a test slower, never
 # failing; what a test asserts is exact.
 LONG = 600
+# The server (uvicorn, under BentoML) closes a connection idle for 5 s, and httpx's pool keeps one for 5 s
+# too: a request sent on a pooled connection just as the server closed it failed with "Server
+# disconnected without sending a response" (seen once in a clean-clone run on the Zen 4). A client has
+# to let idle connections go first.
+KEEP_ALIVE = httpx.Limits(keepalive_expiry=2)
+
+
+def http_client(base_url: str = "", **options: object) -> httpx.Client:
+    """The tests' HTTP client: the outer limit LONG, and idle connections let go before the server's."""
+    return httpx.Client(base_url=base_url, timeout=LONG, limits=KEEP_ALIVE, **options)  # type: ignore[arg-type]
+
+
 # For measurements and tests that must reach the model: a cached answer is served without it.
 CACHES_OFF = {"FNSERVE_EMBEDDING_CACHE_SIZE": "0", "FNSERVE_GENERATION_CACHE_SIZE": "0"}
 # For servers whose tests are not about the entry workers: each worker imports torch and loads the

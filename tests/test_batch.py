@@ -28,7 +28,15 @@ from services.config import Settings
 from services.jobs.runner import BatchRunner
 from services.jobs.store import CHUNK, MIGRATIONS, BatchStore, Outcome
 from tests.reference import reference
-from tests.server import BATCH_MAX_FILE_BYTES, LONG, ONE_WORKER, free_port, serve, server_processes
+from tests.server import (
+    BATCH_MAX_FILE_BYTES,
+    LONG,
+    ONE_WORKER,
+    free_port,
+    http_client,
+    serve,
+    server_processes,
+)
 
 EMBEDDER = "all-minilm-l6-v2"
 CHAT = "smollm2-135m-instruct"
@@ -275,7 +283,7 @@ def test_kill_9_mid_job_then_restart_resumes_with_exact_accounting(tmp_path: Pat
     env = {**ONE_WORKER, "FNSERVE_BATCH_DIR": str(tmp_path), "FNSERVE_BATCH_GENERATION_CONCURRENCY": "8"}
     port, progress = free_port(), tmp_path / "follower.log"
     with progress.open("w") as log, ExitStack() as stopping:
-        with serve(env=env, port=port) as url, httpx.Client(base_url=url, timeout=LONG) as client:
+        with serve(env=env, port=port) as url, http_client(url) as client:
             batch = submit(client, jsonl(lines), "/v1/chat/completions")
             # A user following the job from the command line: it must ride out the restart below.
             command = [*fnserve_cli(url), "wait", batch["id"]]
@@ -288,7 +296,7 @@ def test_kill_9_mid_job_then_restart_resumes_with_exact_accounting(tmp_path: Pat
                 time.sleep(0.2)
             kill_server(url)
         assert before["request_counts"]["completed"] < 16, "the job finished before the kill: make it longer"
-        with serve(env=env, port=port) as url, httpx.Client(base_url=url, timeout=LONG) as client:
+        with serve(env=env, port=port) as url, http_client(url) as client:
             batch = wait_until(client, batch["id"], final)
             outputs = lines_of(client, batch["output_file_id"])
             errors = lines_of(client, batch["error_file_id"])

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from tests.reference import reference
-from tests.server import LONG, counter, server_log
+from tests.server import LONG, counter, http_client, server_log
 
 TOKENS = "fnserve_generation_completion_tokens_total"
 
@@ -119,7 +119,7 @@ def test_disconnect_mid_stream_cancels_in_the_engine(server: str, client: httpx.
     body = chat_body("Write a very long story about a dragon.", max_tokens=500, stream=True, n=choices)
     before, logged = counter(server, TOKENS), server_log(server).stat().st_size
     with (
-        httpx.Client(base_url=server, timeout=LONG) as own,
+        http_client(server) as own,
         own.stream("POST", "/v1/chat/completions", json=body) as r,
     ):
         lines = r.iter_lines()

@@ -27,7 +27,7 @@ from tritonclient.utils import serialize_byte_tensor
 from deploy.cluster.cluster import Cluster
 from deploy.cluster.parts import free_port, haproxy_stats
 from tests.oip_client import Stream, generation_inputs
-from tests.server import LONG, ONE_WORKER, ROOT
+from tests.server import LONG, ONE_WORKER, ROOT, http_client
 from tests.test_batch import CHAT, EMBEDDER, chat_line, embedding_line, final, jsonl, lines_of, wait_until
 
 IDLE_SECONDS = 8
@@ -65,12 +65,12 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 @pytest.fixture(scope="module")
 def balancer(cluster: Cluster) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=cluster.url, timeout=LONG) as client:
+    with http_client(cluster.url) as client:
         yield client
 
 
 def replica_client(cluster: Cluster, index: int) -> httpx.Client:
-    return httpx.Client(base_url=cluster.replicas[index].url, timeout=LONG)
+    return http_client(cluster.replicas[index].url)
 
 
 def embed(client: httpx.Client, text: str) -> httpx.Response:
@@ -263,7 +263,7 @@ def test_a_replica_killed_mid_job_hands_its_lines_to_the_other_and_rejoins_when_
     part.kill()  # SIGKILL to its whole process tree: no shutdown hook runs
     held = held_by(cluster, batch["id"], pids)  # what it held as it died: it cannot settle them now
     assert held
-    with httpx.Client(base_url=alive.url, timeout=LONG) as survivor:
+    with http_client(alive.url) as survivor:
         ended = wait_until(survivor, batch["id"], final)
         results = every_line_once(survivor, ended, lines)
     assert not part.running()
@@ -323,7 +323,7 @@ def test_cluster_down_answers_the_stream_in_flight_then_stops_everything(cluster
     arrived: list[tuple[float, str]] = []
     command = [sys.executable, "-m", "deploy.cluster", "--dir", str(cluster.folder), "down"]
     with (
-        httpx.Client(timeout=LONG) as client,
+        http_client() as client,
         client.stream("POST", f"{cluster.url}/v1/chat/completions", json=body) as stream,
     ):
         assert stream.status_code == 200

@@ -12,7 +12,7 @@ import numpy as np
 import openai
 import pytest
 
-from tests.server import LONG, histogram
+from tests.server import histogram, http_client
 
 MODEL = "all-minilm-l6-v2"
 
@@ -217,7 +217,7 @@ def test_openapi_documents_the_routes(client: httpx.Client) -> None:
 
 
 def test_reject_policy_refuses_inputs_over_the_window(capped_server: str) -> None:
-    with httpx.Client(base_url=capped_server, timeout=LONG) as c:
+    with http_client(capped_server) as c:
         long_text = "word " * 400
         response = c.post("/v1/embeddings", json={"model": MODEL, "input": ["short", long_text]})
         assert response.status_code == 400

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.server import LONG, counter, histogram, serve
+from tests.server import LONG, counter, histogram, http_client, serve
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +18,7 @@ def gen(server: str) -> Iterator[httpx.Client]:
     """The session's server: its chat function is in fp32 already, and what this module adds to
     tests/test_chat.py (BentoML's native `/chat`, the latency metrics, the cache freed on a disconnect)
     needs no settings of its own."""
-    with httpx.Client(base_url=server, timeout=LONG) as c:
+    with http_client(server) as c:
         yield c
 
 
@@ -35,7 +35,7 @@ def test_the_auto_dtype_answers_concurrent_streams() -> None:
     concurrent stream must complete and the answers must still be right."""
     with (
         serve("services.functions.generation:Generator") as url,
-        httpx.Client(base_url=url, timeout=LONG) as client,
+        http_client(url) as client,
         ThreadPoolExecutor(max_workers=8) as pool,
     ):
         answers = list(pool.map(lambda _: chat(client, "What is the capital of Japan?"), range(8)))
@@ -75,7 +75,7 @@ def test_disconnect_cancels_the_request_and_frees_its_cache(gen: httpx.Client) -
     body = {"messages": story, "max_tokens": 500}
     before = counter(str(gen.base_url), "fnserve_generation_completion_tokens_total")
     with (
-        httpx.Client(base_url=str(gen.base_url), timeout=LONG) as own,
+        http_client(str(gen.base_url)) as own,
         own.stream("POST", "/chat", json=body) as response,
     ):
         chunks = response.iter_text()

@@ -19,7 +19,7 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from services.functions.image import classify, load, preprocess
-from tests.server import LONG, ONE_WORKER, free_port, serve
+from tests.server import LONG, ONE_WORKER, free_port, http_client, serve
 from tests.test_batch import final, jsonl, lines_of, submit, wait_until
 
 MODEL = "efficientnet-lite0"
@@ -217,7 +217,7 @@ def test_batch_lines_and_the_native_endpoint_classify_too(server: tuple[str, str
             "body": {"model": MODEL, "image": base64.b64encode(b"text").decode()},
         },
     ]
-    with httpx.Client(base_url=url, timeout=LONG) as client:
+    with http_client(url) as client:
         batch = wait_until(client, submit(client, jsonl(lines), "/v1/images/classifications")["id"], final)
         assert batch["status"] == "completed" and batch["request_counts"] == {
             "total": 2,

@@ -29,7 +29,7 @@ from models.catalog import CATALOG
 from services.functions.lifecycle import ModelSlot, Reloadable
 from services.protocols.oip.grpc import QUIET_SECONDS, REFUSING_SECONDS, closing_in
 from tests.oip_client import Stream, generation_inputs
-from tests.server import CACHES_OFF, LONG, counter, free_port, serve, server_processes
+from tests.server import CACHES_OFF, LONG, counter, free_port, http_client, serve, server_processes
 
 IDLE_SECONDS = 3
 EMBEDDER, CHAT = "all-minilm-l6-v2", "smollm2-135m-instruct"
@@ -122,7 +122,7 @@ def test_idle_models_are_released_and_wake_on_the_next_request(idle_server: tupl
         "max_tokens": 16,
         "temperature": 0,
     }
-    with httpx.Client(base_url=url, timeout=LONG) as client:
+    with http_client(url) as client:
         # The idle clock starts when a worker is up, so a slow start-up may find models asleep already.
         first = client.post("/v1/chat/completions", json=body)
         assert first.status_code == 200 and "Paris" in first.json()["choices"][0]["message"]["content"]
