@@ -257,6 +257,10 @@ class BatchStore:
             yield db
 
     def _rows(self, sql: str, *args: Any) -> list[dict[str, Any]]:
+        """A read. Text no database can hold (a caller's id with a NUL) matches no row: PostgreSQL would
+        refuse the query, which answered 500 for what can only be a 404 or an empty list."""
+        if any(isinstance(arg, str) and not storable(arg) for arg in args):
+            return []
         if not self._migrated:
             self._migrate()
         return self.db.rows(sql, *args)
@@ -282,8 +286,6 @@ class BatchStore:
         return row  # as committed (see create_batch)
 
     def get_file(self, file_id: str) -> dict | None:
-        if not storable(file_id):  # no such id can exist, and PostgreSQL would refuse the query
-            return None
         rows = self._rows("SELECT * FROM files WHERE id = ?", file_id)
         return rows[0] if rows else None
 
@@ -300,14 +302,12 @@ class BatchStore:
             seq = page[-1]["seq"] + 1
 
     def list_files(self, purpose: str | None = None) -> list[dict]:
-        if purpose and not storable(purpose):
-            return []
         if purpose:
             return self._rows("SELECT * FROM files WHERE purpose = ? ORDER BY created_at DESC", purpose)
         return self._rows("SELECT * FROM files ORDER BY created_at DESC")
 
     def delete_file(self, file_id: str) -> bool:
-        if not storable(file_id):
+        if not storable(file_id):  # as in _rows, for a write
             return False
         with self._transaction() as db:
             deleted = db.execute("DELETE FROM files WHERE id = ?", (file_id,)).rowcount
@@ -371,8 +371,6 @@ class BatchStore:
         return {**created, "request_counts": {"total": len(rows), "completed": 0, "failed": failed}}
 
     def get_batch(self, batch_id: str) -> dict | None:
-        if not storable(batch_id):
-            return None
         rows = self._rows("SELECT * FROM batches WHERE id = ?", batch_id)
         if not rows:
             return None
@@ -392,8 +390,6 @@ class BatchStore:
         return batch
 
     def list_batches(self, limit: int, after: str | None) -> list[dict]:
-        if after is not None and not storable(after):  # no batch comes after an id that cannot exist
-            return []
         ids = self._rows(
             "SELECT id FROM batches WHERE ? IS NULL"
             " OR created_at < (SELECT created_at FROM batches WHERE id = ?)"
