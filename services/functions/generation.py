@@ -23,7 +23,16 @@ from services.functions.hardware import Choices, model_status, once_per_server, 
 from services.functions.lifecycle import ModelSlot, Reloadable
 from services.functions.pacing import BEAT, EngineBeat, ServiceRate, admit
 from services.functions.speculation import Drafting, SpeculationStats, StepCost, measure_step_cost
-from services.functions.types import INT32_MAX, ChatMessage, Penalty, Refused, RepetitionPenalty, Text, TopK
+from services.functions.types import (
+    ChatMessage,
+    MaxTokens,
+    MinTokens,
+    Penalty,
+    Refused,
+    RepetitionPenalty,
+    Text,
+    TopK,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -282,7 +291,7 @@ class Generator:
         self,
         messages: list[ChatMessage] | None = None,
         prompt: Text | None = None,
-        max_tokens: Annotated[int | None, Field(ge=1, le=INT32_MAX)] = None,
+        max_tokens: MaxTokens | None = None,
         temperature: Annotated[float, Field(ge=0, le=2)] = 1.0,
         top_p: Annotated[float, Field(gt=0, le=1)] = 1.0,
         stop: Annotated[list[Text], Field(max_length=4)] = [],  # noqa: B006 - pydantic copies defaults
@@ -295,7 +304,7 @@ class Generator:
         presence_penalty: Penalty = 0.0,
         frequency_penalty: Penalty = 0.0,
         repetition_penalty: RepetitionPenalty = 1.0,
-        min_tokens: Annotated[int, Field(ge=0, le=INT32_MAX)] = 0,
+        min_tokens: MinTokens = 0,
         speculate: Annotated[
             bool, Field(description="false: never drafted (services/functions/speculation.py)")
         ] = True,

@@ -28,6 +28,8 @@ RepetitionPenalty = Annotated[float, Field(gt=0, le=10)]
 # key is JSON that orjson writes only within 64 bits (a larger count or seed was a 500).
 INT32_MAX = 2**31 - 1
 TopK = Annotated[int, Field(ge=-1, le=INT32_MAX)]
+MaxTokens = Annotated[int, Field(ge=1, le=INT32_MAX)]
+MinTokens = Annotated[int, Field(ge=0, le=INT32_MAX)]
 Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.functions.api import Functions
 from services.functions.chat import Done, GenerationRequest, vllm_sampling
-from services.functions.types import INT32_MAX, Penalty, Refused, RepetitionPenalty, Seed, TopK
+from services.functions.types import MaxTokens, MinTokens, Penalty, Refused, RepetitionPenalty, Seed, TopK
 from services.protocols.oip.tensors import Tensor, bytes_tensor, scalar
 
 VERSION = "1"
@@ -184,7 +184,7 @@ class SamplingParameters(BaseModel):
     or input tensors of the same names."""
 
     model_config = ConfigDict(extra="forbid")
-    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
+    max_tokens: MaxTokens | None = None
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     stop: str | list[str] | None = Field(None)
@@ -195,7 +195,7 @@ class SamplingParameters(BaseModel):
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
     repetition_penalty: RepetitionPenalty = 1.0
-    min_tokens: int = Field(0, ge=0, le=INT32_MAX)
+    min_tokens: MinTokens = 0
 
     @property
     def stops(self) -> list[str]:

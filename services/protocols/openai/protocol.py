@@ -10,8 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from starlette.responses import JSONResponse, Response
 
 from services.functions.types import (
-    INT32_MAX,
     ChatMessage,
+    MaxTokens,
+    MinTokens,
     Penalty,
     Refused,
     RepetitionPenalty,
@@ -256,10 +257,8 @@ class GenerationParams(OpenAIModel):
     benchmark tools send. Fields with no meaning here are accepted and ignored (README)."""
 
     model: Text
-    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
-    max_completion_tokens: int | None = Field(
-        None, ge=1, le=INT32_MAX, description="the newer name of max_tokens"
-    )
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = Field(None, description="the newer name of max_tokens")
     temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy")
     top_p: float = Field(1.0, gt=0, le=1)
     seed: Seed | None = Field(
@@ -284,9 +283,7 @@ class GenerationParams(OpenAIModel):
     )
     ignore_eos: bool = Field(False, description="vLLM's: generate max_tokens, past the end of text")
     top_k: TopK = Field(0, description="vLLM's: sample from the k likeliest tokens; 0 or -1 = off")
-    min_tokens: int = Field(
-        0, ge=0, le=INT32_MAX, description="vLLM's: no end of text before this many tokens"
-    )
+    min_tokens: MinTokens = Field(0, description="vLLM's: no end of text before this many tokens")
     repetition_penalty: RepetitionPenalty = Field(
         1.0, description="vLLM's: divides the logits of tokens in the prompt or answer (>1)"
     )
