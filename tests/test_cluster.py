@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import httpx
@@ -193,15 +194,16 @@ def test_the_database_going_away_answers_503_and_loses_nothing(
     cluster.stop_database()
     try:
         # Each route on one replica: through the balancer, a refused read is tried on three times over,
-        # each try waiting its few seconds for the database (as below).
-        with replica_client(cluster, 0) as replica:
-            for method, path in (
-                ("GET", f"/v1/batches/{done['id']}"),
-                ("GET", "/v1/batches"),
-                ("GET", f"/v1/files/{done['output_file_id']}/content"),
-                ("POST", f"/v1/batches/{running['id']}/cancel"),
-            ):
-                response = replica.request(method, path)
+        # each try waiting its few seconds for the database (as below). All at once: each waits alone.
+        routes = [
+            ("GET", f"/v1/batches/{done['id']}"),
+            ("GET", "/v1/batches"),
+            ("GET", f"/v1/files/{done['output_file_id']}/content"),
+            ("POST", f"/v1/batches/{running['id']}/cancel"),
+        ]
+        with replica_client(cluster, 0) as replica, ThreadPoolExecutor(len(routes)) as pool:
+            responses = list(pool.map(lambda route: replica.request(*route), routes))
+            for (_, path), response in zip(routes, responses, strict=True):
                 assert response.status_code == 503, (path, response.text)
                 error = response.json()["error"]
                 assert error["code"] == "batch_store_unavailable" and "database" in error["message"]

@@ -272,7 +272,7 @@ def test_a_model_woken_for_a_caller_who_gave_up_counts_its_idle_time_from_the_lo
         assert finish.wait(LONG)
         return "model"
 
-    slot = ModelSlot("m", load, lambda model: None, idle_seconds=20)  # checked every 5 s
+    slot = ModelSlot("m", load, lambda model: None, idle_seconds=8)  # checked every 2 s
 
     async def main() -> str:
         slot._last_used -= 3600  # last used an hour ago
@@ -289,7 +289,7 @@ def test_a_model_woken_for_a_caller_who_gave_up_counts_its_idle_time_from_the_lo
         finish.set()
         while slot.state == "loading":
             await asyncio.sleep(0.01)
-        await asyncio.sleep(6)  # past a check of the release loop
+        await asyncio.sleep(2.5)  # past a check of the release loop, well within the idle time
         releasing.cancel()
         return slot.state
 
