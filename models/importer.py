@@ -21,6 +21,8 @@ import bentoml
 
 from models.catalog import CATALOG, CatalogEntry, DirectorySource, HubSource, PackageSource
 
+MODEL_YAML = "model.yaml"
+
 
 class ImportFailed(Exception):
     """An import stopped for a reason the user can act on."""
@@ -135,17 +137,31 @@ def stage(entry: CatalogEntry, folder: Path, out: Path) -> None:
         raise ImportFailed(f"{entry.name}: no safetensors weights after staging")
 
 
+def manifest(folder: Path) -> dict[str, int]:
+    """The size of each staged file, by its path in the model's folder; BentoML writes its own model.yaml
+    as `create` ends, so that one is left out."""
+    files = {str(path.relative_to(folder)): path for path in sorted(folder.rglob("*")) if path.is_file()}
+    return {name: path.stat().st_size for name, path in files.items() if name != MODEL_YAML}
+
+
 def stored(entry: CatalogEntry) -> bool:
-    """Whether the tag is in the store; a folder of it without its model.yaml (an import killed as
-    BentoML copied it in) is removed, so that importing again can replace it."""
+    """Whether a whole copy of the tag is in the store. BentoML copies a model into the store file by
+    file, in the folder's order, so an import killed in that copy (kill -9, a power cut) can leave a
+    folder without its model.yaml, or a model.yaml beside cut-short weights: either is removed, so that
+    importing again replaces it. Copies imported before the manifest (no `files` in their metadata) are
+    taken as whole, as they were then."""
     try:
-        bentoml.models.get(entry.tag)
+        model = bentoml.models.get(entry.tag)
     except bentoml.exceptions.NotFound:
         return False
     except bentoml.exceptions.BentoMLException:
         bentoml.models.delete(entry.tag)
         return False
-    return True
+    sizes = manifest(Path(model.path))
+    if all(sizes.get(name) == size for name, size in model.info.metadata.get("files", {}).items()):
+        return True
+    bentoml.models.delete(entry.tag)
+    return False
 
 
 def set_aside(entry: CatalogEntry) -> tuple[Path, Path | None]:
@@ -188,6 +204,7 @@ def import_model(entry: CatalogEntry, force: bool = False) -> str:
                     "task": entry.task,
                     "dtype": "float32",
                     "weights_file": entry.weights_file,
+                    "files": manifest(staged),
                 },
             ) as model:
                 shutil.copytree(staged, model.path, dirs_exist_ok=True)
