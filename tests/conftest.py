@@ -14,6 +14,8 @@ from services.jobs.store import BatchStore
 from tests.server import (
     BATCH_MAX_FILE_BYTES,
     CACHES_OFF,
+    IMAGE_MAX_BYTES,
+    IMAGE_MAX_PIXELS,
     KEYS,
     MAX_BODY,
     ONE_WORKER,
@@ -64,12 +66,24 @@ def keyed_server() -> Iterator[tuple[str, str]]:
 
 
 @pytest.fixture(scope="session")
-def capped_server() -> Iterator[str]:
+def capped_server() -> Iterator[tuple[str, str]]:
     """Answers capped at 16 tokens (most valid chats the fuzzer sends would otherwise generate 128 to
-    512 tokens each: nine minutes in all here), and inputs over the embedding window refused instead of
-    cut: settings that the session server's tests must not see, on one server rather than two."""
-    with serve(env={"FNSERVE_GENERATION_MAX_TOKENS": "16", "FNSERVE_EMBEDDING_OVERFLOW": "reject"}) as url:
-        yield url
+    512 tokens each: nine minutes in all here), inputs over the embedding window refused instead of cut,
+    and images limited low enough to test the limits, classified in fp32 (compared with the model run in
+    the test) and never cached: settings that the session server's tests must not see, on one server
+    rather than three. Its URL and its gRPC address."""
+    grpc_port = free_port()
+    env = {
+        "FNSERVE_GRPC_PORT": str(grpc_port),
+        "FNSERVE_GENERATION_MAX_TOKENS": "16",
+        "FNSERVE_EMBEDDING_OVERFLOW": "reject",
+        "FNSERVE_IMAGE_DTYPE": "float32",
+        "FNSERVE_IMAGE_MAX_PIXELS": str(IMAGE_MAX_PIXELS),
+        "FNSERVE_IMAGE_MAX_BYTES": str(IMAGE_MAX_BYTES),
+        "FNSERVE_IMAGE_CACHE_SIZE": "0",
+    }
+    with serve(env=env) as url:
+        yield url, f"127.0.0.1:{grpc_port}"
 
 
 @pytest.fixture(scope="session")

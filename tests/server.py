@@ -41,6 +41,8 @@ CACHES_OFF = {"FNSERVE_EMBEDDING_CACHE_SIZE": "0", "FNSERVE_GENERATION_CACHE_SIZ
 ONE_WORKER = {"FNSERVE_EMBEDDING_WORKERS": "1"}
 # The session server's cap on batch input files (tests/test_batch.py uploads one past it).
 BATCH_MAX_FILE_BYTES = 2_000_000
+# The capped server's image limits (tests/test_images.py sends images past each).
+IMAGE_MAX_PIXELS, IMAGE_MAX_BYTES = 4_000_000, 2_000_000
 # The keyed server's API keys and body cap (tests/test_admission.py, tests/test_oip.py).
 KEYS = ("first-key", "second-key")
 MAX_BODY = 100_000

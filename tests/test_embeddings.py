@@ -216,8 +216,8 @@ def test_openapi_documents_the_routes(client: httpx.Client) -> None:
     assert "/v1/embeddings" in spec["paths"] and "/encode" in spec["paths"]
 
 
-def test_reject_policy_refuses_inputs_over_the_window(capped_server: str) -> None:
-    with http_client(capped_server) as c:
+def test_reject_policy_refuses_inputs_over_the_window(capped_server: tuple[str, str]) -> None:
+    with http_client(capped_server[0]) as c:
         long_text = "word " * 400
         response = c.post("/v1/embeddings", json={"model": MODEL, "input": ["short", long_text]})
         assert response.status_code == 400

@@ -21,9 +21,9 @@ FUZZ_WORKERS = 2
 TOOL_CRASH = "SystemError: AST constructor recursion depth mismatch"
 
 
-def test_fuzzing_finds_no_server_errors_and_no_schema_violations(capped_server: str) -> None:
+def test_fuzzing_finds_no_server_errors_and_no_schema_violations(capped_server: tuple[str, str]) -> None:
     """Run as a user would run it: straight at the served document (OpenAPI 3.1, tests/test_openapi.py)."""
-    server = capped_server
+    server, _ = capped_server
     document = httpx.get(f"{server}/docs.json", timeout=LONG).json()
     command = [
         *(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import io
-from collections.abc import Iterator
 from pathlib import Path
 
 import bentoml
@@ -19,28 +18,18 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from services.functions.image import classify, load, preprocess
-from tests.server import LONG, ONE_WORKER, free_port, http_client, serve
+from tests.server import IMAGE_MAX_BYTES, LONG, http_client
 from tests.test_batch import final, jsonl, lines_of, submit, wait_until
 
 MODEL = "efficientnet-lite0"
 PHOTO = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"  # a photo matplotlib ships
-MAX_PIXELS, MAX_BYTES = 4_000_000, 2_000_000
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[tuple[str, str]]:
-    """fp32, so answers can be compared with the model run here, and low limits to test them."""
-    port = free_port()
-    env = {
-        **ONE_WORKER,
-        "FNSERVE_GRPC_PORT": str(port),
-        "FNSERVE_IMAGE_DTYPE": "float32",
-        "FNSERVE_IMAGE_MAX_PIXELS": str(MAX_PIXELS),
-        "FNSERVE_IMAGE_MAX_BYTES": str(MAX_BYTES),
-        "FNSERVE_IMAGE_CACHE_SIZE": "0",
-    }
-    with serve(env=env) as url:
-        yield url, f"127.0.0.1:{port}"
+def server(capped_server: tuple[str, str]) -> tuple[str, str]:
+    """Images in fp32, so answers can be compared with the model run here, and low limits to test them
+    (the capped server's settings)."""
+    return capped_server
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +138,7 @@ def too_many_pixels() -> bytes:
         (lambda: b"this is not an image", "not an image"),
         (lambda: PHOTO.read_bytes()[:20_000], "could not be decoded"),
         (too_many_pixels, "decompression bomb"),
-        (lambda: b"\xff\xd8" + bytes(MAX_BYTES), "over the limit"),
+        (lambda: b"\xff\xd8" + bytes(IMAGE_MAX_BYTES), "over the limit"),
         (cmyk, "mode CMYK"),
         (sixteen_bit, "mode I;16"),
         (animated, "animated"),
