@@ -140,21 +140,21 @@ def stage(entry: CatalogEntry, folder: Path, out: Path) -> None:
 def manifest(folder: Path) -> dict[str, int]:
     """The size of each staged file, by its path in the model's folder; BentoML writes its own model.yaml
     as `create` ends, so that one is left out."""
-    files = {str(path.relative_to(folder)): path for path in sorted(folder.rglob("*")) if path.is_file()}
-    return {name: path.stat().st_size for name, path in files.items() if name != MODEL_YAML}
+    files = (path for path in sorted(folder.rglob("*")) if path.is_file())
+    return {str(path.relative_to(folder)): path.stat().st_size for path in files if path.name != MODEL_YAML}
 
 
 def stored(entry: CatalogEntry) -> bool:
     """Whether a whole copy of the tag is in the store. BentoML copies a model into the store file by
-    file, in the folder's order, so an import killed in that copy (kill -9, a power cut) can leave a
-    folder without its model.yaml, or a model.yaml beside cut-short weights: either is removed, so that
-    importing again replaces it. Copies imported before the manifest (no `files` in their metadata) are
-    taken as whole, as they were then."""
+    file, in the folder's order, so a kill -9 in that copy can leave a folder without its model.yaml, a
+    model.yaml cut short, or one beside cut-short weights: each is removed, so that importing again
+    replaces it. Copies imported before the manifest (no `files` in their metadata) are taken as whole,
+    as they were then."""
     try:
         model = bentoml.models.get(entry.tag)
     except bentoml.exceptions.NotFound:
         return False
-    except bentoml.exceptions.BentoMLException:
+    except Exception:  # any model.yaml BentoML cannot read: missing, or cut short (KeyError, YAMLError)
         bentoml.models.delete(entry.tag)
         return False
     sizes = manifest(Path(model.path))

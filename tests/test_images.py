@@ -18,7 +18,7 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from services.functions.image import classify, load, preprocess
-from tests.server import IMAGE_MAX_BYTES, LONG, http_client
+from tests.server import IMAGE_MAX_BYTES, IMAGE_MAX_PIXELS, LONG, http_client
 from tests.test_batch import final, jsonl, lines_of, submit, wait_until
 
 MODEL = "efficientnet-lite0"
@@ -27,8 +27,8 @@ PHOTO = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"  #
 
 @pytest.fixture(scope="module")
 def server(capped_server: tuple[str, str]) -> tuple[str, str]:
-    """Images in fp32, so answers can be compared with the model run here, and low limits to test them
-    (the capped server's settings)."""
+    """The capped server, by the name these tests give it: images in fp32, so that answers can be
+    compared with the model run here, and limits low enough to send images past them."""
     return capped_server
 
 
@@ -129,7 +129,8 @@ def animated() -> bytes:
 
 
 def too_many_pixels() -> bytes:
-    return encoded(Image.new("L", (2500, 2000)))  # 5 Mpx, a few kB: what a decompression bomb looks like
+    """One row past the limit, a few kB: what a decompression bomb looks like."""
+    return encoded(Image.new("L", (2000, IMAGE_MAX_PIXELS // 2000 + 1)))
 
 
 @pytest.mark.parametrize(

@@ -123,11 +123,13 @@ def test_an_import_cut_short_leaves_no_partial_copy_and_a_forced_one_keeps_the_o
     done = run_import(store, entry)
     assert done.returncode == 0, done.stderr
     weights = (folder / "model.safetensors").read_bytes()
-    with (folder / "model.safetensors").open("r+b") as cut_short:  # a kill -9 later in the copy
-        cut_short.truncate(len(weights) // 2)
-    assert run_import(store, entry).returncode == 0  # imported again: not taken for stored
-    whole = {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()}
-    assert whole["model.safetensors"] == weights
+    for name, keep in (("model.yaml", 30), ("model.safetensors", len(weights) // 2)):  # a kill -9 in the copy
+        with (folder / name).open("r+b") as cut_short:
+            cut_short.truncate(keep)
+        again = run_import(store, entry)  # imported again: not taken for stored, nor a crash
+        assert again.returncode == 0, again.stderr
+        whole = {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()}
+        assert whole["model.safetensors"] == weights and stored_models(store) == [MINILM.tag]
     cut = run_import(store, entry, force=True, cut=True)
     assert cut.returncode != 0 and "KeyboardInterrupt" in cut.stderr
     assert stored_models(store) == [MINILM.tag]

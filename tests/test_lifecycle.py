@@ -290,7 +290,9 @@ def test_a_model_woken_for_a_caller_who_gave_up_counts_its_idle_time_from_the_lo
         while slot.state == "loading":
             await asyncio.sleep(0.01)
         await asyncio.sleep(2.5)  # past a check of the release loop, well within the idle time
+        async with slot._lock:  # a release that began holds it to its end (the state says "loaded" then)
+            state = slot.state
         releasing.cancel()
-        return slot.state
+        return state
 
     assert asyncio.run(main()) == "loaded"
