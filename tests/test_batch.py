@@ -26,7 +26,7 @@ import pytest
 from services import cli
 from services.config import Settings
 from services.jobs.runner import BatchRunner
-from services.jobs.store import CHUNK, MIGRATIONS, BatchStore, Outcome
+from services.jobs.store import CHUNK, MIGRATIONS, BatchStore, Outcome, parse_line
 from tests.reference import reference
 from tests.server import (
     BATCH_MAX_FILE_BYTES,
@@ -341,6 +341,22 @@ def test_expiry_and_retention_in_the_store(store_at: Callable[..., BatchStore]) 
     assert store.clean_up(retention_seconds=3600, now=later + 3700) == 1
     assert store.get_batch(batch["id"]) is None
     assert store.list_files() == [] and store.db.rows("SELECT file_id FROM file_chunks") == []
+
+
+def test_lines_the_json_module_takes_but_no_request_can_carry_are_bad_lines() -> None:
+    """Nesting past Python's recursion limit (a RecursionError, in reading or in storing the line, failed
+    the whole batch with a 500), NaN and a lone surrogate: each line is refused as not JSON, by its
+    custom_id where it has one."""
+    line = '{"custom_id": "%s", "method": "POST", "url": "/v1/embeddings", "body": {"input": %s}}'
+    for raw, custom_id in (
+        ("[" * 2000, ""),
+        ("[" * 1020 + "]" * 1020, ""),  # JSON to orjson (1,024 levels), but past what the store writes
+        (line % ("nan", "NaN"), "nan"),
+        (line % ("surrogate", '"\\ud800"'), "surrogate"),
+    ):
+        named, body, error = parse_line(raw, "/v1/embeddings")
+        assert (named, body) == (custom_id, None) and error and error["code"] == "invalid_json", raw
+    assert parse_line(line % ("fine", '"text"'), "/v1/embeddings") == ("fine", {"input": "text"}, None)
 
 
 @BACKENDS

@@ -184,6 +184,31 @@ BAD = [
 ]
 
 
+def batch_ids(client: httpx.Client) -> list[str]:
+    return [batch["id"] for batch in client.get("/v1/batches", params={"limit": 100}).json()["data"]]
+
+
+def test_a_lone_surrogate_in_a_name_is_a_400_and_nothing_is_stored(client: httpx.Client) -> None:
+    """JSON can escape a lone surrogate ("\\ud800") that no text can hold: as a field's name, or as a key
+    of a batch's metadata, which was stored and came back as other characters. Each is a 400, and no
+    batch is made."""
+    kind = {"content-type": "application/json"}
+    body = json.dumps({**chat_body(max_tokens=2), "\ud800": 1})  # ensure_ascii: the escape, as sent
+    assert client.post("/v1/chat/completions", content=body, headers=kind).status_code == 400
+    upload = client.post("/v1/files", files={"file": ("in.jsonl", b"{}")}, data={"purpose": "batch"})
+    batch = {
+        "input_file_id": upload.json()["id"],
+        "endpoint": "/v1/chat/completions",
+        "metadata": {"\ud800": "x"},
+    }
+    before = batch_ids(client)
+    refused = client.post("/v1/batches", content=json.dumps(batch), headers=kind)
+    assert refused.status_code == 400 and "lone surrogate" in refused.json()["error"]["message"], refused.text
+    assert batch_ids(client) == before
+    assert client.delete(f"/v1/files/{upload.json()['id']}").json()["deleted"]
+    assert ask(client, max_tokens=2)["choices"][0]["message"]["content"]
+
+
 @pytest.mark.parametrize(("override", "status", "param"), BAD)
 def test_bad_chat_requests_get_openai_errors(
     client: httpx.Client, override: dict[str, Any], status: int, param: str

@@ -182,6 +182,54 @@ def test_a_bad_request_on_a_stream_fails_alone(server: Server) -> None:
     assert texts["good"] == openai_completion(server, "Hello", 8)
 
 
+# What Python's json module would take but no request can carry: a lone surrogate (its refusal, which
+# quoted the name, could not be written, and the unary call then had no answer at all), an integer past
+# its 4,300 digits, nesting past its recursion limit, NaN; and more stop strings than OpenAI's four.
+SAMPLING_REFUSED = [
+    pytest.param('{"\\ud800": 1}', "not JSON", id="lone-surrogate"),
+    pytest.param('{"max_tokens": 1' + "0" * 5000 + "}", "not JSON", id="5000-digits"),
+    pytest.param("[" * 2000, "not JSON", id="deep"),
+    pytest.param('{"temperature": NaN}', "not JSON", id="nan"),
+    pytest.param(
+        '{"stop": ["a", "b", "c", "d", "e"]}', "'stop': List should have at most 4", id="five-stops"
+    ),
+]
+
+
+@pytest.mark.parametrize(("sampling", "problem"), SAMPLING_REFUSED)
+def test_sampling_parameters_no_request_can_carry_are_invalid_argument(
+    server: Server, sampling: str, problem: str
+) -> None:
+    inputs = generation_inputs("Hello", 4, stream=False)
+    inputs[2] = text_input("sampling_parameters", [sampling])
+    error = grpc_error(lambda: server.grpc_client().infer(CHAT, inputs, headers=auth(), client_timeout=LONG))
+    assert error.status() == "StatusCode.INVALID_ARGUMENT" and problem in error.message(), error
+    stream = Stream(server.grpc_client(), auth())
+    try:
+        stream.send("bad", inputs)
+        result, error = stream.next()
+        assert result is None and "INVALID_ARGUMENT" in str(error) and problem in str(error), error
+        stream.send("good", generation_inputs("Hello", 4))
+        texts, _ = stream.collect({"good"})
+    finally:
+        stream.client.stop_stream()
+    assert texts["good"]
+
+
+def test_a_stream_parameter_that_is_not_a_boolean_is_refused(server: Server) -> None:
+    """bool("false") is True: a request on a stream that asked for its answer whole in a string got it
+    token by token."""
+    inputs = [generation_inputs("Hello", 4)[0], generation_inputs("Hello", 4)[2]]  # no `stream` tensor
+    stream = Stream(server.grpc_client(), auth())
+    try:
+        stream.client.async_stream_infer(CHAT, inputs, request_id="bad", parameters={"stream": "false"})
+        result, error = stream.next()
+        assert result is None and "INVALID_ARGUMENT" in str(error), error
+        assert "'stream' must be a boolean" in str(error)
+    finally:
+        stream.client.stop_stream()
+
+
 def test_vllm_sampling_parameters_apply_over_grpc(server: Server) -> None:
     """Triton's vLLM backend takes vLLM's SamplingParams names; they do here what the OpenAI fields do."""
     prompt, vllm = "Write a short poem about the sea.", {"repetition_penalty": 1.3, "min_tokens": 20}

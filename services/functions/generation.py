@@ -30,6 +30,7 @@ from services.functions.types import (
     Penalty,
     Refused,
     RepetitionPenalty,
+    StopList,
     Text,
     TopK,
 )
@@ -294,7 +295,7 @@ class Generator:
         max_tokens: MaxTokens | None = None,
         temperature: Annotated[float, Field(ge=0, le=2)] = 1.0,
         top_p: Annotated[float, Field(gt=0, le=1)] = 1.0,
-        stop: Annotated[list[Text], Field(max_length=4)] = [],  # noqa: B006 - pydantic copies defaults
+        stop: StopList = [],  # noqa: B006 - pydantic copies defaults
         top_k: TopK = 0,
         ignore_eos: bool = False,
         skip_special_tokens: bool = True,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field
 
 RefusalKind = Literal["invalid", "not_found", "queue_full", "loading", "overloaded", "deadline", "failed"]
 
@@ -20,6 +20,19 @@ def encodable(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(encodable)]
+# Up to four stop strings, as OpenAI bounds them, for every protocol and the generation API.
+StopList = Annotated[list[Text], Field(max_length=4)]
+
+
+def one_or_more(value: object) -> object:
+    """One stop string is a list of one."""
+    return [value] if isinstance(value, str) else value
+
+
+# What the protocols take: one stop string or a list. Validated as a list, so that a refusal names the
+# field and its problem; as a union of the two it named a member ("stop.function-after[...]") and the
+# wrong problem (five strings: "Input should be a valid string").
+Stops = Annotated[StopList, BeforeValidator(one_or_more, json_schema_input_type=Text | StopList)]
 # Penalties as OpenAI and vLLM bound them, for every protocol that takes them.
 Penalty = Annotated[float, Field(ge=-2, le=2)]
 RepetitionPenalty = Annotated[float, Field(gt=0, le=10)]

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from services.jobs.db import Database, StoreUnavailable, Transaction, open_database
 
 logger = logging.getLogger("bentoml.fnserve.batch")
@@ -104,9 +106,10 @@ def new_id(prefix: str) -> str:
 
 def parse_line(raw: str, endpoint: str) -> tuple[str, dict[str, Any] | None, dict[str, Any] | None]:
     """(custom_id, request body, None) for a good line, or (custom_id, None, error) for a bad one."""
-    try:
-        line = json.loads(raw)
-    except ValueError as exc:
+    try:  # orjson: strict where the json module takes NaN, lone surrogates and any depth (a RecursionError);
+        line = orjson.loads(raw)  # and written back as orjson writes it, which stops at 255 levels
+        orjson.dumps(line)
+    except (orjson.JSONDecodeError, orjson.JSONEncodeError) as exc:
         found = re.search(r'"custom_id"\s*:\s*"([^"\\]*)"', raw)  # still worth naming the line by it
         return (
             found[1] if found and storable(found[1]) else "",

@@ -7,17 +7,26 @@ out."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.functions.api import Functions
 from services.functions.chat import Done, GenerationRequest, vllm_sampling
-from services.functions.types import MaxTokens, MinTokens, Penalty, Refused, RepetitionPenalty, Seed, TopK
+from services.functions.types import (
+    MaxTokens,
+    MinTokens,
+    Penalty,
+    Refused,
+    RepetitionPenalty,
+    Seed,
+    Stops,
+    TopK,
+)
 from services.protocols.oip.tensors import Tensor, bytes_tensor, scalar
 
 VERSION = "1"
@@ -187,7 +196,7 @@ class SamplingParameters(BaseModel):
     max_tokens: MaxTokens | None = None
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    stop: str | list[str] | None = Field(None)
+    stop: Stops | None = None
     seed: Seed | None = None
     # vLLM's SamplingParams names, which Triton's vLLM backend takes in `sampling_parameters`
     top_k: TopK = Field(0, description="0 or -1: every token")
@@ -196,10 +205,6 @@ class SamplingParameters(BaseModel):
     frequency_penalty: Penalty = 0.0
     repetition_penalty: RepetitionPenalty = 1.0
     min_tokens: MinTokens = 0
-
-    @property
-    def stops(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
 
 SAMPLING_INPUTS = [
@@ -237,15 +242,17 @@ class GenerationModel(Model):
         """The generation request, and whether its answer is streamed (the `stream` input or parameter)."""
         self.check_inputs(inputs)
         (prompt,) = one_text(inputs["text_input"])
-        stream = bool(parameters.get("stream", False))
+        stream = parameters.get("stream", False)
         if "stream" in inputs:
-            stream = bool(single(inputs["stream"]))
+            stream = bool(single(inputs["stream"]))  # a BOOL tensor
+        elif not isinstance(stream, bool):  # bool("false") is True
+            raise invalid("parameter 'stream' must be a boolean")
         asked: dict[str, Any] = {}
         if "sampling_parameters" in inputs:
             (raw,) = one_text(inputs["sampling_parameters"])
-            try:
-                asked = json.loads(raw)
-            except json.JSONDecodeError as exc:
+            try:  # orjson: strict where the json module takes NaN, lone surrogates and any depth or size
+                asked = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
                 raise invalid(f"input 'sampling_parameters' is not JSON: {exc}") from None
             if not isinstance(asked, dict):
                 raise invalid("input 'sampling_parameters' must be a JSON object")
@@ -269,7 +276,7 @@ class GenerationModel(Model):
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             seed=sampling.seed,
-            stop=sampling.stops,
+            stop=sampling.stop or [],
             **vllm_sampling(sampling),
         )
         return request, stream

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -17,6 +17,7 @@ from services.functions.types import (
     Refused,
     RepetitionPenalty,
     Seed,
+    Stops,
     Text,
     TopK,
     encodable,
@@ -264,14 +265,12 @@ class GenerationParams(OpenAIModel):
     seed: Seed | None = Field(
         None, description="a seeded request is cached: its repeats get the first answer (README)"
     )
-    stop: Text | Annotated[list[Text], Field(max_length=4)] | None = Field(
-        None, description="up to 4 strings; the stop text is not returned"
-    )
+    stop: Stops | None = Field(None, description="up to 4 strings; the stop text is not returned")
     n: int = Field(1, ge=1, le=16, description="choices, generated side by side in the running batch")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Text | None = Field(None, description="accepted and ignored")
-    metadata: dict[str, Text] | None = Field(None, description="accepted and ignored")
+    metadata: dict[Text, Text] | None = Field(None, description="accepted and ignored")
     service_tier: Text | None = Field(None, description="accepted and ignored")
     store: bool | None = Field(None, description="accepted and ignored: nothing is stored")
     response_format: ResponseFormat | None = None
@@ -292,10 +291,6 @@ class GenerationParams(OpenAIModel):
         "auto", description="fnserve's: off never drafts tokens for this request, so its answer is plain "
         "decoding's exactly (in bf16, drafting can change close greedy choices)",
     )  # fmt: skip
-
-    @property
-    def stops(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
     @property
     def token_budget(self) -> int | None:
@@ -453,7 +448,7 @@ class BatchCreateRequest(OpenAIModel):
     input_file_id: Text
     endpoint: BatchEndpoint
     completion_window: Text = Field("24h", description="hours, as `<n>h`; OpenAI accepts only 24h")
-    metadata: dict[str, Text] | None = Field(None, max_length=16)
+    metadata: dict[Text, Text] | None = Field(None, max_length=16)
 
     @field_validator("completion_window")
     @classmethod

@@ -144,7 +144,7 @@ def generation_request(request: GenerationParams, **target: Any) -> GenerationRe
         temperature=request.temperature,
         top_p=request.top_p,
         seed=request.seed,
-        stop=request.stops,
+        stop=request.stop or [],
         skip_special_tokens=request.skip_special_tokens,
         logprobs=request.top_logprobs_count,
         speculate=request.speculation == "auto",
