@@ -183,7 +183,8 @@ def set_aside(entry: CatalogEntry) -> tuple[Path, Path | None]:
 
 def import_model(entry: CatalogEntry, force: bool = False) -> str:
     """Import one catalogue entry; returns its tag. Skips work when the tag is already stored."""
-    if stored(entry) and not force:
+    was_stored = stored(entry)
+    if was_stored and not force:
         return entry.tag
     with tempfile.TemporaryDirectory(prefix="fnserve-import-") as tmp:
         workdir = Path(tmp)
@@ -192,7 +193,6 @@ def import_model(entry: CatalogEntry, force: bool = False) -> str:
         staged = workdir / "staged"
         stage(entry, folder, staged)
         stage_labels(entry, workdir, staged)
-        was_stored = stored(entry)
         kept: tuple[Path, Path | None] | None = None  # --force: where the stored copy was, where it waits
         try:
             with bentoml.models.create(

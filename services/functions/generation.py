@@ -31,8 +31,10 @@ from services.functions.types import (
     Refused,
     RepetitionPenalty,
     StopList,
+    Temperature,
     Text,
     TopK,
+    TopP,
 )
 
 if TYPE_CHECKING:
@@ -293,8 +295,8 @@ class Generator:
         messages: list[ChatMessage] | None = None,
         prompt: Text | None = None,
         max_tokens: MaxTokens | None = None,
-        temperature: Annotated[float, Field(ge=0, le=2)] = 1.0,
-        top_p: Annotated[float, Field(gt=0, le=1)] = 1.0,
+        temperature: Temperature = 1.0,
+        top_p: TopP = 1.0,
         stop: StopList = [],  # noqa: B006 - pydantic copies defaults
         top_k: TopK = 0,
         ignore_eos: bool = False,

@@ -33,7 +33,9 @@ def one_or_more(value: object) -> object:
 # field and its problem; as a union of the two it named a member ("stop.function-after[...]") and the
 # wrong problem (five strings: "Input should be a valid string").
 Stops = Annotated[StopList, BeforeValidator(one_or_more, json_schema_input_type=Text | StopList)]
-# Penalties as OpenAI and vLLM bound them, for every protocol that takes them.
+# Sampling bounds as OpenAI and vLLM set them, for every protocol that takes them.
+Temperature = Annotated[float, Field(ge=0, le=2)]
+TopP = Annotated[float, Field(gt=0, le=1)]
 Penalty = Annotated[float, Field(ge=-2, le=2)]
 RepetitionPenalty = Annotated[float, Field(gt=0, le=10)]
 # Integers the engine and the cache carry in fixed widths: transformers builds top_k into an int32 tensor

@@ -25,7 +25,9 @@ from services.functions.types import (
     RepetitionPenalty,
     Seed,
     Stops,
+    Temperature,
     TopK,
+    TopP,
 )
 from services.protocols.oip.tensors import Tensor, bytes_tensor, scalar
 
@@ -194,8 +196,8 @@ class SamplingParameters(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     max_tokens: MaxTokens | None = None
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: Temperature = 1.0
+    top_p: TopP = 1.0
     stop: Stops | None = None
     seed: Seed | None = None
     # vLLM's SamplingParams names, which Triton's vLLM backend takes in `sampling_parameters`

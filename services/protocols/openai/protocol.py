@@ -18,8 +18,10 @@ from services.functions.types import (
     RepetitionPenalty,
     Seed,
     Stops,
+    Temperature,
     Text,
     TopK,
+    TopP,
     encodable,
 )
 from services.protocols.status import HTTP_STATUS
@@ -260,8 +262,8 @@ class GenerationParams(OpenAIModel):
     model: Text
     max_tokens: MaxTokens | None = None
     max_completion_tokens: MaxTokens | None = Field(None, description="the newer name of max_tokens")
-    temperature: float = Field(1.0, ge=0, le=2, description="0 = greedy")
-    top_p: float = Field(1.0, gt=0, le=1)
+    temperature: Temperature = Field(1.0, description="0 = greedy")
+    top_p: TopP = 1.0
     seed: Seed | None = Field(
         None, description="a seeded request is cached: its repeats get the first answer (README)"
     )
