@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,8 +25,10 @@ import openai
 import psutil
 import pytest
 
+from deploy.cluster.parts import Postgres
 from services import cli
 from services.config import Settings
+from services.jobs.db import StoreUnavailable
 from services.jobs.runner import BatchRunner
 from services.jobs.store import CHUNK, MIGRATIONS, BatchStore, Outcome, parse_line
 from tests.reference import reference
@@ -421,6 +425,38 @@ def test_replicas_share_a_store_and_never_run_a_line_twice(store_at: Callable[..
     outputs = [json.loads(line) for line in file_lines(second, ended["output_file_id"])]
     assert sorted(line["custom_id"] for line in outputs) == sorted(f"e{i}" for i in range(300))
     assert all(line["response"]["body"] == {} for line in outputs)  # the late claim's results were refused
+
+
+def test_a_database_found_away_is_refused_at_once_until_a_call_reaches_it_again(tmp_path: Path) -> None:
+    """PostgreSQL stopped under a store: the call that finds it away waits for the pool, the calls after
+    it are refused without trying (even once it is back, until the retry interval has passed), and then
+    one call reaches it and the store serves again."""
+    database = Postgres(Path(tempfile.mkdtemp(prefix="fnserve-pg-")), free_port(), tmp_path / "pg.log")
+    with ExitStack() as stack:
+        stack.callback(shutil.rmtree, database.data, ignore_errors=True)
+        database.init()
+        part = database.start()
+        stack.callback(lambda: part.stop())  # the part running at the end
+        store = BatchStore(tmp_path, "test", database.url)
+        stack.callback(store.close)
+        breaker = store.db.breaker  # type: ignore[attr-defined]
+        breaker.retry_seconds = 3600  # so that nothing tries the database again until the test says so
+        file_id = store.add_file(jsonl([embedding_line(0)]), "in.jsonl", "batch")["id"]
+        part.stop()
+        with pytest.raises(StoreUnavailable, match="did not answer|failed"):
+            store.get_file(file_id)
+        part = database.start()
+        with pytest.raises(StoreUnavailable, match=r"unreachable for \d+ s \(tried again every 3600 s\)"):
+            store.get_file(file_id)
+        breaker.retry_seconds = 0
+        deadline = time.monotonic() + LONG
+        while True:
+            try:
+                assert store.get_file(file_id)["id"] == file_id
+                break
+            except StoreUnavailable:
+                assert time.monotonic() < deadline, "the store never reached the restarted database"
+                time.sleep(0.2)
 
 
 def test_a_store_from_before_files_moved_into_the_database_is_migrated(tmp_path: Path) -> None:

@@ -193,8 +193,9 @@ def test_the_database_going_away_answers_503_and_loses_nothing(
     wait_until(balancer, running["id"], lambda b: b["request_counts"]["completed"] >= 1)
     cluster.stop_database()
     try:
-        # Each route on one replica: through the balancer, a refused read is tried on three times over,
-        # each try waiting its few seconds for the database (as below). All at once: each waits alone.
+        # Each route on one replica, all at once: whichever finds the database away first waits its
+        # seconds for it, the rest are refused at once (the store's breaker). Through the balancer a
+        # refused read is tried three times over (as below).
         routes = [
             ("GET", f"/v1/batches/{done['id']}"),
             ("GET", "/v1/batches"),

@@ -13,16 +13,73 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
 WAIT_SECONDS = 3  # for a connection from the pool: the longest a batch route waits before its 503
+RETRY_SECONDS = 1.0  # while the database is away: how often one call tries it again
+# Besides a lost connection (no SQLSTATE) and class 08 (connection exceptions): the server shutting down,
+# crashed, or starting up.
+AWAY_STATES = ("57P01", "57P02", "57P03")
 
 
 class StoreUnavailable(Exception):
     """The database cannot be reached now: a batch route answers 503, the runner waits and tries again."""
+
+
+class Breaker:
+    """Refuses calls at once while the database is known to be away. Without it every batch route and
+    runner step waits the pool's seconds for a database that is not there, holding one of asyncio's few
+    worker threads (shared with image decoding) the whole time, and a read through HAProxy waits that
+    three times over. After a call finds the database away, one call each `retry_seconds` tries it
+    again, alone; the first that reaches it closes the breaker. Written here rather than taken from
+    pybreaker (1.4.1): its half-open state lets every call through until one of them ends, so each
+    would wait out the pool again."""
+
+    def __init__(self, retry_seconds: float) -> None:
+        self.retry_seconds = retry_seconds
+        self._lock = threading.Lock()
+        self._away_since: float | None = None  # wall-clock time of this outage's first failure
+        self._failed_at = 0.0  # monotonic time of the last call that found the database away
+        self._trying = False  # a call is trying the database again
+
+    @contextmanager
+    def guard(self, away: Callable[[Exception], bool]) -> Iterator[None]:
+        """Runs the block unless the database is away and another call tries it (or tried it less than
+        `retry_seconds` ago); `away` tells an outage from a failure of the call's own."""
+        trial = False
+        with self._lock:
+            if self._away_since is not None:
+                if self._trying or time.monotonic() < self._failed_at + self.retry_seconds:
+                    since = f"for {time.time() - self._away_since:.0f} s"
+                    every = f"tried again every {self.retry_seconds:g} s"
+                    raise StoreUnavailable(f"the batch database has been unreachable {since} ({every})")
+                self._trying = trial = True
+        try:
+            yield
+        except Exception as exc:
+            self._settle(trial, away(exc))
+            raise
+        except BaseException:  # interrupted: neither outcome, so the next call may try
+            if trial:
+                with self._lock:
+                    self._trying = False
+            raise
+        else:
+            self._settle(trial, False)
+
+    def _settle(self, trial: bool, away: bool) -> None:
+        with self._lock:
+            if trial:
+                self._trying = False
+            if away:
+                self._away_since = self._away_since or time.time()
+                self._failed_at = time.monotonic()
+            else:
+                self._away_since = None
 
 
 class Transaction(Protocol):
@@ -106,7 +163,7 @@ class PostgresDatabase:
     lock_rows = " FOR UPDATE OF {alias} SKIP LOCKED"
     migration_lock = "SELECT pg_advisory_xact_lock(7406)"  # any fixed key: fnserve's schema
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, retry_seconds: float = RETRY_SECONDS) -> None:
         import psycopg
         from psycopg_pool import ConnectionPool
 
@@ -127,13 +184,25 @@ class PostgresDatabase:
             open=False,
         )
         self._pool.open(wait=False)
+        self.breaker = Breaker(retry_seconds)
+
+    def _away(self, exc: Exception) -> bool:
+        """The database is gone (stopped, unreachable, restarting), not merely failing this call."""
+        from psycopg_pool import PoolTimeout
+
+        if isinstance(exc, PoolTimeout):  # unless every connection was open and busy
+            return self._pool.get_stats()["pool_size"] < self._pool.max_size
+        if isinstance(exc, self._errors):
+            state = exc.sqlstate or ""
+            return not state or state.startswith("08") or state in AWAY_STATES
+        return False
 
     @contextmanager
     def _connection(self) -> Iterator[Any]:
         from psycopg_pool import PoolTimeout
 
         try:
-            with self._pool.connection() as connection:
+            with self.breaker.guard(self._away), self._pool.connection() as connection:
                 yield connection
         except PoolTimeout as exc:
             busy = "unreachable, or every connection busy"
