@@ -22,7 +22,7 @@ from tritonclient.utils import InferenceServerException
 
 from tests.oip_client import CHAT, Stream, generation_inputs, text_input
 from tests.server import KEYS, LONG, ONE_WORKER, free_port, serve
-from tests.server import http_client as tests_client
+from tests.server import http_client as httpx_client
 
 KEY = KEYS[0]
 
@@ -57,7 +57,7 @@ def server(keyed_server: tuple[str, str]) -> Server:
 
 
 def http(server: Server) -> httpx.Client:
-    return tests_client(server.url, headers=auth())
+    return httpx_client(server.url, headers=auth())
 
 
 def openai_completion(server: Server, prompt: str, max_tokens: int, **extra: Any) -> str:
@@ -280,7 +280,7 @@ def test_a_missing_or_wrong_key_is_unauthenticated(server: Server) -> None:
         error = grpc_error(lambda h=headers: client.infer(EMBEDDER, [text_input("text", ["x"])], headers=h))
         assert error.status() == "StatusCode.UNAUTHENTICATED"
     assert client.is_server_live()  # probes need no key, as over HTTP
-    with tests_client(server.url) as anonymous:
+    with httpx_client(server.url) as anonymous:
         response = anonymous.get(f"/v2/models/{EMBEDDER}")
     assert response.status_code == 401 and "API key" in response.json()["error"]
 
