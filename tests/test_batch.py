@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +29,7 @@ import pytest
 from deploy.cluster.parts import Postgres
 from services import cli
 from services.config import Settings
-from services.jobs.db import StoreUnavailable
+from services.jobs.db import Breaker, StoreUnavailable
 from services.jobs.runner import BatchRunner
 from services.jobs.store import CHUNK, MIGRATIONS, BatchStore, Outcome, parse_line
 from tests.reference import reference
@@ -457,6 +458,49 @@ def test_a_database_found_away_is_refused_at_once_until_a_call_reaches_it_again(
             except StoreUnavailable:
                 assert time.monotonic() < deadline, "the store never reached the restarted database"
                 time.sleep(0.2)
+
+
+def test_one_call_at_a_time_tries_an_away_database_and_any_answer_from_it_closes_the_breaker() -> None:
+    """The breaker alone, its trial held open by an event rather than by a database's timing: while one
+    call tries the database again, the others are refused; an interrupted try lets the next call try; a
+    call's own failure (the database answered) closes the breaker as a success does."""
+    breaker = Breaker(retry_seconds=0)
+    gone = ConnectionError("the database is away")
+
+    def away(exc: Exception) -> bool:
+        return exc is gone
+
+    def fails(exc: BaseException) -> None:
+        with pytest.raises(type(exc)), breaker.guard(away):
+            raise exc
+
+    def refused() -> None:
+        with pytest.raises(StoreUnavailable, match="unreachable"), breaker.guard(away):
+            pytest.fail("a call ran while another tried the database")
+
+    inside, release = threading.Event(), threading.Event()
+
+    def trial() -> None:
+        with breaker.guard(away):
+            inside.set()
+            release.wait(LONG)
+            raise gone
+
+    fails(gone)  # found away: the breaker opens
+    with ThreadPoolExecutor(1) as pool:
+        trying = pool.submit(trial)
+        assert inside.wait(LONG)
+        refused()
+        release.set()
+        with pytest.raises(ConnectionError):
+            trying.result()
+    fails(KeyboardInterrupt())  # neither outcome: the next call tries
+    fails(ValueError("the call's own error"))  # the database answered
+    breaker.retry_seconds = 3600
+    with breaker.guard(away):
+        pass  # closed: it runs, where an open breaker would refuse it for an hour
+    fails(gone)
+    refused()
 
 
 def test_a_store_from_before_files_moved_into_the_database_is_migrated(tmp_path: Path) -> None:
