@@ -429,9 +429,9 @@ def test_replicas_share_a_store_and_never_run_a_line_twice(store_at: Callable[..
 
 
 def test_a_database_found_away_is_refused_at_once_until_a_call_reaches_it_again(tmp_path: Path) -> None:
-    """PostgreSQL stopped under a store: the call that finds it away waits for the pool, the calls after
-    it are refused without trying (even once it is back, until the retry interval has passed), and then
-    one call reaches it and the store serves again."""
+    """PostgreSQL stopped under a store: the call that finds it away waits for the pool and its probe
+    fails, the calls after it are refused without trying (even once it is back, until the next probe is
+    due), and then a probe connects and the store serves again."""
     database = Postgres(Path(tempfile.mkdtemp(prefix="fnserve-pg-")), free_port(), tmp_path / "pg.log")
     with ExitStack() as stack:
         stack.callback(shutil.rmtree, database.data, ignore_errors=True)
@@ -460,12 +460,22 @@ def test_a_database_found_away_is_refused_at_once_until_a_call_reaches_it_again(
                 time.sleep(0.2)
 
 
-def test_one_call_at_a_time_tries_an_away_database_and_any_answer_from_it_closes_the_breaker() -> None:
-    """The breaker alone, its trial held open by an event rather than by a database's timing: while one
-    call tries the database again, the others are refused; an interrupted try lets the next call try; a
-    call's own failure (the database answered) closes the breaker as a success does."""
-    breaker = Breaker(retry_seconds=0)
-    gone = ConnectionError("the database is away")
+def test_only_a_failed_probe_opens_the_breaker_and_one_call_at_a_time_probes_again() -> None:
+    """The breaker alone, its probe held open by an event rather than by a database's timing: a call
+    that fails as if the database were away opens it only if the probe cannot connect either (a pool
+    still backing off after the database came back must not); while one call probes, the others are
+    refused; an interrupted probe lets the next call probe; a probe that connects closes it."""
+    up = threading.Event()
+    inside, release = threading.Event(), threading.Event()
+
+    def reachable() -> bool:
+        inside.set()
+        assert release.wait(LONG)
+        return up.is_set()
+
+    release.set()
+    breaker = Breaker(retry_seconds=3600, reachable=reachable)
+    gone = ConnectionError("the pool timed out")
 
     def away(exc: Exception) -> bool:
         return exc is gone
@@ -476,31 +486,38 @@ def test_one_call_at_a_time_tries_an_away_database_and_any_answer_from_it_closes
 
     def refused() -> None:
         with pytest.raises(StoreUnavailable, match="unreachable"), breaker.guard(away):
-            pytest.fail("a call ran while another tried the database")
+            pytest.fail("a call ran while the database was away")
 
-    inside, release = threading.Event(), threading.Event()
-
-    def trial() -> None:
+    def runs() -> None:
         with breaker.guard(away):
-            inside.set()
-            release.wait(LONG)
-            raise gone
+            pass
 
-    fails(gone)  # found away: the breaker opens
-    with ThreadPoolExecutor(1) as pool:
-        trying = pool.submit(trial)
-        assert inside.wait(LONG)
-        refused()
-        release.set()
-        with pytest.raises(ConnectionError):
-            trying.result()
-    fails(KeyboardInterrupt())  # neither outcome: the next call tries
-    fails(ValueError("the call's own error"))  # the database answered
-    breaker.retry_seconds = 3600
-    with breaker.guard(away):
-        pass  # closed: it runs, where an open breaker would refuse it for an hour
-    fails(gone)
+    up.set()
+    fails(gone)  # the probe connects: still closed
+    runs()
+    up.clear()
+    fails(gone)  # the probe cannot connect either: open, and nothing probes for an hour
     refused()
+    breaker.retry_seconds = 0
+    inside.clear()
+    release.clear()
+    with ThreadPoolExecutor(1) as pool:
+        probing = pool.submit(refused)  # its own probe fails
+        assert inside.wait(LONG)
+        refused()  # without probing: another call is
+        release.set()
+        probing.result()
+
+    def interrupted() -> bool:
+        raise KeyboardInterrupt
+
+    breaker._reachable = interrupted
+    fails(KeyboardInterrupt())
+    breaker._reachable = reachable
+    up.set()
+    runs()  # its probe connects: closed
+    breaker.retry_seconds = 3600
+    runs()
 
 
 def test_a_store_from_before_files_moved_into_the_database_is_migrated(tmp_path: Path) -> None:

@@ -34,52 +34,60 @@ class Breaker:
     """Refuses calls at once while the database is known to be away. Without it every batch route and
     runner step waits the pool's seconds for a database that is not there, holding one of asyncio's few
     worker threads (shared with image decoding) the whole time, and a read through HAProxy waits that
-    three times over. After a call finds the database away, one call each `retry_seconds` tries it
-    again, alone; the first that reaches it closes the breaker. Written here rather than taken from
-    pybreaker (1.4.1): its half-open state lets every call through until one of them ends, so each
-    would wait out the pool again."""
+    three times over. Only a failed `reachable` probe (a connection of its own, outside the pool) opens
+    it: a pool that times out is not proof, since psycopg_pool keeps backing off its reconnection for
+    seconds after the database is back. While it is open, one call each `retry_seconds` probes again,
+    alone, and the first probe that connects closes it. Written here rather than taken from pybreaker
+    (1.4.1): its half-open state lets every call through until one of them ends, so each would wait out
+    the pool again, and it counts failures where this needs a probe."""
 
-    def __init__(self, retry_seconds: float) -> None:
+    def __init__(self, retry_seconds: float, reachable: Callable[[], bool]) -> None:
         self.retry_seconds = retry_seconds
+        self._reachable = reachable
         self._lock = threading.Lock()
-        self._away_since: float | None = None  # wall-clock time of this outage's first failure
-        self._failed_at = 0.0  # monotonic time of the last call that found the database away
-        self._trying = False  # a call is trying the database again
+        self._away_since: float | None = None  # wall-clock time of this outage's first failed probe
+        self._probed_at = 0.0  # monotonic time of the last failed probe
+        self._probing = False
 
     @contextmanager
     def guard(self, away: Callable[[Exception], bool]) -> Iterator[None]:
-        """Runs the block unless the database is away and another call tries it (or tried it less than
-        `retry_seconds` ago); `away` tells an outage from a failure of the call's own."""
-        trial = False
+        """Runs the block unless the database is away; `away` tells an outage from a failure of the
+        call's own."""
+        probe = False
         with self._lock:
             if self._away_since is not None:
-                if self._trying or time.monotonic() < self._failed_at + self.retry_seconds:
-                    since = f"for {time.time() - self._away_since:.0f} s"
-                    every = f"tried again every {self.retry_seconds:g} s"
-                    raise StoreUnavailable(f"the batch database has been unreachable {since} ({every})")
-                self._trying = trial = True
+                if self._probing or time.monotonic() < self._probed_at + self.retry_seconds:
+                    raise self._refusal()
+                self._probing = probe = True
+        if probe and not self._probe():
+            raise self._refusal()
         try:
             yield
         except Exception as exc:
-            self._settle(trial, away(exc))
+            if away(exc) and self._away_since is None:
+                self._probe()
             raise
-        except BaseException:  # interrupted: neither outcome, so the next call may try
-            if trial:
-                with self._lock:
-                    self._trying = False
-            raise
-        else:
-            self._settle(trial, False)
 
-    def _settle(self, trial: bool, away: bool) -> None:
-        with self._lock:
-            if trial:
-                self._trying = False
-            if away:
+    def _probe(self) -> bool:
+        """Whether the database takes a connection now; the breaker opens or closes by the answer."""
+        reachable = False
+        try:
+            reachable = self._reachable()
+        finally:  # an interrupted probe settles nothing, and the next call may probe
+            with self._lock:
+                self._probing = False
+                if reachable:
+                    self._away_since = None
+        if not reachable:
+            with self._lock:
                 self._away_since = self._away_since or time.time()
-                self._failed_at = time.monotonic()
-            else:
-                self._away_since = None
+                self._probed_at = time.monotonic()
+        return reachable
+
+    def _refusal(self) -> StoreUnavailable:
+        since = f"for {time.time() - (self._away_since or time.time()):.0f} s"
+        every = f"tried again every {self.retry_seconds:g} s"
+        return StoreUnavailable(f"the batch database has been unreachable {since} ({every})")
 
 
 class Transaction(Protocol):
@@ -168,6 +176,7 @@ class PostgresDatabase:
         from psycopg_pool import ConnectionPool
 
         self._errors = (psycopg.OperationalError, psycopg.InterfaceError)
+        self._url = url
         # Client-side binding: the store's SQL compares parameters with NULL (`? IS NULL`), which
         # server-side binding cannot type. A short connect timeout: a route waits seconds at most for
         # a database that went away before it answers 503.
@@ -184,14 +193,23 @@ class PostgresDatabase:
             open=False,
         )
         self._pool.open(wait=False)
-        self.breaker = Breaker(retry_seconds)
+        self.breaker = Breaker(retry_seconds, self._reachable)
+
+    def _reachable(self) -> bool:
+        import psycopg
+
+        try:
+            psycopg.connect(self._url, connect_timeout=WAIT_SECONDS).close()
+        except psycopg.Error:
+            return False
+        return True
 
     def _away(self, exc: Exception) -> bool:
-        """The database is gone (stopped, unreachable, restarting), not merely failing this call."""
+        """The database may be gone (stopped, unreachable, restarting), not merely failing this call."""
         from psycopg_pool import PoolTimeout
 
-        if isinstance(exc, PoolTimeout):  # unless every connection was open and busy
-            return self._pool.get_stats()["pool_size"] < self._pool.max_size
+        if isinstance(exc, PoolTimeout):  # or every connection busy: the probe tells
+            return True
         if isinstance(exc, self._errors):
             state = exc.sqlstate or ""
             return not state or state.startswith("08") or state in AWAY_STATES
