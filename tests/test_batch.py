@@ -465,12 +465,14 @@ def test_only_a_failed_probe_opens_the_breaker_and_one_call_at_a_time_probes_aga
     that fails as if the database were away opens it only if the probe cannot connect either (a pool
     still backing off after the database came back must not); while one call probes, the others are
     refused; an interrupted probe lets the next call probe; a probe that connects closes it."""
-    up = threading.Event()
+    up, interrupt = threading.Event(), threading.Event()
     inside, release = threading.Event(), threading.Event()
 
     def reachable() -> bool:
         inside.set()
         assert release.wait(LONG)
+        if interrupt.is_set():
+            raise KeyboardInterrupt
         return up.is_set()
 
     release.set()
@@ -508,12 +510,9 @@ def test_only_a_failed_probe_opens_the_breaker_and_one_call_at_a_time_probes_aga
         release.set()
         probing.result()
 
-    def interrupted() -> bool:
-        raise KeyboardInterrupt
-
-    breaker._reachable = interrupted
+    interrupt.set()
     fails(KeyboardInterrupt())
-    breaker._reachable = reachable
+    interrupt.clear()
     up.set()
     runs()  # its probe connects: closed
     breaker.retry_seconds = 3600

@@ -193,9 +193,9 @@ def test_the_database_going_away_answers_503_and_loses_nothing(
     wait_until(balancer, running["id"], lambda b: b["request_counts"]["completed"] >= 1)
     cluster.stop_database()
     try:
-        # Each route on one replica, all at once: whichever finds the database away first waits its
-        # seconds for it, the rest are refused at once (the store's breaker). Through the balancer a
-        # refused read is tried three times over (as below).
+        # Each route on one replica, all at once: each waits its few seconds for the pool and probes,
+        # unless the replica's runner already found the database away (then the store's breaker
+        # refuses them at once). Through the balancer a refused read is tried three times over.
         routes = [
             ("GET", f"/v1/batches/{done['id']}"),
             ("GET", "/v1/batches"),

@@ -70,16 +70,17 @@ class Breaker:
 
     def _probe(self) -> bool:
         """Whether the database takes a connection now; the breaker opens or closes by the answer."""
-        reachable = False
         try:
             reachable = self._reachable()
-        finally:  # an interrupted probe settles nothing, and the next call may probe
+        except BaseException:  # an interrupted probe settles nothing, and the next call may probe
             with self._lock:
                 self._probing = False
-                if reachable:
-                    self._away_since = None
-        if not reachable:
-            with self._lock:
+            raise
+        with self._lock:
+            self._probing = False
+            if reachable:
+                self._away_since = None
+            else:
                 self._away_since = self._away_since or time.time()
                 self._probed_at = time.monotonic()
         return reachable
