@@ -8,7 +8,7 @@ SERVICE := services.service:Frontend
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: serve test cluster cluster-down cluster-packages test-beside-hog models bench bench-grpc bench-images bench-chat bench-batch bench-batch-postgres bench-engine bench-coldstart bench-spike bench-cluster bench-speculation bench-dtypes bench-vllm-tool lint build container container-test
+.PHONY: serve test test-avx2-path cluster cluster-down cluster-packages test-beside-hog models bench bench-grpc bench-images bench-chat bench-batch bench-batch-postgres bench-engine bench-coldstart bench-spike bench-cluster bench-speculation bench-dtypes bench-vllm-tool lint build container container-test
 
 # torch is installed first, alone: `pip install torch==2.13.0` takes the local CPU wheel on a machine
 # without a GPU, so the project install that follows finds it satisfied instead of fetching a CUDA build.
@@ -52,6 +52,12 @@ serve: models
 
 test: models $(PERF_VENV)/.installed cluster-packages
 	$(BIN)/python -m pytest
+
+# The suite on the path an AVX2-only CPU (a Zen 3) takes, on any x86-64 CPU: under the libraries' own
+# instruction-set caps bf16 is emulated, so every `auto` dtype is fp32 by rule and the bf16 trials skip.
+AVX2_CAPS := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2
+test-avx2-path:
+	$(AVX2_CAPS) $(MAKE) test
 
 # A local cluster (deploy/cluster/): CLUSTER_REPLICAS replicas behind HAProxy on CLUSTER_PORT (and gRPC on
 # the port after it), sharing PostgreSQL and Redis; it returns once every replica is healthy behind it.

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import shutil
@@ -54,9 +55,11 @@ def test_a_cpu_without_fast_bf16_serves_both_models_in_fp32_and_says_why(avx2_se
     for model in (EMBEDDER, CHAT):
         dtype = made[model]["dtype"]
         assert dtype["value"] == "float32", dtype
-        # By rule where the CPU has no bf16 instructions at all, else by timing both on this CPU.
-        assert dtype["source"] == ("measured" if machine().native_bf16 else "rule"), dtype
+        # By rule, nothing timed, as on an AVX2-only CPU: the cap keeps oneDNN off any bf16 instructions.
+        assert dtype["source"] == "rule", dtype
         assert "=auto" in dtype["reason"] and "fp32" in dtype["reason"]
+        if machine().bf16_instructions:
+            assert "ONEDNN_MAX_CPU_ISA=AVX2 keeps oneDNN off the bf16 instructions" in dtype["reason"]
     for function, model in (("embedding", EMBEDDER), ("generation", CHAT)):
         source = made[model]["dtype"]["source"]
         labels = {"function": function, "choice": "dtype", "value": "float32", "source": source}
@@ -124,7 +127,22 @@ def test_the_machine_is_described_for_benchmarks() -> None:
     described = describe()
     assert described["cores"] >= 1 and described["cpu"] and described["torch"]
     assert set(described["flags"]) <= {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}
-    assert described["native_bf16"] == bool({"avx512_bf16", "amx_bf16"} & set(described["flags"]))
+    has = bool({"avx512_bf16", "amx_bf16"} & set(described["flags"]))
+    assert described["onednn_max_isa"] == os.environ.get("ONEDNN_MAX_CPU_ISA")
+    capped = (described["onednn_max_isa"] or "").upper() in hardware.ONEDNN_BELOW_BF16
+    assert described["native_bf16"] == (has and not capped)
+
+
+def test_a_cpu_with_bf16_instructions_is_emulating_under_a_onednn_cap_below_them() -> None:
+    """ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16 keeps the bf16 matmuls off the instructions (the caps
+    tests/test_hardware.py serves under); at or above it, or unset, the CPU computes bf16 natively."""
+    zen4 = hardware.Machine("AMD EPYC", "25/17", 2, ("avx2", "avx512f", "avx512_bf16"), "AVX512", None)
+    assert zen4.native_bf16 and not zen4.bf16_capped
+    for cap, native in (("AVX2", False), ("avx512_core", False), ("AVX512_CORE_BF16", True), ("ALL", True)):
+        capped = dataclasses.replace(zen4, onednn_max_isa=cap)
+        assert capped.native_bf16 is native and capped.bf16_capped is not native, cap
+    zen3 = hardware.Machine("AMD EPYC", "25/1", 2, ("avx2",), "AVX2", None, "AVX2")
+    assert not zen3.native_bf16 and not zen3.bf16_capped  # nothing to cap: the reason names the CPU
 
 
 DECIDE = """

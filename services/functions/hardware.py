@@ -36,6 +36,9 @@ BF16_MARGIN = 1.1
 FLAGS_THAT_MATTER = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
 Source = Literal["setting", "measured", "rule"]
 ISA_CAPS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+# oneDNN's names for the instruction sets below its first with bf16 arithmetic (AVX512_CORE_BF16): capped
+# at one of these (ONEDNN_MAX_CPU_ISA), oneDNN, which runs torch's bf16 matmuls, emulates bf16 on any CPU.
+ONEDNN_BELOW_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
 
 CHOICES = bentoml.metrics.Gauge(
     name="fnserve_choice_info",
@@ -54,11 +57,22 @@ class Machine:
     flags: tuple[str, ...]  # of FLAGS_THAT_MATTER, those this CPU has
     torch_cpu_capability: str | None  # what torch's own kernels were built to use here
     gpu: str | None
+    onednn_max_isa: str | None = None  # ONEDNN_MAX_CPU_ISA, where set
+
+    @property
+    def bf16_instructions(self) -> bool:
+        return "avx512_bf16" in self.flags or "amx_bf16" in self.flags
+
+    @property
+    def bf16_capped(self) -> bool:
+        """The CPU has bf16 instructions, but ONEDNN_MAX_CPU_ISA keeps oneDNN off them."""
+        return self.bf16_instructions and (self.onednn_max_isa or "").upper() in ONEDNN_BELOW_BF16
 
     @property
     def native_bf16(self) -> bool:
-        """bf16 arithmetic in hardware; without it torch emulates bf16 and runs it slower than fp32."""
-        return "avx512_bf16" in self.flags or "amx_bf16" in self.flags
+        """bf16 arithmetic in hardware, that oneDNN may use; without it torch emulates bf16, slower than
+        fp32 (MiniLM 0.2x on the Zen 3, 0.3x on the Zen 5 under the cap: README, "Per-machine choices")."""
+        return self.bf16_instructions and not self.bf16_capped
 
 
 @lru_cache(maxsize=1)
@@ -82,7 +96,8 @@ def machine() -> Machine:
         if torch.cuda.is_available():
             gpu = torch.cuda.get_device_name()
     present = tuple(flag for flag in FLAGS_THAT_MATTER if flag in flags)
-    return Machine(cpu, family, usable_cores(), present, capability, gpu)
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return Machine(cpu, family, usable_cores(), present, capability, gpu, cap)
 
 
 def describe() -> dict[str, object]:
@@ -303,6 +318,9 @@ def fastest_dtype(
     here = machine()
     if not here.native_bf16:
         why = "torch would emulate bf16, slower than fp32"
+        if here.bf16_capped:
+            cap = f"ONEDNN_MAX_CPU_ISA={here.onednn_max_isa} keeps oneDNN off the bf16 instructions"
+            return "float32", "rule", f"{here.cpu} ({here.family}): {cap}: {why}"
         return "float32", "rule", f"{here.cpu} ({here.family}) has no AVX-512 bf16 or AMX: {why}"
     import copy
 
