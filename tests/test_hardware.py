@@ -138,7 +138,9 @@ def test_the_machine_is_described_for_benchmarks() -> None:
     assert described["native_bf16"] == (has and not capped)
 
 
-def test_a_cpu_with_bf16_instructions_is_emulating_under_a_onednn_cap_below_them() -> None:
+def test_a_cpu_with_bf16_instructions_is_emulating_under_a_onednn_cap_below_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16 keeps the bf16 matmuls off the instructions (the caps
     tests/test_hardware.py serves under); at or above it, or unset, the CPU computes bf16 natively."""
     zen4 = hardware.Machine("AMD EPYC", "25/17", 2, ("avx2", "avx512f", "avx512_bf16"), "AVX512", None)
@@ -148,6 +150,15 @@ def test_a_cpu_with_bf16_instructions_is_emulating_under_a_onednn_cap_below_them
         assert capped.native_bf16 is native and capped.bf16_capped is not native, cap
     zen3 = hardware.Machine("AMD EPYC", "25/1", 2, ("avx2",), "AVX2", None, "AVX2")
     assert not zen3.native_bf16 and not zen3.bf16_capped  # nothing to cap: the reason names the CPU
+    monkeypatch.setattr(hardware, "machine", lambda: dataclasses.replace(zen4, onednn_max_isa="AVX2"))
+    timed: list[object] = []
+    assert hardware.fastest_dtype("auto", "cpu", torch.nn.Linear(4, 4), timed.append) == (
+        "float32",
+        "rule",
+        "AMD EPYC (25/17): ONEDNN_MAX_CPU_ISA=AVX2 keeps oneDNN off the bf16 instructions: torch would "
+        "emulate bf16, slower than fp32",
+    )
+    assert timed == []
 
 
 DECIDE = """

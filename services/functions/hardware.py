@@ -307,7 +307,8 @@ def fastest_dtype(
 
     if setting == "bfloat16" and device == "cpu" and not machine().native_bf16:
         # Seen on a Zen 3: emulated bf16 ran 5x slower, and one chat in a mixed batch answered nonsense.
-        logger.warning("bf16 is set on a CPU without bf16 instructions: torch emulates it, slower than fp32")
+        why = "ONEDNN_MAX_CPU_ISA is below them" if machine().bf16_capped else "it has no bf16 instructions"
+        logger.warning("bf16 is set on a CPU where torch emulates it (%s): slower than fp32", why)
         return setting, "setting", "set, on a CPU that emulates bf16 (slower than fp32)"
     if setting != "auto":
         return setting, "setting", "set"
