@@ -81,12 +81,18 @@ def test_greedy_fp32_is_token_identical_alone_and_in_a_batch_of_16(engines: Any)
     on, off, tokenizer = engines
     prompts = [chat_ids(tokenizer, GROUNDED), chat_ids(tokenizer, OPEN)]
     before = drafted(on)
+    sequential = []
     for ids in prompts:
-        assert answers(on, [ids], Sampling(64)) == answers(off, [ids], Sampling(64))
+        [answer] = answers(off, [ids], Sampling(64))
+        assert answers(on, [ids], Sampling(64)) == [answer]
+        sequential.append(answer)
     alone = drafted(on)
     assert alone[1] > before[1]  # drafts were made and accepted
+    # Against the answers alone, cut to 32 tokens: fp32 greedy text does not depend on the batch (the
+    # served engine's sixteen concurrent streams, tests/test_chat.py), so the engine without drafting
+    # need not run the batch too.
     batch = [prompts[i % 2] for i in range(16)]
-    assert answers(on, batch, Sampling(32)) == answers(off, batch, Sampling(32))
+    assert answers(on, batch, Sampling(32)) == [sequential[i % 2][:32] for i in range(16)]
     assert drafted(on)[1] > alone[1]
 
 
