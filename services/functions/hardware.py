@@ -74,6 +74,14 @@ class Machine:
         fp32 (MiniLM 0.2x on the Zen 3, 0.3x on the Zen 5 under the cap: README, "Per-machine choices")."""
         return self.bf16_instructions and not self.bf16_capped
 
+    @property
+    def emulating_bf16(self) -> str:
+        """Which CPU emulates bf16, and why (where `native_bf16` is false): for reasons and warnings."""
+        cpu = f"{self.cpu} ({self.family})"
+        if self.bf16_capped:
+            return f"{cpu}: ONEDNN_MAX_CPU_ISA={self.onednn_max_isa} keeps oneDNN off the bf16 instructions"
+        return f"{cpu} has no AVX-512 bf16 or AMX"
+
 
 @lru_cache(maxsize=1)
 def machine() -> Machine:
@@ -307,8 +315,7 @@ def fastest_dtype(
 
     if setting == "bfloat16" and device == "cpu" and not machine().native_bf16:
         # Seen on a Zen 3: emulated bf16 ran 5x slower, and one chat in a mixed batch answered nonsense.
-        why = "ONEDNN_MAX_CPU_ISA is below them" if machine().bf16_capped else "it has no bf16 instructions"
-        logger.warning("bf16 is set on a CPU where torch emulates it (%s): slower than fp32", why)
+        logger.warning("bf16 is set, but %s: torch emulates bf16, slower than fp32", machine().emulating_bf16)
         return setting, "setting", "set, on a CPU that emulates bf16 (slower than fp32)"
     if setting != "auto":
         return setting, "setting", "set"
@@ -318,11 +325,7 @@ def fastest_dtype(
         return "float16", "rule", f"{torch.cuda.get_device_name()} has no bf16: fp16 halves memory and time"
     here = machine()
     if not here.native_bf16:
-        why = "torch would emulate bf16, slower than fp32"
-        if here.bf16_capped:
-            cap = f"ONEDNN_MAX_CPU_ISA={here.onednn_max_isa} keeps oneDNN off the bf16 instructions"
-            return "float32", "rule", f"{here.cpu} ({here.family}): {cap}: {why}"
-        return "float32", "rule", f"{here.cpu} ({here.family}) has no AVX-512 bf16 or AMX: {why}"
+        return "float32", "rule", f"{here.emulating_bf16}: torch would emulate bf16, slower than fp32"
     import copy
 
     candidates = {"float32": model, "bfloat16": copy.deepcopy(model).to(torch.bfloat16)}
