@@ -23,6 +23,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -166,8 +168,6 @@ def sweep(name: str, url: str, seconds: float) -> dict[str, list[dict[str, float
 
 
 def batch_sizes(url: str) -> dict[str, float]:
-    import httpx
-
     passes, mean = histogram(httpx.get(f"{url}/metrics").text, "fnserve_embedding_batch_size")
     return {"forward_passes": passes, "mean_batch_size": mean}
 
@@ -218,6 +218,7 @@ def main() -> None:
         result["served"] = sweep("served", url, args.duration)
         result["batching"] = batch_sizes(url)
         result["served_dtype"] = served_dtypes(url)["all-minilm-l6-v2"]
+        result["served_choices"] = httpx.get(f"{url}/models/status").json()["all-minilm-l6-v2"]["choices"]
     port = free_port()
     naive = [sys.executable, "-m", "loadtests.naive_server", "--port", str(port)]
     naive += ["--dtype", result["served_dtype"]]  # the same model in the same dtype: only batching differs

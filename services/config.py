@@ -99,6 +99,8 @@ class Settings(BaseSettings):
 
     @property
     def embedding_batch_size(self) -> int:
+        """The setting, or a GPU's default; on a CPU, 0 is timed at start-up (services/functions/
+        embedding.py), except for BentoML's batchable `/encode`, sized at import: 32 there."""
         return self.embedding_max_batch_size or (128 if self.cuda_present else 32)
 
     @property
@@ -123,7 +125,10 @@ class Settings(BaseSettings):
     embedding_model: str = Field("all-minilm-l6-v2", description="catalogue name of an embedding model")
     embedding_dtype: Dtype = Field("auto", description=DTYPE_HELP)
     embedding_max_batch_size: int = Field(
-        0, ge=0, description="largest batch one forward pass takes; 0 = 32 on CPU, 128 on a GPU"
+        0,
+        ge=0,
+        description="largest batch one forward pass takes; 0 = timed at start-up on CPU (8, 32 or 128: the "
+        "smallest within 5% of the fastest per short text), 128 on a GPU",
     )
     embedding_max_latency_ms: int = Field(
         10_000, ge=1, description="queue deadline: a request waiting longer is shed with 503"
@@ -164,8 +169,8 @@ class Settings(BaseSettings):
     image_max_batch_size: int = Field(
         0,
         ge=0,
-        description="images per forward pass; 0 = timed at start-up on CPU (the fastest per image of "
-        "1, 4, 8 and 16), 64 on a GPU",
+        description="images per forward pass; 0 = timed at start-up on CPU (1, 4, 8 or 16: the smallest "
+        "within 5% of the fastest per image), 64 on a GPU",
     )
     image_max_inputs: int = Field(64, ge=1, description="images per request")
     image_max_wait_seconds: float = Field(
@@ -249,7 +254,7 @@ class Settings(BaseSettings):
     )
     remeasure: bool = Field(
         False,
-        description="measure at start-up again (dtype, image batch, step cost) instead of reusing what "
+        description="measure at start-up again (dtype, batch sizes, step cost) instead of reusing what "
         "this machine measured before for the same model, torch and threads",
     )
     idle_release_seconds: float = Field(

@@ -41,13 +41,14 @@ def avx2_server() -> Iterator[str]:
         pytest.skip("the AVX2 caps apply to x86-64 CPUs")
     # The choices timed at start-up that these tests are not about are set: under the caps, the machine's
     # description differs, so the other servers' timings (reused per machine) would not be found, and
-    # timing the image batch sizes and the engine's step cost made this start 25 s instead of 8 s.
+    # timing the batch sizes and the engine's step cost made this start 25 s instead of 8 s.
     env = {
         **AVX2_ONLY,
         **ONE_WORKER,
         "FNSERVE_DEVICE": "cpu",
         "FNSERVE_GENERATION_THREADS": "1",
         "FNSERVE_GIL_SWITCH_MICROSECONDS": "1000",
+        "FNSERVE_EMBEDDING_MAX_BATCH_SIZE": "32",
         "FNSERVE_IMAGE_MAX_BATCH_SIZE": "8",
         "FNSERVE_SPECULATION": "off",
     }
@@ -104,6 +105,12 @@ def test_an_explicit_dtype_wins_and_auto_picks_a_served_dtype(server: str) -> No
     assert auto["value"] in ("float32", "bfloat16", "float16") and auto["source"] in ("measured", "rule")
     for name in ("workers", "threads", "max_batch_size"):
         assert int(made[EMBEDDER][name]["value"]) >= 1 and made[EMBEDDER][name]["reason"]
+    status = httpx.get(f"{server}/models/status", timeout=LONG).json()
+    for model, sizes in ((EMBEDDER, ("8", "32", "128")), ("efficientnet-lite0", ("1", "4", "8", "16"))):
+        batch = made[model]["max_batch_size"]
+        if status[model]["device"] == "cpu":  # timed on the real model; a GPU's is a rule
+            assert batch["source"] == "measured" and batch["value"] in sizes, batch
+            assert batch["reason"].startswith("inputs/s by batch size here: ")
     assert int(made[CHAT]["cache_blocks"]["value"]) >= 4
     # Python's own 5 ms let a busy event loop starve the model's thread (services/functions/hardware.py).
     for model in (EMBEDDER, CHAT, "efficientnet-lite0"):
@@ -260,6 +267,40 @@ def test_a_measurement_is_reused_by_the_next_server_run_on_this_machine(
     ruled = {"value": "float32", "source": "rule", "reason": "no bf16 here"}
     assert hardware.remembered("model:1-dtype-auto", lambda: ruled) == ruled
     assert list(tmp_path.glob("fnserve-measurements/model-1-dtype-*")) == []  # nothing timed, nothing kept
+
+
+def test_the_smallest_batch_within_the_margin_of_the_fastest_is_taken() -> None:
+    """Rates (inputs/s) as measured: a larger batch must gain over 5% per input to be worth its latency."""
+    assert hardware.smallest_fast_batch({1: 49, 4: 67, 8: 66, 16: 62}) == 4  # an image model on a Xeon
+    assert hardware.smallest_fast_batch({8: 313, 32: 358, 128: 365}) == 32  # 365 is under 1.05 x 358
+    assert hardware.smallest_fast_batch({8: 100, 32: 150, 128: 260}) == 128  # where big batches pay (AMX)
+    assert hardware.smallest_fast_batch({8: 100, 32: 100}) == 8
+
+
+def test_a_batch_size_is_timed_on_a_cpu_once_and_set_or_ruled_elsewhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The forward pass is the real model's in a server (tests/test_embeddings.py reads the served one);
+    here it only counts the sizes it is given, which is what decides what gets timed."""
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path))
+    timed: list[int] = []
+    sizes = (8, 32, 128)
+
+    def decide(device: str, setting: int = 0, key: str = "model:1-float32") -> int:
+        choices = hardware.Choices("embedding")
+        size = choices.batch_size(setting, "FNSERVE_X_BATCH", device, 64, sizes, timed.append, key)
+        assert choices.made["max_batch_size"].value == str(size)
+        return size
+
+    assert decide("cpu", setting=16) == 16 and timed == []
+    assert decide("cuda") == 64 and timed == []
+    assert decide("cpu") in sizes
+    assert timed == [8, 8, 8, 32, 32, 32, 128, 128, 128]  # a warm-up, then best of two, each size
+    chosen = hardware.Choices("embedding")
+    chosen.batch_size(0, "FNSERVE_X_BATCH", "cpu", 64, sizes, timed.append, "model:1-float32")
+    assert len(timed) == 9  # this server's other workers, and later runs on this machine, reuse it
+    assert chosen.made["max_batch_size"].source == "measured"
+    assert chosen.made["max_batch_size"].reason.startswith("inputs/s by batch size here: 8: ")
 
 
 def test_usable_cores_follow_the_cgroup_quota_and_the_affinity(tmp_path: Path) -> None:

@@ -27,9 +27,15 @@ CHAT_TARGET = "0.001"
 
 @pytest.fixture(scope="module")
 def url() -> Iterator[str]:
-    """One entry worker, so that every request meets the same queue."""
-    env = {**ONE_WORKER, "FNSERVE_EMBEDDING_MAX_LATENCY_MS": "600000"}
-    with serve(env={**env, "FNSERVE_GENERATION_MAX_WAIT_SECONDS": CHAT_TARGET}) as base:
+    """One entry worker, so that every request meets the same queue. Batches of 32 texts: sixteen of them
+    fit the default queue (1,024 texts), where sixteen of a timed 128 would not."""
+    env = {
+        **ONE_WORKER,
+        "FNSERVE_EMBEDDING_MAX_LATENCY_MS": "600000",
+        "FNSERVE_EMBEDDING_MAX_BATCH_SIZE": "32",
+        "FNSERVE_GENERATION_MAX_WAIT_SECONDS": CHAT_TARGET,
+    }
+    with serve(env=env) as base:
         yield base
 
 

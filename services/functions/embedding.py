@@ -113,10 +113,6 @@ class EmbeddingFunction:
         )  # fmt: skip
         torch.set_num_threads(threads)
         share_the_gil(self.choices, settings.gil_switch_microseconds)
-        self.choices.setting_or(
-            "max_batch_size", "FNSERVE_EMBEDDING_MAX_BATCH_SIZE", settings.embedding_max_batch_size,
-            settings.embedding_batch_size, "texts per forward pass: a GPU keeps gaining past 32, a CPU not",
-        )  # fmt: skip
         self.model_id = entry.name
         self.device = pick_device(settings.device)
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -130,15 +126,21 @@ class EmbeddingFunction:
         self._forward_lock = threading.Lock()
         self.max_tokens = settings.embedding_max_tokens
         stored = AutoModel.from_pretrained(model_path).to(self.device).eval()
-        probe = [f"a short sentence of about a dozen tokens, number {i}" for i in range(32)]
+        probe = [f"a short sentence of about a dozen tokens, number {i}" for i in range(128)]
         self.dtype: torch.dtype = self.choices.dtype(
             settings.embedding_dtype,
             "FNSERVE_EMBEDDING_DTYPE",
             stored,
-            lambda model: encode(self.tokenizer, model, probe, self.max_tokens, self.device),
+            lambda model: encode(self.tokenizer, model, probe[:32], self.max_tokens, self.device),
             key=str(entry.tag),
         )
         served = stored.to(self.dtype)
+        batch_size = self.choices.batch_size(
+            settings.embedding_max_batch_size, "FNSERVE_EMBEDDING_MAX_BATCH_SIZE", self.device,
+            settings.embedding_batch_size, (8, 32, 128),
+            lambda size: encode(self.tokenizer, served, probe[:size], self.max_tokens, self.device),
+            f"{entry.tag}-{self.dtype}",
+        )  # fmt: skip
         weights = Reloadable(lambda: served, model_path, self.dtype, self.device)
         self.slot = ModelSlot(
             entry.name, weights.load, lambda model: self._release(weights), settings.idle_release_seconds
@@ -151,7 +153,7 @@ class EmbeddingFunction:
         # services/functions/batching.py for why it is not BentoML's.
         self._batcher = GreedyBatcher(
             self._embed_batch,
-            max_batch_size=settings.embedding_batch_size,
+            max_batch_size=batch_size,
             max_queue_seconds=settings.embedding_max_latency_ms / 1000,
             max_queue=settings.embedding_max_queue,
             on_batch=observe_batch,

@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import threading
-import time
 import warnings
 from dataclasses import dataclass
 from io import BytesIO
@@ -27,7 +26,7 @@ from models.catalog import CATALOG
 from services.config import Settings, pick_device
 from services.functions.batching import GreedyBatcher, WaitTarget, answered_by
 from services.functions.cache import cache_key, response_cache, through_cache
-from services.functions.hardware import Choices, model_status, once_per_server, server_instance, share_the_gil
+from services.functions.hardware import Choices, model_status, share_the_gil
 from services.functions.lifecycle import ModelSlot, Reloadable
 from services.functions.pacing import encoder_share
 from services.functions.types import Refused
@@ -168,7 +167,12 @@ class ImageFunction:
             key=str(entry.tag),
         )
         served = stored.to(self.dtype)
-        self.batch_size = self._choose_batch_size(served, f"{entry.tag}-batch-{self.dtype}")
+        self.batch_size = self.choices.batch_size(
+            settings.image_max_batch_size, "FNSERVE_IMAGE_MAX_BATCH_SIZE", self.device,
+            settings.image_batch_size, (1, 4, 8, 16),
+            lambda size: classify(served, np.zeros((size, 3, SIZE, SIZE), dtype=np.float32), self.device),
+            f"{entry.tag}-{self.dtype}",
+        )  # fmt: skip
         weights = Reloadable(lambda: served, model_path, self.dtype, self.device)
         self._forward_lock = threading.Lock()
         self.slot = ModelSlot(
@@ -190,39 +194,6 @@ class ImageFunction:
         )
         self._cache = response_cache(settings.redis_url, settings.image_cache_size)
         self._cache_scope = (entry.tag, str(self.dtype))
-
-    def _choose_batch_size(self, model: Any, key: str) -> int:
-        """Images per forward pass. On a CPU, larger batches were slower per image than 4 on a Zen 5
-        (bf16: 243 images/s at 4, 170 at 16: the activations leave the cache), so each server times
-        its own model at 1, 4, 8 and 16 (best of two passes each) and takes the fastest per image."""
-        settings = self.settings
-        if settings.image_max_batch_size or self.device == "cuda":
-            return self.choices.setting_or(
-                "max_batch_size", "FNSERVE_IMAGE_MAX_BATCH_SIZE", settings.image_max_batch_size,
-                settings.image_batch_size, "a GPU keeps gaining with the batch",
-            )  # fmt: skip
-
-        def decide() -> dict[str, str]:
-            rates = {}
-            for size in (1, 4, 8, 16):
-                batch = np.zeros((size, 3, SIZE, SIZE), dtype=np.float32)
-                classify(model, batch, self.device)  # warm-up
-                times = []
-                for _ in range(2):
-                    start = time.perf_counter()
-                    classify(model, batch, self.device)
-                    times.append(time.perf_counter() - start)
-                rates[size] = size / min(times)
-            best = max(rates, key=rates.__getitem__)
-            shown = ", ".join(f"{size}: {rate:.0f}" for size, rate in rates.items())
-            return {
-                "value": str(best),
-                "source": "measured",
-                "reason": f"images/s by batch size here: {shown}",
-            }
-
-        decided = once_per_server(server_instance(), key, decide, remember=True)
-        return int(self.choices.add("max_batch_size", decided["value"], "measured", decided["reason"]))
 
     def status(self) -> dict[str, Any]:
         entry = model_status(self.slot.state, self.device, self.choices)
