@@ -252,10 +252,12 @@ def test_a_replica_killed_mid_job_hands_its_lines_to_the_other_and_rejoins_when_
     dead, alive = cluster.replicas
     part = cluster.parts[dead.name]
     pids = {proc.pid for proc in part.tree()}
-    # Lines that run for seconds (48 tokens past the end of text), so that a line seen running is still
-    # running when the kill lands: a short answer could finish in between. Twice the lines that both
-    # replicas run at once (FNSERVE_BATCH_GENERATION_CONCURRENCY), so that some wait for a claim.
-    lines = [chat_line(i, max_tokens=48) for i in range(16)]
+    # Lines of 32 tokens past the end of text, 32 decode steps each, so that a line seen running is still
+    # running when the kill lands a few milliseconds later: a short answer could finish in between. (At
+    # 48 tokens the survivor's share was this test's longest step: 23 s of its 38, measured alone.)
+    # Twice the lines that both replicas run at once (FNSERVE_BATCH_GENERATION_CONCURRENCY), so that
+    # some wait for a claim.
+    lines = [chat_line(i, max_tokens=32) for i in range(16)]
     for line in lines:
         line["body"]["ignore_eos"] = True
     batch = start_batch(balancer, lines, "/v1/chat/completions")
