@@ -62,10 +62,10 @@ def measure_raw(
 
     from models.catalog import CATALOG
     from services.config import get_settings, pick_device
-    from services.functions.embedding import encode
+    from services.functions.embedding import TextEncoder
 
     path = bentoml.models.get(CATALOG["all-minilm-l6-v2"].tag).path
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    encoder = TextEncoder(AutoTokenizer.from_pretrained(path), 256)
     device = pick_device(get_settings().device)
     results: dict[str, dict[str, object]] = {}
     for size, template in TEXTS.items():
@@ -76,7 +76,7 @@ def measure_raw(
                 texts = [template % i for i in range(batch_size)]
                 done, start = 0, time.perf_counter()
                 while time.perf_counter() - start < seconds or done < 2 * batch_size:
-                    encode(tokenizer, model, texts, 256, device)
+                    encoder.encode(model, texts, device)
                     done += batch_size
                 key = f"{dtype}/{batch_size}"
                 grid[key] = done / (time.perf_counter() - start)
@@ -84,7 +84,7 @@ def measure_raw(
                     grid[key] = max(grid[key], before[size]["grid"][key])
                 print(f"raw {size} {key}: {grid[key]:.0f}/s", flush=True)
         best = max(grid, key=grid.__getitem__)
-        tokens = len(tokenizer(template % 12345)["input_ids"])
+        tokens = len(encoder.tokenize([template % 12345])[0])
         results[size] = {"tokens": tokens, "per_s": grid[best], "best": best, "grid": grid}
     return results
 

@@ -21,19 +21,19 @@ from transformers import AutoModel, AutoTokenizer
 from loadtests.naive_common import READY, main
 from models.catalog import CATALOG
 from services.config import get_settings, pick_device
-from services.functions.embedding import encode
+from services.functions.embedding import TextEncoder
 
 
 def build_app(dtype: str) -> Starlette:
     settings = get_settings()
     path = bentoml.models.get(CATALOG[settings.embedding_model].tag).path
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    encoder = TextEncoder(AutoTokenizer.from_pretrained(path), settings.embedding_max_tokens)
     device = pick_device(settings.device)
     model = AutoModel.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
     lock = asyncio.Lock()
 
     def embed(text: str) -> list[float]:
-        return encode(tokenizer, model, [text], settings.embedding_max_tokens, device)[0][0].tolist()
+        return encoder.encode(model, [text], device)[0][0].tolist()
 
     async def embeddings(request: Request) -> Response:
         body = orjson.loads(await request.body())

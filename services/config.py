@@ -130,6 +130,12 @@ class Settings(BaseSettings):
         description="largest batch one forward pass takes; 0 = timed at start-up on CPU (8, 32 or 128: the "
         "smallest within 5% of the fastest per short text), 128 on a GPU",
     )
+    embedding_max_batch_tokens: int = Field(
+        0,
+        ge=0,
+        description="most padded tokens one forward pass takes (its texts times the longest, at least one "
+        "text); 0 = the batch size in short texts' tokens on CPU, 16,384 on a GPU",
+    )
     embedding_max_latency_ms: int = Field(
         10_000, ge=1, description="queue deadline: a request waiting longer is shed with 503"
     )

@@ -16,7 +16,7 @@ from typing import get_args
 import grpc
 import pytest
 
-from services.functions.batching import GreedyBatcher
+from services.functions.batching import GreedyBatcher, passes
 from services.functions.pacing import EngineBeat, admit
 from services.functions.types import RefusalKind, Refused
 from services.protocols.oip.grpc import CODES
@@ -51,6 +51,39 @@ def test_a_request_larger_than_a_batch_is_never_shed_behind_its_own_passes() -> 
 
     assert asyncio.run(main()) == [2 * i for i in range(10)]
     assert batches == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_passes_hold_their_padded_tokens_and_pad_texts_to_about_their_own_length() -> None:
+    # Shortest first: in the order given, each 50 would have padded the shorter texts with it to 50.
+    assert passes([5, 1, 50, 2, 50], max_items=4, max_tokens=100) == [[1, 3, 0], [2, 4]]
+    assert passes([300, 1], max_items=4, max_tokens=100) == [[1], [0]]  # one over the bound: alone
+    assert passes([1] * 10, max_items=4, max_tokens=float("inf")) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+def test_queued_requests_share_a_pass_up_to_its_padded_tokens_and_answers_keep_their_order() -> None:
+    started, release, seen = threading.Event(), threading.Event(), []
+
+    def run(items: list[str]) -> list[str]:
+        seen.append(list(items))
+        started.set()
+        assert release.wait(LONG)
+        return [item.upper() for item in items]
+
+    async def main() -> list[list[str]]:
+        shared = GreedyBatcher(
+            run, max_batch_size=8, max_queue_seconds=LONG, max_queue=10_000, max_batch_tokens=12, tokens=len
+        )
+        first = asyncio.create_task(shared.submit(["x"]))
+        assert await asyncio.to_thread(started.wait, LONG)
+        later = [shared.submit(words) for words in (["aa"], ["bbb", "c"], ["dddddd"], ["e"])]
+        queued = [asyncio.create_task(request) for request in later]
+        await asyncio.sleep(0)  # queued behind the pass that holds
+        release.set()
+        return await asyncio.gather(first, *queued)
+
+    assert asyncio.run(main()) == [["X"], ["AA"], ["BBB", "C"], ["DDDDDD"], ["E"]]
+    # 3 texts padded to 3 tokens, then 2 padded to 6: "dddddd" would have made the second pass 24.
+    assert seen == [["x"], ["aa", "c", "bbb"], ["dddddd", "e"]]
 
 
 def test_a_request_that_waits_too_long_to_start_is_refused_as_overloaded() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -12,9 +13,10 @@ import numpy as np
 import openai
 import pytest
 
-from tests.server import histogram, http_client
+from tests.server import counter, histogram, http_client
 
 MODEL = "all-minilm-l6-v2"
+WINDOW = 256  # the model's window in tokens (FNSERVE_EMBEDDING_MAX_TOKENS)
 
 
 def post_json(client: httpx.Client, path: str, body: object) -> httpx.Response:
@@ -237,18 +239,53 @@ def test_truncate_policy_embeds_inputs_over_the_window(client: httpx.Client) -> 
     assert response.json()["usage"]["prompt_tokens"] == 256
 
 
-def test_the_counting_tokenizer_is_written_only_by_its_first_call() -> None:
-    """Why EmbeddingFunction counts once at start-up: the stored tokenizer sets truncation, a first
-    `truncation=False` call turns it off (a write two threads could race on), later calls only read."""
+def test_long_texts_fill_a_pass_with_fewer_within_its_token_budget(client: httpx.Client) -> None:
+    """Passes are bounded in padded tokens as well as texts: a request of texts at the window's full
+    length runs in passes of as many as the budget holds, never one pass of the whole batch size."""
+    made = client.get("/models/status").json()[MODEL]["choices"]
+    budget, size = int(made["max_batch_tokens"]["value"]), int(made["max_batch_size"]["value"])
+    per_pass = max(1, min(size, budget // WINDOW))
+    texts = [f"{uuid.uuid4()} " + "word " * 400 for _ in range(2 * per_pass + 1)]  # unique: computed
+    url = str(client.base_url)
+
+    def passes() -> tuple[float, ...]:
+        return tuple(counter(url, f"fnserve_embedding_batch_tokens_{part}") for part in ("count", "sum"))
+
+    before = passes()
+    response = client.post("/v1/embeddings", json={"model": MODEL, "input": texts})
+    assert response.status_code == 200 and response.json()["usage"]["prompt_tokens"] == WINDOW * len(texts)
+    after = passes()
+    assert after[0] - before[0] == 3  # two full passes and the one text left
+    assert after[1] - before[1] == WINDOW * len(texts)  # all at the window's length: no padding
+
+
+def test_the_text_encoders_are_set_once_and_only_read_after() -> None:
+    """What EmbeddingFunction relies on to tokenize in several threads at once: each encoder is a copy
+    of the tokenizers-library encoder under transformers' tokenizer, with its own settings, which
+    encoding and padding never write (transformers' own call rewrites them whenever a call's differ).
+    A padded pass gives each text the vector it has alone."""
     import bentoml
-    from transformers import AutoTokenizer
+    from transformers import AutoModel, AutoTokenizer
 
     from models.catalog import CATALOG
+    from services.functions.embedding import TextEncoder
 
-    tokenizer = AutoTokenizer.from_pretrained(bentoml.models.get(CATALOG[MODEL].tag).path)
-    assert tokenizer.backend_tokenizer.truncation is not None
-    tokenizer(["warm-up"], truncation=False)
-    settled = (tokenizer.backend_tokenizer.truncation, tokenizer.backend_tokenizer.padding)
-    assert settled == (None, None)
-    tokenizer(["a second call"], truncation=False)
-    assert (tokenizer.backend_tokenizer.truncation, tokenizer.backend_tokenizer.padding) == settled
+    def settings() -> list[tuple[object, object]]:
+        return [(each._encoder.truncation, each._encoder.padding) for each in (window, counting)]
+
+    path = bentoml.models.get(CATALOG[MODEL].tag).path
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    window, counting = TextEncoder(tokenizer, WINDOW), TextEncoder(tokenizer, None)
+    before = settings()
+    assert before[0][0]["max_length"] == WINDOW and before[0][1] is None and before[1] == (None, None)
+    texts = ["a short call", "word " * 400]
+    tokenizer(texts, padding=True, truncation=False)  # transformers' tokenizer rewritten, not ours
+    ids = window.tokenize(texts)
+    assert [len(each) for each in ids] == [5, WINDOW] and len(counting.tokenize(texts)[1]) == 402
+    assert ids == tokenizer(texts, truncation=True, max_length=WINDOW)["input_ids"]  # the same ids
+    model = AutoModel.from_pretrained(path).eval()
+    together, counts = window.embed(model, ids, "cpu")
+    alone = [window.embed(model, [each], "cpu")[0][0] for each in ids]
+    assert counts == [5, WINDOW]
+    np.testing.assert_allclose(together, alone, atol=1e-5)  # the padding is masked out
+    assert settings() == before

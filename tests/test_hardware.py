@@ -103,7 +103,7 @@ def test_an_explicit_dtype_wins_and_auto_picks_a_served_dtype(server: str) -> No
     assert made[CHAT]["dtype"]["reason"].startswith("FNSERVE_GENERATION_DTYPE=float32")
     auto = made[EMBEDDER]["dtype"]
     assert auto["value"] in ("float32", "bfloat16", "float16") and auto["source"] in ("measured", "rule")
-    for name in ("workers", "threads", "max_batch_size"):
+    for name in ("workers", "threads", "max_batch_size", "max_batch_tokens"):
         assert int(made[EMBEDDER][name]["value"]) >= 1 and made[EMBEDDER][name]["reason"]
     status = httpx.get(f"{server}/models/status", timeout=LONG).json()
     for model, sizes in ((EMBEDDER, ("8", "32", "128")), ("efficientnet-lite0", ("1", "4", "8", "16"))):
@@ -111,6 +111,10 @@ def test_an_explicit_dtype_wins_and_auto_picks_a_served_dtype(server: str) -> No
         if status[model]["device"] == "cpu":  # timed on the real model; a GPU's is a rule
             assert batch["source"] == "measured" and batch["value"] in sizes, batch
             assert batch["reason"].startswith("inputs/s by batch size here: ")
+    if status[EMBEDDER]["device"] == "cpu":  # the same pass in tokens, whatever its texts' length
+        texts, tokens = int(made[EMBEDDER]["max_batch_size"]["value"]), made[EMBEDDER]["max_batch_tokens"]
+        short = int(tokens["value"]) // texts
+        assert tokens["reason"] == f"max_batch_size in tokens: {texts} short texts of {short}" and short > 8
     assert int(made[CHAT]["cache_blocks"]["value"]) >= 4
     # Python's own 5 ms let a busy event loop starve the model's thread (services/functions/hardware.py).
     for model in (EMBEDDER, CHAT, "efficientnet-lite0"):

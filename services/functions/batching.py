@@ -1,8 +1,9 @@
 """Greedy request batching for in-process model calls.
 
-Whenever the model is free, everything queued (up to `max_batch_size` items) goes into the next forward
-pass; while it is busy, new requests queue. Load alone sets the batch size: one request runs at once at
-low load, and batches fill under concurrency, with no wait window to tune.
+Whenever the model is free, everything queued (up to `max_batch_size` items, and where items differ in
+length up to `max_batch_tokens` padded tokens) goes into the next forward pass; while it is busy, new
+requests queue. Load alone sets the batch size: one request runs at once at low load, and batches fill
+under concurrency, with no wait window to tune.
 
 Written here rather than reusing BentoML's CorkDispatcher because that one sizes its wait window from the
 average wait of recent batches, which feeds back on itself: after a burst it kept adding ~70 ms to every
@@ -12,6 +13,7 @@ request at one-at-a-time load (README, benchmarks), and it polls the queue every
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -43,6 +45,21 @@ async def answered_by(deadline: float | None) -> AsyncIterator[None]:
     except QueueFull as exc:
         rejected("queue_full")
         raise Refused("queue_full", str(exc)) from None
+
+
+def passes(lengths: list[int], max_items: int, max_tokens: float) -> list[list[int]]:
+    """The indices of items of these lengths, grouped into passes of at most `max_items` items and
+    `max_tokens` padded tokens (its items times the longest of them: a padded pass computes over all of
+    that), at least one item each. Shortest first, so that a pass pads its texts to about their own
+    length: in the order given, one long text among short ones made each of them cost as much as it."""
+    grouped: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        last = grouped[-1] if grouped else []
+        if last and len(last) < max_items and (len(last) + 1) * lengths[i] <= max_tokens:
+            last.append(i)
+        else:
+            grouped.append([i])
+    return grouped
 
 
 class QueueFull(Exception):
@@ -78,6 +95,7 @@ class _Job(Generic[T, R]):
     items: list[T]
     future: asyncio.Future[list[R]]
     request: _Request
+    longest: int
     enqueued: float = field(default_factory=time.monotonic)
 
 
@@ -92,6 +110,8 @@ class GreedyBatcher(Generic[T, R]):
         on_queue: Callable[[int], None] = lambda queued: None,
         wait_target: WaitTarget | None = None,
         rest_after: Callable[[float], float] = lambda busy: 0.0,
+        max_batch_tokens: int = 0,
+        tokens: Callable[[T], int] = lambda item: 1,
     ) -> None:
         """`run_batch` maps items to results in order and runs in a worker thread; `on_batch` receives
         each batch's size and the queue wait of its oldest job; `on_queue` the online items waiting,
@@ -99,9 +119,13 @@ class GreedyBatcher(Generic[T, R]):
         (refused as overloaded: 503) instead of running late; an online request that would take a
         non-empty queue past `max_queue` items raises QueueFull, and one expected to wait past
         `wait_target` is refused. After each forward pass of `busy` seconds, the worker rests
-        `rest_after(busy)` seconds (answers are sent first)."""
+        `rest_after(busy)` seconds (answers are sent first). With `max_batch_tokens`, a pass also holds
+        at most that many padded tokens, an item's being `tokens(item)`: what a pass of texts costs
+        grows with its tokens, not its texts, so long texts fill one with fewer of them."""
         self._run_batch = run_batch
         self._max_batch_size = max_batch_size
+        self._max_batch_tokens = max_batch_tokens or math.inf
+        self._tokens = tokens
         self._max_queue_seconds = max_queue_seconds
         self._max_queue = max_queue
         self._on_batch = on_batch
@@ -114,6 +138,7 @@ class GreedyBatcher(Generic[T, R]):
         self._online_seen = -ONLINE_QUIET_SECONDS
         # An eighth of a batch: at a quarter, online p50 under a running job was 2.1x its idle value.
         self._background_size = max(1, max_batch_size // 8)
+        self._background_tokens = self._max_batch_tokens / 8
         self._worker: asyncio.Task[None] | None = None
 
     async def submit(self, items: list[T], deadline: float | None = None) -> list[R]:
@@ -125,10 +150,19 @@ class GreedyBatcher(Generic[T, R]):
         if not background and (target := self._wait_target):
             admit(target.function, self.expected_wait, target.seconds, deadline, target.setting)
         # Background work is cut small, so that an online request never waits behind a full forward.
-        size = self._background_size if background else self._max_batch_size
+        size, budget = (
+            (self._background_size, self._background_tokens)
+            if background
+            else (self._max_batch_size, self._max_batch_tokens)
+        )
+        lengths = [self._tokens(item) for item in items]
+        groups = passes(lengths, size, budget)
         loop = asyncio.get_running_loop()
         request = _Request()
-        jobs = [_Job(items[i : i + size], loop.create_future(), request) for i in range(0, len(items), size)]
+        jobs = [
+            _Job([items[i] for i in group], loop.create_future(), request, max(lengths[i] for i in group))
+            for group in groups
+        ]
         if background:
             self._background.extend(jobs)
         else:
@@ -144,7 +178,9 @@ class GreedyBatcher(Generic[T, R]):
                 job.future.cancel()
             self._on_queue(self.queued)
             raise
-        return [result for part in parts for result in part]
+        order = [i for group in groups for i in group]
+        placed = dict(zip(order, (result for part in parts for result in part), strict=True))
+        return [placed[i] for i in range(len(items))]
 
     @property
     def expected_wait(self) -> float:
@@ -163,9 +199,15 @@ class GreedyBatcher(Generic[T, R]):
 
     def _next_batch(self) -> list[_Job[T, R]]:
         batch: list[_Job[T, R]] = []
-        count = 0
+        count = longest = 0
+
+        def fits(job: _Job[T, R], max_items: int, max_tokens: float) -> bool:
+            """Whether `job` joins the pass so far (the first always does)."""
+            items = count + len(job.items)
+            return not batch or (items <= max_items and items * max(longest, job.longest) <= max_tokens)
+
         now = time.monotonic()
-        while self._queue and count + len(self._queue[0].items) <= self._max_batch_size:
+        while self._queue and fits(self._queue[0], self._max_batch_size, self._max_batch_tokens):
             job = self._queue.popleft()
             if job.future.done():
                 continue
@@ -180,18 +222,22 @@ class GreedyBatcher(Generic[T, R]):
                 continue
             job.request.started = True
             batch.append(job)
-            count += len(job.items)
+            count, longest = count + len(job.items), max(longest, job.longest)
         if batch:
             return batch
         # Background work runs only in forwards with no online request in them, and in small ones
         # while online requests keep coming: an online request then waits for a short forward at most.
         recent = now - self._online_seen < ONLINE_QUIET_SECONDS
-        limit = self._background_size if recent else self._max_batch_size
-        while self._background and (not batch or count + len(self._background[0].items) <= limit):
+        limits = (
+            (self._background_size, self._background_tokens)
+            if recent
+            else (self._max_batch_size, self._max_batch_tokens)
+        )
+        while self._background and fits(self._background[0], *limits):
             job = self._background.popleft()
             if not job.future.done():
                 batch.append(job)
-                count += len(job.items)
+                count, longest = count + len(job.items), max(longest, job.longest)
         return batch
 
     async def _drain(self) -> None:

@@ -35,6 +35,11 @@ BATCH_SIZE = bentoml.metrics.Histogram(
     documentation="Texts per forward pass of the embedding model (every protocol but /encode)",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
 )
+BATCH_TOKENS = bentoml.metrics.Histogram(
+    name="fnserve_embedding_batch_tokens",
+    documentation="Padded tokens per forward pass of the embedding model (its texts times the longest)",
+    buckets=(64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768),
+)
 QUEUE_SECONDS = bentoml.metrics.Histogram(
     name="fnserve_embedding_queue_seconds",
     documentation="Time the oldest request of each batch waited for the model",
@@ -51,6 +56,11 @@ def observe_batch(size: int, wait: float) -> None:
     BATCH_SIZE.observe(size)
     QUEUE_SECONDS.observe(wait)
 
+
+# Texts tokenized on the event loop up to this many characters in a request, in a thread past it.
+INLINE_CHARS = 500
+# Padded tokens in a pass on a GPU, text-embeddings-inference's default (--max-batch-tokens).
+GPU_BATCH_TOKENS = 16_384
 
 Embedded = tuple[np.ndarray, int]
 """One input's unit vector (float32) and the number of tokens the model read for it."""
@@ -75,22 +85,44 @@ def unpack(value: bytes) -> Embedded:
     return np.frombuffer(value, dtype=np.float32, offset=4), struct.unpack_from("<I", value)[0]
 
 
-def encode(
-    tokenizer: Any, model: Any, texts: list[str], max_tokens: int, device: str = "cpu"
-) -> tuple[np.ndarray, list[int]]:
-    """Unit vectors (mean pooling over real tokens, as sentence-transformers does) and token counts.
-    Shared with the benchmarks, so "raw model" there is exactly the work the service does."""
-    import torch
+class TextEncoder:
+    """Texts to token ids, cut to `max_tokens` (None: uncut, for counting), and ids to unit vectors
+    (mean pooling over real tokens, as sentence-transformers does). One path for the function's passes,
+    BentoML's `/encode` and the benchmarks' raw model, so "raw model" there is exactly the work the
+    service does."""
 
-    batch = tokenizer(texts, padding=True, truncation=True, max_length=max_tokens, return_tensors="pt").to(
-        device
-    )
-    with torch.inference_mode():
-        hidden = model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-        vectors = torch.nn.functional.normalize(pooled.float(), dim=-1)
-    return vectors.cpu().numpy(), batch["attention_mask"].sum(dim=1).tolist()
+    def __init__(self, tokenizer: Any, max_tokens: int | None) -> None:
+        """From a transformers fast tokenizer: its tokenizers-library encoder is copied and set once,
+        then only read, so threads share it. (Transformers' call rewrites a shared encoder's settings
+        whenever a call's differ, which a call in another thread can meet halfway, and costs twice the
+        time: 58 against 31 microseconds for one sentence on a Xeon, paid on the event loop here.)"""
+        from tokenizers import Tokenizer
+
+        self._encoder = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self._encoder.no_padding()  # passes are padded together in `embed`
+        if max_tokens is None:
+            self._encoder.no_truncation()
+        else:
+            self._encoder.enable_truncation(max_tokens)
+        self._pad = tokenizer.pad
+
+    def tokenize(self, texts: list[str]) -> list[list[int]]:
+        return [encoding.ids for encoding in self._encoder.encode_batch(texts)]
+
+    def embed(self, model: Any, ids: list[list[int]], device: str) -> tuple[np.ndarray, list[int]]:
+        """Unit vectors and token counts for tokenized texts, in one padded pass."""
+        import torch
+
+        batch = self._pad({"input_ids": ids}, return_tensors="pt").to(device)
+        with torch.inference_mode():
+            hidden = model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+            vectors = torch.nn.functional.normalize(pooled.float(), dim=-1)
+        return vectors.cpu().numpy(), [len(each) for each in ids]
+
+    def encode(self, model: Any, texts: list[str], device: str = "cpu") -> tuple[np.ndarray, list[int]]:
+        return self.embed(model, self.tokenize(texts), device)
 
 
 class EmbeddingFunction:
@@ -115,31 +147,36 @@ class EmbeddingFunction:
         share_the_gil(self.choices, settings.gil_switch_microseconds)
         self.model_id = entry.name
         self.device = pick_device(settings.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        # A fast tokenizer is not safe to share between threads that set truncation differently: the
-        # overflow check gets its own instance, and forward passes (greedy batcher and BentoML's batcher
-        # for /encode run in different threads) take turns.
-        self._counting_tokenizer = AutoTokenizer.from_pretrained(model_path)
-        # Its first call turns off the truncation and padding the stored tokenizer.json sets, a write
-        # that two first requests counting at once would race on; made here, before any request.
-        self._counting_tokenizer(["warm-up"], truncation=False)
-        self._forward_lock = threading.Lock()
         self.max_tokens = settings.embedding_max_tokens
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.encoder = TextEncoder(tokenizer, self.max_tokens)
+        self._counter = TextEncoder(tokenizer, None)  # the overflow check counts uncut
+        self._forward_lock = threading.Lock()
         stored = AutoModel.from_pretrained(model_path).to(self.device).eval()
         probe = [f"a short sentence of about a dozen tokens, number {i}" for i in range(128)]
         self.dtype: torch.dtype = self.choices.dtype(
             settings.embedding_dtype,
             "FNSERVE_EMBEDDING_DTYPE",
             stored,
-            lambda model: encode(self.tokenizer, model, probe[:32], self.max_tokens, self.device),
+            lambda model: self.encoder.encode(model, probe[:32], self.device),
             key=str(entry.tag),
         )
         served = stored.to(self.dtype)
         batch_size = self.choices.batch_size(
             settings.embedding_max_batch_size, "FNSERVE_EMBEDDING_MAX_BATCH_SIZE", self.device,
             settings.embedding_batch_size, (8, 32, 128),
-            lambda size: encode(self.tokenizer, served, probe[:size], self.max_tokens, self.device),
+            lambda size: self.encoder.encode(served, probe[:size], self.device),
             f"{entry.tag}-{self.dtype}",
+        )  # fmt: skip
+        # Sized in short texts, a pass of the longest ones took 8 s on one thread of a Xeon (128 of 256
+        # tokens), and ran slower per text than passes of 8. Its matmuls grow with its padded tokens, so
+        # the same pass in tokens bounds every pass, whatever its texts' length.
+        short = max(map(len, self.encoder.tokenize(probe[:batch_size])))
+        batch_tokens = self.choices.setting_or(
+            "max_batch_tokens", "FNSERVE_EMBEDDING_MAX_BATCH_TOKENS", settings.embedding_max_batch_tokens,
+            GPU_BATCH_TOKENS if self.device == "cuda" else batch_size * short,
+            "text-embeddings-inference's default for a GPU" if self.device == "cuda"
+            else f"max_batch_size in tokens: {batch_size} short texts of {short}",
         )  # fmt: skip
         weights = Reloadable(lambda: served, model_path, self.dtype, self.device)
         self.slot = ModelSlot(
@@ -162,6 +199,8 @@ class EmbeddingFunction:
                 "embedding", settings.embedding_max_wait_seconds, "FNSERVE_EMBEDDING_MAX_WAIT_SECONDS"
             ),
             rest_after=share.rest_after,
+            max_batch_tokens=batch_tokens,
+            tokens=len,
         )
         self._cache = response_cache(settings.redis_url, settings.embedding_cache_size)
         self._cache_scope = (entry.tag, str(self.dtype), self.max_tokens)
@@ -200,8 +239,9 @@ class EmbeddingFunction:
 
     async def _embed(self, texts: list[str], deadline: float | None) -> tuple[list[Embedded], int]:
         async def compute(missing: list[int]) -> list[Embedded]:
+            ids = await self._tokenize([texts[i] for i in missing])
             async with self.slot.use():
-                return await self._batcher.submit([texts[i] for i in missing], deadline)
+                return await self._batcher.submit(ids, deadline)
 
         def keys() -> list[str]:
             return [cache_key("embedding", *self._cache_scope, text) for text in texts]
@@ -215,10 +255,17 @@ class EmbeddingFunction:
             vectors, _ = await asyncio.to_thread(self._forward, texts)
         return vectors
 
+    async def _tokenize(self, texts: list[str]) -> list[list[int]]:
+        """Token ids, which the batcher sizes passes by: on the event loop for a few short texts, where a
+        hop to a thread costs more than tokenizing them (170 against 40 microseconds for one sentence,
+        measured on a Xeon), and in a thread past INLINE_CHARS (2,000 characters took 750)."""
+        if sum(map(len, texts)) <= INLINE_CHARS:
+            return self.encoder.tokenize(texts)
+        return await asyncio.to_thread(self.encoder.tokenize, texts)
+
     async def token_counts(self, texts: list[str]) -> list[int]:
         """Untruncated token counts, for rejecting inputs over the window (off the event loop)."""
-        encoded = await asyncio.to_thread(self._counting_tokenizer, texts, truncation=False)
-        return [len(ids) for ids in encoded["input_ids"]]
+        return [len(ids) for ids in await asyncio.to_thread(self._counter.tokenize, texts)]
 
     def _release(self, weights: Reloadable) -> None:
         """After any forward still running: a cancelled request's thread runs on after it gave up."""
@@ -227,8 +274,10 @@ class EmbeddingFunction:
 
     def _forward(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
         with self._forward_lock:
-            return encode(self.tokenizer, self.slot.model, texts, self.max_tokens, self.device)
+            return self.encoder.encode(self.slot.model, texts, self.device)
 
-    def _embed_batch(self, texts: list[str]) -> list[Embedded]:
-        vectors, tokens = self._forward(texts)
+    def _embed_batch(self, ids: list[list[int]]) -> list[Embedded]:
+        BATCH_TOKENS.observe(len(ids) * max(map(len, ids)))
+        with self._forward_lock:
+            vectors, tokens = self.encoder.embed(self.slot.model, ids, self.device)
         return list(zip(vectors, tokens, strict=True))
