@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.server import BENTOML, LONG, ROOT, serve
+from tests.server import BENTOML, LONG, ONE_WORKER, ROOT, serve
 
 
 def test_bento_builds_and_serves(tmp_path: Path) -> None:
@@ -21,8 +21,9 @@ def test_bento_builds_and_serves(tmp_path: Path) -> None:
     assert found, done.stdout
     tag = found.group(1)
     try:
-        # Served from an empty folder, so the code comes from the Bento and not from the checkout.
-        with serve(tag, cwd=tmp_path) as url:
+        # Served from an empty folder, so the code comes from the Bento and not from the checkout; with
+        # one entry worker (the session server tests two): a second one is a second import of torch.
+        with serve(tag, env=ONE_WORKER, cwd=tmp_path) as url:
             body = {"model": "all-minilm-l6-v2", "input": "from the bento"}
             response = httpx.post(f"{url}/v1/embeddings", json=body, timeout=LONG)
             assert response.status_code == 200, response.text
