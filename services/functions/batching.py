@@ -51,7 +51,7 @@ def passes(lengths: list[int], max_items: int, max_tokens: float) -> list[list[i
     """The indices of items of these lengths, grouped into passes of at most `max_items` items and
     `max_tokens` padded tokens (its items times the longest of them: a padded pass computes over all of
     that), at least one item each. Shortest first, so that a pass pads its texts to about their own
-    length: in the order given, one long text among short ones made each of them cost as much as it."""
+    length: in the order given, one long text among short ones would make each of them cost as much."""
     grouped: list[list[int]] = []
     for i in sorted(range(len(lengths)), key=lengths.__getitem__):
         last = grouped[-1] if grouped else []
