@@ -86,6 +86,32 @@ def test_queued_requests_share_a_pass_up_to_its_padded_tokens_and_answers_keep_t
     assert seen == [["x"], ["aa", "c", "bbb"], ["dddddd", "e"]]
 
 
+def test_a_cancelled_request_that_would_not_fit_leaves_room_for_the_next() -> None:
+    started, release, seen = threading.Event(), threading.Event(), []
+
+    def run(items: list[str]) -> list[str]:
+        seen.append(list(items))
+        started.set()
+        assert release.wait(LONG)
+        return items
+
+    async def main() -> list[list[str]]:
+        shared = GreedyBatcher(
+            run, max_batch_size=8, max_queue_seconds=LONG, max_queue=10_000, max_batch_tokens=12, tokens=len
+        )
+        first = asyncio.create_task(shared.submit(["x"]))
+        assert await asyncio.to_thread(started.wait, LONG)
+        queued = [asyncio.create_task(shared.submit([words])) for words in ("bb", "aaaaaaa", "cc")]
+        await asyncio.sleep(0)
+        queued.pop(1).cancel()  # its caller gave up: 2 x 7 tokens would not have fitted beside "bb"
+        await asyncio.sleep(0)
+        release.set()
+        return await asyncio.gather(first, *queued)
+
+    assert asyncio.run(main()) == [["x"], ["bb"], ["cc"]]
+    assert seen == [["x"], ["bb", "cc"]]
+
+
 def test_a_request_that_waits_too_long_to_start_is_refused_as_overloaded() -> None:
     started, release, batches = threading.Event(), threading.Event(), []
 

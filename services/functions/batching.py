@@ -141,14 +141,21 @@ class GreedyBatcher(Generic[T, R]):
         self._background_tokens = self._max_batch_tokens / 8
         self._worker: asyncio.Task[None] | None = None
 
+    def check(self, count: int, deadline: float | None = None) -> None:
+        """Refuses now an online request of `count` items that `submit` would refuse (QueueFull, or
+        admission by time), so that its caller need not prepare the items first."""
+        if BACKGROUND.get():
+            return
+        queued = self.queued
+        if queued and queued + count > self._max_queue:  # one always fits
+            raise QueueFull(f"{queued} inputs are waiting for the model; try again shortly")
+        if target := self._wait_target:
+            admit(target.function, self.expected_wait, target.seconds, deadline, target.setting)
+
     async def submit(self, items: list[T], deadline: float | None = None) -> list[R]:
         """Results for `items`, in order. Inputs larger than a batch are split across batches."""
         background = BACKGROUND.get()
-        queued = self.queued
-        if not background and queued and queued + len(items) > self._max_queue:  # one always fits
-            raise QueueFull(f"{queued} inputs are waiting for the model; try again shortly")
-        if not background and (target := self._wait_target):
-            admit(target.function, self.expected_wait, target.seconds, deadline, target.setting)
+        self.check(len(items), deadline)
         # Background work is cut small, so that an online request never waits behind a full forward.
         size, budget = (
             (self._background_size, self._background_tokens)
@@ -207,11 +214,16 @@ class GreedyBatcher(Generic[T, R]):
             return not batch or (items <= max_items and items * max(longest, job.longest) <= max_tokens)
 
         now = time.monotonic()
-        while self._queue and fits(self._queue[0], self._max_batch_size, self._max_batch_tokens):
-            job = self._queue.popleft()
+        while self._queue:
+            job = self._queue[0]
+            expired = not job.request.started and now - job.enqueued > self._max_queue_seconds
+            # What is done or shed leaves the queue whether it would fit or not.
+            if not (job.future.done() or expired or fits(job, self._max_batch_size, self._max_batch_tokens)):
+                break
+            self._queue.popleft()
             if job.future.done():
                 continue
-            if not job.request.started and now - job.enqueued > self._max_queue_seconds:
+            if expired:
                 if not job.request.shed:
                     rejected("overloaded")
                     job.request.shed = True

@@ -240,6 +240,7 @@ class EmbeddingFunction:
 
     async def _embed(self, texts: list[str], deadline: float | None) -> tuple[list[Embedded], int]:
         async def compute(missing: list[int]) -> list[Embedded]:
+            self._batcher.check(len(missing), deadline)  # a refusal costs no tokenizing
             ids = await self._tokenize([texts[i] for i in missing])
             async with self.slot.use():
                 return await self._batcher.submit(ids, deadline)
