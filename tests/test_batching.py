@@ -9,6 +9,7 @@ import asyncio
 import shutil
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from pathlib import Path
 from typing import get_args
@@ -60,7 +61,11 @@ def test_passes_hold_their_padded_tokens_and_pad_texts_to_about_their_own_length
     assert passes([1] * 10, max_items=4, max_tokens=float("inf")) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
 
-def test_queued_requests_share_a_pass_up_to_its_padded_tokens_and_answers_keep_their_order() -> None:
+def held_behind_a_pass(
+    requests: Callable[[GreedyBatcher[str, str]], Awaitable[list[asyncio.Task[list[str]]]]],
+) -> tuple[list[list[str]], list[list[str]]]:
+    """Answers and passes of a batcher (8 texts, 12 padded tokens, a text's length its tokens; answers in
+    capitals) that gets `requests` while a pass of "x" holds, and runs them once it is let go."""
     started, release, seen = threading.Event(), threading.Event(), []
 
     def run(items: list[str]) -> list[str]:
@@ -75,40 +80,33 @@ def test_queued_requests_share_a_pass_up_to_its_padded_tokens_and_answers_keep_t
         )
         first = asyncio.create_task(shared.submit(["x"]))
         assert await asyncio.to_thread(started.wait, LONG)
-        later = [shared.submit(words) for words in (["aa"], ["bbb", "c"], ["dddddd"], ["e"])]
-        queued = [asyncio.create_task(request) for request in later]
+        queued = await requests(shared)
         await asyncio.sleep(0)  # queued behind the pass that holds
         release.set()
         return await asyncio.gather(first, *queued)
 
-    assert asyncio.run(main()) == [["X"], ["AA"], ["BBB", "C"], ["DDDDDD"], ["E"]]
+    return asyncio.run(main()), seen
+
+
+def test_queued_requests_share_a_pass_up_to_its_padded_tokens_and_answers_keep_their_order() -> None:
+    async def requests(shared: GreedyBatcher[str, str]) -> list[asyncio.Task[list[str]]]:
+        return [asyncio.create_task(shared.submit(w)) for w in (["aa"], ["bbb", "c"], ["dddddd"], ["e"])]
+
+    answers, seen = held_behind_a_pass(requests)
+    assert answers == [["X"], ["AA"], ["BBB", "C"], ["DDDDDD"], ["E"]]
     # 3 texts padded to 3 tokens, then 2 padded to 6: "dddddd" would have made the second pass 24.
     assert seen == [["x"], ["aa", "c", "bbb"], ["dddddd", "e"]]
 
 
 def test_a_cancelled_request_that_would_not_fit_leaves_room_for_the_next() -> None:
-    started, release, seen = threading.Event(), threading.Event(), []
-
-    def run(items: list[str]) -> list[str]:
-        seen.append(list(items))
-        started.set()
-        assert release.wait(LONG)
-        return items
-
-    async def main() -> list[list[str]]:
-        shared = GreedyBatcher(
-            run, max_batch_size=8, max_queue_seconds=LONG, max_queue=10_000, max_batch_tokens=12, tokens=len
-        )
-        first = asyncio.create_task(shared.submit(["x"]))
-        assert await asyncio.to_thread(started.wait, LONG)
+    async def requests(shared: GreedyBatcher[str, str]) -> list[asyncio.Task[list[str]]]:
         queued = [asyncio.create_task(shared.submit([words])) for words in ("bb", "aaaaaaa", "cc")]
-        await asyncio.sleep(0)
-        queued.pop(1).cancel()  # its caller gave up: 2 x 7 tokens would not have fitted beside "bb"
-        await asyncio.sleep(0)
-        release.set()
-        return await asyncio.gather(first, *queued)
+        await asyncio.sleep(0)  # all three queued
+        queued[1].cancel()  # then its caller gives up: 2 x 7 tokens would not have fitted beside "bb"
+        return [queued[0], queued[2]]
 
-    assert asyncio.run(main()) == [["x"], ["bb"], ["cc"]]
+    answers, seen = held_behind_a_pass(requests)
+    assert answers == [["X"], ["BB"], ["CC"]]
     assert seen == [["x"], ["bb", "cc"]]
 
 
