@@ -245,7 +245,7 @@ class GreedyBatcher(Generic[T, R]):
             if recent
             else (self._max_batch_size, self._max_batch_tokens)
         )
-        while self._background and fits(self._background[0], *limits):
+        while self._background and (self._background[0].future.done() or fits(self._background[0], *limits)):
             job = self._background.popleft()
             if not job.future.done():
                 batch.append(job)

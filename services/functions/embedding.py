@@ -172,12 +172,15 @@ class EmbeddingFunction:
         # Sized in short texts, a pass of the longest ones took 8 s on one thread of a Xeon (128 of 256
         # tokens), and ran slower per text than passes of 8. Its matmuls grow with its padded tokens, so
         # the same pass in tokens bounds every pass, whatever its texts' length.
-        short = max(map(len, self.encoder.tokenize(probe[:batch_size])))
+        if self.device == "cuda":
+            auto_tokens, why = GPU_BATCH_TOKENS, "text-embeddings-inference's default for a GPU"
+        else:
+            short = max(map(len, self.encoder.tokenize(probe[:batch_size])))
+            auto_tokens = batch_size * short
+            why = f"max_batch_size in tokens: {batch_size} short texts of {short}"
         batch_tokens = self.choices.setting_or(
             "max_batch_tokens", "FNSERVE_EMBEDDING_MAX_BATCH_TOKENS", settings.embedding_max_batch_tokens,
-            GPU_BATCH_TOKENS if self.device == "cuda" else batch_size * short,
-            "text-embeddings-inference's default for a GPU" if self.device == "cuda"
-            else f"max_batch_size in tokens: {batch_size} short texts of {short}",
+            auto_tokens, why,
         )  # fmt: skip
         weights = Reloadable(lambda: served, model_path, self.dtype, self.device)
         self.slot = ModelSlot(
