@@ -96,7 +96,8 @@ class TextEncoder:
         """From a transformers fast tokenizer: its tokenizers-library encoder is copied and set once,
         then only read, so threads share it. (Transformers' call rewrites a shared encoder's settings
         whenever a call's differ, which a call in another thread can meet halfway, and costs twice the
-        time: 58 against 35 microseconds for one sentence on a Xeon, paid on the event loop here.)"""
+        time: 58 against 35 microseconds for one sentence on the Xeon 6/207, paid on the event loop
+        here.)"""
         from tokenizers import Tokenizer
 
         self._encoder = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
@@ -169,9 +170,9 @@ class EmbeddingFunction:
             lambda size: self.encoder.encode(served, probe[:size], self.device),
             f"{entry.tag}-{self.dtype}",
         )  # fmt: skip
-        # Sized in short texts, a pass of the longest ones took 8 s on one thread of a Xeon (128 of 256
-        # tokens), and ran slower per text than passes of 8. Its matmuls grow with its padded tokens, so
-        # the same pass in tokens bounds every pass, whatever its texts' length.
+        # Sized in short texts, a pass of the longest ones took 8 s on one thread of the Xeon 6/207 (128
+        # of 256 tokens), and ran slower per text than passes of 8. Its matmuls grow with its padded
+        # tokens, so the same pass in tokens bounds every pass, whatever its texts' length.
         if self.device == "cuda":
             auto_tokens, why = GPU_BATCH_TOKENS, "text-embeddings-inference's default for a GPU"
         else:
@@ -262,8 +263,9 @@ class EmbeddingFunction:
 
     async def _tokenize(self, texts: list[str]) -> list[list[int]]:
         """Token ids, which the batcher sizes passes by: on the event loop up to INLINE_CHARS, in a thread
-        past it. Measured on a Xeon, a hop to a thread cost the loop 49 microseconds, and tokenizing about
-        half a microsecond a character (35 for 52 characters, 265 for 500, 1,077 for 2,000)."""
+        past it. Measured on the Xeon 6/207, a hop to a thread cost the loop 49 microseconds, and
+        tokenizing about half a microsecond a character (35 for 52 characters, 265 for 500, 1,077 for
+        2,000)."""
         if sum(map(len, texts)) <= INLINE_CHARS:
             return self.encoder.tokenize(texts)
         return await asyncio.to_thread(self.encoder.tokenize, texts)

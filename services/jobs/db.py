@@ -24,7 +24,8 @@ WAIT_SECONDS = 3  # for a connection from the pool: the longest a batch route wa
 # until a call asks for one): under WAIT_SECONDS, so that a call made once the database is back finds an
 # attempt within its wait, or the pool given up and connecting at once. At 10 s its attempts came 1, 2
 # and 4 s apart: a call made once the database was back waited up to 2 s in eight tries, and a gap of
-# 4 s is past its wait (a 503); at 2 s each was served within 0.01 s (README, "The database away").
+# 4 s is past its wait (a 503); at 2 s each was served within 0.01 s (the Xeon 6/207; README,
+# "The database away").
 RECONNECT_SECONDS = 2
 RETRY_SECONDS = 1.0  # while the database is away: how often one call tries it again
 # Besides a lost connection (no SQLSTATE) and class 08 (connection exceptions): the server shutting down,
