@@ -115,7 +115,7 @@ def test_openai_client_round_trips(server: str) -> None:
 
 
 def test_native_bentoml_endpoint_agrees_with_openai_route(client: httpx.Client) -> None:
-    texts = ["native endpoint", "for BentoML clients"]
+    texts = ["for BentoML clients, in their own shape", "native endpoint"]  # longest first: passes sort
     native = client.post("/encode", json={"texts": texts})
     assert native.status_code == 200, native.text
     np.testing.assert_allclose(np.array(native.json()), embed(client, texts), atol=2e-3)
@@ -239,9 +239,11 @@ def test_truncate_policy_embeds_inputs_over_the_window(client: httpx.Client) -> 
     assert response.json()["usage"]["prompt_tokens"] == 256
 
 
-def test_long_texts_fill_a_pass_with_fewer_within_its_token_budget(client: httpx.Client) -> None:
+@pytest.mark.parametrize("route", ["/v1/embeddings", "/encode"])
+def test_long_texts_fill_a_pass_with_fewer_within_its_token_budget(client: httpx.Client, route: str) -> None:
     """Passes are bounded in padded tokens as well as texts: a request of texts at the window's full
-    length runs in passes of as many as the budget holds, never one pass of the whole batch size."""
+    length runs in passes of as many as the budget holds, never one pass of the whole batch size. The
+    native `/encode` too, though BentoML's batching before it counts texts only."""
     made = client.get("/models/status").json()[MODEL]["choices"]
     budget, size = int(made["max_batch_tokens"]["value"]), int(made["max_batch_size"]["value"])
     per_pass = max(1, min(size, budget // WINDOW))
@@ -252,8 +254,16 @@ def test_long_texts_fill_a_pass_with_fewer_within_its_token_budget(client: httpx
         return tuple(counter(url, f"fnserve_embedding_batch_tokens_{part}") for part in ("count", "sum"))
 
     before = passes()
-    response = client.post("/v1/embeddings", json={"model": MODEL, "input": texts})
-    assert response.status_code == 200 and response.json()["usage"]["prompt_tokens"] == WINDOW * len(texts)
+    if route == "/encode":
+        response = client.post(route, json={"texts": texts})
+        assert response.status_code == 200, response.text
+        vectors = np.array(response.json())
+        assert vectors.shape == (len(texts), 384)
+        assert np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-3)
+    else:
+        response = client.post(route, json={"model": MODEL, "input": texts})
+        assert response.status_code == 200
+        assert response.json()["usage"]["prompt_tokens"] == WINDOW * len(texts)
     after = passes()
     assert after[0] - before[0] == 3  # two full passes and the one text left
     assert after[1] - before[1] == WINDOW * len(texts)  # all at the window's length: no padding

@@ -141,6 +141,11 @@ class GreedyBatcher(Generic[T, R]):
         self._background_tokens = self._max_batch_tokens / 8
         self._worker: asyncio.Task[None] | None = None
 
+    @property
+    def bounds(self) -> tuple[int, float]:
+        """An online pass's most items and padded tokens."""
+        return self._max_batch_size, self._max_batch_tokens
+
     def check(self, count: int, deadline: float | None = None) -> None:
         """Refuses now an online request of `count` items that `submit` would refuse (QueueFull, or
         admission by time), so that its caller need not prepare the items first."""
@@ -157,11 +162,7 @@ class GreedyBatcher(Generic[T, R]):
         background = BACKGROUND.get()
         self.check(len(items), deadline)
         # Background work is cut small, so that an online request never waits behind a full forward.
-        size, budget = (
-            (self._background_size, self._background_tokens)
-            if background
-            else (self._max_batch_size, self._max_batch_tokens)
-        )
+        size, budget = (self._background_size, self._background_tokens) if background else self.bounds
         lengths = [self._tokens(item) for item in items]
         groups = passes(lengths, size, budget)
         loop = asyncio.get_running_loop()
@@ -240,11 +241,7 @@ class GreedyBatcher(Generic[T, R]):
         # Background work runs only in forwards with no online request in them, and in small ones
         # while online requests keep coming: an online request then waits for a short forward at most.
         recent = now - self._online_seen < ONLINE_QUIET_SECONDS
-        limits = (
-            (self._background_size, self._background_tokens)
-            if recent
-            else (self._max_batch_size, self._max_batch_tokens)
-        )
+        limits = (self._background_size, self._background_tokens) if recent else self.bounds
         while self._background and (self._background[0].future.done() or fits(self._background[0], *limits)):
             job = self._background.popleft()
             if not job.future.done():

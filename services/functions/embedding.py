@@ -18,7 +18,7 @@ import numpy as np
 
 from models.catalog import CATALOG
 from services.config import Settings, pick_device
-from services.functions.batching import GreedyBatcher, WaitTarget, answered_by
+from services.functions.batching import GreedyBatcher, WaitTarget, answered_by, passes
 from services.functions.cache import cache_key, response_cache, through_cache
 from services.functions.hardware import Choices, model_status, share_the_gil
 from services.functions.lifecycle import ModelSlot, Reloadable
@@ -32,7 +32,7 @@ logger = logging.getLogger("bentoml.fnserve.embedding")  # under "bentoml": the 
 
 BATCH_SIZE = bentoml.metrics.Histogram(
     name="fnserve_embedding_batch_size",
-    documentation="Texts per forward pass of the embedding model (every protocol but /encode)",
+    documentation="Texts per forward pass of the embedding model",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
 )
 BATCH_TOKENS = bentoml.metrics.Histogram(
@@ -50,11 +50,6 @@ QUEUE_TEXTS = bentoml.metrics.Gauge(
     documentation="Texts of online requests waiting for the embedding model",
     multiprocess_mode="livesum",
 )
-
-
-def observe_batch(size: int, wait: float) -> None:
-    BATCH_SIZE.observe(size)
-    QUEUE_SECONDS.observe(wait)
 
 
 # Texts tokenized on the event loop up to this many characters in a request (where that costs the loop
@@ -198,7 +193,7 @@ class EmbeddingFunction:
             max_batch_size=batch_size,
             max_queue_seconds=settings.embedding_max_latency_ms / 1000,
             max_queue=settings.embedding_max_queue,
-            on_batch=observe_batch,
+            on_batch=lambda size, wait: QUEUE_SECONDS.observe(wait),
             on_queue=QUEUE_TEXTS.set,
             wait_target=WaitTarget(
                 "embedding", settings.embedding_max_wait_seconds, "FNSERVE_EMBEDDING_MAX_WAIT_SECONDS"
@@ -255,10 +250,15 @@ class EmbeddingFunction:
         return await through_cache(self._cache, "embedding", keys, compute, pack, unpack, len(texts))
 
     async def encode_unbatched(self, texts: list[str]) -> np.ndarray:
-        """One forward pass over these texts, outside the batcher and the cache: for a caller that
-        batches on its own (BentoML's batchable endpoint)."""
+        """These texts outside the batcher and the cache, for a caller that batches on its own (BentoML's
+        batchable endpoint, sized in texts): in passes under the batcher's bounds, so that long texts
+        are not one pass of its whole batch size."""
+        ids = await self._tokenize(texts)
+        vectors = np.zeros((len(ids), self.dimensions), np.float32)
         async with self.slot.use():
-            vectors, _ = await asyncio.to_thread(self._forward, texts)
+            for group in passes([len(each) for each in ids], *self._batcher.bounds):
+                embedded = await asyncio.to_thread(self._embed_batch, [ids[i] for i in group])
+                vectors[group] = [vector for vector, _ in embedded]
         return vectors
 
     async def _tokenize(self, texts: list[str]) -> list[list[int]]:
@@ -279,11 +279,8 @@ class EmbeddingFunction:
         with self._forward_lock:
             weights.release()
 
-    def _forward(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
-        with self._forward_lock:
-            return self.encoder.encode(self.slot.model, texts, self.device)
-
     def _embed_batch(self, ids: list[list[int]]) -> list[Embedded]:
+        BATCH_SIZE.observe(len(ids))
         BATCH_TOKENS.observe(len(ids) * max(map(len, ids)))
         with self._forward_lock:
             vectors, tokens = self.encoder.embed(self.slot.model, ids, self.device)
