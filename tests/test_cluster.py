@@ -300,6 +300,18 @@ def test_a_replica_killed_mid_job_hands_its_lines_to_the_other_and_rejoins_when_
         response = balancer.post("/v1/embeddings", json=body)
         answered.append((response.status_code, response.headers.get("x-fnserve-replica", "")))
     assert {status for status, _ in answered} == {200}, answered
+    # With the settings the cluster was started with, not those of the process that started it again.
+    with replica_client(cluster, 0) as restarted, replica_client(cluster, 1) as other:
+        assert choices(restarted) == choices(other)
+
+
+def choices(replica: httpx.Client) -> dict[str, dict[str, str]]:
+    """Each model's choices that a setting made (measured ones may differ from run to run)."""
+    status = replica.get("/models/status").json()
+    return {
+        model: {name: made["value"] for name, made in entry["choices"].items() if made["source"] == "setting"}
+        for model, entry in status.items()
+    }
 
 
 def accepts(url: str) -> bool:

@@ -63,6 +63,9 @@ class Cluster:
     limit_seconds: int = 0
     replicas: list[Replica] = field(default_factory=list)
     parts: dict[str, Part] = field(default_factory=dict)
+    # The FNSERVE_ settings of the environment `up` ran in: a replica started again later, from another
+    # process, serves with them too (it took the defaults of the process that restarted it).
+    settings: dict[str, str] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
@@ -80,6 +83,7 @@ class Cluster:
             "limit_seconds": self.limit_seconds,
             "replicas": [vars(r) for r in self.replicas],
             "parts": {name: part.to_json() for name, part in self.parts.items()},
+            "settings": self.settings,
         }
         (self.folder / STATE).write_text(json.dumps(state, indent=2))
 
@@ -100,6 +104,7 @@ class Cluster:
             state.get("limit_seconds") or request_limit(),
             [Replica(**r) for r in state["replicas"]],
             {name: Part(**part) for name, part in state["parts"].items()},
+            state.get("settings", {}),
         )
 
     def _started(self, part: Part) -> Part:
@@ -110,6 +115,7 @@ class Cluster:
     def up(self, replicas: int) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         self.limit_seconds = request_limit()
+        self.settings = {name: value for name, value in os.environ.items() if name.startswith("FNSERVE_")}
         self.pg_data = tempfile.mkdtemp(prefix="fnserve-pg-")
         self.pg_port = free_port()
         postgres = self.postgres()
@@ -136,6 +142,7 @@ class Cluster:
         replica = next(r for r in self.replicas if r.name == name)
         env = {
             **replica_defaults(len(self.replicas)),
+            **self.settings,
             "FNSERVE_BATCH_DATABASE_URL": self.database_url,
             "FNSERVE_REDIS_URL": self.redis_url,
         }
