@@ -314,6 +314,13 @@ def choices(replica: httpx.Client) -> dict[str, dict[str, str]]:
     }
 
 
+def test_the_cluster_state_is_its_owners_alone(cluster: Cluster) -> None:
+    """It holds the settings the replicas started with, which may be API keys."""
+    state = cluster.folder / "cluster.json"
+    assert state.stat().st_mode & 0o077 == 0
+    assert json.loads(state.read_text())["settings"]["FNSERVE_IDLE_RELEASE_SECONDS"] == str(IDLE_SECONDS)
+
+
 def accepts(url: str) -> bool:
     address = httpx.URL(url)
     try:

@@ -63,8 +63,8 @@ class Cluster:
     limit_seconds: int = 0
     replicas: list[Replica] = field(default_factory=list)
     parts: dict[str, Part] = field(default_factory=dict)
-    # The FNSERVE_ settings of the environment `up` ran in: a replica started again later, from another
-    # process, serves with them too (it took the defaults of the process that restarted it).
+    # The FNSERVE_ settings of the environment `up` ran in: a replica started again later serves with them
+    # too, not with the environment of whichever process starts it again.
     settings: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -85,7 +85,11 @@ class Cluster:
             "parts": {name: part.to_json() for name, part in self.parts.items()},
             "settings": self.settings,
         }
-        (self.folder / STATE).write_text(json.dumps(state, indent=2))
+        # Owner-only: the settings may hold API keys, and the database URL a password.
+        descriptor = os.open(self.folder / STATE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(descriptor, 0o600)
+        with os.fdopen(descriptor, "w") as out:
+            out.write(json.dumps(state, indent=2))
 
     @classmethod
     def load(cls, folder: Path) -> Cluster | None:
