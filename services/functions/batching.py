@@ -219,7 +219,7 @@ class GreedyBatcher(Generic[T, R]):
             job = self._queue[0]
             expired = not job.request.started and now - job.enqueued > self._max_queue_seconds
             # What is done or shed leaves the queue whether it would fit or not.
-            if not (job.future.done() or expired or fits(job, self._max_batch_size, self._max_batch_tokens)):
+            if not (job.future.done() or expired or fits(job, *self.bounds)):
                 break
             self._queue.popleft()
             if job.future.done():
