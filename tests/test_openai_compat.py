@@ -94,18 +94,26 @@ def test_usage_on_every_chunk_with_continuous_usage_stats(client: httpx.Client) 
 
 
 def test_n_choices_are_independent_samples_from_one_request(client: httpx.Client) -> None:
+    """Seeded too: each choice is its own sample, and a repeat (from this worker's cache) gets each
+    choice back, not n copies of one."""
     body = chat_body(
         messages=[{"role": "user", "content": "Write ten random words."}],
         temperature=1.0,
         max_tokens=24,
         ignore_eos=True,
         n=3,
+        seed=20261207,
     )
-    answer = client.post("/v1/chat/completions", json=body).json()
+    first = client.post("/v1/chat/completions", json=body)
+    answer = first.json()
     assert [choice["index"] for choice in answer["choices"]] == [0, 1, 2]
     texts = [choice["message"]["content"] for choice in answer["choices"]]
     assert len(set(texts)) == 3, texts  # 24 sampled tokens: equal answers would mean shared draws
     assert answer["usage"]["completion_tokens"] == 3 * 24
+    again = client.post("/v1/chat/completions", json=body)  # on the same connection: the same worker
+    assert (first.headers["x-fnserve-cache"], again.headers["x-fnserve-cache"]) == ("miss", "hit")
+    assert again.json()["choices"] == answer["choices"]
+    del body["seed"]  # streamed as generated, not replayed from the cache
     with client.stream("POST", "/v1/chat/completions", json={**body, "n": 2, "stream": True}) as response:
         chunks = [json.loads(event) for event in sse_events(response)[:-1]]
     for index in (0, 1):
@@ -153,6 +161,25 @@ def test_fields_with_no_effect_here_are_accepted(client: httpx.Client) -> None:
     assert text_of(ask(client, max_tokens=8, **ACCEPTED))
     completion = {"model": MODEL, "prompt": "The sea is", "max_tokens": 4, "logprobs": 0}
     assert client.post("/v1/completions", json=completion).status_code == 200
+
+
+def test_null_asks_for_a_fields_default_and_a_required_null_is_refused(client: httpx.Client) -> None:
+    """OpenAI's optional fields are "... or null"; clients send null for "unset"."""
+    unset = dict.fromkeys(
+        ("top_p", "n", "stream", "stream_options", "seed", "stop", "presence_penalty", "frequency_penalty")
+    ) | dict.fromkeys(("top_k", "min_tokens", "repetition_penalty", "ignore_eos", "speculation", "logprobs"))
+    plain, nulls = ask(client, max_tokens=8), ask(client, max_tokens=8, user=None, **unset)  # greedy
+    assert (nulls["choices"], nulls["usage"]) == (plain["choices"], plain["usage"])
+    sampled = client.post("/v1/chat/completions", json=chat_body(max_tokens=8, temperature=None))
+    assert sampled.status_code == 200 and "x-fnserve-cache" not in sampled.headers  # 1.0, not greedy
+    completion = {"model": MODEL, "prompt": "The sea is", "max_tokens": 4, "logprobs": None, "colour": None}
+    assert client.post("/v1/completions", json=completion).json()["error"]["param"] == "colour"  # unknown
+    del completion["colour"]
+    assert "logprobs" not in client.post("/v1/completions", json=completion).json()["choices"][0]
+    vectors = {"model": EMBEDDER, "input": "null", "encoding_format": None, "dimensions": None}
+    assert len(client.post("/v1/embeddings", json=vectors).json()["data"][0]["embedding"]) == 384
+    refused = client.post("/v1/chat/completions", json={**chat_body(max_tokens=4), "model": None})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "model"
 
 
 @pytest.mark.parametrize(

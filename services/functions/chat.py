@@ -206,10 +206,14 @@ class ChatFunction:
     async def stats(self) -> dict[str, float]:
         return await self._generator.stats()
 
-    async def start(self, request: GenerationRequest, deadline: float | None = None) -> Generation:
+    async def start(
+        self, request: GenerationRequest, deadline: float | None = None, sample: int = 0
+    ) -> Generation:
         """Admits the request: refusals that come before any generation (bad input, a full queue, a
-        loading model) raise here, so a protocol can still answer them with its error status."""
-        key, cached = await self._cached(request)
+        loading model) raise here, so a protocol can still answer them with its error status. `sample`
+        numbers the independent answers one caller asks for at once (OpenAI's `n`): a seeded request's
+        answers are cached apart, so that a repeat gets each of them back, not n copies of one."""
+        key, cached = await self._cached(request, sample)
         events = replay(cached) if cached else self._recorded(self._relay(request, deadline), key)
         first = await anext(events)
         if first["type"] == "error":
@@ -217,13 +221,16 @@ class ChatFunction:
             raise refusal(first)
         return Generation(first["prompt_tokens"], None if key is None else cached is not None, events)
 
-    async def _cached(self, request: GenerationRequest) -> tuple[str | None, bytes | None]:
-        """The cache key of a deterministic request (None for others) and its cached answer, if any."""
+    async def _cached(self, request: GenerationRequest, sample: int) -> tuple[str | None, bytes | None]:
+        """The cache key of a deterministic request (None for others) and its cached answer, if any.
+        Greedy answers are one answer, whatever `sample`; a seeded request's other samples have keys
+        of their own (the first keeps the key it has when asked alone)."""
         if self._cache is None or not request.deterministic:
             return None, None
         model = (CATALOG[self.model_id].tag, *await self.scope())
         caps = (self._settings.generation_max_tokens,)  # without max_tokens they set the answer's length
-        key = cache_key("generation", EVENTS, *model, *caps, asdict(request))
+        own = (sample,) if sample and request.temperature != 0 else ()
+        key = cache_key("generation", EVENTS, *model, *caps, asdict(request), *own)
         (value,) = await self._cache.get_many([key])
         count_lookups("generation", value is not None, 1)
         return key, value

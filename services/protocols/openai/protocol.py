@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from starlette.responses import JSONResponse, Response
 
 from services.functions.types import (
@@ -29,6 +29,17 @@ from services.protocols.status import HTTP_STATUS
 
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def null_asks_for_the_default(cls, data: object) -> object:
+        """OpenAI documents its optional fields as "... or null", clients send `"temperature": null` for
+        "unset", and vLLM takes it so: an optional field given null gets its default. A required one
+        given null is still refused."""
+        if not isinstance(data, dict):
+            return data
+        optional = {name for name, field in cls.model_fields.items() if not field.is_required()}
+        return {key: value for key, value in data.items() if value is not None or key not in optional}
 
 
 class ErrorDetail(BaseModel):

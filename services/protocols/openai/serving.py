@@ -157,7 +157,7 @@ async def start_choices(fns: Functions, asked: GenerationRequest, n: int) -> lis
     """`n` independent generations of one request, admitted together so that they run side by side in
     the engine's batch; if any is refused, the others are closed and the refusal raised."""
     started = await asyncio.gather(
-        *(fns.chat.start(asked, DEADLINE.get()) for _ in range(n)), return_exceptions=True
+        *(fns.chat.start(asked, DEADLINE.get(), sample) for sample in range(n)), return_exceptions=True
     )
     refused = [item for item in started if isinstance(item, BaseException)]
     if refused:
@@ -173,7 +173,8 @@ async def answer_completion(fns: Functions, request: GenerationParams, chat: boo
     check_model(request.model, fns.chat.model_id)
     generations = await start_choices(fns, generation_request(request, **target), request.n)
     chunks = ChunkWriter(chat, fns.chat.model_id, generations[0].prompt_tokens, request)
-    headers = cache_header(generations[0].cached)
+    cached = [generation.cached for generation in generations]
+    headers = cache_header(None if cached[0] is None else all(cached), any(cached))
     if request.stream:
         return ClosingEventSourceResponse(chunks.sse(generations), headers=headers)
     readers = [asyncio.ensure_future(generation.text()) for generation in generations]
