@@ -118,6 +118,21 @@ def test_embeddings_over_grpc_and_http_equal_the_openai_route(server: Server) ->
         np.testing.assert_allclose(vectors, expected, rtol=0, atol=1e-6)
 
 
+def test_the_body_kserves_rest_client_sends_is_served(server: Server) -> None:
+    """KServe's InferRequest.to_rest names the model in the body too; its data model leaves optional
+    parts null. A body naming another model than the path's is refused."""
+    tensor = {"name": "text", "shape": [len(TEXTS)], "datatype": "BYTES", "data": TEXTS, "parameters": None}
+    body = {"id": "kserve-1", "model_name": EMBEDDER, "inputs": [tensor], "parameters": None, "outputs": None}
+    with http(server) as client:
+        answer = client.post(f"/v2/models/{EMBEDDER}/infer", json=body).json()
+        assert answer["id"] == "kserve-1" and answer["model_name"] == EMBEDDER
+        [output] = answer["outputs"]
+        vectors = np.array(output["data"], dtype=np.float32).reshape(output["shape"])
+        np.testing.assert_allclose(vectors, openai_vectors(server, TEXTS), rtol=0, atol=1e-6)
+        other = client.post(f"/v2/models/{EMBEDDER}/infer", json={**body, "model_name": CHAT})
+        assert other.status_code == 400 and "must agree" in other.json()["error"], other.text
+
+
 def test_an_empty_text_is_invalid_argument_as_rest_refuses_it(server: Server) -> None:
     texts = ["fine", ""]
     error = grpc_error(

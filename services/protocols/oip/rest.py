@@ -14,13 +14,14 @@ import orjson
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.sse import format_sse_event
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.exceptions import HTTPException
 
 from services.admission import DEADLINE, count_refusal
 from services.functions.api import current
 from services.functions.chat import Delta, GenerationRequest
 from services.functions.types import Refused
+from services.protocols.nulls import without_nulls
 from services.protocols.oip.models import (
     VERSION,
     GenerationModel,
@@ -82,13 +83,24 @@ def repository() -> Repository:
     return repository_of(current())
 
 
-class RequestedOutput(BaseModel):
+class V2Model(BaseModel):
+    """Part of a v2 request: unknown keys refused, null optional parts taken as not given (KServe's own
+    client and data model send and take `"parameters": null`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def null_is_not_given(cls, data: object) -> object:
+        return without_nulls(cls, data)
+
+
+class RequestedOutput(V2Model):
     name: str
     parameters: dict[str, Any] = {}
 
 
-class InputTensor(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class InputTensor(V2Model):
     name: str
     shape: list[int]
     datatype: str
@@ -96,9 +108,10 @@ class InputTensor(BaseModel):
     data: Any = None
 
 
-class InferRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class InferRequest(V2Model):
     id: str | None = None
+    model_name: str | None = Field(None, description="KServe's REST client sends it: the path's model")
+    model_version: str | None = None
     parameters: dict[str, Any] = {}
     inputs: list[InputTensor]
     outputs: list[RequestedOutput] = []
@@ -218,6 +231,9 @@ async def infer(name: str, request: Request, model_version: str = "") -> Respons
     ModelStreamInfer)."""
     model = repository().get(name, model_version)
     parsed, inputs = await infer_request(request)
+    if parsed.model_name not in (None, name) or parsed.model_version not in (None, model_version, VERSION):
+        named = f"{parsed.model_name} version {parsed.model_version}"
+        raise Refused("invalid", f"the body names model {named}, the path {name}; they must agree")
     return infer_response(parsed, model, await model.infer(inputs, parsed.parameters, DEADLINE.get()))
 
 

@@ -24,6 +24,7 @@ from services.functions.types import (
     TopP,
     encodable,
 )
+from services.protocols.nulls import without_nulls
 from services.protocols.status import HTTP_STATUS
 
 
@@ -33,13 +34,8 @@ class OpenAIModel(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def null_asks_for_the_default(cls, data: object) -> object:
-        """OpenAI documents its optional fields as "... or null", clients send `"temperature": null` for
-        "unset", and vLLM takes it so: an optional field given null gets its default. A required one
-        given null is still refused."""
-        if not isinstance(data, dict):
-            return data
-        optional = {name for name, field in cls.model_fields.items() if not field.is_required()}
-        return {key: value for key, value in data.items() if value is not None or key not in optional}
+        """Clients send `"temperature": null` for "unset"; a required field given null is still refused."""
+        return without_nulls(cls, data)
 
 
 class ErrorDetail(BaseModel):
