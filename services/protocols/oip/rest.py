@@ -14,14 +14,14 @@ import orjson
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.sse import format_sse_event
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from services.admission import DEADLINE, count_refusal
 from services.functions.api import current
 from services.functions.chat import Delta, GenerationRequest
 from services.functions.types import Refused
-from services.protocols.nulls import without_nulls
+from services.protocols.nulls import RequestModel
 from services.protocols.oip.models import (
     VERSION,
     GenerationModel,
@@ -83,16 +83,8 @@ def repository() -> Repository:
     return repository_of(current())
 
 
-class V2Model(BaseModel):
-    """Part of a v2 request: unknown keys refused, null optional parts taken as not given (KServe's own
-    client and data model send and take `"parameters": null`)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    @model_validator(mode="before")
-    @classmethod
-    def null_is_not_given(cls, data: object) -> object:
-        return without_nulls(cls, data)
+class V2Model(RequestModel):
+    """A v2 inference request, or part of one."""
 
 
 class RequestedOutput(V2Model):

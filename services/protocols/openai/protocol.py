@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationInfo, field_validator
 from starlette.responses import JSONResponse, Response
 
 from services.functions.types import (
@@ -24,18 +24,12 @@ from services.functions.types import (
     TopP,
     encodable,
 )
-from services.protocols.nulls import without_nulls
+from services.protocols.nulls import RequestModel
 from services.protocols.status import HTTP_STATUS
 
 
-class OpenAIModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    @model_validator(mode="before")
-    @classmethod
-    def null_asks_for_the_default(cls, data: object) -> object:
-        """Clients send `"temperature": null` for "unset"; a required field given null is still refused."""
-        return without_nulls(cls, data)
+class OpenAIModel(RequestModel):
+    """An OpenAI request body, or part of one."""
 
 
 class ErrorDetail(BaseModel):
