@@ -4,6 +4,7 @@ the openai client and the CLI."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import shutil
@@ -152,6 +153,13 @@ def test_openai_client_drives_a_chat_batch(api: httpx.Client) -> None:
         line["custom_id"]: line["response"]["body"]["choices"][0]["message"]["content"] for line in outputs
     }
     assert answers == {f"c{i}": reference(f"What is {i} plus {i}?", 16) for i in range(6)}
+    # The client's iterator asks for pages after the last id for as long as the server says there are
+    # more; a list without `has_more` had it ask for the same files for ever (bounded here to fail).
+    stored = api.get("/v1/files").json()["data"]
+    walked = list(itertools.islice(client.files.list(limit=2), 10 * len(stored)))
+    assert [file.id for file in walked] == [file["id"] for file in stored]
+    outputs_first = client.files.list(purpose="batch_output", order="asc")
+    assert batch.output_file_id in [file.id for file in outputs_first]
 
 
 def test_cancel_settles_every_line_and_keeps_what_finished(api: httpx.Client) -> None:
@@ -546,6 +554,21 @@ def test_a_custom_id_no_database_can_hold_is_a_bad_line(store_at: Callable[..., 
     assert store.get_batch(batch["id"])["request_counts"] == batch["request_counts"]
     [good] = store.claim(10, lease_seconds=600, max_attempts=5)
     assert good.custom_id == "e1"
+
+
+@BACKENDS
+def test_files_are_listed_in_pages_either_way(store_at: Callable[..., BatchStore]) -> None:
+    """Most of these are made within one second: ties in time are ordered by id, on both backends."""
+    store = store_at("test")
+    made = [store.add_file(b"{}", f"{i}.jsonl", "batch")["id"] for i in range(5)]
+    newest_first = [file["id"] for file in store.list_files()]
+    assert sorted(newest_first) == sorted(made)
+    for ascending in (False, True):
+        walked: list[str] = []
+        while page := store.list_files(limit=2, after=walked[-1] if walked else None, ascending=ascending):
+            walked += [file["id"] for file in page]
+        assert walked == (newest_first[::-1] if ascending else newest_first)
+    assert store.list_files("batch_output") == [] and len(store.list_files("batch", limit=3)) == 3
 
 
 @BACKENDS

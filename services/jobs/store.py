@@ -201,6 +201,16 @@ class ChunkWriter:
             db.execute("DELETE FROM file_chunks WHERE file_id = ?", (self.file_id,))
 
 
+def cursor_page(table: str, ascending: bool) -> tuple[str, str]:
+    """The WHERE condition and ORDER BY of a page of `table` in creation order (ties by id) after a
+    cursor: the condition takes the cursor's id four times, and holds for every row if it is NULL."""
+    before = ">" if ascending else "<"
+    direction = "ASC" if ascending else "DESC"
+    created = f"(SELECT created_at FROM {table} WHERE id = ?)"
+    where = f"(? IS NULL OR created_at {before} {created} OR (created_at = {created} AND id {before} ?))"
+    return where, f"ORDER BY created_at {direction}, id {direction}"
+
+
 class BatchStore:
     def __init__(
         self, root: Path, instance: str, database_url: str | None = None, worker: str | None = None
@@ -304,10 +314,19 @@ class BatchStore:
                 yield bytes(row["data"])
             seq = page[-1]["seq"] + 1
 
-    def list_files(self, purpose: str | None = None) -> list[dict]:
-        if purpose:
-            return self._rows("SELECT * FROM files WHERE purpose = ? ORDER BY created_at DESC", purpose)
-        return self._rows("SELECT * FROM files ORDER BY created_at DESC")
+    def list_files(
+        self,
+        purpose: str | None = None,
+        limit: int = 10_000,
+        after: str | None = None,
+        ascending: bool = False,
+    ) -> list[dict]:
+        """A page of files, newest first unless `ascending`, after the file `after` (a cursor)."""
+        where, order = cursor_page("files", ascending)
+        return self._rows(
+            f"SELECT * FROM files WHERE (? IS NULL OR purpose = ?) AND {where} {order} LIMIT ?",
+            purpose, purpose, after, after, after, after, limit,
+        )  # fmt: skip
 
     def delete_file(self, file_id: str) -> bool:
         if not storable(file_id):  # as in _rows, for a write
@@ -393,13 +412,10 @@ class BatchStore:
         return batch
 
     def list_batches(self, limit: int, after: str | None) -> list[dict]:
+        where, order = cursor_page("batches", ascending=False)
         ids = self._rows(
-            "SELECT id FROM batches WHERE ? IS NULL"
-            " OR created_at < (SELECT created_at FROM batches WHERE id = ?)"
-            " OR (created_at = (SELECT created_at FROM batches WHERE id = ?) AND id < ?)"
-            " ORDER BY created_at DESC, id DESC LIMIT ?",
-            after, after, after, after, limit,
-        )  # fmt: skip
+            f"SELECT id FROM batches WHERE {where} {order} LIMIT ?", after, after, after, after, limit
+        )
         return [self.get_batch(row["id"]) for row in ids]  # type: ignore[misc]
 
     def end_batch(self, batch_id: str, ending: str, now: float | None = None) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from fastapi.responses import StreamingResponse
@@ -49,9 +49,17 @@ async def upload_file(file: Annotated[UploadFile, File()], purpose: Annotated[st
 
 
 @routes.get("/v1/files", response_model=FileList)
-async def list_files(purpose: str | None = None) -> FileList:
-    rows = await asyncio.to_thread(runner().store.list_files, purpose)
-    return FileList(data=[FileObject.model_validate(row) for row in rows])
+async def list_files(
+    purpose: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
+    after: str | None = None,
+    order: Literal["asc", "desc"] = "desc",
+) -> FileList:
+    """Paged as OpenAI pages it: the openai client's iterator asks for the page after the last id for as
+    long as `has_more` is true, and took a page without it for more to come."""
+    store = runner().store
+    rows = await asyncio.to_thread(store.list_files, purpose or None, limit + 1, after, order == "asc")
+    return FileList(**paged([FileObject.model_validate(row) for row in rows], limit))
 
 
 async def existing_file(file_id: str) -> dict[str, Any]:
@@ -117,13 +125,18 @@ async def list_batches(
     limit: Annotated[int, Query(ge=1, le=100)] = 20, after: str | None = None
 ) -> BatchList:
     rows = await asyncio.to_thread(runner().store.list_batches, limit + 1, after)
-    data = [Batch.model_validate(row) for row in rows[:limit]]
-    return BatchList(
-        data=data,
-        first_id=data[0].id if data else None,
-        last_id=data[-1].id if data else None,
-        has_more=len(rows) > limit,
-    )
+    return BatchList(**paged([Batch.model_validate(row) for row in rows], limit))
+
+
+def paged(items: list[Any], limit: int) -> dict[str, Any]:
+    """A list page's fields from up to `limit` + 1 items: the one past the page says there are more."""
+    data = items[:limit]
+    return {
+        "data": data,
+        "first_id": data[0].id if data else None,
+        "last_id": data[-1].id if data else None,
+        "has_more": len(items) > limit,
+    }
 
 
 async def existing_batch(batch_id: str) -> dict[str, Any]:
