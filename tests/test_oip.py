@@ -23,6 +23,7 @@ from tritonclient.utils import InferenceServerException
 from tests.oip_client import CHAT, Stream, generation_inputs, text_input
 from tests.server import KEYS, LONG, ONE_WORKER, free_port, serve
 from tests.server import http_client as httpx_client
+from tests.test_chat import TOKENS
 
 KEY = KEYS[0]
 
@@ -131,6 +132,34 @@ def test_the_body_kserves_rest_client_sends_is_served(server: Server) -> None:
         np.testing.assert_allclose(vectors, openai_vectors(server, TEXTS), rtol=0, atol=1e-6)
         other = client.post(f"/v2/models/{EMBEDDER}/infer", json={**body, "model_name": CHAT})
         assert other.status_code == 400 and "must agree" in other.json()["error"], other.text
+
+
+def test_an_output_the_model_lacks_is_refused_before_any_work(server: Server) -> None:
+    """Over REST, unary gRPC and a gRPC stream: refused before the 500 tokens it asks for, not after."""
+    inputs = generation_inputs(STORY, 500, stream=False, ignore_eos=True)
+    wrong = tg.InferRequestedOutput("txt_output")
+
+    def generated() -> float:
+        with http(server) as client:
+            lines = client.get("/metrics").text.splitlines()
+        return sum(float(line.split()[-1]) for line in lines if line.startswith(TOKENS))
+
+    before = generated()
+    refused = grpc_error(lambda: server.grpc_client().infer(CHAT, inputs, outputs=[wrong], headers=auth()))
+    assert refused.status() == "StatusCode.INVALID_ARGUMENT" and "no output 'txt_output'" in refused.message()
+    stream = Stream(server.grpc_client(), headers=auth())
+    stream.client.async_stream_infer(
+        CHAT, generation_inputs(STORY, 500, ignore_eos=True), request_id="wrong", outputs=[wrong]
+    )
+    _, error = stream.next()
+    stream.client.stop_stream(cancel_requests=True)
+    assert error is not None and "no output 'txt_output'" in str(error), error
+    with http(server) as client:
+        text = {"name": "text_input", "shape": [1], "datatype": "BYTES", "data": [STORY]}
+        body = {"inputs": [text], "parameters": {"max_tokens": 500, "ignore_eos": True}}
+        answer = client.post(f"/v2/models/{CHAT}/infer", json={**body, "outputs": [{"name": "txt_output"}]})
+    assert answer.status_code == 400 and "no output 'txt_output'" in answer.json()["error"], answer.text
+    assert generated() == before
 
 
 def test_an_empty_text_is_invalid_argument_as_rest_refuses_it(server: Server) -> None:

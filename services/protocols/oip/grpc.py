@@ -102,7 +102,6 @@ def response(
     """Raw contents, one per output in order (tritonclient's `as_numpy` reads those); only the outputs
     the request names, if it names any."""
     asked = [output.name for output in request.outputs]
-    model.check_outputs(asked)
     chosen = [t for t in tensors if not asked or t.name in asked]
     message = pb.ModelInferResponse(
         model_name=model.name,
@@ -195,6 +194,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelInferResponse:
         async with self.answering(context) as deadline:
             model = self.repository.get(request.model_name, request.model_version)
+            model.check_outputs([output.name for output in request.outputs])  # before the work
             return response(
                 request, model, await model.infer(decode_inputs(request), parameters(request), deadline)
             )
@@ -265,6 +265,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 deadline = self.admission.deadline(context.time_remaining())
                 model = self.repository.get(request.model_name, request.model_version)
+                model.check_outputs([output.name for output in request.outputs])  # before the work
                 inputs, asked_for = decode_inputs(request), parameters(request)
                 if not isinstance(model, GenerationModel):
                     send(await model.infer(inputs, asked_for, deadline), True)

@@ -155,7 +155,6 @@ def infer_response(parsed: InferRequest, model: Model, tensors: list[Tensor]) ->
     """JSON `data`, or binary outputs where the request asks for them (per output, or all with
     `binary_data_output`)."""
     asked = {output.name: output for output in parsed.outputs}
-    model.check_outputs(list(asked))
     every_binary = bool(parsed.parameters.get("binary_data_output", False))
     outputs, blobs = [], []
     for tensor in tensors:
@@ -226,6 +225,7 @@ async def infer(name: str, request: Request, model_version: str = "") -> Respons
     if parsed.model_name not in (None, name) or parsed.model_version not in (None, model_version, VERSION):
         named = f"{parsed.model_name} version {parsed.model_version}"
         raise Refused("invalid", f"the body names model {named}, the path {name}; they must agree")
+    model.check_outputs([output.name for output in parsed.outputs])  # before the work, not after
     return infer_response(parsed, model, await model.infer(inputs, parsed.parameters, DEADLINE.get()))
 
 
