@@ -75,22 +75,25 @@ def test_ignore_eos_generates_exactly_max_tokens(client: httpx.Client) -> None:
     assert answer["choices"][0]["finish_reason"] == "length"
 
 
-def test_usage_on_every_chunk_with_continuous_usage_stats(client: httpx.Client) -> None:
-    body = chat_body(
-        max_completion_tokens=20,
-        ignore_eos=True,
-        stream=True,
-        stream_options={"include_usage": True, "continuous_usage_stats": True},
-    )
-    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+@pytest.mark.parametrize("n", [1, 2])
+def test_usage_on_every_chunk_with_continuous_usage_stats(client: httpx.Client, n: int) -> None:
+    """Every choice's tokens so far, never going back (a second choice's first chunk counted none);
+    only with include_usage, as vLLM sends it."""
+    body = chat_body(max_completion_tokens=20, ignore_eos=True, stream=True, n=n)
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream_options": options}) as response:
         assert response.status_code == 200
         events = sse_events(response)
     assert events[-1] == "[DONE]"
     chunks = [json.loads(event) for event in events[:-1]]
     counts = [chunk["usage"]["completion_tokens"] for chunk in chunks]
     assert all(chunk["usage"]["prompt_tokens"] > 0 for chunk in chunks)
-    assert counts == sorted(counts) and counts[-1] == 20  # growing, to the last token
+    assert counts == sorted(counts) and counts[-1] == 20 * n  # growing, to the last token
     assert chunks[-1]["choices"] == []  # include_usage's own last chunk
+    if n == 1:
+        alone = {**body, "stream_options": {"continuous_usage_stats": True}, "max_completion_tokens": 4}
+        with client.stream("POST", "/v1/chat/completions", json=alone) as response:
+            assert not any("usage" in json.loads(event) for event in sse_events(response)[:-1])
 
 
 def test_n_choices_are_independent_samples_from_one_request(client: httpx.Client) -> None:
@@ -199,6 +202,7 @@ def test_null_asks_for_a_fields_default_and_a_required_null_is_refused(client: h
         ({"min_tokens": 2**64}, "min_tokens"),
         ({"max_tokens": 2**64}, "max_tokens"),
         ({"logit_bias": {"1": 5}}, "logit_bias"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),  # without stream: true
     ],
 )
 def test_what_is_not_supported_or_out_of_range_gets_a_400_that_names_it(

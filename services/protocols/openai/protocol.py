@@ -205,7 +205,9 @@ class ModelList(BaseModel):
 
 class StreamOptions(OpenAIModel):
     include_usage: bool = False
-    continuous_usage_stats: bool = Field(False, description="vLLM's: usage on every chunk")
+    continuous_usage_stats: bool = Field(
+        False, description="vLLM's: with include_usage, usage on every chunk"
+    )
 
 
 class ResponseFormat(OpenAIModel):
@@ -294,6 +296,13 @@ class GenerationParams(OpenAIModel):
         "auto", description="fnserve's: off never drafts tokens for this request, so its answer is plain "
         "decoding's exactly (in bf16, drafting can change close greedy choices)",
     )  # fmt: skip
+
+    @field_validator("stream_options")
+    @classmethod
+    def options_need_a_stream(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return value
 
     @property
     def token_budget(self) -> int | None:

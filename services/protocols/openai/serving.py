@@ -221,7 +221,7 @@ class ChunkWriter:
         self.created = int(time.time())
         options = request.stream_options
         self.include_usage = bool(options and options.include_usage)
-        self.usage_on_every_chunk = bool(options and options.continuous_usage_stats)
+        self.usage_on_every_chunk = self.include_usage and bool(options and options.continuous_usage_stats)
         self.logprobs = request.top_logprobs_count is not None
         self.offsets: dict[int, int] = {}  # completions: each choice's characters sent so far
 
@@ -310,7 +310,7 @@ class ChunkWriter:
                     # then measures the time to the first token.
                     if self.chat and index not in started:
                         started.add(index)
-                        yield self.chunk(index, "", role=True)
+                        yield self.chunk(index, "", role=True, tokens=sum(tokens))
                     tokens[index] = item.completion_tokens
                     if isinstance(item, Delta):
                         yield self.chunk(index, item.text, tokens=sum(tokens), logprobs=item.logprobs)
