@@ -436,6 +436,28 @@ def test_replicas_share_a_store_and_never_run_a_line_twice(store_at: Callable[..
     assert all(line["response"]["body"] == {} for line in outputs)  # the late claim's results were refused
 
 
+def test_a_second_server_on_the_same_folder_leaves_the_first_ones_lines_while_it_runs(tmp_path: Path) -> None:
+    """Two `make serve` on one checkout share its SQLite store. The second took the first's running
+    lines at once, as if it were gone, and back and forth until both were given up after five attempts.
+    They are taken once that server has stopped (here, the process its name points to)."""
+    arbiter = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        first = BatchStore(tmp_path, f"{arbiter.pid}-{psutil.Process(arbiter.pid).create_time():.3f}")
+        second = BatchStore(tmp_path, f"{os.getpid()}-{psutil.Process().create_time():.3f}")
+        file_id = first.add_file(jsonl([embedding_line(i) for i in range(4)]), "in.jsonl", "batch")["id"]
+        first.create_batch(file_id, "/v1/embeddings", 3600, "1h", None, max_lines=10)
+        held = [line.idx for line in first.claim(2, lease_seconds=600, max_attempts=5)]
+        assert [line.idx for line in second.claim(10, lease_seconds=600, max_attempts=5)] == [2, 3]
+        assert second.claim(10, lease_seconds=600, max_attempts=5) == []  # its own, and the first's
+        arbiter.kill()
+        arbiter.wait()
+        taken = second.claim(10, lease_seconds=600, max_attempts=5)
+        assert [(line.idx, line.attempts) for line in taken] == [(idx, 2) for idx in held]
+    finally:
+        arbiter.kill()
+        arbiter.wait()
+
+
 def test_a_database_found_away_is_refused_at_once_until_a_call_reaches_it_again(tmp_path: Path) -> None:
     """PostgreSQL stopped under a store: the call that finds it away waits for the pool and its probe
     fails, the calls after it are refused without trying (even once it is back, until the next probe is

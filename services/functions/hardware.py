@@ -351,6 +351,18 @@ def server_instance() -> str:
     return f"{parent.pid}-{parent.create_time():.3f}"
 
 
+def server_running(instance: str) -> bool:
+    """Whether the server run `server_instance` named is still running, as seen from this PID namespace:
+    its arbiter's PID still names a process started at the same moment. Any other name: False."""
+    import psutil
+
+    pid, _, started = instance.partition("-")
+    try:
+        return f"{psutil.Process(int(pid)).create_time():.3f}" == started
+    except (ValueError, psutil.Error):
+        return False
+
+
 def fastest_dtype(
     setting: str, device: str, model: torch.nn.Module, forward: Callable[[torch.nn.Module], object]
 ) -> tuple[str, Source, str]:

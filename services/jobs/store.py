@@ -29,6 +29,7 @@ from typing import Any
 
 import orjson
 
+from services.functions.hardware import server_running
 from services.jobs.db import Database, StoreUnavailable, Transaction, open_database
 
 logger = logging.getLogger("bentoml.fnserve.batch")
@@ -215,11 +216,13 @@ class BatchStore:
     def __init__(
         self, root: Path, instance: str, database_url: str | None = None, worker: str | None = None
     ) -> None:
-        """`instance` names the running server; each worker process claims as `instance/pid`. On a
-        store of its own (SQLite), lines claimed under another server's name were left by one that is
-        gone and are claimed again at once; on a shared one (PostgreSQL), only once their lease runs
-        out, as for a worker that died inside a live server. `worker` is the process id unless given;
-        the host's name comes first, since containers on different machines can share PIDs."""
+        """`instance` names the running server (`server_instance`); each worker process claims as
+        `instance/pid`. On a store of its own (SQLite), lines claimed by another server run that has
+        stopped are claimed again at once; lines of one still running on this host (a second server
+        started on the same folder) only once their lease runs out, as on a shared store (PostgreSQL),
+        where every claim waits for its lease, as for a worker that died inside a live server. `worker`
+        is the process id unless given; the host's name comes first, since containers on different
+        machines can share PIDs."""
         self.instance = f"{socket.gethostname()}/{instance}"
         self.owner = f"{self.instance}/{worker or os.getpid()}"
         self.root = root
@@ -500,9 +503,24 @@ class BatchStore:
     def _stale(self, owner: str, since: str, cutoff: float) -> tuple[str, tuple[Any, ...]]:
         """The SQL condition (and its arguments) for a claim that another may take over: its lease ran
         out, or, on a store of this server's own, it was made by a server run that is gone."""
-        if self.db.shared:
-            return f"{since} < ?", (cutoff,)
-        return f"({owner} NOT LIKE ? OR {since} < ?)", (f"{self.instance}/%", cutoff)
+        gone = [] if self.db.shared else self._gone_runs()
+        condition = " OR ".join([f"{since} < ?", *[f"{owner} LIKE ?" for _ in gone]])
+        return f"({condition})", (cutoff, *[f"{run}/%" for run in gone])
+
+    def _gone_runs(self) -> list[str]:
+        """The other server runs that hold claims in this store and have stopped. A run on another host
+        (a folder shared between containers) cannot be seen, and counts as stopped."""
+        claims = self._rows(
+            "SELECT owner FROM lines WHERE state = 'running'"
+            " UNION SELECT finalizer FROM batches WHERE status = 'finalizing'"
+        )
+        runs = {claim["owner"].rpartition("/")[0] for claim in claims if claim["owner"]}
+        host = f"{socket.gethostname()}/"
+        return sorted(
+            run
+            for run in runs - {self.instance}
+            if not (run.startswith(host) and server_running(run.removeprefix(host)))
+        )
 
     def renew(self, lines: list[Line]) -> None:
         """Extend the lease of lines this worker is still running (or holding for a free slot)."""
