@@ -142,15 +142,15 @@ class Frontend:
 
     @bentoml.on_shutdown
     async def stop_background_tasks(self) -> None:
-        """After the HTTP drain: what the signal began (or begins now, if it came another way) ends, and
-        the batch lines that finished are recorded."""
+        """After the HTTP drain: what the signal began (or begins now, if it came another way) ends, the
+        batch lines that finished are recorded, and the others are handed back."""
         self._begin_stopping()
         if self._grpc_stopped is not None:
             await self._grpc_stopped
         for task in self._tasks:
             task.cancel()
-        with suppress(StoreUnavailable):  # what is not recorded runs again, elsewhere or after a restart
-            await self.functions.jobs.settle()
+        with suppress(StoreUnavailable):  # what is not recorded runs again once its lease runs out
+            await self.functions.jobs.stop()
 
     @bentoml.api
     async def chat(

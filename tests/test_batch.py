@@ -650,3 +650,44 @@ def test_a_stopping_runner_records_its_lines_in_flight_and_claims_no_more(tmp_pa
     assert {line.attempts for line in left} == {1}
     store.close()
     following.close()
+
+
+def test_a_stopped_runner_hands_back_the_lines_it_had_not_finished(tmp_path: Path) -> None:
+    """At the end of the drain, a line still running and one waiting for a generation slot are handed
+    back at once, with no attempt counted; the one that finished is recorded. Another server (a
+    replica, on PostgreSQL) takes them now, not once their lease runs out."""
+    store = BatchStore(tmp_path, "stopping")
+    lines = [chat_line(i) for i in range(3)]
+    file_id = store.add_file(jsonl(lines), "in.jsonl", "batch")["id"]
+    batch = store.create_batch(file_id, "/v1/chat/completions", 3600, "1h", None, max_lines=10)
+
+    async def stop_with_one_running_and_one_waiting() -> None:
+        started: list[str] = []
+        two_started = asyncio.Event()
+
+        async def execute(endpoint: str, body: dict[str, Any]) -> tuple[bool, str]:
+            started.append(body["messages"][0]["content"])
+            if len(started) == 1:
+                return True, json.dumps({"status_code": 200, "body": {}})
+            two_started.set()
+            await asyncio.Event().wait()  # runs until stopped
+            raise AssertionError("not stopped")
+
+        runner = BatchRunner(store, execute, Settings(batch_generation_concurrency=1))
+        task = asyncio.create_task(runner.run())
+        try:
+            await asyncio.wait_for(two_started.wait(), LONG)
+            runner.stop_claiming()
+            task.cancel()
+            await runner.stop()
+        finally:
+            task.cancel()
+        assert len(started) == 2  # the third waited for the one slot
+
+    asyncio.run(stop_with_one_running_and_one_waiting())
+    assert store.get_batch(batch["id"])["request_counts"]["completed"] == 1
+    following = BatchStore(tmp_path, "next")
+    left = following.claim(10, lease_seconds=600, max_attempts=5)
+    assert len(left) == 2 and {line.attempts for line in left} == {1}  # their first attempt, again
+    following.close()
+    store.close()

@@ -118,6 +118,20 @@ class BatchRunner:
             task.add_done_callback(self._in_flight.pop)
         return lines
 
+    async def stop(self) -> None:
+        """After the HTTP drain (lines in flight ran on through it): what finished is recorded, and the
+        lines still running or waiting for a slot are stopped and handed back, so that other workers and
+        replicas take them now, not once their lease runs out (two minutes, at every rolling restart),
+        and without the attempt a crash would count."""
+        self._claiming = False
+        unfinished = list(self._in_flight.items())
+        for task, _ in unfinished:
+            task.cancel()
+        await asyncio.gather(*(task for task, _ in unfinished), return_exceptions=True)
+        await self.settle()
+        if unfinished:  # those just recorded are no longer running: left as they are
+            await asyncio.to_thread(self.store.hand_back, [line for _, line in unfinished])
+
     async def settle(self) -> None:
         """Record finished lines; if the store refuses, they are kept for the next try."""
         if not self._done:

@@ -542,6 +542,19 @@ class BatchStore:
                 (line.batch_id, line.idx, self.owner),
             )
 
+    def hand_back(self, lines: list[Line]) -> None:
+        """Lines this worker stopped unfinished as its server stops: pending again at once, with the
+        attempt their claim counted given back (a server that stops in order is no fault of theirs).
+        Lines recorded or claimed by another meanwhile are left as they are."""
+        with self._transaction() as db:
+            update_lines(
+                db,
+                "state = 'pending', owner = NULL, attempts = attempts - 1",
+                [(line.batch_id, line.idx) for line in lines],
+                " AND state = 'running' AND owner = ?",
+                (self.owner,),
+            )
+
     def settle(self, outcomes: list[Outcome]) -> None:
         """Record finished lines, in one commit. Only a line still claimed by this worker is written, so
         a line claimed again after a lease ran out is recorded once."""
