@@ -691,3 +691,53 @@ def test_a_stopped_runner_hands_back_the_lines_it_had_not_finished(tmp_path: Pat
     assert len(left) == 2 and {line.attempts for line in left} == {1}  # their first attempt, again
     following.close()
     store.close()
+
+
+def test_claims_are_renewed_while_a_step_writes_a_large_batchs_files(tmp_path: Path) -> None:
+    """A step that finalizes a large batch (or cleans up old ones) can outlast a lease; the lines the
+    worker holds meanwhile must keep their claims, or another worker takes them and runs them again.
+    Here the step is held inside `finalize_ready` until a running line's claim has been renewed."""
+    in_step, renewed = threading.Event(), threading.Event()
+
+    class HeldInFinalizing(BatchStore):
+        def finalize_ready(self, lease_seconds: float) -> list[str]:
+            in_step.set()
+            assert renewed.wait(LONG), "no renewal while the step ran"
+            return super().finalize_ready(lease_seconds)
+
+    store = HeldInFinalizing(tmp_path, "one", worker="1")
+    file_id = store.add_file(jsonl([embedding_line(0)]), "in.jsonl", "batch")["id"]
+    batch = store.create_batch(file_id, "/v1/embeddings", 3600, "1h", None, max_lines=10)
+
+    def claimed_at() -> float:
+        return store.db.rows("SELECT claimed_at FROM lines WHERE batch_id = ?", batch["id"])[0]["claimed_at"]
+
+    async def hold_a_step() -> None:
+        running, finish = asyncio.Event(), asyncio.Event()
+
+        async def execute(endpoint: str, body: dict[str, Any]) -> tuple[bool, str]:
+            running.set()
+            await finish.wait()
+            return True, json.dumps({"status_code": 200, "body": {}})
+
+        runner = BatchRunner(store, execute, Settings(batch_lease_seconds=0.4))
+        task = asyncio.create_task(runner.run())
+        try:
+            await asyncio.wait_for(running.wait(), LONG)
+            await asyncio.to_thread(in_step.wait, LONG)
+            first = claimed_at()
+            deadline = time.monotonic() + LONG
+            while claimed_at() == first:
+                assert time.monotonic() < deadline and not task.done()
+                await asyncio.sleep(0.05)
+            renewed.set()
+            finish.set()
+            while store.get_batch(batch["id"])["status"] != "completed":
+                assert time.monotonic() < deadline and not task.done()
+                await asyncio.sleep(0.05)
+        finally:
+            renewed.set()
+            task.cancel()
+
+    asyncio.run(hold_a_step())
+    store.close()

@@ -39,7 +39,6 @@ class BatchRunner:
         self._done: list[Outcome] = []
         self._in_flight: dict[asyncio.Task[None], Line] = {}
         self._endings: dict[str, str] = {}
-        self._renewed = time.monotonic()
         self._unavailable = False
         self._claiming = True
 
@@ -55,6 +54,29 @@ class BatchRunner:
     async def run(self) -> None:
         # Every line task inherits this context: its embedding forwards queue behind online ones.
         BACKGROUND.set(True)
+        renewing = asyncio.create_task(self._keep_claims())
+        try:
+            await self._loop()
+        finally:
+            renewing.cancel()
+
+    async def _keep_claims(self) -> None:
+        """Renews the claims of the lines this worker holds (running, waiting for a slot, or finished and
+        not yet recorded) a few times a lease, on its own: a step that writes a large batch's files, or
+        cleans up old ones, can take longer than a lease, and its lines would be taken and run again."""
+        while True:
+            await asyncio.sleep(self.settings.batch_lease_seconds / 4)
+            held = [*self._in_flight.values(), *(outcome.line for outcome in self._done)]
+            if not held:
+                continue
+            try:
+                await asyncio.to_thread(self.store.renew, held)
+            except StoreUnavailable:
+                continue  # the runner's loop says so; the claims are renewed once the store is back
+            except Exception:
+                logger.exception("renewing the batch lines' claims failed")
+
+    async def _loop(self) -> None:
         last_cleanup = 0.0
         while True:
             try:
@@ -103,10 +125,6 @@ class BatchRunner:
         )
         full = any(0 < limit == len(got) for limit, got in zip(rooms, (lines, others), strict=True))
         await self.settle()
-        if time.monotonic() - self._renewed > lease / 4:  # lines waiting (for a slot, to be recorded) keep
-            held = [*self._in_flight.values(), *(outcome.line for outcome in self._done)]  # their claim
-            await asyncio.to_thread(self.store.renew, held)
-            self._renewed = time.monotonic()
         if not full:
             await asyncio.to_thread(self.store.finalize_ready, settings.batch_lease_seconds)
         return full

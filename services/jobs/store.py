@@ -569,8 +569,8 @@ class BatchStore:
 
     def finalize_ready(self, lease_seconds: float) -> list[str]:
         """Write the output and error files of the oldest batch with no line left to run, and mark it
-        final (one a call: each holds its claim on the batch while it writes, and a call returns to the
-        runner, which renews its lines' claims). A batch left half-finalized by a server that is gone is
+        final (one a call: each holds its claim on the batch while it writes; the runner renews its lines'
+        claims meanwhile, on a timer of its own). A batch left half-finalized by a server that is gone is
         finalized again; only the attempt that still holds the batch when it is done registers its files."""
         now = int(time.time())
         stale, args = self._stale("finalizer", "finalizing_at", now - lease_seconds)
