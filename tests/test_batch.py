@@ -326,6 +326,12 @@ def test_kill_9_mid_job_then_restart_resumes_with_exact_accounting(tmp_path: Pat
 BACKENDS = pytest.mark.parametrize("store_at", ["sqlite", "postgres"], indirect=True)
 
 
+def stored_batch(store: BatchStore, lines: list[Any], endpoint: str = "/v1/embeddings") -> dict[str, Any]:
+    """A batch of `lines` created in `store` directly, as the route does after the upload."""
+    file_id = store.add_file(jsonl(lines), "in.jsonl", "batch")["id"]
+    return store.create_batch(file_id, endpoint, 3600, "1h", None, max_lines=10)
+
+
 def file_lines(store: BatchStore, file_id: str) -> list[str]:
     return b"".join(store.read_file(file_id)).decode().splitlines()
 
@@ -333,8 +339,7 @@ def file_lines(store: BatchStore, file_id: str) -> list[str]:
 @BACKENDS
 def test_expiry_and_retention_in_the_store(store_at: Callable[..., BatchStore]) -> None:
     store = store_at("test")
-    file_id = store.add_file(jsonl([embedding_line(i) for i in range(5)]), "in.jsonl", "batch")["id"]
-    batch = store.create_batch(file_id, "/v1/embeddings", 3600, "1h", None, max_lines=10)
+    batch = stored_batch(store, [embedding_line(i) for i in range(5)])
     [running] = store.claim(1, lease_seconds=60, max_attempts=5)
     assert store.expire_overdue(now=time.time() + 7200) == [batch["id"]]
     assert store.finalize_ready(lease_seconds=60) == []  # one line is still running
@@ -382,8 +387,7 @@ def test_store_gives_up_on_a_line_that_keeps_failing_and_keeps_unicode_lines_who
     lease = 0 if store.db.shared else 600
     line = embedding_line(0)
     line["body"]["input"] = "a line separator \u2028 inside a JSON string"
-    file_id = store.add_file(jsonl([line]), "in.jsonl", "batch")["id"]
-    batch = store.create_batch(file_id, "/v1/embeddings", 3600, "1h", None, max_lines=10)
+    batch = stored_batch(store, [line])
     assert store.get_batch(batch["id"])["request_counts"] == {"total": 1, "completed": 0, "failed": 0}
     for attempt in (1, 2):  # each time claimed, then its server "dies": a new server claims it again
         store = store_at(f"server-{attempt}")
@@ -444,8 +448,7 @@ def test_a_second_server_on_the_same_folder_leaves_the_first_ones_lines_while_it
     try:
         first = BatchStore(tmp_path, f"{arbiter.pid}-{psutil.Process(arbiter.pid).create_time():.3f}")
         second = BatchStore(tmp_path, f"{os.getpid()}-{psutil.Process().create_time():.3f}")
-        file_id = first.add_file(jsonl([embedding_line(i) for i in range(4)]), "in.jsonl", "batch")["id"]
-        first.create_batch(file_id, "/v1/embeddings", 3600, "1h", None, max_lines=10)
+        stored_batch(first, [embedding_line(i) for i in range(4)])
         held = [line.idx for line in first.claim(2, lease_seconds=600, max_attempts=5)]
         assert [line.idx for line in second.claim(10, lease_seconds=600, max_attempts=5)] == [2, 3]
         assert second.claim(10, lease_seconds=600, max_attempts=5) == []  # its own, and the first's
@@ -570,8 +573,7 @@ def test_a_custom_id_no_database_can_hold_is_a_bad_line(store_at: Callable[..., 
         '{"custom_id": "lone \\ud800 surrogate", "url": "/v1/embeddings", "body": {"input": "b"}}',
         json.dumps(embedding_line(1)),
     ]
-    file_id = store.add_file(jsonl(raws), "in.jsonl", "batch")["id"]
-    batch = store.create_batch(file_id, "/v1/embeddings", 3600, "1h", None, max_lines=10)
+    batch = stored_batch(store, raws)
     assert batch["request_counts"] == {"total": 3, "completed": 0, "failed": 2}
     assert store.get_batch(batch["id"])["request_counts"] == batch["request_counts"]
     [good] = store.claim(10, lease_seconds=600, max_attempts=5)
@@ -612,8 +614,7 @@ def test_a_stopping_runner_records_its_lines_in_flight_and_claims_no_more(tmp_pa
     """At the stop signal a worker takes no new lines (another server gets them at once, not after this
     one's drain) and still records the ones it is running (they are not left to their lease)."""
     store = BatchStore(tmp_path, "stopping")
-    file_id = store.add_file(jsonl([embedding_line(i) for i in range(10)]), "in.jsonl", "batch")["id"]
-    batch = store.create_batch(file_id, "/v1/embeddings", 3600, "1h", None, max_lines=10)
+    batch = stored_batch(store, [embedding_line(i) for i in range(10)])
 
     async def stop_with_four_in_flight() -> None:
         four_running, release = asyncio.Event(), asyncio.Event()
@@ -658,8 +659,7 @@ def test_a_stopped_runner_hands_back_the_lines_it_had_not_finished(tmp_path: Pat
     replica, on PostgreSQL) takes them now, not once their lease runs out."""
     store = BatchStore(tmp_path, "stopping")
     lines = [chat_line(i) for i in range(3)]
-    file_id = store.add_file(jsonl(lines), "in.jsonl", "batch")["id"]
-    batch = store.create_batch(file_id, "/v1/chat/completions", 3600, "1h", None, max_lines=10)
+    batch = stored_batch(store, lines, "/v1/chat/completions")
 
     async def stop_with_one_running_and_one_waiting() -> None:
         started: list[str] = []
@@ -706,8 +706,7 @@ def test_claims_are_renewed_while_a_step_writes_a_large_batchs_files(tmp_path: P
             return super().finalize_ready(lease_seconds)
 
     store = HeldInFinalizing(tmp_path, "one", worker="1")
-    file_id = store.add_file(jsonl([embedding_line(0)]), "in.jsonl", "batch")["id"]
-    batch = store.create_batch(file_id, "/v1/embeddings", 3600, "1h", None, max_lines=10)
+    batch = stored_batch(store, [embedding_line(0)])
 
     def claimed_at() -> float:
         return store.db.rows("SELECT claimed_at FROM lines WHERE batch_id = ?", batch["id"])[0]["claimed_at"]
