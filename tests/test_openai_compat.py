@@ -126,6 +126,28 @@ def test_n_choices_are_independent_samples_from_one_request(client: httpx.Client
         assert "".join(c["delta"].get("content") or "" for c in mine).strip()
 
 
+def test_a_completion_of_a_list_of_prompts_answers_each_with_n_choices(client: httpx.Client) -> None:
+    """As vLLM numbers them: prompt i's j-th choice at index i·n + j; each prompt's tokens counted once."""
+    prompts = ["The capital of France is", "Two plus two is"]
+
+    def complete(prompt: str | list[str], **extra: Any) -> httpx.Response:
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0, **extra}
+        return client.post("/v1/completions", json=body)
+
+    alone = [complete(prompt).json() for prompt in prompts]
+    both = complete(prompts, n=2).json()
+    assert [choice["index"] for choice in both["choices"]] == [0, 1, 2, 3]
+    texts = [choice["text"] for choice in both["choices"]]
+    assert texts == [answer["choices"][0]["text"] for answer in alone for _ in range(2)]
+    usage = both["usage"]
+    assert usage["prompt_tokens"] == sum(answer["usage"]["prompt_tokens"] for answer in alone)
+    assert usage["completion_tokens"] == 2 * sum(answer["usage"]["completion_tokens"] for answer in alone)
+    assert complete(prompts[:1]).json()["choices"] == alone[0]["choices"]
+    for bad in ([], [1, 2], ["a"] * 9):  # 9 prompts with n=2: 18 choices, over the 16
+        refused = complete(bad, n=2)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "prompt", refused.text
+
+
 def test_top_k_of_one_samples_the_greedy_answer(client: httpx.Client) -> None:
     greedy = text_of(ask(client, max_tokens=24))
     assert text_of(ask(client, max_tokens=24, temperature=1.0, top_k=1)) == greedy

@@ -121,6 +121,16 @@ REFUSAL_CODES: dict[str, str | None] = {
 }
 
 
+MAX_CHOICES = 16  # choices in one request (n, times the prompts of a completion)
+
+
+def text_not_token_ids(value: object) -> object:
+    """OpenAI's inputs may be token ids (a list of ints, or of lists); the served models take text."""
+    if isinstance(value, list) and value and isinstance(value[0], int | list):
+        raise ValueError("token-id arrays are not supported by this server; send text")
+    return value
+
+
 class EmbeddingRequest(OpenAIModel):
     input: Text | list[Text] = Field(description="one text or a list of texts; each non-empty")
     model: Text
@@ -136,9 +146,7 @@ class EmbeddingRequest(OpenAIModel):
     @field_validator("input", mode="before")
     @classmethod
     def reject_token_arrays(cls, value: object) -> object:
-        if isinstance(value, list) and value and isinstance(value[0], int | list):
-            raise ValueError("token-id arrays are not supported by this server; send text")
-        return value
+        return text_not_token_ids(value)
 
     @property
     def texts(self) -> list[str]:
@@ -271,7 +279,9 @@ class GenerationParams(OpenAIModel):
         None, description="a seeded request is cached: its repeats get the first answer (README)"
     )
     stop: Stops | None = Field(None, description="up to 4 strings; the stop text is not returned")
-    n: int = Field(1, ge=1, le=16, description="choices, generated side by side in the running batch")
+    n: int = Field(
+        1, ge=1, le=MAX_CHOICES, description="choices, generated side by side in the running batch"
+    )
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Text | None = Field(None, description="accepted and ignored")
@@ -332,10 +342,33 @@ class ChatCompletionRequest(GenerationParams):
 
 
 class CompletionRequest(GenerationParams):
-    prompt: Text
+    prompt: Text | list[Text] = Field(
+        description="one prompt, or a list: each gets n choices, prompt i's j-th at index i·n + j (vLLM's "
+        f"order); at most {MAX_CHOICES} choices in all"
+    )
     logprobs: int | None = Field(
         None, ge=0, le=20, description="the chosen token's log-probability and the n likeliest (vLLM's cap)"
     )
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def text_prompts(cls, value: object) -> object:
+        return text_not_token_ids(value)
+
+    @field_validator("prompt")
+    @classmethod
+    def choices_in_bounds(cls, value: str | list[str], info: ValidationInfo) -> str | list[str]:
+        count = 1 if isinstance(value, str) else len(value)
+        n = info.data.get("n", 1)
+        if count == 0:
+            raise ValueError("a list of prompts must hold at least one")
+        if count * n > MAX_CHOICES:
+            raise ValueError(f"{count} prompts with n={n} make {count * n} choices; at most {MAX_CHOICES}")
+        return value
+
+    @property
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
 
     @property
     def top_logprobs_count(self) -> int | None:

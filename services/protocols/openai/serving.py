@@ -153,11 +153,13 @@ def generation_request(request: GenerationParams, **target: Any) -> GenerationRe
     )
 
 
-async def start_choices(fns: Functions, asked: GenerationRequest, n: int) -> list[Generation]:
-    """`n` independent generations of one request, admitted together so that they run side by side in
-    the engine's batch; if any is refused, the others are closed and the refusal raised."""
+async def start_choices(fns: Functions, asked: list[GenerationRequest], n: int) -> list[Generation]:
+    """`n` independent generations of each request (a completion's prompts), request-major, admitted
+    together so that they run side by side in the engine's batch; if any is refused, the others are
+    closed and the refusal raised."""
     started = await asyncio.gather(
-        *(fns.chat.start(asked, DEADLINE.get(), sample) for sample in range(n)), return_exceptions=True
+        *(fns.chat.start(one, DEADLINE.get(), sample) for one in asked for sample in range(n)),
+        return_exceptions=True,
     )
     refused = [item for item in started if isinstance(item, BaseException)]
     if refused:
@@ -168,11 +170,16 @@ async def start_choices(fns: Functions, asked: GenerationRequest, n: int) -> lis
     return started  # type: ignore[return-value]
 
 
-async def answer_completion(fns: Functions, request: GenerationParams, chat: bool, **target: Any) -> Response:
-    """One chat completion or completion with `n` choices, streamed as SSE or answered whole."""
+async def answer_completion(
+    fns: Functions, request: GenerationParams, chat: bool, targets: list[dict[str, Any]]
+) -> Response:
+    """A chat completion (one target: the messages) or a completion (a target per prompt), with `n`
+    choices each, streamed as SSE or answered whole."""
     check_model(request.model, fns.chat.model_id)
-    generations = await start_choices(fns, generation_request(request, **target), request.n)
-    chunks = ChunkWriter(chat, fns.chat.model_id, generations[0].prompt_tokens, request)
+    asked = [generation_request(request, **target) for target in targets]
+    generations = await start_choices(fns, asked, request.n)
+    prompt_tokens = sum(generation.prompt_tokens for generation in generations[:: request.n])
+    chunks = ChunkWriter(chat, fns.chat.model_id, prompt_tokens, request)
     cached = [generation.cached for generation in generations]
     headers = cache_header(None if cached[0] is None else all(cached), any(cached))
     if request.stream:
@@ -198,11 +205,11 @@ async def close_choices(generations: list[Generation], readers: list[asyncio.Fut
 
 
 async def answer_chat(fns: Functions, request: ChatCompletionRequest) -> Response:
-    return await answer_completion(fns, request, chat=True, messages=plain_messages(request.messages))
+    return await answer_completion(fns, request, True, [{"messages": plain_messages(request.messages)}])
 
 
 async def answer_text_completion(fns: Functions, request: CompletionRequest) -> Response:
-    return await answer_completion(fns, request, chat=False, prompt=request.prompt)
+    return await answer_completion(fns, request, False, [{"prompt": prompt} for prompt in request.prompts])
 
 
 @routes.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERRORS)
