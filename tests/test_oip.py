@@ -491,6 +491,13 @@ def test_triton_generate_and_generate_stream(server: Server) -> None:
             events = [line for line in response.iter_lines() if line.startswith("data: ")]
         unknown = {"text_input": prompt, "parameters": {"use_beam_search": True}}
         refused = client.post(f"/v2/models/{CHAT}/generate", json=unknown)
+        # The vLLM backend's input as a key of the body, as a string or an object; a version in the path.
+        as_input = {"text_input": prompt, "sampling_parameters": json.dumps(body["parameters"])}
+        as_object = {"text_input": prompt, "sampling_parameters": body["parameters"]}
+        versioned = [
+            client.post(f"/v2/models/{CHAT}/versions/1/generate", json=b) for b in (as_input, as_object)
+        ]
+    assert [answer.json()["text_output"] for answer in versioned] == [expected] * 2
     assert whole["text_output"] == expected and whole["num_output_tokens"] == 12
     parts = [httpx.Response(200, content=line[6:]).json() for line in events]
     assert "".join(part["text_output"] for part in parts) == expected

@@ -230,11 +230,13 @@ async def infer(name: str, request: Request, model_version: str = "") -> Respons
 
 
 async def generate_request(
-    name: str, request: Request
+    name: str, request: Request, model_version: str = ""
 ) -> tuple[GenerationModel, GenerationRequest, dict[str, Any]]:
-    """Triton's generate extension: a JSON object of input values (`text_input`) and `parameters`; the
-    model, the request and the head of each answer. Either route streams as its name says."""
-    model = repository().get(name)
+    """Triton's generate extension: a JSON object of input values (`text_input`, and the vLLM backend's
+    `sampling_parameters`, a JSON object or a string holding one) and `parameters`, other keys being
+    parameters too; the model, the request and the head of each answer. Either route streams as its
+    name says."""
+    model = repository().get(name, model_version)
     if not isinstance(model, GenerationModel):
         raise Refused("invalid", f"model '{name}' does not generate text; use infer")
     try:
@@ -247,9 +249,14 @@ async def generate_request(
     if not isinstance(parameters, dict):
         raise Refused("invalid", "`parameters` must be a JSON object")
     extra = {k: v for k, v in body.items() if k not in ("text_input", "parameters", "id")}
-    asked, _ = model.request(
-        {"text_input": bytes_tensor("text_input", body["text_input"])}, {**extra, **parameters}
-    )
+    inputs = {"text_input": bytes_tensor("text_input", body["text_input"])}
+    if (sampling := extra.pop("sampling_parameters", None)) is not None:
+        if isinstance(sampling, dict):
+            sampling = orjson.dumps(sampling).decode()
+        if not isinstance(sampling, str):
+            raise Refused("invalid", "`sampling_parameters` must be a JSON object, or a string holding one")
+        inputs["sampling_parameters"] = bytes_tensor("sampling_parameters", sampling)
+    asked, _ = model.request(inputs, {**extra, **parameters})
     head = {
         "model_name": model.name,
         "model_version": VERSION,
@@ -264,17 +271,19 @@ def outputs_json(head: dict[str, Any], tensors: list[Tensor]) -> dict[str, Any]:
 
 
 @routes.post("/models/{name}/generate")
-async def generate(name: str, request: Request) -> Response:
-    model, asked, head = await generate_request(name, request)
+@routes.post("/models/{name}/versions/{model_version}/generate")
+async def generate(name: str, request: Request, model_version: str = "") -> Response:
+    model, asked, head = await generate_request(name, request, model_version)
     body = outputs_json(head, await model.whole(asked, DEADLINE.get()))
     return Response(orjson.dumps(body), media_type="application/json")
 
 
 @routes.post("/models/{name}/generate_stream")
-async def generate_stream(name: str, request: Request) -> Response:
+@routes.post("/models/{name}/versions/{model_version}/generate_stream")
+async def generate_stream(name: str, request: Request, model_version: str = "") -> Response:
     """`data: {...}` per text delta, then one with the finish reason and token counts; an error after
     the first event is sent as `data: {"error": ...}`."""
-    model, asked, head = await generate_request(name, request)
+    model, asked, head = await generate_request(name, request, model_version)
     generation = await model.fn.start(asked, DEADLINE.get())  # refusals before any event are 4xx
 
     async def events() -> AsyncIterator[bytes]:
