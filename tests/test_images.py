@@ -63,6 +63,15 @@ def rest(url: str, images: list[bytes], top_k: int = 5) -> httpx.Response:
     )
 
 
+def rest_base64(url: str, image: str, top_k: int = 5) -> httpx.Response:
+    body = {"model": MODEL, "image": image, "top_k": top_k}
+    return httpx.post(f"{url}/v1/images/classifications", json=body, timeout=LONG)
+
+
+def b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
 def labels(response: httpx.Response) -> list[list[tuple[int, float]]]:
     assert response.status_code == 200, response.text
     return [
@@ -128,6 +137,21 @@ def animated() -> bytes:
     return encoded(frames[0], "GIF", save_all=True, append_images=frames[1:])
 
 
+def cut_gif() -> bytes:
+    """An animated GIF cut short where Pillow, counting its frames, raises neither OSError nor
+    ValueError (IndexError, with Pillow 13.0): such a file was answered with a 500."""
+    frames = [Image.new("RGB", (16, 16), (60 * i, 0, 0)) for i in range(4)]
+    whole = encoded(frames[0], "GIF", save_all=True, append_images=frames[1:])
+    for cut in range(len(whole)):
+        try:
+            Image.open(io.BytesIO(whole[:cut])).n_frames  # noqa: B018 - what the server reads
+        except (OSError, SyntaxError, ValueError):
+            continue
+        except Exception:
+            return whole[:cut]
+    raise AssertionError("Pillow counts the frames of every cut of this GIF cleanly now: find another")
+
+
 def too_many_pixels() -> bytes:
     """One row past the limit, a few kB: what a decompression bomb looks like."""
     return encoded(Image.new("L", (2000, IMAGE_MAX_PIXELS // 2000 + 1)))
@@ -138,6 +162,7 @@ def too_many_pixels() -> bytes:
     [
         (lambda: b"this is not an image", "not an image"),
         (lambda: PHOTO.read_bytes()[:20_000], "could not be decoded"),
+        (cut_gif, "could not be decoded"),
         (too_many_pixels, "decompression bomb"),
         (lambda: b"\xff\xd8" + bytes(IMAGE_MAX_BYTES), "over the limit"),
         (cmyk, "mode CMYK"),
@@ -184,6 +209,11 @@ def test_bad_base64_and_a_wrong_model_are_refused(server: tuple[str, str]) -> No
         f"{url}/v1/images/classifications", json={"model": MODEL, "image": "not base64!"}, timeout=LONG
     )
     assert bad.status_code == 400 and "base64" in bad.json()["error"]["message"]
+    # As tools write it: wrapped in lines, or a data URL.
+    for written in (base64.encodebytes(PHOTO.read_bytes()).decode(), f"data:image/jpeg;base64,{b64(PHOTO)}"):
+        assert labels(rest_base64(url, written, top_k=1))[0][0][0] == 652
+    url_without_base64 = f"data:image/jpeg,{b64(PHOTO)}"
+    assert rest_base64(url, url_without_base64).status_code == 400
     unknown = httpx.post(
         f"{url}/v1/images/classifications", json={"model": "resnet", "image": ""}, timeout=LONG
     )

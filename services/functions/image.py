@@ -75,14 +75,21 @@ def preprocess(data: bytes, max_bytes: int, max_pixels: int, where: str) -> np.n
             check_image(image, max_pixels, where)
             image.load()
             image = ImageOps.exif_transpose(image)  # a phone's portrait photo, upright as it is shown
+    except Refused:
+        raise
     except UnidentifiedImageError:
         raise Refused(
             "invalid", f"{where} is not an image Pillow can read (JPEG, PNG, WebP, ...)", where
         ) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise Refused("invalid", f"{where}: {exc}", where) from None
-    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
-        raise Refused("invalid", f"{where} could not be decoded: {exc}", where) from None
+    # Truncated or corrupt data. Pillow's decoders raise OSError, SyntaxError and ValueError, but counting
+    # a cut GIF's frames IndexError or struct.error, and a bad TIFF TypeError (Pillow 13.0): those had
+    # answered 500 and sent batch lines into retries.
+    except Exception as exc:
+        raise Refused(
+            "invalid", f"{where} could not be decoded: {type(exc).__name__}: {exc}", where
+        ) from None
     return model_input(image)
 
 
@@ -207,22 +214,31 @@ class ImageFunction:
             for row, ids in zip(scores, best, strict=True)
         ]
 
-    async def preprocess(self, images: list[bytes], field: str = "image") -> list[np.ndarray]:
-        """Model inputs for encoded images, in worker threads; refuses the first bad one by index."""
+    async def preprocess(
+        self, images: list[bytes], field: str = "image", deadline: float | None = None
+    ) -> list[np.ndarray]:
+        """Model inputs for encoded images, in worker threads, under the request's deadline; refuses the
+        first bad one by index. A full queue refuses them before they are decoded (up to 64 images of
+        up to 40 MP each, for a 429 all the same)."""
         limits = self.settings
         if not images:
             raise Refused("invalid", f"{field} must not be empty", field)
         if len(images) > limits.image_max_inputs:
             raise Refused("invalid", f"at most {limits.image_max_inputs} images per request", field)
         where = [field] if len(images) == 1 else [f"{field}[{i}]" for i in range(len(images))]
-        return list(
-            await asyncio.gather(
+        async with answered_by(deadline):
+            self._batcher.check(len(images), deadline)
+            decoded = await asyncio.gather(
                 *(
                     asyncio.to_thread(preprocess, data, limits.image_max_bytes, limits.image_max_pixels, name)
                     for data, name in zip(images, where, strict=True)
-                )
+                ),
+                return_exceptions=True,
             )
-        )
+        for item in decoded:  # the first bad one by index, not the first to fail: the same answer each time
+            if isinstance(item, BaseException):
+                raise item
+        return decoded  # type: ignore[return-value]
 
     def check_tensor(self, batch: np.ndarray, field: str = "input") -> list[np.ndarray]:
         """Already preprocessed images [n, 3, 224, 224] float32."""

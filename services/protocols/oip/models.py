@@ -166,7 +166,7 @@ class ImageModel(Model):
             if len(tensor.shape) != 1:
                 raise invalid(f"input 'image' must have shape [n], not {tensor.shape}")
             assert isinstance(tensor.data, list)
-            model_inputs = await self.fn.preprocess(tensor.data, field="image")
+            model_inputs = await self.fn.preprocess(tensor.data, field="image", deadline=deadline)
         else:
             assert isinstance(inputs["input"].data, np.ndarray)
             model_inputs = self.fn.check_tensor(inputs["input"].data, field="input")

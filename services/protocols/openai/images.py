@@ -57,10 +57,15 @@ class ClassificationList(BaseModel):
 
 
 def decoded(images: list[str]) -> list[bytes]:
+    """Base64 as tools write it: wrapped in lines (GNU `base64`, Python's `encodebytes`), or a data URL
+    (`data:image/png;base64,...`); strict otherwise."""
     out = []
     for i, text in enumerate(images):
+        head, comma, body = text.partition(",") if text.startswith("data:") else ("", "", text)
         try:
-            out.append(base64.b64decode(text, validate=True))
+            if comma and not head.endswith(";base64"):
+                raise ValueError("a data URL without ;base64")
+            out.append(base64.b64decode("".join(body.split()), validate=True))
         except (binascii.Error, ValueError):
             where = "image" if len(images) == 1 else f"image[{i}]"
             raise APIError(400, f"{where} is not valid base64", "image") from None
@@ -73,7 +78,8 @@ async def answer_classification(
     """The response body for one request; `files` are uploaded images, else the request's base64."""
     fn = fns.image
     check_model(request.model, fn.model_id)
-    inputs = await fn.preprocess(files if files is not None else decoded(request.images), field="image")
+    images = files if files is not None else decoded(request.images)
+    inputs = await fn.preprocess(images, field="image", deadline=DEADLINE.get())
     result = await fn.classify(inputs, DEADLINE.get())
     data = [
         {
