@@ -595,6 +595,16 @@ def test_files_are_listed_in_pages_either_way(store_at: Callable[..., BatchStore
     assert store.list_files("batch_output") == [] and len(store.list_files("batch", limit=3)) == 3
 
 
+def test_a_file_that_starts_with_a_byte_order_mark_is_read_from_its_first_line(tmp_path: Path) -> None:
+    store = BatchStore(tmp_path, "test")
+    content = b"\xef\xbb\xbf" + jsonl([embedding_line(0), embedding_line(1)])  # UTF-8's byte-order mark
+    file_id = store.add_file(content, "in.jsonl", "batch")["id"]
+    batch = store.create_batch(file_id, "/v1/embeddings", 3600, "1h", None, max_lines=10)
+    assert store.get_batch(batch["id"])["request_counts"] == {"total": 2, "completed": 0, "failed": 0}
+    assert [line.custom_id for line in store.claim(10, lease_seconds=600, max_attempts=5)] == ["e0", "e1"]
+    store.close()
+
+
 @BACKENDS
 def test_ids_no_database_can_hold_are_found_nowhere(store_at: Callable[..., BatchStore]) -> None:
     """A NUL or a lone surrogate in an id a caller sent (a path, `after`, `purpose`): PostgreSQL refuses

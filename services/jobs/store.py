@@ -355,7 +355,8 @@ class BatchStore:
         if self.get_file(file_id) is None:
             raise FileNotFoundError(file_id)
         try:
-            text = b"".join(self.read_file(file_id)).decode("utf-8")
+            # utf-8-sig: a byte-order mark (Windows tools write one) is not part of the first line
+            text = b"".join(self.read_file(file_id)).decode("utf-8-sig")
         except UnicodeDecodeError as exc:
             raise BadFile(f"the input file is not UTF-8 text: {exc}") from exc
         # "\n" only: splitlines() would also cut at U+2028 and the like, which JSON strings may hold.
