@@ -256,6 +256,27 @@ def test_the_policy_drafts_where_a_token_is_worth_its_time() -> None:
     assert drafts(cost_of(0.08, 0.001), waiting={"c": running("c", answer)}) == {}
 
 
+def test_a_request_the_engine_dropped_leaves_no_record_behind() -> None:
+    """A stream cut short forgets its request; the engine drafts for it once more before it drops it.
+    Its record, made again then, must go with it: one was left for every request cut short."""
+    speculator = Speculator(cost_of(0.08, 0.001))
+
+    def step(names: tuple[str, ...]) -> SimpleNamespace:
+        """The scheduler at a decode step: these requests, each with its one token to process."""
+        scheduler = SimpleNamespace(
+            active_requests={name: running(name, [5, 6, 7, 8] * 6) for name in names}, waiting_requests={}
+        )
+        speculator.draft(scheduler, 1.0, 512)
+        return scheduler
+
+    step(("kept", "cut"))
+    speculator.forget("cut")  # the stream's end, on the event loop
+    step(("kept", "cut"))  # the engine's next step, before it drops the request
+    assert set(speculator._records) == {"kept", "cut"}
+    speculator.keep_held(SimpleNamespace(active_requests={"kept": None}, waiting_requests={}))
+    assert set(speculator._records) == {"kept"}
+
+
 def test_a_request_whose_copying_ended_stops_drafting_in_a_full_batch() -> None:
     """In a batch of 32, where a draft token pays only at a chance of about 2 in 3, a request that has
     just had 16 drafts accepted drafts; three rejections later it no longer does, however long its run

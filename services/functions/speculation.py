@@ -351,6 +351,14 @@ class Speculator:
         self._records.pop(request_id, None)
         self.opted_out.discard(request_id)
 
+    def keep_held(self, scheduler: Any) -> None:
+        """Drops the records of requests the engine no longer holds. A stream that ends early forgets
+        its request before the engine drops it, and a draft in between made its record again: one left
+        behind for every request cut short (a stop string, a client gone, a deadline)."""
+        held = scheduler.active_requests.keys() | scheduler.waiting_requests.keys()
+        for request_id in self._records.keys() - held:
+            del self._records[request_id]
+
     @property
     def planned(self) -> dict[str, Planned]:
         return self._planned
@@ -397,6 +405,7 @@ def install() -> None:
         started = time.perf_counter()
         speculator.draft(self.scheduler, reclaimable_share(self.cache), self.max_batch_tokens)
         ready = library_prepare(self)
+        speculator.keep_held(self.scheduler)
         speculator.scheduled(io.requests_in_batch if ready else [])
         self.fn_step = speculator.decode_step(io.requests_in_batch, started) if ready else None
         if ready and speculator.planned:
