@@ -296,3 +296,28 @@ def test_a_model_woken_for_a_caller_who_gave_up_counts_its_idle_time_from_the_lo
         return state
 
     assert asyncio.run(main()) == "loaded"
+
+
+def test_a_release_that_fails_is_tried_again_at_the_next_idle_check() -> None:
+    """A failed release (a full disk for the weights' spill, say) had ended the release loop: the model
+    then stayed loaded for the life of the worker."""
+    unloads: list[str] = []
+
+    def unload(model: str) -> None:
+        unloads.append(model)
+        if len(unloads) == 1:
+            raise OSError("No space left on device")
+
+    slot = ModelSlot("m", lambda: "model", unload, idle_seconds=0.4)  # checked every 0.1 s
+    slot.load_now()
+
+    async def main() -> None:
+        releasing = asyncio.create_task(slot.release_when_idle())
+        deadline = time.monotonic() + LONG
+        while slot.current is not None:
+            assert time.monotonic() < deadline and not releasing.done(), unloads
+            await asyncio.sleep(0.05)
+        releasing.cancel()
+
+    asyncio.run(main())
+    assert unloads == ["model", "model"]

@@ -195,7 +195,9 @@ class ModelSlot(Generic[M]):
             if self._model is not None and self._alive and not self._alive(self._model):
                 logger.error("%s stopped working: loading it again", self.name)
                 dead, self._model = self._model, None
-                await asyncio.to_thread(self._unload, dead)
+                # Unloaded and loaded again as one shielded step: a caller that gave up during the unload
+                # let the next one start a load that the unload, still running, would strip.
+                self._pending = asyncio.ensure_future(self._replace(dead))
             if self._model is None:
                 self._pending = self._pending or asyncio.ensure_future(self._wake())
                 # Shielded: a caller that gives up (timeout, disconnect) does not abandon the load
@@ -208,6 +210,14 @@ class ModelSlot(Generic[M]):
         finally:
             self._in_use -= 1
             self._last_used = time.monotonic()
+
+    async def _replace(self, dead: M) -> None:
+        try:
+            await asyncio.to_thread(self._unload, dead)
+        except BaseException:
+            self._pending = None  # the next caller loads it
+            raise
+        await self._wake()
 
     async def _wake(self) -> None:
         start = time.perf_counter()
@@ -239,6 +249,9 @@ class ModelSlot(Generic[M]):
                     await asyncio.to_thread(self._unload, self._model)
                     self._model = None  # the last reference: its memory is freed here
                     await asyncio.to_thread(release_memory)
+                except Exception:  # this loop must go on: one failure had ended scale-to-zero for good
+                    logger.exception("%s could not be released; the next idle check tries again", self.name)
+                    continue
                 finally:
                     self._releasing = False
             UNLOADS.labels(model=self.name).inc()
