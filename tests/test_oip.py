@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import queue
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
 from tests.oip_client import CHAT, Stream, generation_inputs, text_input
-from tests.server import KEYS, LONG, ONE_WORKER, free_port, serve
+from tests.server import KEYS, LONG, MAX_BODY, ONE_WORKER, free_port, serve
 from tests.server import http_client as httpx_client
 from tests.test_chat import TOKENS
 
@@ -113,7 +114,13 @@ def test_embeddings_over_grpc_and_http_equal_the_openai_route(server: Server) ->
     expected = openai_vectors(server, TEXTS)
     over_grpc = server.grpc_client().infer(EMBEDDER, [text_input("text", TEXTS)], headers=auth())
     over_http = server.http_client().infer(EMBEDDER, [text_input("text", TEXTS, th)], headers=auth())
-    for result in (over_grpc, over_http):
+    compressed = [  # tritonclient's option; Triton inflates such bodies
+        server.http_client().infer(
+            EMBEDDER, [text_input("text", TEXTS, th)], headers=auth(), request_compression_algorithm=algorithm
+        )
+        for algorithm in ("gzip", "deflate")
+    ]
+    for result in (over_grpc, over_http, *compressed):
         vectors = result.as_numpy("embedding")
         assert vectors.dtype == np.float32 and vectors.shape == (3, 384)
         np.testing.assert_allclose(vectors, expected, rtol=0, atol=1e-6)
@@ -468,6 +475,10 @@ BINARY_HEAD = orjson.dumps(
             "cannot be held",
         ),
         (BINARY_HEAD, {"Inference-Header-Content-Length": b"\xb2"}, "must be the JSON header's size"),
+        (b"{}", {"Content-Encoding": "gzip"}, "not gzip data"),
+        (zlib.compress(b"{}") + b"more", {"Content-Encoding": "deflate"}, "not one whole deflate stream"),
+        (b"{}", {"Content-Encoding": "br"}, "Content-Encoding br is not taken"),
+        (zlib.compress(bytes(MAX_BODY + 1)), {"Content-Encoding": "deflate"}, "once inflated"),  # a bomb
     ],
 )
 def test_malformed_rest_infer_bodies_get_400(

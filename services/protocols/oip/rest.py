@@ -6,6 +6,7 @@ and the binary tensor extension, tritonclient.http's default), and Triton's `gen
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import AsyncIterator
 from importlib.metadata import version
 from typing import Any
@@ -18,6 +19,7 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from services.admission import DEADLINE, count_refusal
+from services.config import get_settings
 from services.functions.api import current
 from services.functions.chat import Delta, GenerationRequest
 from services.functions.types import Refused
@@ -119,10 +121,31 @@ def parse(model_cls: type[BaseModel], raw: bytes) -> Any:
         raise Refused("invalid", f"malformed request: {message}") from None
 
 
+def inflated(body: bytes, encoding: str, limit: int) -> bytes:
+    """A body sent compressed, as tritonclient's `request_compression_algorithm` sends it (and Triton
+    takes it): gzip, or deflate in zlib's format. At most `limit` bytes once inflated, the body bound
+    the server holds uncompressed bodies to."""
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise Refused("invalid", f"Content-Encoding {encoding} is not taken here; send gzip, deflate or none")
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise Refused("invalid", f"the body is not {encoding} data: {exc}") from None
+    if len(data) > limit:
+        raise Refused("invalid", f"the body is over {limit} bytes once inflated")
+    if not inflater.eof or inflater.unused_data:
+        raise Refused("invalid", f"the body is not one whole {encoding} stream")
+    return data
+
+
 async def infer_request(request: Request) -> tuple[InferRequest, dict[str, Tensor]]:
     """The request's JSON header and its tensors, from JSON `data` or the binary section that follows
-    the header (its length in Inference-Header-Content-Length)."""
-    body = await request.body()
+    the header (its length in Inference-Header-Content-Length), inflated first if it came compressed."""
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    body = inflated(await request.body(), encoding, get_settings().max_body_bytes)
     length = request.headers.get(HEADER_LENGTH)
     binary = b""
     if length is not None:
