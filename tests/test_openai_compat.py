@@ -325,3 +325,6 @@ def test_min_tokens_holds_back_the_end_of_text(client: httpx.Client) -> None:
     assert short["choices"][0]["finish_reason"] == "stop" and short["usage"]["completion_tokens"] < 20
     held = ask(client, max_tokens=40, min_tokens=20)
     assert held["usage"]["completion_tokens"] >= 20
+    # Stop strings too, as vLLM: a space would otherwise end the answer at its first word.
+    spaced = ask(client, max_tokens=40, min_tokens=20, stop=[" "])["choices"][0]
+    assert spaced["message"]["content"].count(" ") >= 2, spaced

@@ -424,7 +424,10 @@ class Generator:
                     generated.extend(step.token_ids)
                     scored.extend(self.logprob_entries(step.logprobs or []))
                     clock.tick(len(step.token_ids))
-                    if text := matcher.push(decoder.push(step.token_ids, step.finished)):
+                    text = decoder.push(step.token_ids, step.finished)
+                    if len(generated) >= sampling.min_tokens:  # as vLLM: no stop string before them
+                        text = matcher.push(text)
+                    if text:
                         yield delta(text)
                     if matcher.stopped:
                         break  # leaving the block closes the stream, which cancels the request
