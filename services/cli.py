@@ -174,10 +174,19 @@ def download(client: Client, args: argparse.Namespace) -> int:
     batch = client.batch(args.id)
     if batch["status"] not in FINAL:
         raise SystemExit(f"batch {args.id} is {batch['status']}: its files are written when it ends")
-    for file_id, target in ((batch["output_file_id"], args.output), (batch["error_file_id"], args.errors)):
-        if file_id and target:
+    files = (("output", batch["output_file_id"], args.output), ("error", batch["error_file_id"], args.errors))
+    for kind, file_id, target in files:
+        if not target:
+            continue
+        if file_id:
             client.save(file_id, Path(target))
             print(f"{file_id} -> {target}", file=sys.stderr)  # stdout may be the file itself
+            continue
+        # The batch has no such lines (no file is made for none): a file left at the target by an
+        # earlier download must not pass for this batch's.
+        if not Path(target).exists() or Path(target).is_file() and not Path(target).is_symlink():
+            Path(target).write_bytes(b"")
+        print(f"no {kind} lines -> {target} (empty)", file=sys.stderr)
     return 0
 
 

@@ -229,15 +229,17 @@ def test_cli_submits_waits_and_downloads(api: httpx.Client, tmp_path: Path) -> N
     assert submitted.returncode == 0, submitted.stderr
     batch_id = submitted.stdout.split()[0]
     assert "completed" in submitted.stdout and "40/40" in submitted.stderr  # the progress bar's last state
-    output = tmp_path / "out.jsonl"
+    output, errors = tmp_path / "out.jsonl", tmp_path / "errors.jsonl"
+    errors.write_text('{"custom_id": "an earlier batch"}\n')
     fetched = subprocess.run(
-        [*fnserve, "download", batch_id, "--output", str(output)],
+        [*fnserve, "download", batch_id, "--output", str(output), "--errors", str(errors)],
         capture_output=True,
         text=True,
         timeout=LONG,
     )
     assert fetched.returncode == 0, fetched.stderr
     assert len(output.read_text().splitlines()) == 40
+    assert errors.read_text() == "" and "no error lines" in fetched.stderr  # not the earlier batch's
     # Into a pipe: written through (a rename onto /dev/stdout would replace the device's link).
     piped = subprocess.run(
         [*fnserve, "download", batch_id, "--output", "/dev/stdout", "--errors", ""],
