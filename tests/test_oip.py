@@ -8,6 +8,7 @@ import queue
 import time
 import zlib
 from dataclasses import dataclass
+from importlib.metadata import version
 from typing import Any
 
 import grpc
@@ -21,6 +22,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
+import services
 from tests.oip_client import CHAT, Stream, generation_inputs, text_input
 from tests.server import KEYS, LONG, MAX_BODY, ONE_WORKER, free_port, serve
 from tests.server import http_client as httpx_client
@@ -102,7 +104,13 @@ def test_health_and_metadata_over_grpc_and_http(server: Server) -> None:
     ]
     config = grpc_client.get_model_config(CHAT, headers=auth(), as_json=True)["config"]
     assert config["model_transaction_policy"]["decoupled"] is True
-    assert grpc_client.get_server_metadata(headers=auth()).name == "fnserve"
+    served = grpc_client.get_server_metadata(headers=auth())
+    # The version the sources hold (a Bento installs no fnserve distribution to read it from), which
+    # the package's metadata reads too.
+    assert (
+        (served.name, served.version) == ("fnserve", services.__version__) == ("fnserve", version("fnserve"))
+    )
+    assert http_client.get_server_metadata(headers=auth())["version"] == services.__version__
     missing = grpc_error(lambda: grpc_client.get_model_metadata("no-such-model", headers=auth()))
     assert missing.status() == "StatusCode.NOT_FOUND" and "no-such-model" in missing.message()
     with http(server) as client:

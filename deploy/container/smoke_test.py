@@ -18,6 +18,7 @@ import tritonclient.grpc as tg
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from services import __version__  # noqa: E402
 from tests.server import free_port  # noqa: E402
 
 
@@ -85,6 +86,9 @@ def main() -> None:
         text = "".join(json.loads(event)["choices"][0]["delta"].get("content") or "" for event in events[:-1])
         assert "Paris" in text and len(events) > 5, events
         print(f"embedding: 384 dimensions; streamed chat: {len(events) - 1} chunks, {text!r}")
+        # The server's metadata names its version, which the image reads from the sources it copied.
+        metadata = httpx.get(f"{url}/v2", timeout=60)
+        assert metadata.status_code == 200 and metadata.json()["version"] == __version__, metadata.text
         grpc_checks(f"127.0.0.1:{grpc_port}")
         print("container test passed")
     except BaseException:
@@ -97,7 +101,7 @@ def main() -> None:
 
 def grpc_checks(address: str) -> None:
     client = tg.InferenceServerClient(address)
-    assert client.is_server_ready()
+    assert client.is_server_ready() and client.get_server_metadata().version == __version__
     texts = tg.InferInput("text", [1], "BYTES")
     texts.set_data_from_numpy(np.array([b"hello"], dtype=object))
     vectors = client.infer("all-minilm-l6-v2", [texts]).as_numpy("embedding")

@@ -16,7 +16,6 @@ import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
-from importlib.metadata import version
 from typing import Any
 
 import grpc
@@ -25,6 +24,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 
+from services import __version__
 from services.admission import Admission, count_refusal, rejected
 from services.functions.chat import Delta
 from services.functions.types import Refused
@@ -149,7 +149,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         self, request: Any, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
         async with self.answering(context, admit=False):
-            return pb.ServerMetadataResponse(name="fnserve", version=version("fnserve"), extensions=[])
+            return pb.ServerMetadataResponse(name="fnserve", version=__version__, extensions=[])
 
     async def ModelMetadata(
         self, request: Any, context: grpc.aio.ServicerContext

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import zlib
 from collections.abc import AsyncIterator
-from importlib.metadata import version
 from typing import Any
 
 import orjson
@@ -18,6 +17,7 @@ from fastapi.sse import format_sse_event
 from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException
 
+from services import __version__
 from services.admission import DEADLINE, count_refusal
 from services.config import get_settings
 from services.functions.api import current
@@ -217,7 +217,7 @@ async def server_ready() -> Response:
 async def server_metadata() -> dict[str, Any]:
     return {
         "name": "fnserve",
-        "version": version("fnserve"),
+        "version": __version__,
         "extensions": ["binary_tensor_data", "generate"],
     }
 
