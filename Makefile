@@ -69,10 +69,11 @@ cluster: models cluster-packages
 cluster-down: $(VENV)/.installed
 	$(BIN)/python -m deploy.cluster down
 
-# Debian's PostgreSQL, HAProxy and Redis, for the cluster and its tests (tests/test_cluster.py).
+# Debian's PostgreSQL, HAProxy and Redis, for the cluster and its tests (tests/test_cluster.py). HAProxy
+# is in /usr/sbin, on no PATH but root's: looked for by `command -v`, every run reinstalled it.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 cluster-packages:
-	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v haproxy >/dev/null && command -v redis-server >/dev/null || \
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && test -x /usr/sbin/haproxy && command -v redis-server >/dev/null || \
 	($(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends postgresql haproxy redis-server)
 
 # The suite from a clean clone of HEAD while stress-ng (Debian; installed if missing) keeps every core busy.

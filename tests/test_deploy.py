@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from deploy.cluster.cluster import request_limit
 from deploy.cluster.parts import Replica, debian_binary, haproxy_config
 from deploy.generate import HERE, SHARED, Deployment, manifests, render
 from services.config import TIMEOUT_GRACE_SECONDS, Settings, get_settings
+from tests.server import ROOT
 
 K8S = "1.37.0"
 settings = get_settings()
@@ -130,3 +133,18 @@ def test_the_local_clusters_balancer_lets_a_request_run_to_its_deadline(
         [debian_binary("/usr/sbin/haproxy"), "-c", "-f", str(config)], capture_output=True
     )
     assert checked.returncode == 0, checked.stderr
+
+
+NOT_SERVED = {"gguf", "accelerate"}  # the model importer's (`make models`), not the server's
+
+
+def test_the_bento_pins_every_package_the_server_runs_as_the_project_does() -> None:
+    """The image runs what the tests ran: a package pinned in pyproject.toml but left to the Bento's
+    lock would be whatever release was newest on the day the image was built."""
+
+    def pins(specs: list[str]) -> dict[str, str]:
+        return {re.split(r"[=<>\[ ;]", spec)[0].lower(): spec for spec in specs}
+
+    project = pins(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
+    bento = pins(yaml.safe_load((ROOT / "bentofile.yaml").read_text())["python"]["packages"])
+    assert bento == {name: spec for name, spec in project.items() if name not in NOT_SERVED}
