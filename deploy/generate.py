@@ -41,6 +41,7 @@ class Deployment:
 
 # Settings every replica takes from the Secret, by the Secret's key.
 SHARED = {"FNSERVE_BATCH_DATABASE_URL": "batch-database-url", "FNSERVE_REDIS_URL": "redis-url"}
+STARTUP_SECONDS = 300  # how long a replica may take to start (the start-up probe's allowance)
 
 
 def http_probe(path: str, port: int, failures: int = 3, period: int = 5) -> dict[str, Any]:
@@ -80,7 +81,7 @@ def container(spec: Deployment, settings: Settings, grpc_port: bool = False) -> 
         # can take minutes, and a liveness probe with a fixed delay would kill a slow start for good.
         # Every second: on Knative (1.15 or later; older webhooks refuse the field) a start-up probe
         # turns off the queue-proxy's fast probing, so its period is added to every cold start.
-        "startupProbe": http_probe("/livez", spec.port, failures=300, period=1),
+        "startupProbe": http_probe("/livez", spec.port, failures=STARTUP_SECONDS, period=1),
         "readinessProbe": http_probe("/readyz", spec.port),
         "livenessProbe": http_probe("/livez", spec.port),
     }
@@ -181,7 +182,13 @@ def keda_http(spec: Deployment, settings: Settings) -> list[dict[str, Any]]:
             "replicas": {"min": 0, "max": 4},
             "scaledownPeriod": int(settings.idle_release_seconds),
             "scalingMetric": {"concurrency": {"targetValue": settings.autoscale_target}},
-            "timeouts": {"conditionWait": 60, "responseHeader": settings.request_timeout_seconds},
+            # The interceptor holds a request while a replica starts: as long as the start-up probe
+            # lets a start take. At 60 s, a start the probe allows (a node pulling the image) could
+            # outlast it, and the first requests after a quiet period would fail at the interceptor.
+            "timeouts": {
+                "conditionWait": STARTUP_SECONDS,
+                "responseHeader": settings.request_timeout_seconds,
+            },
         },
     }
     return [deployment, service, scaled]

@@ -95,6 +95,11 @@ def test_keda_http_add_on_variant() -> None:
     )
     assert target["port"] == service["spec"]["ports"][0]["port"] == spec.port
     assert scaled["spec"]["timeouts"]["responseHeader"] == settings.request_timeout_seconds
+    # A request that wakes the Deployment is held as long as a replica may take to start.
+    startup = deployment["spec"]["template"]["spec"]["containers"][0]["startupProbe"]
+    assert (
+        scaled["spec"]["timeouts"]["conditionWait"] == startup["failureThreshold"] * startup["periodSeconds"]
+    )
     # SIGKILL comes after a request's whole deadline and the gRPC grace: not mid-answer.
     grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace > settings.request_timeout_seconds + TIMEOUT_GRACE_SECONDS
