@@ -87,10 +87,17 @@ def container(spec: Deployment, settings: Settings, grpc_port: bool = False) -> 
     }
 
 
+def least_replicas(settings: Settings) -> int:
+    """0: scaled to zero after the idle time. With models kept resident (FNSERVE_IDLE_RELEASE_SECONDS=0,
+    "never"), one replica stays: that idle time written as the platform's scale-down would have been
+    0 s, the quickest scale-down there is, the opposite of what the setting asks."""
+    return 0 if settings.idle_release_seconds else 1
+
+
 def knative(spec: Deployment, settings: Settings) -> dict[str, Any]:
     retention = f"{int(settings.idle_release_seconds)}s"  # keep the pod while its models would be warm
     annotations = {
-        "autoscaling.knative.dev/min-scale": "0",
+        "autoscaling.knative.dev/min-scale": str(least_replicas(settings)),
         "autoscaling.knative.dev/max-scale": "4",
         "autoscaling.knative.dev/metric": "concurrency",
         "autoscaling.knative.dev/target": str(settings.autoscale_target),
@@ -124,7 +131,7 @@ def kserve(spec: Deployment, settings: Settings) -> dict[str, Any]:
         },
         "spec": {
             "predictor": {
-                "minReplicas": 0,
+                "minReplicas": least_replicas(settings),
                 "maxReplicas": 4,
                 "scaleMetric": "concurrency",
                 "scaleTarget": settings.autoscale_target,
@@ -179,7 +186,7 @@ def keda_http(spec: Deployment, settings: Settings) -> list[dict[str, Any]]:
                 "service": spec.name,
                 "port": spec.port,
             },
-            "replicas": {"min": 0, "max": 4},
+            "replicas": {"min": least_replicas(settings), "max": 4},
             "scaledownPeriod": int(settings.idle_release_seconds),
             "scalingMetric": {"concurrency": {"targetValue": settings.autoscale_target}},
             # The interceptor holds a request while a replica starts: as long as the start-up probe
@@ -207,12 +214,15 @@ def bentocloud(spec: Deployment, settings: Settings) -> dict[str, Any]:
             "fnserve": {
                 "instance_type": "cpu.2",
                 "scaling": {
-                    "min_replicas": 0,
+                    "min_replicas": least_replicas(settings),
                     "max_replicas": 4,
                     "policy": {"scale_down_stabilization_window": int(settings.idle_release_seconds)},
                 },
             },
-            "generation": {"instance_type": "cpu.2", "scaling": {"min_replicas": 0, "max_replicas": 2}},
+            "generation": {
+                "instance_type": "cpu.2",
+                "scaling": {"min_replicas": least_replicas(settings), "max_replicas": 2},
+            },
         },
     }
 

@@ -153,3 +153,19 @@ def test_the_bento_pins_every_package_the_server_runs_as_the_project_does() -> N
     project = pins(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"])
     bento = pins(yaml.safe_load((ROOT / "bentofile.yaml").read_text())["python"]["packages"])
     assert bento == {name: spec for name, spec in project.items() if name not in NOT_SERVED}
+
+
+def test_models_kept_resident_keep_a_replica_on_every_platform() -> None:
+    """FNSERVE_IDLE_RELEASE_SECONDS=never keeps the models loaded; written as a 0 s scale-down, it had
+    made every platform scale to zero as fast as it can."""
+    made = manifests(settings=Settings(idle_release_seconds="never"))
+    [knative_service] = made["knative-service.yaml"]
+    [inference] = made["kserve-inferenceservice.yaml"]
+    _, _, scaled = made["keda-http.yaml"]
+    [cloud] = made["bentocloud-deployment.yaml"]
+    assert (
+        knative_service["spec"]["template"]["metadata"]["annotations"]["autoscaling.knative.dev/min-scale"]
+        == "1"
+    )
+    assert inference["spec"]["predictor"]["minReplicas"] == scaled["spec"]["replicas"]["min"] == 1
+    assert all(service["scaling"]["min_replicas"] == 1 for service in cloud["services"].values())
