@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -193,7 +194,11 @@ def download(client: Client, args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fnserve")
     parser.add_argument("--url", default="http://127.0.0.1:3000", help="the fnserve server")
-    parser.add_argument("--api-key", default=None, help="sent as a bearer token when given")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("FNSERVE_API_KEY"),
+        help="sent as a bearer token when given (default: FNSERVE_API_KEY, out of ps and shell history)",
+    )
     commands = parser.add_subparsers(dest="group", required=True)
     batch = commands.add_parser("batch", help="batch jobs").add_subparsers(dest="command", required=True)
     one = batch.add_parser("submit", help="upload a JSONL file and start a batch over it")

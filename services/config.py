@@ -230,6 +230,21 @@ class Settings(BaseSettings):
     api_keys: SecretStr | None = Field(
         None, description="comma-separated keys; when set, every route but the probes needs `Bearer <key>`"
     )
+
+    @field_validator("api_keys")
+    @classmethod
+    def keys_that_can_match(cls, value: SecretStr | None) -> SecretStr | None:
+        """Fails closed: a setting that holds no key (`FNSERVE_API_KEYS="$KEY"` with KEY unset) had left
+        every route open, and a key no HTTP header can carry as it is written had refused every call."""
+        if value is None:
+            return None
+        keys = [key.strip() for key in value.get_secret_value().split(",") if key.strip()]
+        if not keys:
+            raise ValueError("FNSERVE_API_KEYS is set but holds no key; unset it to serve without keys")
+        if not all(key.isascii() and key.isprintable() and " " not in key for key in keys):
+            raise ValueError("API keys must be printable ASCII without spaces: HTTP headers carry them")
+        return value
+
     max_body_bytes: int = Field(
         16 * 2**20, ge=1, description="largest request body (413 above); uploads excepted"
     )

@@ -4,17 +4,22 @@ middleware."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import suppress
 
 import httpx
 import openai
 import pytest
+from pydantic import ValidationError
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.admission import Admission
+from services.config import Settings
 from services.protocols.guard import HOLD_SECONDS, EarlyRetries, Guard
 from tests.server import KEYS, LONG, MAX_BODY
+from tests.test_batch import fnserve_cli
 
 EMBEDDER = "all-minilm-l6-v2"
 
@@ -45,6 +50,27 @@ def test_every_route_but_the_probes_needs_a_key(url: str) -> None:
             ).status_code
             == 200
         )
+
+
+@pytest.mark.parametrize("keys", ["", ",", " , ", "pässwort", "two words"])
+def test_a_key_setting_no_call_could_use_stops_the_server_at_start(keys: str) -> None:
+    """Fails closed: no key at all had left every route open; a key no header carries as written had
+    refused every call."""
+    with pytest.raises(ValidationError, match="api_keys"):
+        Settings(api_keys=keys)
+
+
+def test_the_command_line_takes_its_key_from_the_environment(url: str) -> None:
+    """So that it stays out of `ps` and the shell's history."""
+    command = [*fnserve_cli(url), "status", "batch_none"]
+    environment = {name: value for name, value in os.environ.items() if name != "FNSERVE_API_KEY"}
+    runs = [
+        subprocess.run(command, capture_output=True, text=True, timeout=LONG, env=env)
+        for env in (environment, {**environment, "FNSERVE_API_KEY": KEYS[0]})
+    ]
+    assert [run.returncode != 0 for run in runs] == [True, True]  # no batch of that id either way
+    assert runs[0].stderr.startswith("error 401:"), runs[0].stderr
+    assert runs[1].stderr.startswith("error 404: no batch batch_none"), runs[1].stderr
 
 
 def test_openai_client_with_a_key(url: str) -> None:
