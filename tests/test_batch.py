@@ -685,16 +685,25 @@ def test_a_stopped_runner_hands_back_the_lines_it_had_not_finished(tmp_path: Pat
             await asyncio.Event().wait()  # runs until stopped
             raise AssertionError("not stopped")
 
+        def states() -> dict[int, str]:
+            rows = store.db.rows("SELECT idx, state FROM lines WHERE batch_id = ?", batch["id"])
+            return {row["idx"]: row["state"] for row in rows}
+
         runner = BatchRunner(store, execute, Settings(batch_generation_concurrency=1))
         task = asyncio.create_task(runner.run())
         try:
             await asyncio.wait_for(two_started.wait(), LONG)
+            deadline = time.monotonic() + LONG
+            # The first recorded, the second running and the third claimed, waiting for the one slot.
+            while states() != {0: "done", 1: "running", 2: "running"}:
+                assert time.monotonic() < deadline and not task.done(), states()
+                await asyncio.sleep(0.05)
             runner.stop_claiming()
             task.cancel()
             await runner.stop()
         finally:
             task.cancel()
-        assert len(started) == 2  # the third waited for the one slot
+        assert len(started) == 2  # the third never started
 
     asyncio.run(stop_with_one_running_and_one_waiting())
     assert store.get_batch(batch["id"])["request_counts"]["completed"] == 1

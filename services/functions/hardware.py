@@ -353,12 +353,15 @@ def server_instance() -> str:
 
 def server_running(instance: str) -> bool:
     """Whether the server run `server_instance` named is still running, as seen from this PID namespace:
-    its arbiter's PID still names a process started at the same moment. Any other name: False."""
+    its arbiter's PID still names a live process started at that moment. Within a second: psutil adds
+    the start to the boot time, which the kernel derives from the wall clock, so a clock correction
+    moves it (a PID is not reused within a second). Any other name: False."""
     import psutil
 
     pid, _, started = instance.partition("-")
     try:
-        return f"{psutil.Process(int(pid)).create_time():.3f}" == started
+        process = psutil.Process(int(pid))
+        return abs(process.create_time() - float(started)) < 1 and process.status() != psutil.STATUS_ZOMBIE
     except (ValueError, psutil.Error):
         return False
 

@@ -357,7 +357,9 @@ class Speculator:
         behind for every request cut short (a stop string, a client gone, a deadline)."""
         held = scheduler.active_requests.keys() | scheduler.waiting_requests.keys()
         for request_id in self._records.keys() - held:
-            del self._records[request_id]
+            # pop, not del: `forget`, on the event loop's thread, may have taken it meanwhile, and a
+            # KeyError here would end the engine's loop
+            self._records.pop(request_id, None)
 
     @property
     def planned(self) -> dict[str, Planned]:

@@ -245,7 +245,12 @@ async def infer(name: str, request: Request, model_version: str = "") -> Respons
     ModelStreamInfer)."""
     model = repository().get(name, model_version)
     parsed, inputs = await infer_request(request)
-    if parsed.model_name not in (None, name) or parsed.model_version not in (None, model_version, VERSION):
+    if parsed.model_name not in (None, name) or parsed.model_version not in (
+        None,
+        "",
+        model_version,
+        VERSION,
+    ):
         named = f"{parsed.model_name} version {parsed.model_version}"
         raise Refused("invalid", f"the body names model {named}, the path {name}; they must agree")
     model.check_outputs([output.name for output in parsed.outputs])  # before the work, not after
