@@ -66,7 +66,7 @@ class Client:
         """Streamed to disk (a batch's output can be far larger than memory). A regular file is written
         beside the target and renamed into place only when whole, so a cut download leaves no truncated
         file that looks finished; anything else (/dev/stdout, a pipe, a link) is written through."""
-        whole = not target.exists() or (target.is_file() and not target.is_symlink())
+        whole = replaceable(target)
         partial = target.with_name(f"{target.name}.partial") if whole else target
         try:
             with self._http.stream("GET", f"/v1/files/{file_id}/content") as response:
@@ -84,6 +84,12 @@ class Client:
             raise
         if whole:
             partial.replace(target)
+
+
+def replaceable(target: Path) -> bool:
+    """A target that is a regular file, or none yet: its content may be replaced whole. Anything else
+    (/dev/stdout, a pipe, a link) is written through, or left alone."""
+    return not target.exists() or (target.is_file() and not target.is_symlink())
 
 
 def checked(response: httpx.Response) -> None:
@@ -185,7 +191,7 @@ def download(client: Client, args: argparse.Namespace) -> int:
             continue
         # The batch has no such lines (no file is made for none): a file left at the target by an
         # earlier download must not pass for this batch's.
-        if not Path(target).exists() or Path(target).is_file() and not Path(target).is_symlink():
+        if replaceable(Path(target)):  # not /dev/stdout, which a redirection may point at a file
             Path(target).write_bytes(b"")
         print(f"no {kind} lines -> {target} (empty)", file=sys.stderr)
     return 0

@@ -74,8 +74,7 @@ class Settings(BaseSettings):
 
     @property
     def keys(self) -> list[str]:
-        raw = self.api_keys.get_secret_value() if self.api_keys else ""
-        return [key.strip() for key in raw.split(",") if key.strip()]
+        return split_keys(self.api_keys.get_secret_value() if self.api_keys else "")
 
     @property
     def workers(self) -> int:
@@ -238,7 +237,7 @@ class Settings(BaseSettings):
         every route open, and a key no HTTP header can carry as it is written had refused every call."""
         if value is None:
             return None
-        keys = [key.strip() for key in value.get_secret_value().split(",") if key.strip()]
+        keys = split_keys(value.get_secret_value())
         if not keys:
             raise ValueError("FNSERVE_API_KEYS is set but holds no key; unset it to serve without keys")
         if not all(key.isascii() and key.isprintable() and " " not in key for key in keys):
@@ -320,6 +319,11 @@ def usable_cores(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int:
     except (OSError, ValueError):  # no cgroup v2 CPU controller here: the affinity is the bound
         pass
     return cores
+
+
+def split_keys(raw: str) -> list[str]:
+    """FNSERVE_API_KEYS as its keys: comma-separated, blanks around them and empty ones left out."""
+    return [key.strip() for key in raw.split(",") if key.strip()]
 
 
 @lru_cache(maxsize=1)

@@ -202,14 +202,14 @@ class ChunkWriter:
             db.execute("DELETE FROM file_chunks WHERE file_id = ?", (self.file_id,))
 
 
-def cursor_page(table: str, ascending: bool) -> tuple[str, str]:
-    """The WHERE condition and ORDER BY of a page of `table` in creation order (ties by id) after a
-    cursor: the condition takes the cursor's id four times, and holds for every row if it is NULL."""
+def cursor_page(table: str, after: str | None, ascending: bool) -> tuple[str, tuple[Any, ...], str]:
+    """The WHERE condition (and its arguments) and the ORDER BY of a page of `table` in creation order
+    (ties by id) after the row `after`, a cursor; the condition holds for every row if it is None."""
     before = ">" if ascending else "<"
     direction = "ASC" if ascending else "DESC"
     created = f"(SELECT created_at FROM {table} WHERE id = ?)"
     where = f"(? IS NULL OR created_at {before} {created} OR (created_at = {created} AND id {before} ?))"
-    return where, f"ORDER BY created_at {direction}, id {direction}"
+    return where, (after,) * 4, f"ORDER BY created_at {direction}, id {direction}"
 
 
 class BatchStore:
@@ -325,10 +325,10 @@ class BatchStore:
         ascending: bool = False,
     ) -> list[dict]:
         """A page of files, newest first unless `ascending`, after the file `after` (a cursor)."""
-        where, order = cursor_page("files", ascending)
+        where, args, order = cursor_page("files", after, ascending)
         return self._rows(
             f"SELECT * FROM files WHERE (? IS NULL OR purpose = ?) AND {where} {order} LIMIT ?",
-            purpose, purpose, after, after, after, after, limit,
+            purpose, purpose, *args, limit,
         )  # fmt: skip
 
     def delete_file(self, file_id: str) -> bool:
@@ -416,10 +416,8 @@ class BatchStore:
         return batch
 
     def list_batches(self, limit: int, after: str | None) -> list[dict]:
-        where, order = cursor_page("batches", ascending=False)
-        ids = self._rows(
-            f"SELECT id FROM batches WHERE {where} {order} LIMIT ?", after, after, after, after, limit
-        )
+        where, args, order = cursor_page("batches", after, ascending=False)
+        ids = self._rows(f"SELECT id FROM batches WHERE {where} {order} LIMIT ?", *args, limit)
         # A batch the retention deleted between the two reads is left out, not answered as None.
         return [batch for row in ids if (batch := self.get_batch(row["id"])) is not None]
 
