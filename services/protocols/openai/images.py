@@ -21,6 +21,7 @@ from services.protocols.openai.protocol import (
     Text,
     check_model,
     invalid,
+    one_or_many,
 )
 
 MULTIPART = "multipart/form-data"
@@ -35,7 +36,7 @@ class ClassificationRequest(OpenAIModel):
 
     @property
     def images(self) -> list[str]:
-        return [self.image] if isinstance(self.image, str) else self.image
+        return one_or_many(self.image)
 
 
 class Label(BaseModel):

@@ -124,6 +124,11 @@ REFUSAL_CODES: dict[str, str | None] = {
 MAX_CHOICES = 16  # choices in one request (n, times the prompts of a completion)
 
 
+def one_or_many(value: str | list[str]) -> list[str]:
+    """A field OpenAI takes as one string or a list of them, as the list."""
+    return [value] if isinstance(value, str) else value
+
+
 def text_not_token_ids(value: object) -> object:
     """OpenAI's inputs may be token ids (a list of ints, or of lists); the served models take text."""
     if isinstance(value, list) and value and isinstance(value[0], int | list):
@@ -150,7 +155,7 @@ class EmbeddingRequest(OpenAIModel):
 
     @property
     def texts(self) -> list[str]:
-        return [self.input] if isinstance(self.input, str) else self.input
+        return one_or_many(self.input)
 
 
 class Embedding(BaseModel):
@@ -358,7 +363,7 @@ class CompletionRequest(GenerationParams):
     @field_validator("prompt")
     @classmethod
     def choices_in_bounds(cls, value: str | list[str], info: ValidationInfo) -> str | list[str]:
-        count = 1 if isinstance(value, str) else len(value)
+        count = len(one_or_many(value))
         n = info.data.get("n", 1)
         if count == 0:
             raise ValueError("a list of prompts must hold at least one")
@@ -368,7 +373,7 @@ class CompletionRequest(GenerationParams):
 
     @property
     def prompts(self) -> list[str]:
-        return [self.prompt] if isinstance(self.prompt, str) else self.prompt
+        return one_or_many(self.prompt)
 
     @property
     def top_logprobs_count(self) -> int | None:
