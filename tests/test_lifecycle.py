@@ -114,6 +114,33 @@ def test_a_store_holding_both_tied_weights_is_spilled_and_read_back(tmp_path: Pa
         assert torch.equal(before, model.load()(ids).logits)
 
 
+def test_a_spill_cut_short_is_written_again_at_the_next_release(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk stops the bf16 spill halfway: that release fails, and the next one must write the spill
+    again, not leave the wake to read the part that was written."""
+    path = bentoml.models.get(CATALOG[EMBEDDER].tag).path
+    dtype = torch.bfloat16
+    weights = Reloadable(lambda: AutoModel.from_pretrained(path, dtype=dtype).eval(), path, dtype, "cpu")
+    ids = torch.tensor([[101, 7592, 2088, 102]])
+    written: list[Path] = []
+
+    def disk_full(tensors: dict[str, torch.Tensor], filename: str) -> None:
+        first = next(iter(tensors))
+        save_file({first: tensors[first]}, filename)
+        written.append(Path(filename))
+        raise OSError("No space left on device")
+
+    with torch.inference_mode():
+        before = weights.load()(ids).last_hidden_state
+        with monkeypatch.context() as patched:
+            patched.setattr("safetensors.torch.save_file", disk_full)
+            with pytest.raises(OSError, match="No space"):
+                weights.release()
+        assert not written[0].exists()  # the part written is gone
+        assert not any(param.is_meta for param in weights._tree.parameters())  # still served
+        weights.release()
+        assert torch.equal(before, weights.load()(ids).last_hidden_state)
+
+
 def test_idle_models_are_released_and_wake_on_the_next_request(idle_server: tuple[str, str]) -> None:
     url, _ = idle_server
     body = {

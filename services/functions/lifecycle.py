@@ -137,10 +137,15 @@ class Reloadable:
         # memory, and `tie_weights()` restores it on load.
         tied = getattr(tree, "all_tied_weights_keys", {})
         kept = [key for key in self._stored if key in state and tied.get(key) not in self._stored]
-        self._spill = tempfile.TemporaryDirectory(prefix="fnserve-weights-")
+        spill = tempfile.TemporaryDirectory(prefix="fnserve-weights-")
         spilled = {key: state[key].contiguous() for key in kept}
-        save_file(spilled, f"{self._spill.name}/model.safetensors")
-        self._source = Path(self._spill.name)
+        try:
+            save_file(spilled, f"{spill.name}/model.safetensors")
+        except BaseException:
+            # A spill cut short (a full disk) must not be read by a wake: the next release writes it again.
+            spill.cleanup()
+            raise
+        self._spill, self._source = spill, Path(spill.name)
 
 
 class ModelSlot(Generic[M]):
