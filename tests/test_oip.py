@@ -338,6 +338,21 @@ def test_a_missing_or_wrong_key_is_unauthenticated(server: Server) -> None:
     for headers in ({}, {"authorization": "Bearer wrong"}):
         error = grpc_error(lambda h=headers: client.infer(EMBEDDER, [text_input("text", ["x"])], headers=h))
         assert error.status() == "StatusCode.UNAUTHENTICATED"
+    # Refused before the message is parsed: bytes that are no request get the same answer, as does a stream.
+    garbage = b"\xff\xff\xff"
+    with grpc.insecure_channel(server.grpc) as channel:
+        unary = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer", request_serializer=bytes)
+        stream = channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer", request_serializer=bytes
+        )
+        for call in (
+            lambda: unary(garbage, timeout=LONG),
+            lambda: list(stream(iter([garbage]), timeout=LONG)),
+        ):
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED, caught.value
+            assert "API key" in caught.value.details()
     assert client.is_server_live()  # probes need no key, as over HTTP
     with httpx_client(server.url) as anonymous:
         response = anonymous.get(f"/v2/models/{EMBEDDER}")

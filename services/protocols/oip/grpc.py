@@ -118,6 +118,7 @@ def response(
     return message
 
 
+UNAUTHORIZED = "invalid or missing API key (authorization: Bearer <key>)"
 SHUTTING_DOWN = "the server is shutting down; send this call to another replica"
 # How long a stopping server refuses new calls itself before it closes its port. grpc cancels a call it
 # had taken but not yet handed over when its server stops (the client sees CANCELLED, which neither
@@ -206,8 +207,6 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         stream. A request's error ends that request, not the stream. When the stream ends or is
         cancelled, its requests still running are cancelled in the engine; when the server drains,
         they finish and the stream ends, though the client has not closed it."""
-        async with self.answering(context, admit=False):
-            pass  # the key is checked once, for the whole stream
         answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
 
@@ -298,14 +297,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     @asynccontextmanager
     async def answering(self, context: grpc.aio.ServicerContext, admit: bool = True) -> AsyncIterator[float]:
-        """Checks the key, takes a place among the requests in flight (when `admit`) and gives the
-        request's deadline; a refusal ends the call with its status (never UNKNOWN)."""
-        metadata = dict(context.invocation_metadata() or ())
+        """Takes a place among the requests in flight (when `admit`) and gives the request's deadline;
+        a refusal ends the call with its status (never UNKNOWN). `RequireKey` has checked the key."""
         entered = False
         try:
-            if not self.admission.authorized(metadata.get("authorization")):
-                rejected("unauthorized")
-                raise Abort(Code.UNAUTHENTICATED, "invalid or missing API key (authorization: Bearer <key>)")
             if admit:
                 if not self.admission.enter():
                     raise Abort(Code.RESOURCE_EXHAUSTED, self.admission.busy_message)
@@ -398,9 +393,45 @@ class RejectMalformed(grpc.aio.ServerInterceptor):
         return handler
 
 
+def refusing_all(
+    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
+) -> grpc.RpcMethodHandler:
+    """The method's handler, made to end every call with `code` without parsing its message. Rewraps
+    grpc's method handler as RejectMalformed does."""
+
+    async def refuse(request: object, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(code, message)
+
+    kind = next(
+        k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream") if getattr(handler, k)
+    )
+    return handler._replace(request_deserializer=lambda raw: raw, **{kind: refuse})
+
+
+class RequireKey(grpc.aio.ServerInterceptor):
+    """A call without a valid key ends UNAUTHENTICATED before its message is parsed, so a caller without
+    one costs no more than the bytes it sent. The health probes need none, as over HTTP."""
+
+    PROBES = frozenset(f"/inference.GRPCInferenceService/{name}" for name in ("ServerLive", "ServerReady"))
+
+    def __init__(self, admission: Admission) -> None:
+        self.admission = admission
+
+    async def intercept_service(
+        self, continuation: Next, details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or details.method in self.PROBES:
+            return handler
+        if self.admission.authorized(dict(details.invocation_metadata or ()).get("authorization")):
+            return handler
+        rejected("unauthorized")
+        return refusing_all(handler, Code.UNAUTHENTICATED, UNAUTHORIZED)
+
+
 class RefuseWhenDraining(grpc.aio.ServerInterceptor):
     """Once the server is stopping, every new call ends UNAVAILABLE, whatever its method: the callers
-    send it to another replica. Rewraps grpc's method handler as RejectMalformed does."""
+    send it to another replica."""
 
     def __init__(self, draining: asyncio.Event) -> None:
         self.draining = draining
@@ -413,14 +444,7 @@ class RefuseWhenDraining(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or not self.draining.is_set():
             return handler
-
-        async def refuse(request: object, context: grpc.aio.ServicerContext) -> None:
-            await context.abort(Code.UNAVAILABLE, SHUTTING_DOWN)
-
-        kind = next(
-            k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream") if getattr(handler, k)
-        )
-        return handler._replace(**{kind: refuse})
+        return refusing_all(handler, Code.UNAVAILABLE, SHUTTING_DOWN)
 
 
 @dataclass
@@ -462,7 +486,9 @@ async def start(
     ]
     draining = asyncio.Event()
     refusing = RefuseWhenDraining(draining)
-    server = grpc.aio.server(options=options, interceptors=[refusing, RejectMalformed()])
+    server = grpc.aio.server(
+        options=options, interceptors=[refusing, RequireKey(admission), RejectMalformed()]
+    )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(
         InferenceService(repository, admission, draining), server
     )
