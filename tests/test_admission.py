@@ -131,21 +131,28 @@ def test_requests_past_the_concurrency_bound_get_429_and_probes_still_answer() -
         slow_app, Admission([], max_concurrency=2, timeout_seconds=5), max_body_bytes=100, upload_bytes=100
     )
 
-    async def scenario() -> tuple[list[httpx.Response], httpx.Response, httpx.Response]:
+    # A file upload is read only once admitted: at the bound it is refused before it is parsed.
+    form = {"content": b"--x\r\nnot a form", "headers": {"content-type": "multipart/form-data; boundary=x"}}
+
+    async def scenario() -> tuple[list[httpx.Response], list[httpx.Response], httpx.Response, httpx.Response]:
         transport = httpx.ASGITransport(app=guard)
         async with httpx.AsyncClient(transport=transport, base_url="http://fnserve") as client:
             busy = [asyncio.create_task(client.get("/v1/models")) for _ in range(2)]
             await asyncio.sleep(0.1)
-            refused = await client.get("/v1/models")
+            refused = [await client.get("/v1/models"), await client.post("/classify", **form)]
             probe = asyncio.create_task(client.get("/readyz"))
             await asyncio.sleep(0.1)
             release.set()
-            return await asyncio.gather(*busy), refused, await probe
+            return await asyncio.gather(*busy), refused, await probe, await client.post("/classify", **form)
 
-    served, refused, probe = asyncio.run(scenario())
+    served, refused, probe, malformed = asyncio.run(scenario())
     assert [r.status_code for r in served] == [200, 200] and probe.status_code == 200
-    assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
-    assert refused.json()["error"]["code"] == "concurrency"
+    for response in refused:
+        assert response.status_code == 429 and response.headers["retry-after"] == "1"
+        assert response.json()["error"]["code"] == "concurrency"
+    assert (
+        malformed.status_code == 400 and "multipart body is malformed" in malformed.json()["error"]["message"]
+    )
 
 
 def test_a_connection_asking_again_before_its_retry_after_gets_its_next_429_when_it_passes() -> None:

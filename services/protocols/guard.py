@@ -155,11 +155,6 @@ class Guard:
             return await refuse(400, "a multipart body needs a boundary in its Content-Type")
         if path in UNBOUNDED_PATHS:
             return await self.app(scope, capped(receive, limit), send)
-        if path in NATIVE_FORMS and kind.startswith("multipart/"):
-            body = await whole_body(capped(receive, limit))
-            if (problem := await form_problem(scope, body)) is not None:
-                return await refuse(400, problem)
-            receive = replayed(body, receive)
         asked = header(scope, TIMEOUT_HEADER)
         seconds = None
         if asked is not None:
@@ -175,7 +170,13 @@ class Guard:
             return await refuse(429, self.admission.busy_message, "concurrency", counted=True)
         DEADLINE.set(self.admission.deadline(seconds))
         try:
-            await self.app(scope, capped(receive, limit), send)
+            receive = capped(receive, limit)
+            if path in NATIVE_FORMS and kind.startswith("multipart/"):  # read once admitted, not before
+                body = await whole_body(receive)
+                if (problem := await form_problem(scope, body)) is not None:
+                    return await refuse(400, problem)
+                receive = replayed(body, receive)
+            await self.app(scope, receive, send)
         finally:
             self.admission.leave()
 
