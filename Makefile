@@ -8,7 +8,7 @@ SERVICE := services.service:Frontend
 export BENTOML_HOME ?= $(CURDIR)/.bentoml
 export BENTOML_DO_NOT_TRACK := true
 
-.PHONY: serve test test-avx2-path cluster cluster-down cluster-packages test-beside-hog models bench bench-grpc bench-images bench-chat bench-batch bench-batch-postgres bench-engine bench-coldstart bench-spike bench-cluster bench-speculation bench-dtypes bench-vllm-tool lint build container container-test
+.PHONY: serve test test-avx2-path cluster cluster-down cluster-packages test-beside-hog models bench bench-grpc bench-images bench-isolation bench-chat bench-batch bench-batch-postgres bench-engine bench-coldstart bench-spike bench-cluster bench-speculation bench-dtypes bench-vllm-tool lint build container container-test
 
 # torch is installed first, alone: `pip install torch==2.13.0` takes the local CPU wheel on a machine
 # without a GPU, so the project install that follows finds it satisfied instead of fetching a CUDA build.
@@ -99,6 +99,10 @@ bench-grpc: models
 bench-images: models
 	command -v wrk >/dev/null || (apt-get install -y wrk || (apt-get update && apt-get install -y wrk))
 	$(BIN)/python loadtests/bench_images.py
+
+bench-isolation: models
+	command -v wrk >/dev/null || (apt-get install -y wrk || (apt-get update && apt-get install -y wrk))
+	$(BIN)/python loadtests/bench_isolation.py
 
 bench-chat: models
 	$(BIN)/python loadtests/bench_generation.py

@@ -181,6 +181,9 @@ class Settings(BaseSettings):
     image_max_wait_seconds: float = Field(
         2.0, gt=0, description="as FNSERVE_EMBEDDING_MAX_WAIT_SECONDS, for images"
     )
+    image_max_latency_ms: int = Field(
+        10_000, ge=1, description="queue deadline: an image request waiting longer is shed with 503"
+    )
     image_max_bytes: int = Field(8 * 2**20, ge=1, description="largest encoded image (400 above)")
     image_max_pixels: int = Field(
         40_000_000,

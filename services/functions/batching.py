@@ -17,6 +17,7 @@ import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -113,7 +114,9 @@ class GreedyBatcher(Generic[T, R]):
         max_batch_tokens: int = 0,
         tokens: Callable[[T], int] = lambda item: 1,
     ) -> None:
-        """`run_batch` maps items to results in order and runs in a worker thread; `on_batch` receives
+        """`run_batch` maps items to results in order and runs in a thread of this batcher's own (passes
+        run one at a time), so that a pass never waits for asyncio's shared threads, which image
+        decoding or the batch store may have busy; `on_batch` receives
         each batch's size and the queue wait of its oldest job; `on_queue` the online items waiting,
         whenever that changes. Requests that wait longer than `max_queue_seconds` to start are shed
         (refused as overloaded: 503) instead of running late; an online request that would take a
@@ -140,6 +143,7 @@ class GreedyBatcher(Generic[T, R]):
         self._background_size = max(1, max_batch_size // 8)
         self._background_tokens = self._max_batch_tokens / 8
         self._worker: asyncio.Task[None] | None = None
+        self._forward_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fnserve-forward")
 
     @property
     def bounds(self) -> tuple[int, float]:
@@ -262,7 +266,8 @@ class GreedyBatcher(Generic[T, R]):
             self._on_batch(len(items), time.monotonic() - batch[0].enqueued)
             began, self._running = time.monotonic(), len(items)
             try:
-                results = await asyncio.to_thread(self._run_batch, items)
+                forward = asyncio.get_running_loop().run_in_executor
+                results = await forward(self._forward_thread, self._run_batch, items)
             finally:
                 self._running = 0
             busy = time.monotonic() - began

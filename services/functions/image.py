@@ -14,6 +14,7 @@ import json
 import logging
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -23,7 +24,7 @@ import bentoml
 import numpy as np
 
 from models.catalog import CATALOG
-from services.config import Settings, pick_device
+from services.config import Settings, pick_device, usable_cores
 from services.functions.batching import GreedyBatcher, WaitTarget, answered_by
 from services.functions.cache import cache_key, response_cache, through_cache
 from services.functions.hardware import Choices, model_status, share_the_gil
@@ -182,6 +183,9 @@ class ImageFunction:
         )  # fmt: skip
         weights = Reloadable(lambda: served, model_path, self.dtype, self.device)
         self._forward_lock = threading.Lock()
+        # Decoding has threads of its own: queued in asyncio's shared threads, a flood of large images held
+        # every task behind them there (the batch store's calls, long texts' tokenizing) until decoded.
+        self._decoders = ThreadPoolExecutor(max_workers=usable_cores(), thread_name_prefix="fnserve-decode")
         self.slot = ModelSlot(
             entry.name, weights.load, lambda _: self._release(weights), settings.idle_release_seconds
         )
@@ -191,7 +195,7 @@ class ImageFunction:
         self._batcher = GreedyBatcher(
             self._forward,
             max_batch_size=self.batch_size,
-            max_queue_seconds=settings.embedding_max_latency_ms / 1000,
+            max_queue_seconds=settings.image_max_latency_ms / 1000,
             max_queue=max(64, self.batch_size * 16),
             on_batch=lambda size, _: BATCH_SIZE.observe(size),
             wait_target=WaitTarget(
@@ -226,11 +230,19 @@ class ImageFunction:
         if len(images) > limits.image_max_inputs:
             raise Refused("invalid", f"at most {limits.image_max_inputs} images per request", field)
         where = [field] if len(images) == 1 else [f"{field}[{i}]" for i in range(len(images))]
+        decode = asyncio.get_running_loop().run_in_executor
         async with answered_by(deadline):
             self._batcher.check(len(images), deadline)
             decoded = await asyncio.gather(
                 *(
-                    asyncio.to_thread(preprocess, data, limits.image_max_bytes, limits.image_max_pixels, name)
+                    decode(
+                        self._decoders,
+                        preprocess,
+                        data,
+                        limits.image_max_bytes,
+                        limits.image_max_pixels,
+                        name,
+                    )
                     for data, name in zip(images, where, strict=True)
                 ),
                 return_exceptions=True,
