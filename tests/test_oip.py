@@ -309,14 +309,15 @@ def engine_idle(server: Server) -> None:
             time.sleep(0.1)
 
 
-def generated_tokens(server: Server) -> float:
+def metric(server: Server, series: str) -> float:
+    """The sum of the series that start with `series` (a name, and labels), over the workers."""
     with http(server) as client:
         lines = client.get("/metrics").text.splitlines()
-    return sum(
-        float(line.split()[-1])
-        for line in lines
-        if line.startswith("fnserve_generation_completion_tokens_total")
-    )
+    return sum(float(line.split()[-1]) for line in lines if line.startswith(series))
+
+
+def generated_tokens(server: Server) -> float:
+    return metric(server, "fnserve_generation_completion_tokens_total")
 
 
 def test_cancelling_a_stream_frees_its_request_in_the_engine(server: Server) -> None:
@@ -334,6 +335,7 @@ def test_cancelling_a_stream_frees_its_request_in_the_engine(server: Server) -> 
 
 
 def test_a_missing_or_wrong_key_is_unauthenticated(server: Server) -> None:
+    refused_before = metric(server, 'fnserve_rejections_total{reason="unauthorized"')
     client = server.grpc_client()
     for headers in ({}, {"authorization": "Bearer wrong"}):
         error = grpc_error(lambda h=headers: client.infer(EMBEDDER, [text_input("text", ["x"])], headers=h))
@@ -353,6 +355,7 @@ def test_a_missing_or_wrong_key_is_unauthenticated(server: Server) -> None:
                 call()
             assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED, caught.value
             assert "API key" in caught.value.details()
+    assert metric(server, 'fnserve_rejections_total{reason="unauthorized"') - refused_before == 4
     assert client.is_server_live()  # probes need no key, as over HTTP
     with httpx_client(server.url) as anonymous:
         response = anonymous.get(f"/v2/models/{EMBEDDER}")

@@ -145,6 +145,12 @@ class GreedyBatcher(Generic[T, R]):
         self._worker: asyncio.Task[None] | None = None
         self._forward_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fnserve-forward")
 
+    async def forward(self, items: list[T]) -> list[R]:
+        """`items` as one pass in this batcher's thread, after the pass under way: the queue's passes,
+        and those of a caller that batches on its own (BentoML's batchable endpoint)."""
+        run = asyncio.get_running_loop().run_in_executor
+        return await run(self._forward_thread, self._run_batch, items)
+
     @property
     def bounds(self) -> tuple[int, float]:
         """An online pass's most items and padded tokens."""
@@ -266,8 +272,7 @@ class GreedyBatcher(Generic[T, R]):
             self._on_batch(len(items), time.monotonic() - batch[0].enqueued)
             began, self._running = time.monotonic(), len(items)
             try:
-                forward = asyncio.get_running_loop().run_in_executor
-                results = await forward(self._forward_thread, self._run_batch, items)
+                results = await self.forward(items)
             finally:
                 self._running = 0
             busy = time.monotonic() - began

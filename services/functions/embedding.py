@@ -257,7 +257,7 @@ class EmbeddingFunction:
         vectors = np.zeros((len(ids), self.dimensions), np.float32)
         async with self.slot.use():
             for group in passes([len(each) for each in ids], *self._batcher.bounds):
-                embedded = await asyncio.to_thread(self._embed_batch, [ids[i] for i in group])
+                embedded = await self._batcher.forward([ids[i] for i in group])
                 vectors[group] = [vector for vector, _ in embedded]
         return vectors
 

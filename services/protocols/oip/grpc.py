@@ -394,12 +394,14 @@ class RejectMalformed(grpc.aio.ServerInterceptor):
 
 
 def refusing_all(
-    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str
+    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str, reason: str | None = None
 ) -> grpc.RpcMethodHandler:
-    """The method's handler, made to end every call with `code` without parsing its message. Rewraps
-    grpc's method handler as RejectMalformed does."""
+    """The method's handler, made to end every call with `code` without parsing its message, counted as
+    a rejection for `reason` if one is given. Rewraps grpc's method handler as RejectMalformed does."""
 
     async def refuse(request: object, context: grpc.aio.ServicerContext) -> None:
+        if reason:  # counted here, not when wrapped: an outer interceptor may answer the call instead
+            rejected(reason)
         await context.abort(code, message)
 
     kind = next(
@@ -425,8 +427,7 @@ class RequireKey(grpc.aio.ServerInterceptor):
             return handler
         if self.admission.authorized(dict(details.invocation_metadata or ()).get("authorization")):
             return handler
-        rejected("unauthorized")
-        return refusing_all(handler, Code.UNAUTHENTICATED, UNAUTHORIZED)
+        return refusing_all(handler, Code.UNAUTHENTICATED, UNAUTHORIZED, "unauthorized")
 
 
 class RefuseWhenDraining(grpc.aio.ServerInterceptor):
