@@ -714,6 +714,48 @@ def test_a_stopped_runner_hands_back_the_lines_it_had_not_finished(tmp_path: Pat
     store.close()
 
 
+def test_lines_in_flight_at_two_crashes_run_one_at_a_time_beside_the_others(tmp_path: Path) -> None:
+    """Claims go oldest first, so the lines in flight beside one that kills its worker are claimed with
+    it again each time, and were given up with it after five crashes. Lines claimed twice already run
+    one at a time (the others as before): only the one that kills its worker is charged again."""
+    store = BatchStore(tmp_path, "crashed-1")
+    lines = [embedding_line(i) for i in range(6)]
+    batch = stored_batch(store, lines)
+    for crashed in ("crashed-1", "crashed-2"):  # lines 0-3 in flight at two crashes
+        assert [line.idx for line in BatchStore(tmp_path, crashed).claim(4, 600, 5)] == [0, 1, 2, 3]
+    suspects = {line["body"]["input"] for line in lines[:4]}
+    live = BatchStore(tmp_path, "live")
+
+    async def run() -> tuple[int, int]:
+        running: set[str] = set()
+        most_suspects = most = 0
+
+        async def execute(endpoint: str, body: dict[str, Any]) -> tuple[bool, str]:
+            nonlocal most_suspects, most
+            running.add(body["input"])
+            most_suspects = max(most_suspects, len(running & suspects))
+            most = max(most, len(running))
+            await asyncio.sleep(0.2)  # room for any other line to start meanwhile
+            running.discard(body["input"])
+            return True, json.dumps({"status_code": 200, "body": {}})
+
+        runner = BatchRunner(live, execute, Settings(batch_concurrency=8))
+        task = asyncio.create_task(runner.run())
+        try:
+            deadline = time.monotonic() + LONG
+            while live.get_batch(batch["id"])["request_counts"]["completed"] < 6:
+                assert time.monotonic() < deadline and not task.done()
+                await asyncio.sleep(0.05)
+        finally:
+            task.cancel()
+        return most_suspects, most
+
+    most_suspects, most = asyncio.run(run())
+    assert most_suspects == 1 and most >= 2  # the two lines never in flight at a crash ran beside them
+    assert live.get_batch(batch["id"])["request_counts"] == {"total": 6, "completed": 6, "failed": 0}
+    live.close()
+
+
 def test_claims_are_renewed_while_a_step_writes_a_large_batchs_files(tmp_path: Path) -> None:
     """A step that finalizes a large batch (or cleans up old ones) can outlast a lease; the lines the
     worker holds meanwhile must keep their claims, or another worker takes them and runs them again.

@@ -14,12 +14,13 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import nullcontext, suppress
+from functools import partial
 from typing import Any
 
 from services.config import Settings
 from services.functions.batching import BACKGROUND
 from services.jobs.db import StoreUnavailable
-from services.jobs.store import BatchStore, Line, Outcome, ended_error
+from services.jobs.store import SUSPECT_AFTER, BatchStore, Line, Outcome, ended_error
 
 logger = logging.getLogger("bentoml.fnserve.batch")
 Execute = Callable[[str, dict[str, Any]], Awaitable[tuple[bool, str]]]
@@ -114,16 +115,19 @@ class BatchRunner:
         rooms = [min(room, 2 * settings.batch_generation_concurrency - generating)]
         self._endings = await asyncio.to_thread(self.store.endings)
         # Each claim's lines start at once: a failure of the next store call must not strand them.
-        lines = self._start(
-            await asyncio.to_thread(self.store.claim, rooms[0], lease, MAX_ATTEMPTS, GENERATION_ENDPOINTS)
-        )
+        claim = partial(self.store.claim, lease_seconds=lease, max_attempts=MAX_ATTEMPTS, suspects=False)
+        lines = self._start(await asyncio.to_thread(claim, rooms[0], endpoints=GENERATION_ENDPOINTS))
         rooms.append(room - len(lines))
         others = self._start(
-            await asyncio.to_thread(
-                self.store.claim, rooms[1], lease, MAX_ATTEMPTS, GENERATION_ENDPOINTS, among=False
-            )
+            await asyncio.to_thread(claim, rooms[1], endpoints=GENERATION_ENDPOINTS, among=False)
         )
-        full = any(0 < limit == len(got) for limit, got in zip(rooms, (lines, others), strict=True))
+        # A suspect (store.SUSPECT_AFTER) runs only while no other suspect is held here, beside lines
+        # that are not: if it kills this worker, it is charged, and the suspects waiting are not.
+        suspect_held = any(line.attempts > SUSPECT_AFTER for line in held)
+        rooms.append(0 if suspect_held else min(1, rooms[1] - len(others)))
+        suspect = self._start(await asyncio.to_thread(claim, rooms[2], suspects=True))
+        claimed = (lines, others, suspect)
+        full = any(0 < limit == len(got) for limit, got in zip(rooms, claimed, strict=True))
         await self.settle()
         if not full:
             await asyncio.to_thread(self.store.finalize_ready, settings.batch_lease_seconds)

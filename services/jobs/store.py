@@ -63,6 +63,10 @@ CREATE TABLE IF NOT EXISTS file_chunks (
 """,
 )
 CHUNK = 2**20
+# A line claimed this many times already was in flight when its worker died, or failed, twice: it may be
+# the cause. Such lines run one at a time per worker (BatchRunner), so that a line that kills its worker
+# every time is given up alone, not with the neighbours claimed with it each time.
+SUSPECT_AFTER = 2
 ROWS_PER_INSERT = 500
 
 KINDS = ("output", "error")
@@ -466,11 +470,13 @@ class BatchStore:
         max_attempts: int,
         endpoints: tuple[str, ...] = (),
         among: bool = True,
+        suspects: bool | None = None,
     ) -> list[Line]:
         """Up to `limit` lines to run, oldest batch first, of batches whose endpoint is (`among`) or is
         not among `endpoints` (any endpoint if none is named): pending ones, and running ones whose
         server is gone or whose lease ran out. A line claimed `max_attempts` times already (it failed,
-        or its worker died running it, each time) is settled as failed instead."""
+        or its worker died running it, each time) is settled as failed instead. `suspects` True takes
+        only lines claimed SUSPECT_AFTER times or more, False only the others, None either."""
         if limit <= 0:
             return []
         now = time.time()
@@ -480,6 +486,8 @@ class BatchStore:
             if endpoints
             else "1 = 1"
         )
+        if suspects is not None:
+            kind += f" AND l.attempts {'>=' if suspects else '<'} {SUSPECT_AFTER}"
         with self._transaction() as db:
             rows = db.execute(
                 "SELECT l.batch_id, l.idx, l.custom_id, l.body, b.endpoint, l.attempts + 1 FROM lines l"
