@@ -716,25 +716,31 @@ def test_a_stopped_runner_hands_back_the_lines_it_had_not_finished(tmp_path: Pat
 
 def test_lines_in_flight_at_two_crashes_run_one_at_a_time_beside_the_others(tmp_path: Path) -> None:
     """Claims go oldest first, so the lines in flight beside one that kills its worker are claimed with
-    it again each time, and were given up with it after five crashes. Lines claimed twice already run
-    one at a time (the others as before): only the one that kills its worker is charged again."""
+    it again each time, and were given up with it after five crashes. Lines in flight at two crashes
+    run one at a time, beside the others; a line that failed twice (a 5xx) is not one of them."""
     store = BatchStore(tmp_path, "crashed-1")
-    lines = [embedding_line(i) for i in range(6)]
+    lines = [embedding_line(i) for i in range(7)]
     batch = stored_batch(store, lines)
     for crashed in ("crashed-1", "crashed-2"):  # lines 0-3 in flight at two crashes
         assert [line.idx for line in BatchStore(tmp_path, crashed).claim(4, 600, 5)] == [0, 1, 2, 3]
+    failing = BatchStore(tmp_path, "failing")
+    for _ in range(2):  # line 4 fails twice and is put back
+        [line] = failing.claim(1, 600, 5, suspects=False)
+        assert line.idx == 4
+        failing.release(line)
     suspects = {line["body"]["input"] for line in lines[:4]}
+    failed_twice = lines[4]["body"]["input"]
     live = BatchStore(tmp_path, "live")
 
-    async def run() -> tuple[int, int]:
+    async def run() -> tuple[int, bool]:
         running: set[str] = set()
-        most_suspects = most = 0
+        most_suspects, beside = 0, False
 
         async def execute(endpoint: str, body: dict[str, Any]) -> tuple[bool, str]:
-            nonlocal most_suspects, most
+            nonlocal most_suspects, beside
             running.add(body["input"])
             most_suspects = max(most_suspects, len(running & suspects))
-            most = max(most, len(running))
+            beside = beside or bool(running & suspects and failed_twice in running)
             await asyncio.sleep(0.2)  # room for any other line to start meanwhile
             running.discard(body["input"])
             return True, json.dumps({"status_code": 200, "body": {}})
@@ -743,17 +749,18 @@ def test_lines_in_flight_at_two_crashes_run_one_at_a_time_beside_the_others(tmp_
         task = asyncio.create_task(runner.run())
         try:
             deadline = time.monotonic() + LONG
-            while live.get_batch(batch["id"])["request_counts"]["completed"] < 6:
+            while live.get_batch(batch["id"])["request_counts"]["completed"] < 7:
                 assert time.monotonic() < deadline and not task.done()
                 await asyncio.sleep(0.05)
         finally:
             task.cancel()
-        return most_suspects, most
+        return most_suspects, beside
 
-    most_suspects, most = asyncio.run(run())
-    assert most_suspects == 1 and most >= 2  # the two lines never in flight at a crash ran beside them
-    assert live.get_batch(batch["id"])["request_counts"] == {"total": 6, "completed": 6, "failed": 0}
-    live.close()
+    most_suspects, beside = asyncio.run(run())
+    assert most_suspects == 1 and beside  # the line that failed twice ran beside a suspect
+    assert live.get_batch(batch["id"])["request_counts"] == {"total": 7, "completed": 7, "failed": 0}
+    for each in (live, failing):
+        each.close()
 
 
 def test_claims_are_renewed_while_a_step_writes_a_large_batchs_files(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 from services.config import Settings
 from services.functions.batching import BACKGROUND
 from services.jobs.db import StoreUnavailable
-from services.jobs.store import SUSPECT_AFTER, BatchStore, Line, Outcome, ended_error
+from services.jobs.store import BatchStore, Line, Outcome, ended_error
 
 logger = logging.getLogger("bentoml.fnserve.batch")
 Execute = Callable[[str, dict[str, Any]], Awaitable[tuple[bool, str]]]
@@ -39,6 +39,7 @@ class BatchRunner:
         self._wake = asyncio.Event()
         self._done: list[Outcome] = []
         self._in_flight: dict[asyncio.Task[None], Line] = {}
+        self._suspects: set[asyncio.Task[None]] = set()  # held lines claimed as suspects (store.claim)
         self._endings: dict[str, str] = {}
         self._unavailable = False
         self._claiming = True
@@ -109,35 +110,43 @@ class BatchRunner:
         lease = settings.batch_lease_seconds
         held = list(self._in_flight.values())
         room = settings.batch_concurrency - len(held) if self._claiming else 0
-        # Chat and completion lines wait for one of a few slots: a worker holds at most twice as many as
-        # it can run, and leaves the rest to other workers and replicas.
         generating = sum(line.endpoint in GENERATION_ENDPOINTS for line in held)
-        rooms = [min(room, 2 * settings.batch_generation_concurrency - generating)]
         self._endings = await asyncio.to_thread(self.store.endings)
         # Each claim's lines start at once: a failure of the next store call must not strand them.
         claim = partial(self.store.claim, lease_seconds=lease, max_attempts=MAX_ATTEMPTS, suspects=False)
-        lines = self._start(await asyncio.to_thread(claim, rooms[0], endpoints=GENERATION_ENDPOINTS))
+        # A suspect (store.SUSPECT_AFTER) is claimed first, and only while no other is held here and it
+        # would not wait for a generation slot: if it kills this worker, the suspects not yet claimed are
+        # not charged with it.
+        free_slot = generating < settings.batch_generation_concurrency
+        rooms = [0 if self._suspects else min(1, room)]
+        wanted = () if free_slot else GENERATION_ENDPOINTS
+        suspect = await asyncio.to_thread(claim, rooms[0], endpoints=wanted, among=False, suspects=True)
+        self._start(suspect, suspect=True)
+        generating += sum(line.endpoint in GENERATION_ENDPOINTS for line in suspect)
+        room -= len(suspect)
+        # Chat and completion lines wait for one of a few slots: a worker holds at most twice as many as
+        # it can run, and leaves the rest to other workers and replicas.
+        rooms.append(min(room, 2 * settings.batch_generation_concurrency - generating))
+        lines = self._start(await asyncio.to_thread(claim, rooms[1], endpoints=GENERATION_ENDPOINTS))
         rooms.append(room - len(lines))
         others = self._start(
-            await asyncio.to_thread(claim, rooms[1], endpoints=GENERATION_ENDPOINTS, among=False)
+            await asyncio.to_thread(claim, rooms[2], endpoints=GENERATION_ENDPOINTS, among=False)
         )
-        # A suspect (store.SUSPECT_AFTER) runs only while no other suspect is held here, beside lines
-        # that are not: if it kills this worker, it is charged, and the suspects waiting are not.
-        suspect_held = any(line.attempts > SUSPECT_AFTER for line in held)
-        rooms.append(0 if suspect_held else min(1, rooms[1] - len(others)))
-        suspect = self._start(await asyncio.to_thread(claim, rooms[2], suspects=True))
-        claimed = (lines, others, suspect)
+        claimed = (suspect, lines, others)
         full = any(0 < limit == len(got) for limit, got in zip(rooms, claimed, strict=True))
         await self.settle()
         if not full:
             await asyncio.to_thread(self.store.finalize_ready, settings.batch_lease_seconds)
         return full
 
-    def _start(self, lines: list[Line]) -> list[Line]:
+    def _start(self, lines: list[Line], suspect: bool = False) -> list[Line]:
         for line in lines:
             task = asyncio.create_task(self._run_line(line))
             self._in_flight[task] = line
             task.add_done_callback(self._in_flight.pop)
+            if suspect:
+                self._suspects.add(task)
+                task.add_done_callback(self._suspects.discard)
         return lines
 
     async def stop(self) -> None:

@@ -63,9 +63,10 @@ CREATE TABLE IF NOT EXISTS file_chunks (
 """,
 )
 CHUNK = 2**20
-# A line claimed this many times already was in flight when its worker died, or failed, twice: it may be
-# the cause. Such lines run one at a time per worker (BatchRunner), so that a line that kills its worker
-# every time is given up alone, not with the neighbours claimed with it each time.
+# A line claimed this many times already whose last claim ended with its worker dead (it is still
+# `running`, the claim stale) may be what kills it. Such lines run one at a time per worker (BatchRunner),
+# so that a line that kills its worker every time is not given up with the neighbours claimed with it
+# each time. A line that failed (a 5xx) was put back `pending`: it is not one.
 SUSPECT_AFTER = 2
 ROWS_PER_INSERT = 500
 
@@ -476,7 +477,8 @@ class BatchStore:
         not among `endpoints` (any endpoint if none is named): pending ones, and running ones whose
         server is gone or whose lease ran out. A line claimed `max_attempts` times already (it failed,
         or its worker died running it, each time) is settled as failed instead. `suspects` True takes
-        only lines claimed SUSPECT_AFTER times or more, False only the others, None either."""
+        only lines claimed SUSPECT_AFTER times or more whose last worker died running them, False only
+        the others, None either."""
         if limit <= 0:
             return []
         now = time.time()
@@ -487,7 +489,8 @@ class BatchStore:
             else "1 = 1"
         )
         if suspects is not None:
-            kind += f" AND l.attempts {'>=' if suspects else '<'} {SUSPECT_AFTER}"
+            suspect = f"l.state = 'running' AND l.attempts >= {SUSPECT_AFTER}"
+            kind += f" AND {'' if suspects else 'NOT '}({suspect})"
         with self._transaction() as db:
             rows = db.execute(
                 "SELECT l.batch_id, l.idx, l.custom_id, l.body, b.endpoint, l.attempts + 1 FROM lines l"
