@@ -735,14 +735,20 @@ def test_lines_in_flight_at_two_crashes_run_one_at_a_time_beside_the_others(tmp_
     async def run() -> tuple[int, bool]:
         running: set[str] = set()
         most_suspects, beside = 0, False
+        failed_started = asyncio.Event()
 
         async def execute(endpoint: str, body: dict[str, Any]) -> tuple[bool, str]:
             nonlocal most_suspects, beside
-            running.add(body["input"])
+            text = body["input"]
+            running.add(text)
             most_suspects = max(most_suspects, len(running & suspects))
-            beside = beside or bool(running & suspects and failed_twice in running)
-            await asyncio.sleep(0.2)  # room for any other line to start meanwhile
-            running.discard(body["input"])
+            if text == failed_twice:
+                beside = bool(running & suspects)
+                failed_started.set()
+            elif text in suspects:  # held until the line that failed twice has started
+                await asyncio.wait_for(failed_started.wait(), LONG)
+            await asyncio.sleep(0)
+            running.discard(text)
             return True, json.dumps({"status_code": 200, "body": {}})
 
         runner = BatchRunner(live, execute, Settings(batch_concurrency=8))

@@ -114,14 +114,10 @@ class BatchRunner:
         self._endings = await asyncio.to_thread(self.store.endings)
         # Each claim's lines start at once: a failure of the next store call must not strand them.
         claim = partial(self.store.claim, lease_seconds=lease, max_attempts=MAX_ATTEMPTS, suspects=False)
-        # A suspect (store.SUSPECT_AFTER) is claimed first, and only while no other is held here and it
-        # would not wait for a generation slot: if it kills this worker, the suspects not yet claimed are
-        # not charged with it.
-        free_slot = generating < settings.batch_generation_concurrency
+        # A suspect (store.SUSPECT_AFTER) is claimed first, and only while no other is held here: if it
+        # kills this worker, the suspects not yet claimed are not charged with it.
         rooms = [0 if self._suspects else min(1, room)]
-        wanted = () if free_slot else GENERATION_ENDPOINTS
-        suspect = await asyncio.to_thread(claim, rooms[0], endpoints=wanted, among=False, suspects=True)
-        self._start(suspect, suspect=True)
+        suspect = self._start(await asyncio.to_thread(claim, rooms[0], suspects=True), suspect=True)
         generating += sum(line.endpoint in GENERATION_ENDPOINTS for line in suspect)
         room -= len(suspect)
         # Chat and completion lines wait for one of a few slots: a worker holds at most twice as many as

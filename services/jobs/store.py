@@ -478,7 +478,7 @@ class BatchStore:
         server is gone or whose lease ran out. A line claimed `max_attempts` times already (it failed,
         or its worker died running it, each time) is settled as failed instead. `suspects` True takes
         only lines claimed SUSPECT_AFTER times or more whose last worker died running them, False only
-        the others, None either."""
+        the others, None either; a line due to be given up is not a suspect."""
         if limit <= 0:
             return []
         now = time.time()
@@ -489,7 +489,9 @@ class BatchStore:
             else "1 = 1"
         )
         if suspects is not None:
-            suspect = f"l.state = 'running' AND l.attempts >= {SUSPECT_AFTER}"
+            suspect = (
+                f"l.state = 'running' AND l.attempts BETWEEN {SUSPECT_AFTER} AND {int(max_attempts) - 1}"
+            )
             kind += f" AND {'' if suspects else 'NOT '}({suspect})"
         with self._transaction() as db:
             rows = db.execute(
