@@ -155,10 +155,11 @@ def served_dtypes(url: str) -> dict[str, str]:
     return {name: model["choices"]["dtype"]["value"] for name, model in status.items()}
 
 
-def counter(url: str, name: str, **labels: str) -> float:
-    """A Prometheus series of a running server, summed over its workers and over the labels not given."""
+def counter(url: str, name: str, headers: dict[str, str] | None = None, **labels: str) -> float:
+    """A Prometheus series of a running server, summed over its workers and over the labels not given;
+    `headers` for a server that wants a key."""
     wanted = [f'{key}="{value}"' for key, value in labels.items()]
-    lines = httpx.get(f"{url}/metrics", timeout=LONG).text.splitlines()
+    lines = httpx.get(f"{url}/metrics", headers=headers, timeout=LONG).text.splitlines()
     return sum(
         float(line.split()[-1])
         for line in lines

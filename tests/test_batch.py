@@ -622,6 +622,16 @@ def test_ids_no_database_can_hold_are_found_nowhere(store_at: Callable[..., Batc
     assert store.get_file(file_id) is not None
 
 
+async def until(
+    runner: asyncio.Task[None], condition: Callable[[], bool], describe: Callable[[], object] = lambda: None
+) -> None:
+    """Polls `condition` while the runner's task runs, for LONG at most: a runner that dies fails at once."""
+    deadline = time.monotonic() + LONG
+    while not condition():
+        assert time.monotonic() < deadline and not runner.done(), describe()
+        await asyncio.sleep(0.05)
+
+
 def test_a_stopping_runner_records_its_lines_in_flight_and_claims_no_more(tmp_path: Path) -> None:
     """At the stop signal a worker takes no new lines (another server gets them at once, not after this
     one's drain) and still records the ones it is running (they are not left to their lease)."""
@@ -646,10 +656,7 @@ def test_a_stopping_runner_records_its_lines_in_flight_and_claims_no_more(tmp_pa
             await asyncio.wait_for(four_running.wait(), LONG)
             runner.stop_claiming()
             release.set()
-            deadline = time.monotonic() + LONG
-            while store.get_batch(batch["id"])["request_counts"]["completed"] < 4:
-                assert time.monotonic() < deadline and not task.done()
-                await asyncio.sleep(0.05)
+            await until(task, lambda: store.get_batch(batch["id"])["request_counts"]["completed"] >= 4)
             await asyncio.sleep(1)  # room for a claim that should not happen
         finally:
             task.cancel()
@@ -693,11 +700,8 @@ def test_a_stopped_runner_hands_back_the_lines_it_had_not_finished(tmp_path: Pat
         task = asyncio.create_task(runner.run())
         try:
             await asyncio.wait_for(two_started.wait(), LONG)
-            deadline = time.monotonic() + LONG
             # The first recorded, the second running and the third claimed, waiting for the one slot.
-            while states() != {0: "done", 1: "running", 2: "running"}:
-                assert time.monotonic() < deadline and not task.done(), states()
-                await asyncio.sleep(0.05)
+            await until(task, lambda: states() == {0: "done", 1: "running", 2: "running"}, states)
             runner.stop_claiming()
             task.cancel()
             await runner.stop()
@@ -754,10 +758,7 @@ def test_lines_in_flight_at_two_crashes_run_one_at_a_time_beside_the_others(tmp_
         runner = BatchRunner(live, execute, Settings(batch_concurrency=8))
         task = asyncio.create_task(runner.run())
         try:
-            deadline = time.monotonic() + LONG
-            while live.get_batch(batch["id"])["request_counts"]["completed"] < 7:
-                assert time.monotonic() < deadline and not task.done()
-                await asyncio.sleep(0.05)
+            await until(task, lambda: live.get_batch(batch["id"])["request_counts"]["completed"] >= 7)
         finally:
             task.cancel()
         return most_suspects, beside
@@ -801,15 +802,10 @@ def test_claims_are_renewed_while_a_step_writes_a_large_batchs_files(tmp_path: P
             await asyncio.wait_for(running.wait(), LONG)
             await asyncio.to_thread(in_step.wait, LONG)
             first = claimed_at()
-            deadline = time.monotonic() + LONG
-            while claimed_at() == first:
-                assert time.monotonic() < deadline and not task.done()
-                await asyncio.sleep(0.05)
+            await until(task, lambda: claimed_at() != first)
             renewed.set()
             finish.set()
-            while store.get_batch(batch["id"])["status"] != "completed":
-                assert time.monotonic() < deadline and not task.done()
-                await asyncio.sleep(0.05)
+            await until(task, lambda: store.get_batch(batch["id"])["status"] == "completed")
         finally:
             renewed.set()
             task.cancel()

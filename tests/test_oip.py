@@ -24,7 +24,7 @@ from tritonclient.utils import InferenceServerException
 
 import services
 from tests.oip_client import CHAT, Stream, generation_inputs, text_input
-from tests.server import KEYS, LONG, MAX_BODY, ONE_WORKER, free_port, serve
+from tests.server import KEYS, LONG, MAX_BODY, ONE_WORKER, counter, free_port, serve
 from tests.server import http_client as httpx_client
 from tests.test_chat import TOKENS
 
@@ -154,12 +154,7 @@ def test_an_output_the_model_lacks_is_refused_before_any_work(server: Server) ->
     inputs = generation_inputs(STORY, 500, stream=False, ignore_eos=True)
     wrong = tg.InferRequestedOutput("txt_output")
 
-    def generated() -> float:
-        with http(server) as client:
-            lines = client.get("/metrics").text.splitlines()
-        return sum(float(line.split()[-1]) for line in lines if line.startswith(TOKENS))
-
-    before = generated()
+    before = generated_tokens(server)
     refused = grpc_error(lambda: server.grpc_client().infer(CHAT, inputs, outputs=[wrong], headers=auth()))
     assert refused.status() == "StatusCode.INVALID_ARGUMENT" and "no output 'txt_output'" in refused.message()
     stream = Stream(server.grpc_client(), headers=auth())
@@ -174,7 +169,7 @@ def test_an_output_the_model_lacks_is_refused_before_any_work(server: Server) ->
         body = {"inputs": [text], "parameters": {"max_tokens": 500, "ignore_eos": True}}
         answer = client.post(f"/v2/models/{CHAT}/infer", json={**body, "outputs": [{"name": "txt_output"}]})
     assert answer.status_code == 400 and "no output 'txt_output'" in answer.json()["error"], answer.text
-    assert generated() == before
+    assert generated_tokens(server) == before
 
 
 def test_an_empty_text_is_invalid_argument_as_rest_refuses_it(server: Server) -> None:
@@ -309,15 +304,8 @@ def engine_idle(server: Server) -> None:
             time.sleep(0.1)
 
 
-def metric(server: Server, series: str) -> float:
-    """The sum of the series that start with `series` (a name, and labels), over the workers."""
-    with http(server) as client:
-        lines = client.get("/metrics").text.splitlines()
-    return sum(float(line.split()[-1]) for line in lines if line.startswith(series))
-
-
 def generated_tokens(server: Server) -> float:
-    return metric(server, "fnserve_generation_completion_tokens_total")
+    return counter(server.url, TOKENS, headers=auth())
 
 
 def test_cancelling_a_stream_frees_its_request_in_the_engine(server: Server) -> None:
@@ -335,7 +323,7 @@ def test_cancelling_a_stream_frees_its_request_in_the_engine(server: Server) -> 
 
 
 def test_a_missing_or_wrong_key_is_unauthenticated(server: Server) -> None:
-    refused_before = metric(server, 'fnserve_rejections_total{reason="unauthorized"')
+    refused_before = counter(server.url, "fnserve_rejections_total", headers=auth(), reason="unauthorized")
     client = server.grpc_client()
     for headers in ({}, {"authorization": "Bearer wrong"}):
         error = grpc_error(lambda h=headers: client.infer(EMBEDDER, [text_input("text", ["x"])], headers=h))
@@ -355,7 +343,11 @@ def test_a_missing_or_wrong_key_is_unauthenticated(server: Server) -> None:
                 call()
             assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED, caught.value
             assert "API key" in caught.value.details()
-    assert metric(server, 'fnserve_rejections_total{reason="unauthorized"') - refused_before == 4
+    assert (
+        counter(server.url, "fnserve_rejections_total", headers=auth(), reason="unauthorized")
+        - refused_before
+        == 4
+    )
     assert client.is_server_live()  # probes need no key, as over HTTP
     with httpx_client(server.url) as anonymous:
         response = anonymous.get(f"/v2/models/{EMBEDDER}")
