@@ -13,7 +13,7 @@ import numpy as np
 import openai
 import pytest
 
-from tests.server import counter, histogram, http_client
+from tests.server import KEYS, counter, histogram, http_client
 
 MODEL = "all-minilm-l6-v2"
 WINDOW = 256  # the model's window in tokens (FNSERVE_EMBEDDING_MAX_TOKENS)
@@ -87,6 +87,20 @@ def test_repeated_inputs_come_from_the_cache(client: httpx.Client) -> None:
     assert lookups("hit") > hits_before
     mixed = [post([text, f"new {time.time_ns()}"]).headers["x-fnserve-cache"] for _ in range(8)]
     assert "partial" in mixed
+
+
+def test_with_the_cache_off_nothing_is_looked_up_or_said_to_miss(keyed_server: tuple[str, str]) -> None:
+    """The keyed server keeps no response cache: its answers carry no x-fnserve-cache, and its metrics
+    count no lookups (a hit rate of 0 would read as a cache that never hits)."""
+    url, _ = keyed_server
+    auth = {"Authorization": f"Bearer {KEYS[0]}"}
+    with http_client(url, headers=auth) as c:
+        body = {"model": MODEL, "input": ["no cache", "here"]}
+        answers = [c.post("/v1/embeddings", json=body) for _ in "ab"]
+        assert [a.status_code for a in answers] == [200, 200]
+        assert answers[0].json()["data"] == answers[1].json()["data"]
+        assert not any("x-fnserve-cache" in a.headers for a in answers)
+        assert counter(url, "fnserve_cache_lookups_total", headers=auth, function="embedding") == 0
 
 
 def test_base64_encoding_matches_floats(client: httpx.Client) -> None:

@@ -18,7 +18,7 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from services.functions.image import classify, load, preprocess
-from tests.server import IMAGE_MAX_BYTES, IMAGE_MAX_PIXELS, LONG, http_client
+from tests.server import IMAGE_MAX_BYTES, IMAGE_MAX_PIXELS, LONG, counter, http_client
 from tests.test_batch import final, jsonl, lines_of, submit, wait_until
 
 MODEL = "efficientnet-lite0"
@@ -105,6 +105,8 @@ def test_images_batched_together_answer_as_they_do_alone(server: tuple[str, str]
     for joint, single in zip(together, alone, strict=True):
         assert [c for c, _ in joint] == [c for c, _ in single]
         np.testing.assert_allclose([p for _, p in joint], [p for _, p in single], rtol=0, atol=1e-5)
+    # This server keeps no image cache: nothing was looked up, so nothing is counted as a miss.
+    assert counter(url, "fnserve_cache_lookups_total", function="image") == 0
 
 
 def test_oip_over_grpc_takes_files_and_tensors(server: tuple[str, str]) -> None:

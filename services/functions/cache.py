@@ -98,20 +98,20 @@ async def through_cache(
     pack: Callable[[R], bytes],
     unpack: Callable[[bytes], R],
     count: int,
-) -> tuple[list[R], int]:
-    """Results for `count` inputs of one request, in order, and how many came from the cache: the
-    others go to `compute` (given their indices) and are stored. `keys` is called only when there is
-    a cache to look in: hashing inputs is not free."""
-    cached: dict[int, R] = {}
-    names: list[str] = []
-    if cache:
-        names = keys()
-        stored = await cache.get_many(names)
-        cached = {i: unpack(value) for i, value in enumerate(stored) if value is not None}
+) -> tuple[list[R], int | None]:
+    """Results for `count` inputs of one request, in order, and how many came from the cache (None with
+    the cache off: nothing was looked up, so nothing is counted or reported as a miss): the others go to
+    `compute` (given their indices) and are stored. `keys` is called only when there is a cache to look
+    in: hashing inputs is not free."""
+    if cache is None:
+        return await compute(list(range(count))), None
+    names = keys()
+    stored = await cache.get_many(names)
+    cached = {i: unpack(value) for i, value in enumerate(stored) if value is not None}
     count_lookups(function, len(cached), count)
     missing = [i for i in range(count) if i not in cached]
     computed = await compute(missing) if missing else []
-    if cache and missing:
+    if missing:
         await cache.set_many({names[i]: pack(result) for i, result in zip(missing, computed, strict=True)})
     fresh = iter(computed)
     return [cached[i] if i in cached else next(fresh) for i in range(count)], len(cached)

@@ -68,8 +68,8 @@ class Embeddings:
     """[inputs, dimensions] float32 unit vectors"""
     tokens: list[int]
     """tokens the model read per input"""
-    hits: int
-    """inputs answered from the response cache"""
+    hits: int | None
+    """inputs answered from the response cache; None with the cache off"""
 
 
 def pack(embedded: Embedded) -> bytes:
@@ -237,7 +237,7 @@ class EmbeddingFunction:
         vectors = np.stack([vector for vector, _ in results]) if results else np.zeros((0, self.dimensions))
         return Embeddings(vectors.astype(np.float32, copy=False), [n for _, n in results], hits)
 
-    async def _embed(self, texts: list[str], deadline: float | None) -> tuple[list[Embedded], int]:
+    async def _embed(self, texts: list[str], deadline: float | None) -> tuple[list[Embedded], int | None]:
         async def compute(missing: list[int]) -> list[Embedded]:
             self._batcher.check(len(missing), deadline)  # a refusal costs no tokenizing
             ids = await self._tokenize([texts[i] for i in missing])

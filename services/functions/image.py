@@ -57,7 +57,8 @@ BATCH_SIZE = bentoml.metrics.Histogram(
 class Classified:
     scores: np.ndarray
     """[n, classes] float32 probabilities"""
-    hits: int
+    hits: int | None
+    """inputs answered from the response cache; None with the cache off"""
 
 
 def preprocess(data: bytes, max_bytes: int, max_pixels: int, where: str) -> np.ndarray:

@@ -135,7 +135,9 @@ async def answer_embeddings(fns: Functions, request: EmbeddingRequest) -> Orjson
         "model": fn.model_id,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }
-    return OrjsonResponse(body, headers=cache_header(result.hits == len(texts), result.hits > 0))
+    hits = result.hits  # None: no cache, no header
+    headers = cache_header(None if hits is None else hits == len(texts), bool(hits))
+    return OrjsonResponse(body, headers=headers)
 
 
 def generation_request(request: GenerationParams, **target: Any) -> GenerationRequest:
