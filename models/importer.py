@@ -7,6 +7,7 @@ Everything is staged in a temporary folder and checked before ``bentoml.models.c
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import os
 import shutil
@@ -14,7 +15,8 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import bentoml
@@ -181,8 +183,29 @@ def set_aside(entry: CatalogEntry) -> tuple[Path, Path | None]:
     return stored_at, kept
 
 
+@contextmanager
+def importing(entry: CatalogEntry) -> Iterator[None]:
+    """Held for the whole import of `entry` into this store: a second importer (`make serve` and `make
+    test` set up at once) waits, then finds it stored. Without it both found it missing, and the one
+    whose copy came second failed ("already exists") and deleted the first one's whole copy. The lock
+    file lies beside the store in BENTOML_HOME, which BentoML 1.4.40 resolves in this container (pinned;
+    tests/test_importer.py fails if two imports at once no longer both succeed)."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    home = Path(BentoMLContainer.bentoml_home.get())
+    home.mkdir(parents=True, exist_ok=True)
+    with (home / f".fnserve-import-{entry.name}.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        yield
+
+
 def import_model(entry: CatalogEntry, force: bool = False) -> str:
     """Import one catalogue entry; returns its tag. Skips work when the tag is already stored."""
+    with importing(entry):
+        return _import(entry, force)
+
+
+def _import(entry: CatalogEntry, force: bool) -> str:
     was_stored = stored(entry)
     if was_stored and not force:
         return entry.tag

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,17 @@ def test_local_directory_source_imports_with_labels_and_metadata(store: Path, mi
     info = (store / "models" / "all-minilm-l6-v2" / MINILM.version / "model.yaml").read_text()
     assert "task: embedding" in info and MINILM.sha256 in info and "dtype: float32" in info
     assert run_import(store, entry).returncode == 0, "re-import is a no-op"
+
+
+def test_two_imports_at_once_both_succeed_and_store_one_copy(store: Path, minilm_dir: Path) -> None:
+    """`make serve` and `make test` set up at once: the second waits for the first and finds it stored."""
+    entry = MINILM.model_copy(update={"source": DirectorySource(path=str(minilm_dir))})
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        runs = list(pool.map(lambda _: run_import(store, entry), range(2)))
+    assert [run.returncode for run in runs] == [0, 0], [run.stderr[-2000:] for run in runs]
+    assert stored_models(store) == [MINILM.tag]
+    folder = store / "models" / "all-minilm-l6-v2" / MINILM.version
+    assert (folder / "model.safetensors").read_bytes() == (minilm_dir / "model.safetensors").read_bytes()
 
 
 def test_a_forced_import_replaces_the_stored_copy_only_once_the_new_one_passed(
