@@ -24,6 +24,9 @@ from services.protocols.openai.protocol import BatchEndpoint
 # A busy server (admission's 429), a server restarting, a replica loading, the batch database away, a
 # balancer with no replica up: the same request may be answered later.
 PASSING = {429, 502, 503, 504}
+# A balancer's answer when its server died (502) or ran out of time (504) with the request: an upload or a
+# batch creation may have been taken all the same, and sending it again could make a second one.
+MAYBE_TAKEN = {502, 504}
 PATIENCE_SECONDS = 600.0  # how long a wait keeps asking through an outage
 # A connection a server neither accepts nor refuses (a node gone, a server draining) fails in seconds,
 # so that a follower says so and asks again; an answer may take longer (a large file).
@@ -56,7 +59,7 @@ class Client:
                 # Sent, perhaps taken: sending it again could make a second file or batch.
                 raise SystemExit(f"{Unavailable.of(exc)}; the server may have taken it") from exc
             raise Unavailable.of(exc) from exc
-        checked(response)
+        checked(response, once=method != "GET")
         return response
 
     def batch(self, batch_id: str) -> dict[str, Any]:
@@ -92,8 +95,9 @@ def replaceable(target: Path) -> bool:
     return not target.exists() or (target.is_file() and not target.is_symlink())
 
 
-def checked(response: httpx.Response) -> None:
-    """An error answer as the message the server gave, in its error shape where it has one."""
+def checked(response: httpx.Response, once: bool = False) -> None:
+    """An error answer as the message the server gave, in its error shape where it has one. `once`: the
+    request must not be sent twice (a POST), so a 502 or 504 ends the command instead of passing."""
     if response.status_code < 400:
         return
     try:
@@ -101,6 +105,8 @@ def checked(response: httpx.Response) -> None:
     except (ValueError, KeyError, TypeError):
         message = response.text
     text = f"error {response.status_code}: {message}"
+    if once and response.status_code in MAYBE_TAKEN:
+        raise SystemExit(f"{text}; the server may have taken it")
     if response.status_code not in PASSING:
         raise SystemExit(text)
     try:
@@ -226,10 +232,15 @@ def main(argv: list[str] | None = None) -> int:
     fetch.add_argument("--errors", default="errors.jsonl")
     fetch.set_defaults(run=download)
     args = parser.parse_args(argv)
+    if httpx.URL(args.url).scheme not in ("http", "https") or not httpx.URL(args.url).host:
+        # httpx takes "localhost:3000" for a URL of scheme "localhost": an outage to wait out, not an error
+        parser.error(f"--url {args.url!r} is not an http:// or https:// URL")
     try:
         return args.run(Client(args.url, args.api_key), args)
     except Unavailable as exc:
         raise SystemExit(f"{exc} (the server is away or busy: try again)") from exc
+    except OSError as exc:  # a file to send or to write: missing, a folder, not allowed
+        raise SystemExit(f"fnserve: {exc}") from exc
 
 
 if __name__ == "__main__":

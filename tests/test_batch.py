@@ -4,6 +4,7 @@ the openai client and the CLI."""
 from __future__ import annotations
 
 import asyncio
+import http.server
 import itertools
 import json
 import os
@@ -249,6 +250,15 @@ def test_cli_submits_waits_and_downloads(api: httpx.Client, tmp_path: Path) -> N
     )
     assert piped.returncode == 0, piped.stderr
     assert piped.stdout.startswith(output.read_text()) and Path("/dev/stdout").is_symlink()
+    nowhere = tmp_path / "no such folder" / "out.jsonl"
+    refused = subprocess.run(
+        [*fnserve, "download", batch_id, "--output", str(nowhere), "--errors", ""],
+        capture_output=True,
+        text=True,
+        timeout=LONG,
+    )
+    assert refused.returncode == 1 and "No such file or directory" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr
     assert not list(tmp_path.glob("*.partial"))
 
 
@@ -264,6 +274,47 @@ def test_a_busy_or_away_server_is_asked_again_and_a_wrong_request_is_not() -> No
             cli.checked(httpx.Response(status, text="away"))
     with pytest.raises(SystemExit, match="error 404: no such batch"):
         cli.checked(httpx.Response(404, json={"error": {"message": "no such batch"}}))
+
+
+def test_an_upload_a_balancer_answered_502_is_not_sent_again(tmp_path: Path) -> None:
+    """A balancer's 502 (its server died with the request) may follow an upload the server took: the
+    CLI says so and stops, where sending it again could make a second file and batch."""
+    posts: list[str] = []
+
+    class Balancer(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            posts.append(self.path)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(502)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(jsonl([embedding_line(0)]))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Balancer) as balancer:
+        threading.Thread(target=balancer.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{balancer.server_address[1]}"
+        command = [*fnserve_cli(url), "submit", str(source), "--endpoint", "/v1/embeddings", "--wait"]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=LONG)
+        balancer.shutdown()
+    assert done.returncode == 1 and "error 502" in done.stderr and "may have taken it" in done.stderr
+    assert posts == ["/v1/files"]
+
+
+def test_bad_paths_and_urls_end_the_cli_with_one_line(tmp_path: Path) -> None:
+    """What a user mistypes: a message, never a traceback, and nothing sent."""
+    missing = tmp_path / "missing.jsonl"
+    for url, arguments, message in (
+        ("http://127.0.0.1:9", ["submit", str(missing), "--endpoint", "/v1/embeddings"], "No such file"),
+        ("http://127.0.0.1:9", ["submit", str(tmp_path), "--endpoint", "/v1/embeddings"], "Is a directory"),
+        ("localhost:3000", ["status", "batch_x"], "is not an http:// or https:// URL"),
+    ):
+        done = subprocess.run([*fnserve_cli(url), *arguments], capture_output=True, text=True, timeout=LONG)
+        assert done.returncode in (1, 2) and message in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
 
 
 def test_bentoml_task_endpoint_with_bentoml_client(api: httpx.Client) -> None:
