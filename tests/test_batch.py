@@ -769,6 +769,51 @@ def test_a_stopped_runner_hands_back_the_lines_it_had_not_finished(tmp_path: Pat
     store.close()
 
 
+def test_lines_a_claim_in_progress_takes_as_the_worker_stops_are_handed_back(tmp_path: Path) -> None:
+    """The stop can come while a claim is in the store's thread (a store slow under load, a stop that
+    came without the signal): the lines it takes are handed back with the others, not left running
+    here until their lease runs out, an attempt charged to each."""
+    store = BatchStore(tmp_path, "stopping")
+    batch = stored_batch(store, [embedding_line(i) for i in range(4)])
+    claimed, hold = threading.Event(), threading.Event()
+    claim = store.claim
+
+    def held_claim(limit: int, *args: Any, **kwargs: Any) -> list[Any]:
+        lines = claim(limit, *args, **kwargs)
+        if lines:  # committed: the store's thread returns them once the stop has begun
+            claimed.set()
+            hold.wait(LONG)
+        return lines
+
+    store.claim = held_claim  # type: ignore[method-assign]
+
+    async def stop_mid_claim() -> None:
+        async def execute(endpoint: str, body: dict[str, Any]) -> tuple[bool, str]:
+            await asyncio.Event().wait()  # runs until stopped
+            raise AssertionError("not stopped")
+
+        runner = BatchRunner(store, execute, Settings(batch_concurrency=4))
+        task = asyncio.create_task(runner.run())
+        try:
+            await asyncio.to_thread(claimed.wait, LONG)
+            stopping = asyncio.create_task(runner.stop())
+            await asyncio.sleep(0.1)  # the stop has begun (a longer sleep cannot change the outcome)
+            hold.set()
+            await asyncio.wait_for(stopping, LONG)
+        finally:
+            hold.set()
+            task.cancel()
+
+    asyncio.run(stop_mid_claim())
+    rows = store.db.rows("SELECT idx, state FROM lines WHERE batch_id = ?", batch["id"])
+    assert {row["idx"]: row["state"] for row in rows} == dict.fromkeys(range(4), "pending")
+    following = BatchStore(tmp_path, "next")
+    left = following.claim(10, lease_seconds=600, max_attempts=5)
+    assert len(left) == 4 and {line.attempts for line in left} == {1}  # their first attempt, again
+    following.close()
+    store.close()
+
+
 def test_lines_in_flight_at_two_crashes_run_one_at_a_time_beside_the_others(tmp_path: Path) -> None:
     """Claims go oldest first, so the lines in flight beside one that kills its worker are claimed with
     it again each time, and were given up with it after five crashes. Lines in flight at two crashes

@@ -26,6 +26,7 @@ logger = logging.getLogger("bentoml.fnserve.batch")
 Execute = Callable[[str, dict[str, Any]], Awaitable[tuple[bool, str]]]
 GENERATION_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 MAX_ATTEMPTS = 5
+STOP_WAIT_SECONDS = 10.0  # how long a stop waits for the step in progress (a store call) to end
 
 
 class BatchRunner:
@@ -43,6 +44,8 @@ class BatchRunner:
         self._endings: dict[str, str] = {}
         self._unavailable = False
         self._claiming = True
+        self._ending = False
+        self._task: asyncio.Task[None] | None = None  # run()'s
 
     def wake(self) -> None:
         self._wake.set()
@@ -56,6 +59,7 @@ class BatchRunner:
     async def run(self) -> None:
         # Every line task inherits this context: its embedding forwards queue behind online ones.
         BACKGROUND.set(True)
+        self._task = asyncio.current_task()
         renewing = asyncio.create_task(self._keep_claims())
         try:
             await self._loop()
@@ -80,7 +84,7 @@ class BatchRunner:
 
     async def _loop(self) -> None:
         last_cleanup = 0.0
-        while True:
+        while not self._ending:
             try:
                 more = await self._step()
                 if time.monotonic() - last_cleanup > 60:
@@ -149,8 +153,14 @@ class BatchRunner:
         """After the HTTP drain (lines in flight ran on through it): what finished is recorded, and the
         lines still running or waiting for a slot are stopped and handed back, so that other workers and
         replicas take them now, not once their lease runs out (two minutes, at every rolling restart),
-        and without the attempt a crash would count."""
-        self._claiming = False
+        and without the attempt a crash would count. The loop's step in progress ends first: a claim
+        already in the store's thread commits whatever becomes of the task that asked for it, and a
+        cancelled step would leave its lines running here, unseen, until their lease ran out."""
+        self._claiming, self._ending = False, True
+        self._wake.set()
+        if self._task is not None:
+            await asyncio.wait({self._task}, timeout=STOP_WAIT_SECONDS)
+            self._task.cancel()  # a store call that hangs past the wait: its lines wait for their lease
         unfinished = list(self._in_flight.items())
         for task, _ in unfinished:
             task.cancel()
