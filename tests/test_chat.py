@@ -220,6 +220,32 @@ def test_bad_chat_requests_get_openai_errors(
     assert ask(client, max_tokens=2)["choices"][0]["message"]["content"]
 
 
+def test_a_prompt_longer_than_the_window_can_span_is_refused_on_its_length(
+    client: httpx.Client, server: str
+) -> None:
+    """400,000 characters: no token of SmolLM2's spans more than 81, so they cannot fit the 4,032-token
+    window. Refused before the tokenizer reads them (a 16 MB body took it seconds), by every route
+    that takes a prompt, with a message that says why; the next request is served."""
+    import bentoml
+
+    huge = "word " * 80_000
+    messages = [{"role": "user", "content": huge}]
+    asked = [
+        ("/v1/chat/completions", {**chat_body(max_tokens=4), "messages": messages}),
+        ("/v1/completions", {"model": MODEL, "prompt": huge, "max_tokens": 4}),
+        ("/tokenize", {"model": MODEL, "prompt": huge}),
+    ]
+    for path, body in asked:
+        response = client.post(path, json=body)
+        assert response.status_code == 400, (path, response.text)
+        assert "the prompt is 400000 characters" in response.json()["error"]["message"], path
+    refused = pytest.raises(bentoml.exceptions.BentoMLException)
+    with bentoml.SyncHTTPClient(server) as native, refused as raised:
+        list(native.chat(messages=messages, max_tokens=4))
+    assert "400000 characters" in str(raised.value)
+    assert ask(client, max_tokens=2)["choices"][0]["message"]["content"]
+
+
 def test_native_bentoml_streaming_chat(server: str) -> None:
     import bentoml
 

@@ -7,8 +7,10 @@ import json
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack, aclosing
 from dataclasses import replace
+from functools import partial
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import bentoml
@@ -213,6 +215,12 @@ class Generator:
         self.model_id = MODEL.name
         self.device = pick_device(settings.device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_ref.path)
+        # One thread for the tokenizer (it lets the GIL go): a long prompt took the event loop, and every
+        # stream's deltas with it, for as long as it took to read (0.5-0.7 s a megabyte on the Zen 4).
+        self._tokenizing = ThreadPoolExecutor(1, thread_name_prefix="fnserve-tokenize")
+        # No token spans more characters than the longest one in the vocabulary (in byte-level BPE, its
+        # bytes): a prompt of more characters than the window times that has more tokens than the window.
+        self._token_chars = max(len(token) for token in self.tokenizer.get_vocab())
         stored = AutoModelForCausalLM.from_pretrained(self.model_ref.path).to(self.device).eval()
         self.context_window: int = stored.config.max_position_embeddings
         self.cache_tokens = (self.cache_blocks - 1) * 64  # one block of headroom
@@ -288,6 +296,27 @@ class Generator:
         if messages is not None:
             return self.chat_prompt(messages)
         return list(self.tokenizer(prompt or "", add_special_tokens=add_special_tokens)["input_ids"])
+
+    async def tokenized(
+        self, messages: list[ChatMessage] | None, prompt: str | None, add_special_tokens: bool = True
+    ) -> list[int]:
+        """`prompt_ids` off the event loop; ValueError, before any tokenizing, for a prompt of more
+        characters than the window's tokens can span (a 16 MB body would have taken seconds to read)."""
+        chars = len(prompt or "") if messages is None else sum(len(m.content) for m in messages)
+        window = self.window
+        if chars > window * self._token_chars:
+            raise ValueError(
+                f"the prompt is {chars} characters, more tokens than the {window}-token window this server "
+                f"holds per request (no token here spans more than {self._token_chars} characters)"
+            )
+        read = partial(self.prompt_ids, messages, prompt, add_special_tokens)
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, read)
+
+    @property
+    def window(self) -> int:
+        """Tokens one request may hold, prompt and answer: the model's context or the KV cache, the
+        smaller (a request the cache cannot hold would stop the engine, not just fail)."""
+        return min(self.context_window, self.cache_tokens)
 
     @bentoml.api
     async def generate(
@@ -390,8 +419,8 @@ class Generator:
         ids: list[int] = []
         budget = 0
         if problem is None:
-            ids = self.prompt_ids(messages, prompt)
             try:
+                ids = await self.tokenized(messages, prompt)
                 budget = self.token_budget(ids, max_tokens)
             except ValueError as exc:
                 problem = (str(exc), "messages" if messages else "prompt")
@@ -462,9 +491,8 @@ class Generator:
         QUEUE_REQUESTS.set(self._waiting)
 
     def token_budget(self, ids: list[int], max_tokens: int | None) -> int:
-        """Tokens the request may generate. The window is the model's context or the KV cache, the
-        smaller: a request the cache cannot hold would stop the engine, not just fail."""
-        window = min(self.context_window, self.cache_tokens)
+        """Tokens the request may generate within the window."""
+        window = self.window
         room = window - len(ids)
         if not ids:
             raise ValueError("the prompt is empty")
@@ -494,8 +522,8 @@ class Generator:
         max_tokens: ChatMaxTokens = CHAT_DEFAULT_TOKENS,
     ) -> AsyncGenerator[str, None]:
         """Native streaming endpoint: greedy text deltas as the model produces them."""
-        ids = self.chat_prompt(messages)
         try:
+            ids = await self.tokenized(messages, None)
             budget = self.token_budget(ids, max_tokens)
         except ValueError as exc:
             raise BadInput(str(exc)) from exc
@@ -527,11 +555,10 @@ class Generator:
     async def status(self) -> dict[str, Any]:
         """The model's state, device, the choices made for it at start-up, and the longest prompt plus
         answer one request may have (the smaller of the model's context and the KV cache)."""
-        window = min(self.context_window, self.cache_tokens)
         return {
             self.model_id: {
                 **model_status(self.slot.state, self.device, self.choices),
-                "max_model_len": window,
+                "max_model_len": self.window,
             }
         }
 
@@ -545,7 +572,10 @@ class Generator:
         """The token ids a chat (through the model's template) or a raw prompt is served as."""
         if problem := self.check(messages, prompt, None):
             raise BadInput(problem[0])
-        return self.prompt_ids(messages, prompt, add_special_tokens)
+        try:
+            return await self.tokenized(messages, prompt, add_special_tokens)
+        except ValueError as exc:
+            raise BadInput(str(exc)) from exc
 
     @bentoml.api
     async def detokenize(self, tokens: list[int]) -> str:
