@@ -187,9 +187,12 @@ def test_the_served_route_drafts_changes_nothing_in_fp32_and_reports_it(client: 
     assert drafted_answer == plain
     assert after["speculation_accepted_tokens"] > after_off["speculation_accepted_tokens"]
     # A stop string inside the copied text cuts there, with or without drafts.
-    stopped = ask(client, question, max_tokens=96, stop=["twelve"])["choices"][0]
-    assert stopped["message"]["content"] == plain[: plain.index("twelve")]
-    assert stopped["finish_reason"] == "stop"
+    stopped = ask(client, question, max_tokens=96, stop=["twelve"])
+    assert stopped["choices"][0]["message"]["content"] == plain[: plain.index("twelve")]
+    assert stopped["choices"][0]["finish_reason"] == "stop"
+    # Drafted tokens past the stop are no part of the answer: its usage is the undrafted one's.
+    undrafted = ask(client, question, max_tokens=96, stop=["twelve"], speculation="off")
+    assert stopped["usage"] == undrafted["usage"]
     status = client.get("/models/status").json()[MODEL]["choices"]["speculation"]
     assert status["value"] == "auto"
     cost = client.get("/models/status").json()[MODEL]["choices"]["speculation_step_cost"]

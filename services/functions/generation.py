@@ -450,14 +450,22 @@ class Generator:
                 steps = await stack.enter_async_context(aclosing(stream))
                 async for step in until(deadline, steps):
                     first_token()
-                    generated.extend(step.token_ids)
-                    scored.extend(self.logprob_entries(step.logprobs or []))
                     clock.tick(len(step.token_ids))
-                    text = decoder.push(step.token_ids, step.finished)
-                    if len(generated) >= sampling.min_tokens:  # as vLLM: no stop string before them
-                        text = matcher.push(text)
+                    entries, last = self.logprob_entries(step.logprobs or []), len(step.token_ids) - 1
+                    text = ""
+                    # A token at a time: a stop string can end the answer inside a step of drafted
+                    # tokens, and those after it are no part of the answer, its usage or its logprobs.
+                    for i, token in enumerate(step.token_ids):
+                        generated.append(token)
+                        scored.extend(entries[i : i + 1])
+                        piece = decoder.push([token], step.finished and i == last)
+                        if len(generated) >= sampling.min_tokens:  # as vLLM: no stop string before them
+                            piece = matcher.push(piece)
+                        text += piece
+                        if matcher.stopped:
+                            break
                     if text:
-                        yield delta(text)
+                        yield delta(text)  # the step's tokens at once, as they came
                     if matcher.stopped:
                         break  # leaving the block closes the stream, which cancels the request
         except EngineError as exc:
