@@ -348,3 +348,34 @@ def test_a_release_that_fails_is_tried_again_at_the_next_idle_check() -> None:
 
     asyncio.run(main())
     assert unloads == ["model", "model"]
+
+
+def test_a_model_stopped_by_a_release_that_failed_is_loaded_again_for_the_next_caller() -> None:
+    """The chat engine's release stops its loop, then sets its weights aside; when that fails (a full
+    disk for the spill) the slot keeps a stopped engine. The next caller gets a working one, though
+    unloading the stopped one fails again: it had failed every caller until the next idle check."""
+    engines: list[dict[str, bool]] = []
+
+    def start() -> dict[str, bool]:
+        engines.append({"running": True})
+        return engines[-1]
+
+    def stop(engine: dict[str, bool]) -> None:
+        engine["running"] = False
+        raise OSError("No space left on device")  # the weights' spill, after the loop stopped
+
+    slot = ModelSlot("chat", start, stop, idle_seconds=0.4, alive=lambda engine: engine["running"])
+    slot.load_now()
+
+    async def main() -> dict[str, bool]:
+        releasing = asyncio.create_task(slot.release_when_idle())
+        deadline = time.monotonic() + LONG
+        while engines[0]["running"]:  # the release stopped it, and failed
+            assert time.monotonic() < deadline and not releasing.done()
+            await asyncio.sleep(0.05)
+        releasing.cancel()
+        async with slot.use() as engine:
+            return engine
+
+    served = asyncio.run(main())
+    assert served is engines[1] and served["running"]

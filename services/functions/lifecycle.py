@@ -217,8 +217,13 @@ class ModelSlot(Generic[M]):
             self._last_used = time.monotonic()
 
     async def _replace(self, dead: M) -> None:
+        """Loaded again even if `dead` cannot be unloaded: an engine stopped by an idle release whose
+        weights could not be set aside (a full disk for the spill) is dead with its weights still in
+        memory, and failing every caller until the next idle check would not free them."""
         try:
             await asyncio.to_thread(self._unload, dead)
+        except Exception:
+            logger.exception("%s could not be unloaded; loading it again all the same", self.name)
         except BaseException:
             self._pending = None  # the next caller loads it
             raise
