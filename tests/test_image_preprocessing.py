@@ -90,3 +90,14 @@ def test_a_photo_taken_upright_is_read_upright() -> None:
     decoded = Image.open(io.BytesIO(out.getvalue()))
     shown = png(np.asarray(decoded.convert("RGB").transpose(Image.Transpose.ROTATE_270)))
     assert close_to(preprocess(out.getvalue(), 10**9, 10**9, "image"), trained(shown))
+
+
+def test_a_limit_raised_past_pillows_own_lets_larger_images_in() -> None:
+    """FNSERVE_IMAGE_MAX_PIXELS above Pillow's default bomb limit (89.5 MP): a 90.25 MP image is read,
+    where Pillow's own limit had refused it; past the setting it is still refused, by its size."""
+    from services.functions.types import Refused
+
+    big = png(np.zeros((9_500, 9_500), dtype=np.uint8))  # zeros: a PNG of about 90 kB
+    assert preprocess(big, len(big), 100_000_000, "image").shape == (3, SIZE, SIZE)
+    with pytest.raises(Refused, match="9500x9500 pixels, over the limit of 90000000"):
+        preprocess(big, len(big), 90_000_000, "image")

@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import threading
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from io import BytesIO
@@ -70,20 +69,23 @@ def preprocess(data: bytes, max_bytes: int, max_pixels: int, where: str) -> np.n
         raise Refused("invalid", f"{where} is empty", where)
     if len(data) > max_bytes:
         raise Refused("invalid", f"{where} is {len(data)} bytes, over the limit of {max_bytes}", where)
+    # Pillow's own bomb check (a warning past its limit, an error past twice it) follows the setting:
+    # at its default, 89.5 MP, it refused what a raised setting allows. check_image refuses past the
+    # setting before a pixel is decoded. (A global, set to one value by every decoding thread; the
+    # per-call warnings filter this replaced was process-wide state that threads overwrote.)
+    Image.MAX_IMAGE_PIXELS = max_pixels
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(BytesIO(data))
-            check_image(image, max_pixels, where)
-            image.load()
-            image = ImageOps.exif_transpose(image)  # a phone's portrait photo, upright as it is shown
+        image = Image.open(BytesIO(data))
+        check_image(image, max_pixels, where)
+        image.load()
+        image = ImageOps.exif_transpose(image)  # a phone's portrait photo, upright as it is shown
     except Refused:
         raise
     except UnidentifiedImageError:
         raise Refused(
             "invalid", f"{where} is not an image Pillow can read (JPEG, PNG, WebP, ...)", where
         ) from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
         raise Refused("invalid", f"{where}: {exc}", where) from None
     # Truncated or corrupt data. Pillow's decoders raise OSError, SyntaxError and ValueError, but counting
     # a cut GIF's frames IndexError or struct.error, and a bad TIFF TypeError (Pillow 13.0): those had
