@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import platform
 import shutil
@@ -137,6 +138,26 @@ def test_without_bf16_instructions_the_rule_picks_fp32_without_timing(
     )
     assert timed == [] and model.weight.dtype == torch.float32
     assert hardware.fastest_dtype("bfloat16", "cpu", model, timed.append)[:2] == ("bfloat16", "setting")
+
+
+def test_a_gpu_that_only_emulates_bf16_is_served_fp16(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A T4 or V100 (before compute capability 8.0) makes bf16 tensors but emulates its math: fp16 there.
+    torch.cuda.is_bf16_supported counts emulation unless asked not to (torch 2.13); this stands in for it
+    with the same signature, and fails if the call stops asking."""
+    real = inspect.signature(torch.cuda.is_bf16_supported)
+    assert "including_emulation" in real.parameters
+
+    def pre_ampere(including_emulation: bool = True) -> bool:
+        return including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", pre_ampere)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "Tesla T4")
+    model = torch.nn.Linear(4, 4)
+    assert hardware.fastest_dtype("auto", "cuda", model, lambda _: None) == (
+        "float16",
+        "rule",
+        "Tesla T4 has no bf16: fp16 halves memory and time",
+    )
 
 
 def test_the_machine_is_described_for_benchmarks() -> None:

@@ -381,7 +381,8 @@ def fastest_dtype(
     if setting != "auto":
         return setting, "setting", "set"
     if device == "cuda":
-        if torch.cuda.is_bf16_supported():
+        # Not emulation (torch 2.13's default counts it): a T4 or V100 makes bf16 tensors but not its math.
+        if torch.cuda.is_bf16_supported(including_emulation=False):
             return "bfloat16", "rule", f"{torch.cuda.get_device_name()} computes bf16 natively"
         return "float16", "rule", f"{torch.cuda.get_device_name()} has no bf16: fp16 halves memory and time"
     here = machine()
