@@ -21,6 +21,12 @@ from services.functions.cache import ResponseCache, cache_key, count_lookups
 from services.functions.types import RefusalKind, Refused
 
 EVENTS = "deltas-with-logprobs"  # the cached answers' format: a change must not read older entries
+# The longest event line read from the generation service. aiohttp's own limit (twice the session's read
+# buffer: 512 KiB for BentoML's session) is reached by one delta where a long stop string holds the text
+# back: the logprobs of every held token (top 20: about 600 bytes a token) go out with the text that
+# follows, past 900 tokens once FNSERVE_GENERATION_MAX_TOKENS allows that many. A delta holding every
+# token of the window's logprobs is a few MB.
+EVENT_LINE_BYTES = 64 * 2**20
 
 # The generation service's error events carry an HTTP-like status; these are the kinds they mean.
 KINDS: dict[int, RefusalKind] = {
@@ -274,7 +280,7 @@ class ChatFunction:
                     "message": detail,
                 }
                 return
-            async for line in response.content:
+            while line := await response.content.readline(max_line_length=EVENT_LINE_BYTES):
                 if line.strip():
                     yield orjson.loads(line)
         finally:
