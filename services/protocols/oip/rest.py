@@ -324,6 +324,11 @@ async def generate_stream(name: str, request: Request, model_version: str = "") 
                 yield format_sse_event(data_str=orjson.dumps(body).decode())
         except Refused as exc:
             yield format_sse_event(data_str=orjson.dumps({"error": exc.message}).decode())
+        except Exception:  # the generation service gone mid-answer: the stream still ends in its shape
+            logger.exception("generate_stream failed")
+            yield format_sse_event(
+                data_str=orjson.dumps({"error": "internal error; see the server log"}).decode()
+            )
         finally:
             await generation.aclose()
 
