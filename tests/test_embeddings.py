@@ -209,9 +209,20 @@ def test_bad_requests_get_openai_errors(
         ("POST", "/v1/embeddings", b'{"model": "all-minilm', 400),
         ("POST", "/v1/embeddings", b"input=hello", 400),
         ("GET", "/v1/embeddings", b"", 405),
+        ("PUT", "/v1/files", b"", 405),
+        ("GET", "/v1/batches/batch_x/cancel", b"", 405),
+        ("GET", "/v1/images/classifications", b"", 405),
         ("POST", "/v1/nothing-here", b"{}", 404),
     ],
-    ids=["malformed-json", "not-json", "wrong-method", "unknown-route"],
+    ids=[
+        "malformed-json",
+        "not-json",
+        "wrong-method",
+        "wrong-method-files",
+        "wrong-method-templated",
+        "wrong-method-images",
+        "unknown-route",
+    ],
 )
 def test_malformed_http_gets_json_4xx(
     client: httpx.Client, method: str, path: str, content: bytes, status: int

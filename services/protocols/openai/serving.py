@@ -21,9 +21,11 @@ import orjson
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.sse import format_sse_event
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from services.admission import DEADLINE, rejected
 from services.functions.api import Functions, current
@@ -487,6 +489,14 @@ async def unknown_route(request: Request) -> None:
     """Registered last, so only unmatched /v1 paths reach it: BentoML's mount hands a path to this app
     only when one of its routes matches, and would otherwise answer a plain-text 404."""
     where = request.url.path
-    if any(getattr(route, "path", None) == where for route in routes.routes):
-        raise APIError(405, f"{request.method} is not allowed on {where}", code="method_not_allowed")
+    allowed = sorted(
+        method
+        for route in (*routes.routes, *batches.routes.routes, *images.routes.routes)
+        if isinstance(route, APIRoute)
+        and route.matches(request.scope)[0] == Match.PARTIAL  # another method's
+        for method in route.methods
+    )
+    if allowed:
+        message = f"{request.method} is not allowed on {where} (allowed: {', '.join(allowed)})"
+        raise APIError(405, message, code="method_not_allowed")
     raise APIError(404, f"no route {where}", code="not_found")
