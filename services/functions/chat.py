@@ -16,7 +16,7 @@ from bentoml.exceptions import InvalidArgument
 from models.catalog import CATALOG
 from services.admission import seconds_left
 from services.config import Settings
-from services.functions.batching import BACKGROUND
+from services.functions.batching import BACKGROUND, answered_by
 from services.functions.cache import ResponseCache, cache_key, count_lookups
 from services.functions.types import RefusalKind, Refused
 
@@ -270,7 +270,10 @@ class ChatFunction:
             "timeout": seconds_left(deadline),
             "background": BACKGROUND.get(),
         }
-        response = await session.post("/generate", json={k: v for k, v in body.items() if v is not None})
+        # Under the deadline until the service answers: one that is not serving (restarting, stopped)
+        # leaves the call in its socket's backlog, and it had waited there past any deadline.
+        async with answered_by(deadline):
+            response = await session.post("/generate", json={k: v for k, v in body.items() if v is not None})
         try:
             if response.status != 200:
                 detail = (await response.read()).decode(errors="replace")
