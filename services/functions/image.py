@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from io import BytesIO
@@ -161,6 +162,12 @@ class ImageFunction:
     """Owns the classifier (loaded, released when idle, woken on use), its batcher and its cache."""
 
     def __init__(self, settings: Settings, model_path: str) -> None:
+        from PIL import Image
+
+        # Pillow warns of an image between its limit (the setting, `preprocess`) and twice it, naming its
+        # size: a line on stderr and an entry in its warning registry for every size a client sends.
+        # check_image refuses those images by name already. Set once, before any decoding thread.
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
         entry = CATALOG[settings.image_model]
         self.settings = settings
         self.model_id = entry.name
