@@ -232,7 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     fetch.add_argument("--errors", default="errors.jsonl")
     fetch.set_defaults(run=download)
     args = parser.parse_args(argv)
-    if httpx.URL(args.url).scheme not in ("http", "https") or not httpx.URL(args.url).host:
+    try:
+        url = httpx.URL(args.url)
+    except httpx.InvalidURL as exc:  # a port that is no number, say
+        parser.error(f"--url {args.url!r}: {exc}")
+    if url.scheme not in ("http", "https") or not url.host:
         # httpx takes "localhost:3000" for a URL of scheme "localhost": an outage to wait out, not an error
         parser.error(f"--url {args.url!r} is not an http:// or https:// URL")
     try:

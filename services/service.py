@@ -147,10 +147,12 @@ class Frontend:
         self._begin_stopping()
         if self._grpc_stopped is not None:
             await self._grpc_stopped
-        with suppress(StoreUnavailable):  # what is not recorded runs again once its lease runs out
-            await self.functions.jobs.stop()  # before its loop's task is cancelled below: it ends it
-        for task in self._tasks:
-            task.cancel()
+        try:
+            with suppress(StoreUnavailable):  # what is not recorded runs again once its lease runs out
+                await self.functions.jobs.stop()  # before its loop's task is cancelled below: it ends it
+        finally:
+            for task in self._tasks:
+                task.cancel()
 
     @bentoml.api
     async def chat(

@@ -311,6 +311,7 @@ def test_bad_paths_and_urls_end_the_cli_with_one_line(tmp_path: Path) -> None:
         ("http://127.0.0.1:9", ["submit", str(missing), "--endpoint", "/v1/embeddings"], "No such file"),
         ("http://127.0.0.1:9", ["submit", str(tmp_path), "--endpoint", "/v1/embeddings"], "Is a directory"),
         ("localhost:3000", ["status", "batch_x"], "is not an http:// or https:// URL"),
+        ("http://localhost:30O0", ["status", "batch_x"], "Invalid port"),
     ):
         done = subprocess.run([*fnserve_cli(url), *arguments], capture_output=True, text=True, timeout=LONG)
         assert done.returncode in (1, 2) and message in done.stderr, done.stderr
