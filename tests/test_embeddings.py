@@ -230,6 +230,8 @@ def test_malformed_http_gets_json_4xx(
     response = client.request(method, path, content=content, headers={"content-type": "application/json"})
     assert response.status_code == status, response.text
     assert response.json()["error"]["message"]
+    if status == 405:  # RFC 9110: a 405 lists the methods the path takes
+        assert method not in response.headers["allow"] and response.headers["allow"], response.headers
 
 
 def test_health_and_metrics_endpoints(client: httpx.Client) -> None:

@@ -485,7 +485,7 @@ app.include_router(images.routes)
 
 
 @app.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
-async def unknown_route(request: Request) -> None:
+async def unknown_route(request: Request) -> JSONResponse:
     """Registered last, so only unmatched /v1 paths reach it: BentoML's mount hands a path to this app
     only when one of its routes matches, and would otherwise answer a plain-text 404."""
     where = request.url.path
@@ -497,6 +497,8 @@ async def unknown_route(request: Request) -> None:
         for method in route.methods
     )
     if allowed:
-        message = f"{request.method} is not allowed on {where} (allowed: {', '.join(allowed)})"
-        raise APIError(405, message, code="method_not_allowed")
+        rejected("invalid")
+        methods = ", ".join(allowed)
+        message = f"{request.method} is not allowed on {where} (allowed: {methods})"
+        return error_response(405, message, code="method_not_allowed", headers={"Allow": methods})
     raise APIError(404, f"no route {where}", code="not_found")
