@@ -33,7 +33,7 @@ from services import cli
 from services.config import Settings
 from services.jobs.db import Breaker, StoreUnavailable
 from services.jobs.runner import BatchRunner
-from services.jobs.store import CHUNK, MIGRATIONS, BatchStore, Outcome, parse_line
+from services.jobs.store import CHUNK, MIGRATIONS, BatchStore, Line, Outcome, parse_line
 from tests.reference import reference
 from tests.server import (
     BATCH_MAX_FILE_BYTES,
@@ -684,6 +684,20 @@ async def until(
         await asyncio.sleep(0.05)
 
 
+def taken_next(tmp_path: Path) -> list[Line]:
+    """Every line another server sharing the store would claim now."""
+    following = BatchStore(tmp_path, "next")
+    try:
+        return following.claim(10, lease_seconds=600, max_attempts=5)
+    finally:
+        following.close()
+
+
+def line_states(store: BatchStore, batch_id: str) -> dict[int, str]:
+    rows = store.db.rows("SELECT idx, state FROM lines WHERE batch_id = ?", batch_id)
+    return {row["idx"]: row["state"] for row in rows}
+
+
 def test_a_stopping_runner_records_its_lines_in_flight_and_claims_no_more(tmp_path: Path) -> None:
     """At the stop signal a worker takes no new lines (another server gets them at once, not after this
     one's drain) and still records the ones it is running (they are not left to their lease)."""
@@ -716,12 +730,10 @@ def test_a_stopping_runner_records_its_lines_in_flight_and_claims_no_more(tmp_pa
 
     asyncio.run(stop_with_four_in_flight())
     assert store.get_batch(batch["id"])["request_counts"] == {"total": 10, "completed": 4, "failed": 0}
-    following = BatchStore(tmp_path, "next")
-    left = following.claim(10, lease_seconds=600, max_attempts=5)
+    left = taken_next(tmp_path)
     assert sorted(line.idx for line in left) == list(range(4, 10))
     assert {line.attempts for line in left} == {1}
     store.close()
-    following.close()
 
 
 def test_a_stopped_runner_hands_back_the_lines_it_had_not_finished(tmp_path: Path) -> None:
@@ -745,8 +757,7 @@ def test_a_stopped_runner_hands_back_the_lines_it_had_not_finished(tmp_path: Pat
             raise AssertionError("not stopped")
 
         def states() -> dict[int, str]:
-            rows = store.db.rows("SELECT idx, state FROM lines WHERE batch_id = ?", batch["id"])
-            return {row["idx"]: row["state"] for row in rows}
+            return line_states(store, batch["id"])
 
         runner = BatchRunner(store, execute, Settings(batch_generation_concurrency=1))
         task = asyncio.create_task(runner.run())
@@ -763,10 +774,8 @@ def test_a_stopped_runner_hands_back_the_lines_it_had_not_finished(tmp_path: Pat
 
     asyncio.run(stop_with_one_running_and_one_waiting())
     assert store.get_batch(batch["id"])["request_counts"]["completed"] == 1
-    following = BatchStore(tmp_path, "next")
-    left = following.claim(10, lease_seconds=600, max_attempts=5)
+    left = taken_next(tmp_path)
     assert len(left) == 2 and {line.attempts for line in left} == {1}  # their first attempt, again
-    following.close()
     store.close()
 
 
@@ -806,12 +815,9 @@ def test_lines_a_claim_in_progress_takes_as_the_worker_stops_are_handed_back(tmp
             task.cancel()
 
     asyncio.run(stop_mid_claim())
-    rows = store.db.rows("SELECT idx, state FROM lines WHERE batch_id = ?", batch["id"])
-    assert {row["idx"]: row["state"] for row in rows} == dict.fromkeys(range(4), "pending")
-    following = BatchStore(tmp_path, "next")
-    left = following.claim(10, lease_seconds=600, max_attempts=5)
+    assert line_states(store, batch["id"]) == dict.fromkeys(range(4), "pending")
+    left = taken_next(tmp_path)
     assert len(left) == 4 and {line.attempts for line in left} == {1}  # their first attempt, again
-    following.close()
     store.close()
 
 
