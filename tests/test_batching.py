@@ -98,6 +98,25 @@ def test_queued_requests_share_a_pass_up_to_its_padded_tokens_and_answers_keep_t
     assert seen == [["x"], ["aa", "c", "bbb"], ["dddddd", "e"]]
 
 
+def test_the_expected_wait_is_the_padded_tokens_ahead_at_their_recent_rate() -> None:
+    """Counted in inputs, a rate learned on short texts made a queue of long ones look as short as a
+    queue of short ones: admitted, then shed for waiting."""
+    waits: list[float] = []
+
+    async def requests(shared: GreedyBatcher[str, str]) -> list[asyncio.Task[list[str]]]:
+        shared.rate.observe(12, 1.0)  # a pass of 12 padded tokens took a second
+        queued = [asyncio.create_task(shared.submit(w)) for w in (["bbb", "c"], ["dddddd"], ["e"])]
+        await asyncio.sleep(0)  # all three queued
+        waits.append(shared.expected_wait)
+        return queued
+
+    answers, seen = held_behind_a_pass(requests)
+    assert answers == [["X"], ["BBB", "C"], ["DDDDDD"], ["E"]]
+    assert seen == [["x"], ["c", "bbb"], ["dddddd", "e"]]
+    # The pass under way (1 token), then the passes the queue makes: 2 texts x 3, and 2 texts x 6.
+    assert waits == [pytest.approx((1 + 6 + 12) / 12)]
+
+
 def test_a_cancelled_request_that_would_not_fit_leaves_room_for_the_next() -> None:
     async def requests(shared: GreedyBatcher[str, str]) -> list[asyncio.Task[list[str]]]:
         queued = [asyncio.create_task(shared.submit([words])) for words in ("bb", "aaaaaaa", "cc")]

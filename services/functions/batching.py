@@ -48,18 +48,41 @@ async def answered_by(deadline: float | None) -> AsyncIterator[None]:
         raise Refused("queue_full", str(exc)) from None
 
 
+@dataclass
+class Pass:
+    """A forward pass as it fills: its items, and the longest of them (in tokens)."""
+
+    count: int = 0
+    longest: int = 0
+
+    def takes(self, items: int, longest: int, max_items: int, max_tokens: float) -> bool:
+        """Whether `items` more, the longest of them `longest` tokens, fit (into an empty pass, always)."""
+        total = self.count + items
+        return not self.count or (total <= max_items and total * max(self.longest, longest) <= max_tokens)
+
+    def add(self, items: int, longest: int) -> None:
+        self.count, self.longest = self.count + items, max(self.longest, longest)
+
+    @property
+    def tokens(self) -> int:
+        """Padded tokens: what the pass computes over, and so what it costs."""
+        return self.count * self.longest
+
+
 def passes(lengths: list[int], max_items: int, max_tokens: float) -> list[list[int]]:
     """The indices of items of these lengths, grouped into passes of at most `max_items` items and
-    `max_tokens` padded tokens (its items times the longest of them: a padded pass computes over all of
-    that), at least one item each. Shortest first, so that a pass pads its texts to about their own
-    length: in the order given, one long text among short ones would make each of them cost as much."""
+    `max_tokens` padded tokens, at least one item each. Shortest first, so that a pass pads its texts to
+    about their own length: in the order given, one long text among short ones would make each of them
+    cost as much."""
     grouped: list[list[int]] = []
+    current = Pass()
     for i in sorted(range(len(lengths)), key=lengths.__getitem__):
-        last = grouped[-1] if grouped else []
-        if last and len(last) < max_items and (len(last) + 1) * lengths[i] <= max_tokens:
-            last.append(i)
-        else:
-            grouped.append([i])
+        if not current.takes(1, lengths[i], max_items, max_tokens):
+            current = Pass()
+        if not current.count:
+            grouped.append([])
+        grouped[-1].append(i)
+        current.add(1, lengths[i])
     return grouped
 
 
@@ -135,7 +158,7 @@ class GreedyBatcher(Generic[T, R]):
         self._on_queue = on_queue
         self._wait_target, self._rest_after = wait_target, rest_after
         self.rate = ServiceRate()
-        self._running = 0  # items in the forward pass under way
+        self._running = 0  # padded tokens of the forward pass under way
         self._queue: deque[_Job[T, R]] = deque()
         self._background: deque[_Job[T, R]] = deque()
         self._online_seen = -ONLINE_QUIET_SECONDS
@@ -202,13 +225,24 @@ class GreedyBatcher(Generic[T, R]):
 
     @property
     def expected_wait(self) -> float:
-        """Seconds before a new online request's first input would enter a forward pass."""
-        return self.rate.seconds_for(self.queued + self._running)
+        """Seconds before a new online request's first input would enter a forward pass: the padded
+        tokens ahead of it, in the passes the queue will make, at the recent seconds per padded token.
+        Counted in inputs, a rate learned on short texts admitted a burst of long ones that was then
+        shed for waiting, and one learned on long texts refused short ones that would have started."""
+        ahead = Pass()
+        tokens = self._running
+        for job in self._queue:
+            if job.future.done():
+                continue
+            if not ahead.takes(len(job.items), job.longest, *self.bounds):
+                tokens, ahead = tokens + ahead.tokens, Pass()
+            ahead.add(len(job.items), job.longest)
+        return self.rate.seconds_for(tokens + ahead.tokens)
 
     def load(self) -> dict[str, float]:
-        """What admission by time reads, for status pages: recent seconds per input, and the wait a new
-        request would have to start."""
-        return {"seconds_per_input": self.rate.seconds_for(1), "expected_wait_seconds": self.expected_wait}
+        """What admission by time reads, for status pages: recent seconds per padded token (per input
+        where inputs have no length: images), and the wait a new request would have to start."""
+        return {"seconds_per_token": self.rate.seconds_for(1), "expected_wait_seconds": self.expected_wait}
 
     @property
     def queued(self) -> int:
@@ -217,12 +251,10 @@ class GreedyBatcher(Generic[T, R]):
 
     def _next_batch(self) -> list[_Job[T, R]]:
         batch: list[_Job[T, R]] = []
-        count = longest = 0
+        filled = Pass()
 
         def fits(job: _Job[T, R], max_items: int, max_tokens: float) -> bool:
-            """Whether `job` joins the pass so far (the first always does)."""
-            items = count + len(job.items)
-            return not batch or (items <= max_items and items * max(longest, job.longest) <= max_tokens)
+            return filled.takes(len(job.items), job.longest, max_items, max_tokens)
 
         now = time.monotonic()
         while self._queue:
@@ -245,7 +277,7 @@ class GreedyBatcher(Generic[T, R]):
                 continue
             job.request.started = True
             batch.append(job)
-            count, longest = count + len(job.items), max(longest, job.longest)
+            filled.add(len(job.items), job.longest)
         if batch:
             return batch
         # Background work runs only in forwards with no online request in them, and in small ones
@@ -256,7 +288,7 @@ class GreedyBatcher(Generic[T, R]):
             job = self._background.popleft()
             if not job.future.done():
                 batch.append(job)
-                count, longest = count + len(job.items), max(longest, job.longest)
+                filled.add(len(job.items), job.longest)
         return batch
 
     async def _drain(self) -> None:
@@ -270,7 +302,8 @@ class GreedyBatcher(Generic[T, R]):
         try:
             items = [item for job in batch for item in job.items]
             self._on_batch(len(items), time.monotonic() - batch[0].enqueued)
-            began, self._running = time.monotonic(), len(items)
+            padded = len(items) * max(job.longest for job in batch)
+            began, self._running = time.monotonic(), padded
             try:
                 results = await self.forward(items)
             finally:
@@ -284,7 +317,7 @@ class GreedyBatcher(Generic[T, R]):
             rest = self._rest_after(busy)
             if rest:
                 await asyncio.sleep(rest)
-            self.rate.observe(len(items), busy + rest)
+            self.rate.observe(padded, busy + rest)
         except BaseException as exc:  # its callers get the error, never a hang; the worker keeps serving
             for job in batch:
                 if not job.future.done():
