@@ -18,7 +18,7 @@ from services.functions.generation import engine_runs
 from services.functions.lifecycle import ModelSlot
 from services.functions.speculation import Drafting, Speculator, StepCost, propose, reclaimable_share
 from tests.reference import _model
-from tests.server import LONG
+from tests.server import LONG, counter
 from tests.test_chat import MODEL, ask
 
 PARAGRAPH = (
@@ -187,7 +187,11 @@ def test_the_served_route_drafts_changes_nothing_in_fp32_and_reports_it(client: 
     assert drafted_answer == plain
     assert after["speculation_accepted_tokens"] > after_off["speculation_accepted_tokens"]
     # A stop string inside the copied text cuts there, with or without drafts.
+    url = str(client.base_url).rstrip("/")
+    tokens_out = counter(url, "fnserve_generation_completion_tokens_total")
     stopped = ask(client, question, max_tokens=96, stop=["twelve"])
+    tokens_out = counter(url, "fnserve_generation_completion_tokens_total") - tokens_out
+    assert tokens_out == stopped["usage"]["completion_tokens"]  # what the metric counts out, too
     assert stopped["choices"][0]["message"]["content"] == plain[: plain.index("twelve")]
     assert stopped["choices"][0]["finish_reason"] == "stop"
     # Drafted tokens past the stop are no part of the answer: its usage is the undrafted one's.

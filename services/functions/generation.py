@@ -450,11 +450,11 @@ class Generator:
                 steps = await stack.enter_async_context(aclosing(stream))
                 async for step in until(deadline, steps):
                     first_token()
-                    clock.tick(len(step.token_ids))
                     entries, last = self.logprob_entries(step.logprobs or []), len(step.token_ids) - 1
-                    text = ""
+                    text, before = "", len(generated)
                     # A token at a time: a stop string can end the answer inside a step of drafted
-                    # tokens, and those after it are no part of the answer, its usage or its logprobs.
+                    # tokens, and those after it are no part of the answer, its usage, its logprobs or
+                    # the tokens counted out.
                     for i, token in enumerate(step.token_ids):
                         generated.append(token)
                         scored.extend(entries[i : i + 1])
@@ -464,6 +464,7 @@ class Generator:
                         text += piece
                         if matcher.stopped:
                             break
+                    clock.tick(len(generated) - before)
                     if text:
                         yield delta(text)  # the step's tokens at once, as they came
                     if matcher.stopped:
