@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -13,6 +14,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+logger = logging.getLogger("bentoml.fnserve.config")
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPE_HELP = (
     "auto: bf16 on a GPU that has it (else fp16); on CPU the faster of fp32 and bf16, timed on the real "
@@ -365,9 +367,21 @@ def torch_library() -> Path:
     return Path(spec.origin).parent / "lib"
 
 
-def pick_device(requested: str) -> str:
+def pick_device(settings: Settings) -> str:
+    """The device a worker's model runs on. Its sizes (workers, threads, batch sizes, cache blocks) were
+    chosen by `cuda_present`, told without torch; where torch answers otherwise (a GPU that shows no
+    NVIDIA device files, as on WSL2 or ROCm; a driver too old for torch's CUDA), the worker says so, as
+    those sizes are the other device's."""
     import torch
 
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return requested
+    if settings.device != "auto":
+        return settings.device
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if (device == "cuda") != settings.cuda_present:
+        sized = "a GPU" if settings.cuda_present else "a CPU"
+        logger.warning(
+            "torch runs this worker on %s, but the server sized its workers, threads and batches for %s: "
+            "set FNSERVE_DEVICE=%s so that both agree",
+            device, sized, device,
+        )  # fmt: skip
+    return device

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import os
 import platform
 import shutil
@@ -19,7 +20,8 @@ import psutil
 import pytest
 import torch
 
-from services.config import CUDA_NODES, cuda_usable, get_settings, torch_library
+from services import config
+from services.config import CUDA_NODES, cuda_usable, get_settings, pick_device, torch_library
 from services.functions import hardware
 from services.functions.hardware import describe, machine
 from tests.server import LONG, ONE_WORKER, ROOT, counter, serve
@@ -380,3 +382,26 @@ def test_cuda_is_counted_only_where_torch_will_find_it(tmp_path: Path) -> None:
     # layout still tells its build (fails if torch moves or renames its CUDA library).
     assert cuda_usable() == torch.cuda.is_available()
     assert any(torch_library().glob("libtorch_cuda*.so")) == (torch.version.cuda is not None)
+
+
+@pytest.mark.parametrize("sized_for_gpu", [False, True])
+def test_a_worker_warns_when_torch_runs_it_on_another_device_than_it_was_sized_for(
+    sized_for_gpu: bool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The manager sizes without importing torch; torch can still answer otherwise (a GPU without
+    NVIDIA's device files, as on WSL2; a driver too old for torch's CUDA). The worker follows torch and
+    names the setting that makes both agree; where they agree, it says nothing. (No GPU here: torch's
+    answer is stood in for.)"""
+    monkeypatch.setattr(config, "cuda_usable", lambda: sized_for_gpu)
+    for torch_finds_gpu in (not sized_for_gpu, sized_for_gpu):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda found=torch_finds_gpu: found)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="bentoml.fnserve.config"):
+            device = pick_device(config.Settings(device="auto"))
+        assert device == ("cuda" if torch_finds_gpu else "cpu")
+        warned = [record.getMessage() for record in caplog.records]
+        if torch_finds_gpu == sized_for_gpu:
+            assert warned == []
+        else:
+            assert len(warned) == 1 and f"set FNSERVE_DEVICE={device} so that both agree" in warned[0]
+    assert pick_device(config.Settings(device="cpu")) == "cpu"  # a setting is taken as it is

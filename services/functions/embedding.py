@@ -143,7 +143,7 @@ class EmbeddingFunction:
         torch.set_num_threads(threads)
         share_the_gil(self.choices, settings.gil_switch_microseconds)
         self.model_id = entry.name
-        self.device = pick_device(settings.device)
+        self.device = pick_device(settings)
         self.max_tokens = settings.embedding_max_tokens
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.encoder = TextEncoder(tokenizer, self.max_tokens)

@@ -213,7 +213,7 @@ class Generator:
             "GPU's hardly",
         )  # fmt: skip
         self.model_id = MODEL.name
-        self.device = pick_device(settings.device)
+        self.device = pick_device(settings)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_ref.path)
         # One thread for the tokenizer (it lets the GIL go): a long prompt took the event loop, and every
         # stream's deltas with it, for as long as it took to read (0.5-0.7 s a megabyte on the Zen 4).

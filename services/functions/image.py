@@ -173,7 +173,7 @@ class ImageFunction:
         self.model_id = entry.name
         self.choices = Choices("image")
         share_the_gil(self.choices, settings.gil_switch_microseconds)
-        self.device = pick_device(settings.device)
+        self.device = pick_device(settings)
         self.labels: list[str] = json.loads((Path(model_path) / "labels.json").read_text())
         stored = load(model_path, self.device)
         probe = np.zeros((8, 3, SIZE, SIZE), dtype=np.float32)
