@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from services.functions.batching import GreedyBatcher, passes
-from services.functions.pacing import EngineBeat, admit
+from services.functions.pacing import EngineBeat, Share, admit
 from services.functions.types import RefusalKind, Refused
 from services.protocols.oip.grpc import CODES
 from services.protocols.openai.protocol import REFUSAL_CODES
@@ -186,3 +186,35 @@ def test_the_engine_beat_outlives_its_folder(tmp_path: Path, monkeypatch: pytest
     shutil.rmtree(beat.path.parent)
     beat.busy()
     assert beat.path.exists()
+
+
+def test_one_worker_s_encoders_share_one_rest_clock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the engine has work, a worker's encoders together keep to the share: passes of the two that
+    overlap are charged once, and a pass of either waits for the rest the other's pass left. (Each had
+    rested after its own passes only: together, up to twice the share.) The clock is the test's."""
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path))
+    now = [0.0]
+    share = Share("1-2.000", 0.5, clock=lambda: now[0])
+
+    def at(seconds: float) -> None:
+        now[0] = seconds
+
+    assert share.wait_seconds() == 0
+    with share.passing():  # the engine idle: no rest
+        at(1.0)
+    assert share.wait_seconds() == 0
+    EngineBeat("1-2.000").busy()
+    embedding, image = share.passing(), share.passing()
+    embedding.__enter__()
+    at(1.5)
+    image.__enter__()  # both busy from 1.5 to 2
+    at(2.0)
+    embedding.__exit__(None, None, None)
+    assert share.wait_seconds() == 1.0  # the embedding pass's second is owed: no pass starts
+    at(3.0)
+    image.__exit__(None, None, None)
+    # And the image pass's second not charged yet (2 to 3). The rest begins once neither runs: 2 s busy
+    # (1 to 3), then 2 s of rest (3 to 5), the share.
+    assert share.wait_seconds() == 2.0
+    at(5.0)
+    assert share.wait_seconds() == 0

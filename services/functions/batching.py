@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from services.admission import DEADLINE_PASSED, rejected, seconds_left
-from services.functions.pacing import ServiceRate, admit
+from services.functions.pacing import ServiceRate, Turns, admit
 from services.functions.types import Refused
 
 # Set in the batch runner's context: its requests fill what room online requests leave in each forward
@@ -133,7 +133,7 @@ class GreedyBatcher(Generic[T, R]):
         on_batch: Callable[[int, float], None] = lambda size, wait: None,
         on_queue: Callable[[int], None] = lambda queued: None,
         wait_target: WaitTarget | None = None,
-        rest_after: Callable[[float], float] = lambda busy: 0.0,
+        turns: Turns | None = None,
         max_batch_tokens: int = 0,
         tokens: Callable[[T], int] = lambda item: 1,
     ) -> None:
@@ -144,10 +144,11 @@ class GreedyBatcher(Generic[T, R]):
         whenever that changes. Requests that wait longer than `max_queue_seconds` to start are shed
         (refused as overloaded: 503) instead of running late; an online request that would take a
         non-empty queue past `max_queue` items raises QueueFull, and one expected to wait past
-        `wait_target` is refused. After each forward pass of `busy` seconds, the worker rests
-        `rest_after(busy)` seconds (answers are sent first). With `max_batch_tokens`, a pass also holds
-        at most that many padded tokens, an item's being `tokens(item)`: what a pass of texts costs
-        grows with its tokens, not its texts, so long texts fill one with fewer of them."""
+        `wait_target` is refused. Passes start in their `turns` (the worker's encoders yielding the
+        CPU to the chat engine), and are held in them; the answers of a pass are sent before any rest.
+        With `max_batch_tokens`, a pass also holds at most that many padded tokens, an item's being
+        `tokens(item)`: what a pass of texts costs grows with its tokens, not its texts, so long texts
+        fill one with fewer of them."""
         self._run_batch = run_batch
         self._max_batch_size = max_batch_size
         self._max_batch_tokens = max_batch_tokens or math.inf
@@ -156,7 +157,7 @@ class GreedyBatcher(Generic[T, R]):
         self._max_queue = max_queue
         self._on_batch = on_batch
         self._on_queue = on_queue
-        self._wait_target, self._rest_after = wait_target, rest_after
+        self._wait_target, self._turns = wait_target, turns or Turns()
         self.rate = ServiceRate()
         self._running = 0  # padded tokens of the forward pass under way
         self._queue: deque[_Job[T, R]] = deque()
@@ -172,7 +173,8 @@ class GreedyBatcher(Generic[T, R]):
         """`items` as one pass in this batcher's thread, after the pass under way: the queue's passes,
         and those of a caller that batches on its own (BentoML's batchable endpoint)."""
         run = asyncio.get_running_loop().run_in_executor
-        return await run(self._forward_thread, self._run_batch, items)
+        with self._turns.passing():
+            return await run(self._forward_thread, self._run_batch, items)
 
     @property
     def bounds(self) -> tuple[int, float]:
@@ -293,12 +295,13 @@ class GreedyBatcher(Generic[T, R]):
 
     async def _drain(self) -> None:
         while self._queue or self._background:
+            rested = await self._turns.wait()  # before the pass is taken: what came meanwhile joins it
             batch = self._next_batch()
             self._on_queue(self.queued)
             if batch:
-                await self._run(batch)
+                await self._run(batch, rested)
 
-    async def _run(self, batch: list[_Job[T, R]]) -> None:
+    async def _run(self, batch: list[_Job[T, R]], rested: float) -> None:
         try:
             items = [item for job in batch for item in job.items]
             self._on_batch(len(items), time.monotonic() - batch[0].enqueued)
@@ -314,10 +317,7 @@ class GreedyBatcher(Generic[T, R]):
                 if not job.future.done():
                     job.future.set_result(results[start : start + len(job.items)])
                 start += len(job.items)
-            rest = self._rest_after(busy)
-            if rest:
-                await asyncio.sleep(rest)
-            self.rate.observe(padded, busy + rest)
+            self.rate.observe(padded, rested + busy)
         except BaseException as exc:  # its callers get the error, never a hang; the worker keeps serving
             for job in batch:
                 if not job.future.done():

@@ -22,7 +22,7 @@ from services.functions.batching import GreedyBatcher, WaitTarget, answered_by, 
 from services.functions.cache import cache_key, response_cache, through_cache
 from services.functions.hardware import Choices, model_status, share_the_gil
 from services.functions.lifecycle import ModelSlot, Reloadable
-from services.functions.pacing import encoder_share
+from services.functions.pacing import encoder_turns
 from services.functions.types import Refused
 
 if TYPE_CHECKING:
@@ -184,7 +184,7 @@ class EmbeddingFunction:
         )
         self.slot.load_now()
         self.dimensions: int = self.slot.model.config.hidden_size
-        share = encoder_share("embedding", settings.encoder_cpu_share, self.device, self.choices)
+        turns = encoder_turns("embedding", settings.encoder_cpu_share, self.device, self.choices)
         logger.info("embedding model %s on %s", entry.tag, self.device)
         # Every protocol but BentoML's /encode calls the model through this batcher; see
         # services/functions/batching.py for why it is not BentoML's.
@@ -198,7 +198,7 @@ class EmbeddingFunction:
             wait_target=WaitTarget(
                 "embedding", settings.embedding_max_wait_seconds, "FNSERVE_EMBEDDING_MAX_WAIT_SECONDS"
             ),
-            rest_after=share.rest_after,
+            turns=turns,
             max_batch_tokens=batch_tokens,
             tokens=len,
         )

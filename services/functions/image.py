@@ -29,7 +29,7 @@ from services.functions.batching import GreedyBatcher, WaitTarget, answered_by
 from services.functions.cache import cache_key, response_cache, through_cache
 from services.functions.hardware import Choices, model_status, share_the_gil
 from services.functions.lifecycle import ModelSlot, Reloadable
-from services.functions.pacing import encoder_share
+from services.functions.pacing import encoder_turns
 from services.functions.types import Refused
 
 if TYPE_CHECKING:
@@ -201,7 +201,7 @@ class ImageFunction:
         )
         self.slot.load_now()
         logger.info("image model %s on %s", entry.tag, self.device)
-        share = encoder_share("image", settings.encoder_cpu_share, self.device, self.choices)
+        turns = encoder_turns("image", settings.encoder_cpu_share, self.device, self.choices)
         self._batcher = GreedyBatcher(
             self._forward,
             max_batch_size=self.batch_size,
@@ -211,7 +211,7 @@ class ImageFunction:
             wait_target=WaitTarget(
                 "image", settings.image_max_wait_seconds, "FNSERVE_IMAGE_MAX_WAIT_SECONDS"
             ),
-            rest_after=share.rest_after,
+            turns=turns,
         )
         self._cache = response_cache(settings.redis_url, settings.image_cache_size)
         self._cache_scope = (entry.tag, str(self.dtype))

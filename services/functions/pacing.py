@@ -5,16 +5,20 @@ until its client gives up. The wait is the work queued ahead times the function'
 For the encoders that rate is seconds per input of recent forward passes. For the chat engine it is
 seconds to first token per request waiting.
 
-On a CPU the encoders yield to the chat engine. While the engine has work, each encoder worker spends
-at most its share of the time in forward passes and rests for the remainder. Otherwise a flood of
-embeddings keeps every core busy, and the engine's decode steps wait their turn behind it."""
+On a CPU the encoders yield to the chat engine. While the engine has work, each entry worker's encoders
+together spend at most their share of its time in forward passes and rest for the remainder. Otherwise a
+flood of embeddings keeps every core busy, and the engine's decode steps wait their turn behind it."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from functools import cache
 from pathlib import Path
 
 import bentoml
@@ -31,8 +35,8 @@ EXPECTED_WAIT = bentoml.metrics.Gauge(
 )
 RESTED = bentoml.metrics.Counter(
     name="fnserve_rested_seconds",
-    documentation="Seconds an encoder worker rested between forward passes to leave the chat engine "
-    "its share of the CPU",
+    documentation="Seconds an encoder's next forward pass waited for its worker's rest, which leaves the "
+    "chat engine its share of the CPU",
     labelnames=["function"],
 )
 
@@ -111,34 +115,90 @@ class EngineBeat:
             self._touched = now
 
 
+class Turns:
+    """When an encoder's forward passes may run: at once, always (on a GPU, or with a share of 1)."""
+
+    async def wait(self) -> float:
+        """Waits until a pass may start; the seconds waited."""
+        return 0.0
+
+    def passing(self) -> AbstractContextManager[None]:
+        """Held around each forward pass."""
+        return nullcontext()
+
+
 class Share:
-    """An encoder's yielding to the chat engine: `share` of its time in forward passes while the engine
-    has work."""
+    """An entry worker's yielding to the chat engine: `share` of its time in encoder forward passes while
+    the engine has work, whichever of its encoders runs them. One clock for the worker's encoders: each
+    had rested after its own passes only, so the two together took up to twice the share."""
 
-    def __init__(self, server: str, function: str, share: float) -> None:
-        self.path, self.function, self.share = beat_path(server), function, share
+    def __init__(self, server: str, share: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.path, self.share, self._clock = beat_path(server), share, clock
+        self._charged = 0.0  # when the encoders' busy time was last charged (self._clock())
+        self._passes = 0  # under way, of either encoder
+        self._owed = 0.0  # seconds of rest due once the passes under way end
+        self._resume = 0.0  # before this (self._clock()), no encoder pass starts
 
-    def rest_after(self, busy_seconds: float) -> float:
-        """Seconds to rest after a forward pass of `busy_seconds`: none while the engine is idle, else
-        enough to keep the pass to `share` of the time."""
-        if self.share >= 1:
-            return 0.0
+    def engine_busy(self) -> bool:
         try:
             beat = self.path.stat().st_mtime
         except FileNotFoundError:
-            return 0.0
-        if time.time() - beat > 2 * BEAT:
-            return 0.0
-        rest = busy_seconds * (1 / self.share - 1)
-        RESTED.labels(function=self.function).inc(rest)
-        return rest
+            return False
+        return time.time() - beat <= 2 * BEAT
+
+    @contextmanager
+    def passing(self) -> Iterator[None]:
+        """A forward pass. When it ends, and the engine has work, the rest owed grows by its busy time
+        that no other pass was charged for (passes of two encoders overlap) times (1/share - 1). The
+        rest begins when no pass is under way: a rest that overlapped another pass would not rest."""
+        start = self._clock()
+        self._passes += 1
+        try:
+            yield
+        finally:
+            self._passes -= 1
+            now = self._clock()
+            busy, self._charged = now - max(start, self._charged), now
+            if self.share < 1 and busy > 0 and self.engine_busy():
+                self._owed += busy * (1 / self.share - 1)
+            if not self._passes and self._owed:
+                self._resume, self._owed = now + self._owed, 0.0
+
+    def wait_seconds(self) -> float:
+        """Seconds before an encoder pass may start; while a rest is owed but a pass is still under way,
+        at least the rest owed."""
+        return self._owed or max(0.0, self._resume - self._clock())
 
 
-def encoder_share(function: str, share: float, device: str, choices: Choices) -> Share:
+class EncoderTurns(Turns):
+    """One encoder's turns on its worker's `Share`; its waits are counted as its rest."""
+
+    def __init__(self, share: Share, function: str) -> None:
+        self.share, self.function = share, function
+
+    async def wait(self) -> float:
+        waited = 0.0
+        while (rest := self.share.wait_seconds()) > 0:  # another pass may end, and push it on, meanwhile
+            RESTED.labels(function=self.function).inc(rest)
+            await asyncio.sleep(rest)
+            waited += rest
+        return waited
+
+    def passing(self) -> AbstractContextManager[None]:
+        return self.share.passing()
+
+
+@cache
+def worker_share(server: str, share: float) -> Share:
+    """The one `Share` of this process's encoders."""
+    return Share(server, share)
+
+
+def encoder_turns(function: str, share: float, device: str, choices: Choices) -> Turns:
     """The yielding an encoder on `device` does for the chat engine, recorded as one of its choices."""
     if device != "cpu":
-        value = float(choices.add("cpu_share", 1, "rule", "not on a CPU: it shares no cores with the engine"))
-    else:
-        reason = "FNSERVE_ENCODER_CPU_SHARE: its share of the time while the chat engine has work"
-        value = float(choices.add("cpu_share", share, "setting", reason))
-    return Share(server_instance(), function, value)
+        choices.add("cpu_share", 1, "rule", "not on a CPU: it shares no cores with the engine")
+        return Turns()
+    reason = "FNSERVE_ENCODER_CPU_SHARE: the worker's encoders' share of its time while the engine has work"
+    value = float(choices.add("cpu_share", share, "setting", reason))
+    return EncoderTurns(worker_share(server_instance(), value), function) if value < 1 else Turns()
