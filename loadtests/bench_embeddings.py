@@ -66,7 +66,7 @@ def measure_raw(
 
     path = bentoml.models.get(CATALOG["all-minilm-l6-v2"].tag).path
     encoder = TextEncoder(AutoTokenizer.from_pretrained(path), 256)
-    device = pick_device(get_settings().device)
+    device = pick_device(get_settings())
     results: dict[str, dict[str, object]] = {}
     for size, template in TEXTS.items():
         grid = {}

@@ -50,7 +50,7 @@ def measure_raw(seconds: float) -> dict[str, object]:
     from services.config import get_settings, pick_device
     from services.functions.image import classify, load, preprocess
 
-    device = pick_device(get_settings().device)
+    device = pick_device(get_settings())
     stored = load(bentoml.models.get(MODEL).path, device)
     image = preprocess(photo(), 2**30, 2**30, "image")
     grid = {}

@@ -28,7 +28,7 @@ from services.config import get_settings, pick_device
 def build_app(dtype: str) -> Starlette:
     settings = get_settings()
     path = bentoml.models.get(CATALOG[settings.generation_model].tag).path
-    device = pick_device(settings.device)
+    device = pick_device(settings)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     model = model.to(device).eval()

@@ -29,7 +29,7 @@ from services.functions.image import classify, load, preprocess
 def build_app(dtype: str) -> Starlette:
     settings = get_settings()
     path = bentoml.models.get(CATALOG[settings.image_model].tag).path
-    device = pick_device(settings.device)
+    device = pick_device(settings)
     model = load(path, device).to(getattr(torch, dtype))
     names = json.loads((Path(path) / "labels.json").read_text())
     lock = asyncio.Lock()

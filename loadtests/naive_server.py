@@ -28,7 +28,7 @@ def build_app(dtype: str) -> Starlette:
     settings = get_settings()
     path = bentoml.models.get(CATALOG[settings.embedding_model].tag).path
     encoder = TextEncoder(AutoTokenizer.from_pretrained(path), settings.embedding_max_tokens)
-    device = pick_device(settings.device)
+    device = pick_device(settings)
     model = AutoModel.from_pretrained(path, dtype=getattr(torch, dtype)).to(device).eval()
     lock = asyncio.Lock()
 
