@@ -3,6 +3,8 @@
     make bench-spike     # or: .venv/bin/python loadtests/spike.py [--base-embed 8] [--base-chat 2]
 
 The shape: 8 embedding clients and 2 chat clients for 15 s, 80 and 20 for 45 s, 8 and 2 again for 15 s.
+`--base-images N` adds N image-classification clients (10N in the spike): both encoders of each entry
+worker then flood at once, beside the chat.
 Every client is closed-loop (its next request when the last one ends) and gives up after 30 s. Chats
 stream 16 tokens. Then the same server answers chat alone at the spike's chat concurrency, the base of
 the chat bar.
@@ -21,6 +23,7 @@ Writes loadtests/results/spike.json and spike.png (`--name` for another name).
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import re
@@ -38,6 +41,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from loadtests.bench_images import MODEL as IMAGE_MODEL  # noqa: E402
+from loadtests.bench_images import photo  # noqa: E402
 from services.functions.hardware import describe, label  # noqa: E402
 from tests.server import serve, served_dtypes  # noqa: E402
 
@@ -57,7 +62,15 @@ BODIES = {
         },
     ),
 }
-ENV = {"FNSERVE_EMBEDDING_CACHE_SIZE": "0", "FNSERVE_GENERATION_CACHE_SIZE": "0"}
+ENV = {f"FNSERVE_{name}_CACHE_SIZE": "0" for name in ("EMBEDDING", "IMAGE", "GENERATION")}
+
+
+def body_of(name: str) -> tuple[str, dict[str, Any]]:
+    """The route and the one body a function's clients send."""
+    if name == "images":
+        image = base64.b64encode(photo()).decode()
+        return "/v1/images/classifications", {"model": IMAGE_MODEL, "image": image, "top_k": 5}
+    return BODIES[name]
 
 
 def h2load(url: str, body: Path, clients: int, seconds: float, log: Path) -> dict[str, int]:
@@ -90,7 +103,7 @@ def h2load(url: str, body: Path, clients: int, seconds: float, log: Path) -> dic
 
 def drive(url: str, name: str, base: int, tmp: Path, start: float) -> list[dict[str, Any]]:
     """`base` clients for the whole shape and 9x`base` more for the spike, as two h2load runs."""
-    path, payload = BODIES[name]
+    path, payload = body_of(name)
     body = tmp / f"{name}.json"
     body.write_text(json.dumps(payload))
     total = sum(seconds for _, seconds in PHASES)
@@ -176,9 +189,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(13, 7), sharex=True)
+    names = [name for name in ("embeddings", "images", "chat") if name in result]
+    fig, axes = plt.subplots(2, len(names), figsize=(6.5 * len(names), 7), sharex=True, squeeze=False)
     total = int(sum(seconds for _, seconds in PHASES))
-    for column, name in enumerate(("embeddings", "chat")):
+    for column, name in enumerate(names):
         series = result[name]["series"]
         top, bottom = axes[0][column], axes[1][column]
         for kind, keep, color in (
@@ -221,6 +235,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--base-embed", type=int, default=8)
     parser.add_argument("--base-chat", type=int, default=2)
+    parser.add_argument("--base-images", type=int, default=0)
     parser.add_argument("--name", default="spike", help="results file name, for runs with other settings")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -229,7 +244,8 @@ def main() -> None:
         result["served_dtypes"] = served_dtypes(url)
         result["choices"] = httpx.get(f"{url}/models/status", timeout=60).json()
         start = time.time() + 1
-        bases = {"embeddings": args.base_embed, "chat": args.base_chat}
+        bases = {"embeddings": args.base_embed, "images": args.base_images, "chat": args.base_chat}
+        bases = {name: base for name, base in bases.items() if base}
         runs: dict[str, list[dict[str, Any]]] = {}
         threads = [
             threading.Thread(
