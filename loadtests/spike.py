@@ -244,8 +244,9 @@ def main() -> None:
         result["served_dtypes"] = served_dtypes(url)
         result["choices"] = httpx.get(f"{url}/models/status", timeout=60).json()
         start = time.time() + 1
-        bases = {"embeddings": args.base_embed, "images": args.base_images, "chat": args.base_chat}
-        bases = {name: base for name, base in bases.items() if base}
+        bases = {"embeddings": args.base_embed, "chat": args.base_chat}
+        if args.base_images:
+            bases["images"] = args.base_images
         runs: dict[str, list[dict[str, Any]]] = {}
         threads = [
             threading.Thread(

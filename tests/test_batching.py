@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from services.functions.batching import GreedyBatcher, passes
-from services.functions.pacing import EngineBeat, Share, admit
+from services.functions.pacing import EncoderTurns, EngineBeat, Share, Turns, admit
 from services.functions.types import RefusalKind, Refused
 from services.protocols.oip.grpc import CODES
 from services.protocols.openai.protocol import REFUSAL_CODES
@@ -63,6 +63,7 @@ def test_passes_hold_their_padded_tokens_and_pad_texts_to_about_their_own_length
 
 def held_behind_a_pass(
     requests: Callable[[GreedyBatcher[str, str]], Awaitable[list[asyncio.Task[list[str]]]]],
+    turns: Turns | None = None,
 ) -> tuple[list[list[str]], list[list[str]]]:
     """Answers and passes of a batcher (8 texts, 12 padded tokens, a text's length its tokens; answers in
     capitals) that gets `requests` while a pass of "x" holds, and runs them once it is let go."""
@@ -76,7 +77,13 @@ def held_behind_a_pass(
 
     async def main() -> list[list[str]]:
         shared = GreedyBatcher(
-            run, max_batch_size=8, max_queue_seconds=LONG, max_queue=10_000, max_batch_tokens=12, tokens=len
+            run,
+            max_batch_size=8,
+            max_queue_seconds=LONG,
+            max_queue=10_000,
+            max_batch_tokens=12,
+            tokens=len,
+            turns=turns,
         )
         first = asyncio.create_task(shared.submit(["x"]))
         assert await asyncio.to_thread(started.wait, LONG)
@@ -98,23 +105,32 @@ def test_queued_requests_share_a_pass_up_to_its_padded_tokens_and_answers_keep_t
     assert seen == [["x"], ["aa", "c", "bbb"], ["dddddd", "e"]]
 
 
-def test_the_expected_wait_is_the_padded_tokens_ahead_at_their_recent_rate() -> None:
+@pytest.mark.parametrize("engine_busy", [False, True])
+def test_the_expected_wait_is_the_padded_tokens_ahead_at_their_recent_rate(
+    engine_busy: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Counted in inputs, a rate learned on short texts made a queue of long ones look as short as a
-    queue of short ones: admitted, then shed for waiting."""
+    queue of short ones: admitted, then shed for waiting. While the engine has work, the encoders rest
+    for it, and the same passes take twice as long at a share of 0.5."""
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path))
+    share = Share("1-2.000", 0.5)
+    share.path.parent.mkdir(parents=True, exist_ok=True)
     waits: list[float] = []
 
     async def requests(shared: GreedyBatcher[str, str]) -> list[asyncio.Task[list[str]]]:
         shared.rate.observe(12, 1.0)  # a pass of 12 padded tokens took a second
         queued = [asyncio.create_task(shared.submit(w)) for w in (["bbb", "c"], ["dddddd"], ["e"])]
         await asyncio.sleep(0)  # all three queued
+        if engine_busy:
+            share.path.touch()
         waits.append(shared.expected_wait)
         return queued
 
-    answers, seen = held_behind_a_pass(requests)
+    answers, seen = held_behind_a_pass(requests, EncoderTurns(share, "embedding"))
     assert answers == [["X"], ["BBB", "C"], ["DDDDDD"], ["E"]]
     assert seen == [["x"], ["c", "bbb"], ["dddddd", "e"]]
     # The pass under way (1 token), then the passes the queue makes: 2 texts x 3, and 2 texts x 6.
-    assert waits == [pytest.approx((1 + 6 + 12) / 12)]
+    assert waits == [pytest.approx((1 + 6 + 12) / 12 * (2 if engine_busy else 1))]
 
 
 def test_a_cancelled_request_that_would_not_fit_leaves_room_for_the_next() -> None:
@@ -218,3 +234,42 @@ def test_one_worker_s_encoders_share_one_rest_clock(tmp_path: Path, monkeypatch:
     assert share.wait_seconds() == 2.0
     at(5.0)
     assert share.wait_seconds() == 0
+    # The other order: a short pass that starts and ends inside a long one. 3 s busy (5 to 8), 3 s rest.
+    image, embedding = share.passing(), share.passing()
+    image.__enter__()
+    at(6.0)
+    embedding.__enter__()
+    at(6.5)
+    embedding.__exit__(None, None, None)
+    at(8.0)
+    image.__exit__(None, None, None)
+    assert share.wait_seconds() == 3.0
+    assert share.stretch() == 2.0  # a queue's passes take twice their time while the engine has work
+
+
+def test_a_pass_waits_for_the_rest_until_the_passes_under_way_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rest owed begins when neither encoder has a pass under way, so a pass that waits for it waits
+    for the other encoder's pass first. Times here are lower bounds: a slower machine only waits longer."""
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path))
+    share = Share("1-2.000", 0.5)
+    share.path.parent.mkdir(parents=True, exist_ok=True)
+
+    async def main() -> float:
+        image, embedding = share.passing(), share.passing()
+        image.__enter__()
+        embedding.__enter__()
+        await asyncio.sleep(0.05)
+        share.path.touch()  # the engine has work
+        embedding.__exit__(None, None, None)
+        waiting = asyncio.create_task(share.wait("embedding"))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # the rest is owed, and the image pass runs on
+        share.path.touch()
+        image.__exit__(None, None, None)  # busy 0.1 s at least: a rest of as long
+        ended = time.monotonic()
+        await asyncio.wait_for(waiting, LONG)
+        return time.monotonic() - ended
+
+    assert asyncio.run(main()) >= 0.09  # the rest, less what passed between its start and the clock read

@@ -61,6 +61,7 @@ class Pass:
         return not self.count or (total <= max_items and total * max(self.longest, longest) <= max_tokens)
 
     def add(self, items: int, longest: int) -> None:
+        """Puts `items` in, the longest of them `longest` tokens."""
         self.count, self.longest = self.count + items, max(self.longest, longest)
 
     @property
@@ -171,8 +172,10 @@ class GreedyBatcher(Generic[T, R]):
 
     async def forward(self, items: list[T]) -> list[R]:
         """`items` as one pass in this batcher's thread, after the pass under way: the queue's passes,
-        and those of a caller that batches on its own (BentoML's batchable endpoint)."""
+        and those of a caller that batches on its own (BentoML's batchable endpoint), which waits its
+        turn here (the queue's passes have waited theirs already)."""
         run = asyncio.get_running_loop().run_in_executor
+        await self._turns.wait()
         with self._turns.passing():
             return await run(self._forward_thread, self._run_batch, items)
 
@@ -228,9 +231,11 @@ class GreedyBatcher(Generic[T, R]):
     @property
     def expected_wait(self) -> float:
         """Seconds before a new online request's first input would enter a forward pass: the padded
-        tokens ahead of it, in the passes the queue will make, at the recent seconds per padded token.
+        tokens ahead of it, in the passes the queue will make, at the recent seconds per padded token,
+        stretched by the rests the encoders take for the engine now, after the rest already due.
         Counted in inputs, a rate learned on short texts admitted a burst of long ones that was then
-        shed for waiting, and one learned on long texts refused short ones that would have started."""
+        shed for waiting, and one learned on long texts refused short ones that would have started.
+        The rate is of the passes alone: a rest that another encoder's pass left is no cost per token."""
         ahead = Pass()
         tokens = self._running
         for job in self._queue:
@@ -239,7 +244,8 @@ class GreedyBatcher(Generic[T, R]):
             if not ahead.takes(len(job.items), job.longest, *self.bounds):
                 tokens, ahead = tokens + ahead.tokens, Pass()
             ahead.add(len(job.items), job.longest)
-        return self.rate.seconds_for(tokens + ahead.tokens)
+        work = self.rate.seconds_for(tokens + ahead.tokens)
+        return self._turns.pending() + work * self._turns.stretch()
 
     def load(self) -> dict[str, float]:
         """What admission by time reads, for status pages: recent seconds per padded token (per input
@@ -295,13 +301,13 @@ class GreedyBatcher(Generic[T, R]):
 
     async def _drain(self) -> None:
         while self._queue or self._background:
-            rested = await self._turns.wait()  # before the pass is taken: what came meanwhile joins it
+            await self._turns.wait()  # before the pass is taken: what comes meanwhile joins it
             batch = self._next_batch()
             self._on_queue(self.queued)
             if batch:
-                await self._run(batch, rested)
+                await self._run(batch)
 
-    async def _run(self, batch: list[_Job[T, R]], rested: float) -> None:
+    async def _run(self, batch: list[_Job[T, R]]) -> None:
         try:
             items = [item for job in batch for item in job.items]
             self._on_batch(len(items), time.monotonic() - batch[0].enqueued)
@@ -317,7 +323,7 @@ class GreedyBatcher(Generic[T, R]):
                 if not job.future.done():
                     job.future.set_result(results[start : start + len(job.items)])
                 start += len(job.items)
-            self.rate.observe(padded, rested + busy)
+            self.rate.observe(padded, busy)
         except BaseException as exc:  # its callers get the error, never a hang; the worker keeps serving
             for job in batch:
                 if not job.future.done():

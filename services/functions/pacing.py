@@ -2,8 +2,8 @@
 
 A function refuses at once a request that would wait past its target to start, instead of queueing it
 until its client gives up. The wait is the work queued ahead times the function's recent service rate.
-For the encoders that rate is seconds per input of recent forward passes. For the chat engine it is
-seconds to first token per request waiting.
+For the encoders that rate is seconds per padded token of recent forward passes, stretched by the rests
+they take for the engine. For the chat engine it is seconds to first token per request waiting.
 
 On a CPU the encoders yield to the chat engine. While the engine has work, each entry worker's encoders
 together spend at most their share of its time in forward passes and rest for the remainder. Otherwise a
@@ -118,28 +118,39 @@ class EngineBeat:
 class Turns:
     """When an encoder's forward passes may run: at once, always (on a GPU, or with a share of 1)."""
 
-    async def wait(self) -> float:
-        """Waits until a pass may start; the seconds waited."""
-        return 0.0
+    async def wait(self) -> None:
+        """Returns once a pass may start."""
 
     def passing(self) -> AbstractContextManager[None]:
         """Held around each forward pass."""
         return nullcontext()
 
+    def stretch(self) -> float:
+        """Wall seconds per second of forward passes, rests included."""
+        return 1.0
+
+    def pending(self) -> float:
+        """Seconds of rest before the next pass may start."""
+        return 0.0
+
 
 class Share:
     """An entry worker's yielding to the chat engine: `share` of its time in encoder forward passes while
     the engine has work, whichever of its encoders runs them. One clock for the worker's encoders: each
-    had rested after its own passes only, so the two together took up to twice the share."""
+    had rested after its own passes only, so the two together took up to twice the share. Used from the
+    worker's event loop only."""
 
     def __init__(self, server: str, share: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.path, self.share, self._clock = beat_path(server), share, clock
-        self._charged = 0.0  # when the encoders' busy time was last charged (self._clock())
         self._passes = 0  # under way, of either encoder
+        self._charged = 0.0  # the time (self._clock()) up to which the passes' busy time is charged
         self._owed = 0.0  # seconds of rest due once the passes under way end
         self._resume = 0.0  # before this (self._clock()), no encoder pass starts
+        self._idle = asyncio.Event()  # set while no pass is under way
+        self._idle.set()
 
     def engine_busy(self) -> bool:
+        """Whether the engine's beat is recent: an encoder trusts one for two beats."""
         try:
             beat = self.path.stat().st_mtime
         except FileNotFoundError:
@@ -148,44 +159,63 @@ class Share:
 
     @contextmanager
     def passing(self) -> Iterator[None]:
-        """A forward pass. When it ends, and the engine has work, the rest owed grows by its busy time
-        that no other pass was charged for (passes of two encoders overlap) times (1/share - 1). The
-        rest begins when no pass is under way: a rest that overlapped another pass would not rest."""
-        start = self._clock()
+        """A forward pass. When it ends, and the engine has work, the rest owed grows by the busy time
+        since the last charge (from when the worker's encoders went from idle to busy: passes of two
+        encoders overlap, in either order) times (1/share - 1). The rest begins when no pass is under
+        way: a rest that overlapped another pass would not rest."""
+        if not self._passes:
+            self._charged = self._clock()
+            self._idle.clear()
         self._passes += 1
         try:
             yield
         finally:
             self._passes -= 1
             now = self._clock()
-            busy, self._charged = now - max(start, self._charged), now
-            if self.share < 1 and busy > 0 and self.engine_busy():
+            busy, self._charged = now - self._charged, now
+            if busy > 0 and self.engine_busy():
                 self._owed += busy * (1 / self.share - 1)
-            if not self._passes and self._owed:
-                self._resume, self._owed = now + self._owed, 0.0
+            if not self._passes:
+                self._resume, self._owed = max(self._resume, now) + self._owed, 0.0
+                self._idle.set()
 
     def wait_seconds(self) -> float:
         """Seconds before an encoder pass may start; while a rest is owed but a pass is still under way,
         at least the rest owed."""
         return self._owed or max(0.0, self._resume - self._clock())
 
+    async def wait(self, function: str) -> None:
+        """Returns once a pass may start, counting the wait as `function`'s rest."""
+        began = self._clock()
+        while rest := self.wait_seconds():
+            if self._owed:  # due once the passes under way end, and then set
+                await self._idle.wait()
+            else:
+                await asyncio.sleep(rest)
+        if (waited := self._clock() - began) > 0:
+            RESTED.labels(function=function).inc(waited)
+
+    def stretch(self) -> float:
+        return 1 / self.share if self.engine_busy() else 1.0
+
 
 class EncoderTurns(Turns):
-    """One encoder's turns on its worker's `Share`; its waits are counted as its rest."""
+    """One encoder's turns on its worker's `Share`."""
 
     def __init__(self, share: Share, function: str) -> None:
         self.share, self.function = share, function
 
-    async def wait(self) -> float:
-        waited = 0.0
-        while (rest := self.share.wait_seconds()) > 0:  # another pass may end, and push it on, meanwhile
-            RESTED.labels(function=self.function).inc(rest)
-            await asyncio.sleep(rest)
-            waited += rest
-        return waited
+    async def wait(self) -> None:
+        await self.share.wait(self.function)
 
     def passing(self) -> AbstractContextManager[None]:
         return self.share.passing()
+
+    def stretch(self) -> float:
+        return self.share.stretch()
+
+    def pending(self) -> float:
+        return self.share.wait_seconds()
 
 
 @cache
