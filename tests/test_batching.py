@@ -105,13 +105,20 @@ def test_queued_requests_share_a_pass_up_to_its_padded_tokens_and_answers_keep_t
     assert seen == [["x"], ["aa", "c", "bbb"], ["dddddd", "e"]]
 
 
-@pytest.mark.parametrize("engine_busy", [False, True])
+# The pass under way (1 token), then the passes the queue makes: 2 texts x 3, and 2 texts x 6; at 12
+# padded tokens a second, that is 19/12 s. While the engine has work, at a share of 0.5, twice as long;
+# and where recent passes waited for their turn (the other encoder's passes and rests: here 3 s, and
+# none for the pass under way), each of the three passes ahead waits as long as they did on average.
+WAITS = {"engine idle": (0.0, 19 / 12), "engine busy": (0.0, 19 / 6), "passes waited": (3.0, 19 / 12 + 4.5)}
+
+
+@pytest.mark.parametrize("case", list(WAITS))
 def test_the_expected_wait_is_the_padded_tokens_ahead_at_their_recent_rate(
-    engine_busy: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    case: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Counted in inputs, a rate learned on short texts made a queue of long ones look as short as a
-    queue of short ones: admitted, then shed for waiting. While the engine has work, the encoders rest
-    for it, and the same passes take twice as long at a share of 0.5."""
+    queue of short ones: admitted, then shed for waiting."""
+    waited, expected = WAITS[case]
     monkeypatch.setenv("BENTOML_HOME", str(tmp_path))
     share = Share("1-2.000", 0.5)
     share.path.parent.mkdir(parents=True, exist_ok=True)
@@ -119,9 +126,10 @@ def test_the_expected_wait_is_the_padded_tokens_ahead_at_their_recent_rate(
 
     async def requests(shared: GreedyBatcher[str, str]) -> list[asyncio.Task[list[str]]]:
         shared.rate.observe(12, 1.0)  # a pass of 12 padded tokens took a second
+        shared.waits.observe(1, waited)
         queued = [asyncio.create_task(shared.submit(w)) for w in (["bbb", "c"], ["dddddd"], ["e"])]
         await asyncio.sleep(0)  # all three queued
-        if engine_busy:
+        if case != "engine idle":
             share.path.touch()
         waits.append(shared.expected_wait)
         return queued
@@ -129,8 +137,7 @@ def test_the_expected_wait_is_the_padded_tokens_ahead_at_their_recent_rate(
     answers, seen = held_behind_a_pass(requests, EncoderTurns(share, "embedding"))
     assert answers == [["X"], ["BBB", "C"], ["DDDDDD"], ["E"]]
     assert seen == [["x"], ["c", "bbb"], ["dddddd", "e"]]
-    # The pass under way (1 token), then the passes the queue makes: 2 texts x 3, and 2 texts x 6.
-    assert waits == [pytest.approx((1 + 6 + 12) / 12 * (2 if engine_busy else 1))]
+    assert waits == [pytest.approx(expected)]
 
 
 def test_a_cancelled_request_that_would_not_fit_leaves_room_for_the_next() -> None:
@@ -267,9 +274,48 @@ def test_a_pass_waits_for_the_rest_until_the_passes_under_way_end(
         await asyncio.sleep(0.05)
         assert not waiting.done()  # the rest is owed, and the image pass runs on
         share.path.touch()
-        image.__exit__(None, None, None)  # busy 0.1 s at least: a rest of as long
         ended = time.monotonic()
+        image.__exit__(None, None, None)  # busy 0.1 s at least: a rest of as long
         await asyncio.wait_for(waiting, LONG)
         return time.monotonic() - ended
 
-    assert asyncio.run(main()) >= 0.09  # the rest, less what passed between its start and the clock read
+    assert asyncio.run(main()) >= 0.099
+
+
+def test_a_caller_that_forms_its_own_passes_waits_its_turn_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BentoML's batchable /encode calls `forward` with passes of its own: they wait for the worker's
+    rest as the queue's do (they had run through it, and cut it short)."""
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path))
+    share = Share("1-2.000", 0.5)
+    share.path.parent.mkdir(parents=True, exist_ok=True)
+    started: list[float] = []
+
+    def run(items: list[int]) -> list[int]:
+        started.append(time.monotonic())
+        return items
+
+    async def main() -> float:
+        shared = GreedyBatcher(
+            run, max_batch_size=4, max_queue_seconds=LONG, max_queue=10_000, turns=EncoderTurns(share, "x")
+        )
+        with share.passing():  # another encoder's pass of 0.1 s at least, while the engine has work
+            await asyncio.sleep(0.1)
+            share.path.touch()
+            ended = time.monotonic()
+        assert await shared.forward([1, 2]) == [1, 2]
+        return started[0] - ended
+
+    assert asyncio.run(main()) >= 0.099  # its rest of as long
+
+
+def test_a_beat_that_cannot_be_read_is_no_beat(tmp_path: Path) -> None:
+    """Read where a pass ends: an error there (a file where the server's folder should be) had left the
+    rest's bookkeeping half done, and every later pass waiting on it."""
+    (tmp_path / "folder").write_text("")
+    share = Share("1-2.000", 0.5)
+    share.path = tmp_path / "folder" / "beat"
+    with share.passing():
+        pass
+    assert not share.engine_busy() and share.wait_seconds() == 0

@@ -159,7 +159,8 @@ class GreedyBatcher(Generic[T, R]):
         self._on_batch = on_batch
         self._on_queue = on_queue
         self._wait_target, self._turns = wait_target, turns or Turns()
-        self.rate = ServiceRate()
+        self.rate = ServiceRate()  # seconds of forward pass per padded token
+        self.waits = ServiceRate()  # seconds a pass waited for its turn, per pass
         self._running = 0  # padded tokens of the forward pass under way
         self._queue: deque[_Job[T, R]] = deque()
         self._background: deque[_Job[T, R]] = deque()
@@ -174,10 +175,13 @@ class GreedyBatcher(Generic[T, R]):
         """`items` as one pass in this batcher's thread, after the pass under way: the queue's passes,
         and those of a caller that batches on its own (BentoML's batchable endpoint), which waits its
         turn here (the queue's passes have waited theirs already)."""
-        run = asyncio.get_running_loop().run_in_executor
         await self._turns.wait()
-        with self._turns.passing():
-            return await run(self._forward_thread, self._run_batch, items)
+        computed = asyncio.get_running_loop().run_in_executor(self._forward_thread, self._run_batch, items)
+        # The pass ends when its thread does: a caller that gives up (cancelled) leaves it computing.
+        passing = self._turns.passing()
+        passing.__enter__()
+        computed.add_done_callback(lambda _: passing.__exit__(None, None, None))
+        return await asyncio.shield(computed)
 
     @property
     def bounds(self) -> tuple[int, float]:
@@ -230,22 +234,26 @@ class GreedyBatcher(Generic[T, R]):
 
     @property
     def expected_wait(self) -> float:
-        """Seconds before a new online request's first input would enter a forward pass: the padded
-        tokens ahead of it, in the passes the queue will make, at the recent seconds per padded token,
-        stretched by the rests the encoders take for the engine now, after the rest already due.
-        Counted in inputs, a rate learned on short texts admitted a burst of long ones that was then
-        shed for waiting, and one learned on long texts refused short ones that would have started.
-        The rate is of the passes alone: a rest that another encoder's pass left is no cost per token."""
-        ahead = Pass()
+        """Seconds before a new online request's first input would enter a forward pass: the rest already
+        due, then the padded tokens ahead of it (in the passes the queue will make) at the recent
+        seconds per padded token. Counted in inputs, a rate learned on short texts admitted a burst of
+        long ones that was then shed for waiting, and one learned on long texts refused short ones.
+        While the encoders rest for the engine, a pass is followed by its own rest (the share), or
+        waits as long as recent passes waited for their turn, whichever is longer: the other encoder's
+        passes and rests are a wait per pass, not a cost per token."""
+        ahead, passes = Pass(), int(bool(self._running))
         tokens = self._running
         for job in self._queue:
             if job.future.done():
                 continue
             if not ahead.takes(len(job.items), job.longest, *self.bounds):
-                tokens, ahead = tokens + ahead.tokens, Pass()
+                tokens, ahead, passes = tokens + ahead.tokens, Pass(), passes + 1
             ahead.add(len(job.items), job.longest)
+        passes += int(bool(ahead.count))
         work = self.rate.seconds_for(tokens + ahead.tokens)
-        return self._turns.pending() + work * self._turns.stretch()
+        if (stretch := self._turns.stretch()) > 1:
+            work = max(work * stretch, work + passes * self.waits.seconds_for(1))
+        return self._turns.pending() + work
 
     def load(self) -> dict[str, float]:
         """What admission by time reads, for status pages: recent seconds per padded token (per input
@@ -301,10 +309,19 @@ class GreedyBatcher(Generic[T, R]):
 
     async def _drain(self) -> None:
         while self._queue or self._background:
-            await self._turns.wait()  # before the pass is taken: what comes meanwhile joins it
+            try:
+                waited = await self._turns.wait()  # before the pass is taken: what comes meanwhile joins it
+            except BaseException as exc:  # never a queue left without a worker: its callers get the error
+                for job in (*self._queue, *self._background):
+                    if not job.future.done():
+                        job.future.set_exception(RuntimeError(f"the batcher stopped: {exc!r}"))
+                self._queue.clear()
+                self._background.clear()
+                raise
             batch = self._next_batch()
             self._on_queue(self.queued)
             if batch:
+                self.waits.observe(1, waited)
                 await self._run(batch)
 
     async def _run(self, batch: list[_Job[T, R]]) -> None:

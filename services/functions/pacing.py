@@ -118,15 +118,16 @@ class EngineBeat:
 class Turns:
     """When an encoder's forward passes may run: at once, always (on a GPU, or with a share of 1)."""
 
-    async def wait(self) -> None:
-        """Returns once a pass may start."""
+    async def wait(self) -> float:
+        """Returns once a pass may start: the seconds waited."""
+        return 0.0
 
     def passing(self) -> AbstractContextManager[None]:
         """Held around each forward pass."""
         return nullcontext()
 
     def stretch(self) -> float:
-        """Wall seconds per second of forward passes, rests included."""
+        """Wall seconds per second of forward passes, the passes' own rests included, now."""
         return 1.0
 
     def pending(self) -> float:
@@ -150,10 +151,11 @@ class Share:
         self._idle.set()
 
     def engine_busy(self) -> bool:
-        """Whether the engine's beat is recent: an encoder trusts one for two beats."""
+        """Whether the engine's beat is recent: an encoder trusts one for two beats. A beat that cannot
+        be read is no beat: it is read where a pass ends, and the rest's bookkeeping must not fail."""
         try:
             beat = self.path.stat().st_mtime
-        except FileNotFoundError:
+        except OSError:
             return False
         return time.time() - beat <= 2 * BEAT
 
@@ -176,7 +178,7 @@ class Share:
             if busy > 0 and self.engine_busy():
                 self._owed += busy * (1 / self.share - 1)
             if not self._passes:
-                self._resume, self._owed = max(self._resume, now) + self._owed, 0.0
+                self._resume, self._owed = now + self._owed, 0.0
                 self._idle.set()
 
     def wait_seconds(self) -> float:
@@ -184,16 +186,19 @@ class Share:
         at least the rest owed."""
         return self._owed or max(0.0, self._resume - self._clock())
 
-    async def wait(self, function: str) -> None:
-        """Returns once a pass may start, counting the wait as `function`'s rest."""
+    async def wait(self, function: str) -> float:
+        """Returns once a pass may start, counting the wait as `function`'s rest: the seconds waited."""
+        if not self.wait_seconds():
+            return 0.0
         began = self._clock()
         while rest := self.wait_seconds():
             if self._owed:  # due once the passes under way end, and then set
                 await self._idle.wait()
             else:
                 await asyncio.sleep(rest)
-        if (waited := self._clock() - began) > 0:
-            RESTED.labels(function=function).inc(waited)
+        waited = self._clock() - began
+        RESTED.labels(function=function).inc(waited)
+        return waited
 
     def stretch(self) -> float:
         return 1 / self.share if self.engine_busy() else 1.0
@@ -205,8 +210,8 @@ class EncoderTurns(Turns):
     def __init__(self, share: Share, function: str) -> None:
         self.share, self.function = share, function
 
-    async def wait(self) -> None:
-        await self.share.wait(self.function)
+    async def wait(self) -> float:
+        return await self.share.wait(self.function)
 
     def passing(self) -> AbstractContextManager[None]:
         return self.share.passing()

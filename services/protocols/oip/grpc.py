@@ -2,7 +2,7 @@
 ModelStreamInfer), served by every entry worker on FNSERVE_GRPC_PORT.
 
 BentoML's new-style services cannot serve gRPC (`bentoml serve-grpc` refuses them), so each worker runs
-a grpc.aio server on its own event loop, beside the HTTP app, calling the same functions: its texts join
+a grpc.aio server on the worker's event loop, beside the HTTP app, calling the same functions: its texts join
 the same forward passes. The messages are tritonclient's generated stubs (pinned in pyproject.toml), so
 the wire is exactly what Triton's clients speak. The port is shared with SO_REUSEPORT: the kernel spreads
 connections, not calls, over the workers.
