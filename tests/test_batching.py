@@ -310,12 +310,53 @@ def test_a_caller_that_forms_its_own_passes_waits_its_turn_too(
     assert asyncio.run(main()) >= 0.099  # its rest of as long
 
 
-def test_a_beat_that_cannot_be_read_is_no_beat(tmp_path: Path) -> None:
+def test_a_beat_that_cannot_be_read_is_no_beat(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Read where a pass ends: an error there (a file where the server's folder should be) had left the
     rest's bookkeeping half done, and every later pass waiting on it."""
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path))
     (tmp_path / "folder").write_text("")
     share = Share("1-2.000", 0.5)
     share.path = tmp_path / "folder" / "beat"
     with share.passing():
         pass
     assert not share.engine_busy() and share.wait_seconds() == 0
+
+
+def test_a_pass_whose_caller_gives_up_ends_when_its_thread_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The thread computes on after its caller is cancelled (a client gone); the CPU it takes meanwhile
+    is charged, so the rest counts from the thread's end, not from the cancel."""
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path))
+    share = Share("1-2.000", 0.5)
+    share.path.parent.mkdir(parents=True, exist_ok=True)
+    started, release, finished = threading.Event(), threading.Event(), threading.Event()
+    ended: list[float] = []
+
+    def run(items: list[int]) -> list[int]:
+        started.set()
+        assert release.wait(LONG)
+        ended.append(time.monotonic())
+        finished.set()
+        return items
+
+    async def main() -> float:
+        shared = GreedyBatcher(
+            run, max_batch_size=4, max_queue_seconds=LONG, max_queue=10_000, turns=EncoderTurns(share, "x")
+        )
+        caller = asyncio.create_task(shared.forward([1]))
+        assert await asyncio.to_thread(started.wait, LONG)
+        caller.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        await asyncio.sleep(0.2)  # the thread computes on
+        share.path.touch()  # the engine has work
+        release.set()
+        assert await asyncio.to_thread(finished.wait, LONG)
+        for _ in range(int(60 / 0.01)):  # the pass's end reaches the event loop
+            if rest := share.wait_seconds():
+                return time.monotonic() + rest - ended[0]  # when the rest ends, from the thread's end
+            await asyncio.sleep(0.01)
+        return 0.0  # no rest: the pass had ended at the cancel, its thread's time uncharged
+
+    assert asyncio.run(main()) >= 0.199  # after the thread's end, a rest of its 0.2 s busy at least

@@ -180,7 +180,13 @@ class GreedyBatcher(Generic[T, R]):
         # The pass ends when its thread does: a caller that gives up (cancelled) leaves it computing.
         passing = self._turns.passing()
         passing.__enter__()
-        computed.add_done_callback(lambda _: passing.__exit__(None, None, None))
+
+        def ended(future: asyncio.Future[list[R]]) -> None:
+            passing.__exit__(None, None, None)
+            if not future.cancelled():
+                future.exception()  # read, so that a failure nobody waits for any more is not logged
+
+        computed.add_done_callback(ended)
         return await asyncio.shield(computed)
 
     @property
@@ -308,21 +314,21 @@ class GreedyBatcher(Generic[T, R]):
         return batch
 
     async def _drain(self) -> None:
-        while self._queue or self._background:
-            try:
+        try:
+            while self._queue or self._background:
                 waited = await self._turns.wait()  # before the pass is taken: what comes meanwhile joins it
-            except BaseException as exc:  # never a queue left without a worker: its callers get the error
-                for job in (*self._queue, *self._background):
-                    if not job.future.done():
-                        job.future.set_exception(RuntimeError(f"the batcher stopped: {exc!r}"))
-                self._queue.clear()
-                self._background.clear()
-                raise
-            batch = self._next_batch()
-            self._on_queue(self.queued)
-            if batch:
-                self.waits.observe(1, waited)
-                await self._run(batch)
+                batch = self._next_batch()
+                self._on_queue(self.queued)
+                if batch:
+                    self.waits.observe(1, waited)
+                    await self._run(batch)
+        except BaseException as exc:  # never a queue left without a worker: its callers get the error
+            for job in (*self._queue, *self._background):
+                if not job.future.done():
+                    job.future.set_exception(RuntimeError(f"the batcher stopped: {exc!r}"))
+            self._queue.clear()
+            self._background.clear()
+            raise
 
     async def _run(self, batch: list[_Job[T, R]]) -> None:
         try:
