@@ -782,11 +782,22 @@ def test_a_stopped_runner_hands_back_the_lines_it_had_not_finished(tmp_path: Pat
 def test_lines_a_claim_in_progress_takes_as_the_worker_stops_are_handed_back(tmp_path: Path) -> None:
     """The stop can come while a claim is in the store's thread (a store slow under load, a stop that
     came without the signal): the lines it takes are handed back with the others, not left running
-    here until their lease runs out, an attempt charged to each."""
+    here until their lease runs out, an attempt charged to each. The step ends without the store's
+    clean-up and finalizing, which other workers do: the stop waits for the step."""
     store = BatchStore(tmp_path, "stopping")
     batch = stored_batch(store, [embedding_line(i) for i in range(4)])
-    claimed, hold = threading.Event(), threading.Event()
+    claimed, hold, stopping_began = threading.Event(), threading.Event(), threading.Event()
     claim = store.claim
+    chores: list[str] = []
+    for chore in ("expire_overdue", "clean_up", "finalize_ready"):
+        done = getattr(store, chore)
+
+        def recorded(*args: Any, chore: str = chore, done: Any = done) -> Any:
+            if stopping_began.is_set():
+                chores.append(chore)
+            return done(*args)
+
+        setattr(store, chore, recorded)
 
     def held_claim(limit: int, *args: Any, **kwargs: Any) -> list[Any]:
         lines = claim(limit, *args, **kwargs)
@@ -806,6 +817,7 @@ def test_lines_a_claim_in_progress_takes_as_the_worker_stops_are_handed_back(tmp
         task = asyncio.create_task(runner.run())
         try:
             await asyncio.to_thread(claimed.wait, LONG)
+            stopping_began.set()
             stopping = asyncio.create_task(runner.stop())
             await asyncio.sleep(0.1)  # the stop has begun (a longer sleep cannot change the outcome)
             hold.set()
@@ -815,6 +827,7 @@ def test_lines_a_claim_in_progress_takes_as_the_worker_stops_are_handed_back(tmp
             task.cancel()
 
     asyncio.run(stop_mid_claim())
+    assert chores == []
     assert line_states(store, batch["id"]) == dict.fromkeys(range(4), "pending")
     left = taken_next(tmp_path)
     assert len(left) == 4 and {line.attempts for line in left} == {1}  # their first attempt, again

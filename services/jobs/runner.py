@@ -87,7 +87,8 @@ class BatchRunner:
         while not self._ending:
             try:
                 more = await self._step()
-                if time.monotonic() - last_cleanup > 60:
+                # A stop waits for this step: the minute's clean-up is left to the workers that go on.
+                if not self._ending and time.monotonic() - last_cleanup > 60:
                     await asyncio.to_thread(self.store.expire_overdue)
                     await asyncio.to_thread(self.store.clean_up, self.settings.batch_retention_seconds)
                     last_cleanup = time.monotonic()
@@ -135,7 +136,7 @@ class BatchRunner:
         claimed = (suspect, lines, others)
         full = any(0 < limit == len(got) for limit, got in zip(rooms, claimed, strict=True))
         await self.settle()
-        if not full:
+        if not full and not self._ending:  # finalizing is any worker's, and a stop waits for this step
             await asyncio.to_thread(self.store.finalize_ready, settings.batch_lease_seconds)
         return full
 
