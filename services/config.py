@@ -7,7 +7,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Literal
 
@@ -378,10 +378,15 @@ def pick_device(settings: Settings) -> str:
         return settings.device
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if (device == "cuda") != settings.cuda_present:
-        sized = "a GPU" if settings.cuda_present else "a CPU"
-        logger.warning(
-            "torch runs this worker on %s, but the server sized its workers, threads and batches for %s: "
-            "set FNSERVE_DEVICE=%s so that both agree",
-            device, sized, device,
-        )  # fmt: skip
+        warn_sized_for_other_device(device)
     return device
+
+
+@cache  # once per worker: each of its functions picks the device
+def warn_sized_for_other_device(device: str) -> None:
+    sized = "a CPU" if device == "cuda" else "a GPU"
+    logger.warning(
+        "torch runs this worker on %s, but the server sized its workers, threads and batches for %s: "
+        "set FNSERVE_DEVICE=%s so that both agree",
+        device, sized, device,
+    )  # fmt: skip

@@ -393,11 +393,13 @@ def test_a_worker_warns_when_torch_runs_it_on_another_device_than_it_was_sized_f
     names the setting that makes both agree; where they agree, it says nothing. (No GPU here: torch's
     answer is stood in for.)"""
     monkeypatch.setattr(config, "cuda_usable", lambda: sized_for_gpu)
+    config.warn_sized_for_other_device.cache_clear()
     for torch_finds_gpu in (not sized_for_gpu, sized_for_gpu):
         monkeypatch.setattr(torch.cuda, "is_available", lambda found=torch_finds_gpu: found)
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="bentoml.fnserve.config"):
             device = pick_device(config.Settings(device="auto"))
+            pick_device(config.Settings(device="auto"))  # a worker's other function: said once
         assert device == ("cuda" if torch_finds_gpu else "cpu")
         warned = [record.getMessage() for record in caplog.records]
         if torch_finds_gpu == sized_for_gpu:
