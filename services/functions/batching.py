@@ -160,7 +160,7 @@ class GreedyBatcher(Generic[T, R]):
         self._on_queue = on_queue
         self._wait_target, self._turns = wait_target, turns or Turns()
         self.rate = ServiceRate()  # seconds of forward pass per padded token
-        self.waits = ServiceRate()  # seconds a pass waited for its turn, per pass
+        self.waits = ServiceRate()  # seconds a pass waited for its turn, per pass, while resting
         self._running = 0  # padded tokens of the forward pass under way
         self._queue: deque[_Job[T, R]] = deque()
         self._background: deque[_Job[T, R]] = deque()
@@ -320,7 +320,8 @@ class GreedyBatcher(Generic[T, R]):
                 batch = self._next_batch()
                 self._on_queue(self.queued)
                 if batch:
-                    self.waits.observe(1, waited)
+                    if self._turns.stretch() > 1:  # resting for the engine: what the estimate reads then
+                        self.waits.observe(1, waited)
                     await self._run(batch)
         except BaseException as exc:  # never a queue left without a worker: its callers get the error
             for job in (*self._queue, *self._background):
