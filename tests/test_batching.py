@@ -224,33 +224,32 @@ def test_one_worker_s_encoders_share_one_rest_clock(tmp_path: Path, monkeypatch:
         now[0] = seconds
 
     assert share.wait_seconds() == 0
-    with share.passing():  # the engine idle: no rest
-        at(1.0)
+    share.begin()  # the engine idle: no rest
+    at(1.0)
+    share.end()
     assert share.wait_seconds() == 0
     EngineBeat("1-2.000").busy()
-    embedding, image = share.passing(), share.passing()
-    embedding.__enter__()
+    share.begin()  # an embedding pass
     at(1.5)
-    image.__enter__()  # both busy from 1.5 to 2
+    share.begin()  # an image pass: both busy from 1.5 to 2
     at(2.0)
-    embedding.__exit__(None, None, None)
+    share.end()  # the embedding pass
     assert share.wait_seconds() == 1.0  # the embedding pass's second is owed: no pass starts
     at(3.0)
-    image.__exit__(None, None, None)
+    share.end()  # the image pass
     # And the image pass's second not charged yet (2 to 3). The rest begins once neither runs: 2 s busy
     # (1 to 3), then 2 s of rest (3 to 5), the share.
     assert share.wait_seconds() == 2.0
     at(5.0)
     assert share.wait_seconds() == 0
     # The other order: a short pass that starts and ends inside a long one. 3 s busy (5 to 8), 3 s rest.
-    image, embedding = share.passing(), share.passing()
-    image.__enter__()
+    share.begin()  # an image pass
     at(6.0)
-    embedding.__enter__()
+    share.begin()  # an embedding pass
     at(6.5)
-    embedding.__exit__(None, None, None)
+    share.end()  # the embedding pass
     at(8.0)
-    image.__exit__(None, None, None)
+    share.end()  # the image pass
     assert share.wait_seconds() == 3.0
     assert share.stretch() == 2.0  # a queue's passes take twice their time while the engine has work
 
@@ -265,18 +264,17 @@ def test_a_pass_waits_for_the_rest_until_the_passes_under_way_end(
     share.path.parent.mkdir(parents=True, exist_ok=True)
 
     async def main() -> float:
-        image, embedding = share.passing(), share.passing()
-        image.__enter__()
-        embedding.__enter__()
+        share.begin()  # an image pass
+        share.begin()  # an embedding pass
         await asyncio.sleep(0.05)
         share.path.touch()  # the engine has work
-        embedding.__exit__(None, None, None)
+        share.end()  # the embedding pass
         waiting = asyncio.create_task(share.wait("embedding"))
         await asyncio.sleep(0.05)
         assert not waiting.done()  # the rest is owed, and the image pass runs on
         share.path.touch()
         ended = time.monotonic()
-        image.__exit__(None, None, None)  # busy 0.1 s at least: a rest of as long
+        share.end()  # the image pass, busy 0.1 s at least: a rest of as long
         await asyncio.wait_for(waiting, LONG)
         return time.monotonic() - ended
 
@@ -301,10 +299,11 @@ def test_a_caller_that_forms_its_own_passes_waits_its_turn_too(
         shared = GreedyBatcher(
             run, max_batch_size=4, max_queue_seconds=LONG, max_queue=10_000, turns=EncoderTurns(share, "x")
         )
-        with share.passing():  # another encoder's pass of 0.1 s at least, while the engine has work
-            await asyncio.sleep(0.1)
-            share.path.touch()
-            ended = time.monotonic()
+        share.begin()  # another encoder's pass of 0.1 s at least, while the engine has work
+        await asyncio.sleep(0.1)
+        share.path.touch()
+        ended = time.monotonic()
+        share.end()
         assert await shared.forward([1, 2]) == [1, 2]
         return started[0] - ended
 
@@ -318,8 +317,8 @@ def test_a_beat_that_cannot_be_read_is_no_beat(tmp_path: Path, monkeypatch: pyte
     (tmp_path / "folder").write_text("")
     share = Share("1-2.000", 0.5)
     share.path = tmp_path / "folder" / "beat"
-    with share.passing():
-        pass
+    share.begin()
+    share.end()
     assert not share.engine_busy() and share.wait_seconds() == 0
 
 

@@ -146,7 +146,8 @@ class GreedyBatcher(Generic[T, R]):
         (refused as overloaded: 503) instead of running late; an online request that would take a
         non-empty queue past `max_queue` items raises QueueFull, and one expected to wait past
         `wait_target` is refused. Passes start in their `turns` (the worker's encoders yielding the
-        CPU to the chat engine), and are held in them; the answers of a pass are sent before any rest.
+        CPU to the chat engine), which hear when each begins and ends; the answers of a pass are sent
+        before any rest.
         With `max_batch_tokens`, a pass also holds at most that many padded tokens, an item's being
         `tokens(item)`: what a pass of texts costs grows with its tokens, not its texts, so long texts
         fill one with fewer of them."""
@@ -178,11 +179,10 @@ class GreedyBatcher(Generic[T, R]):
         await self._turns.wait()
         computed = asyncio.get_running_loop().run_in_executor(self._forward_thread, self._run_batch, items)
         # The pass ends when its thread does: a caller that gives up (cancelled) leaves it computing.
-        passing = self._turns.passing()
-        passing.__enter__()
+        self._turns.begin()
 
         def ended(future: asyncio.Future[list[R]]) -> None:
-            passing.__exit__(None, None, None)
+            self._turns.end()
             if not future.cancelled():
                 future.exception()  # read, so that a failure nobody waits for any more is not logged
 

@@ -16,8 +16,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 
@@ -122,9 +121,11 @@ class Turns:
         """Returns once a pass may start: the seconds waited."""
         return 0.0
 
-    def passing(self) -> AbstractContextManager[None]:
-        """Held around each forward pass."""
-        return nullcontext()
+    def begin(self) -> None:
+        """A forward pass starts (its thread is given the work)."""
+
+    def end(self) -> None:
+        """A forward pass ends (its thread is done, whether or not its caller still waits)."""
 
     def stretch(self) -> float:
         """Wall seconds per second of forward passes, the passes' own rests included, now."""
@@ -159,27 +160,26 @@ class Share:
             return False
         return time.time() - beat <= 2 * BEAT
 
-    @contextmanager
-    def passing(self) -> Iterator[None]:
-        """A forward pass. When it ends, and the engine has work, the rest owed grows by the busy time
-        since the last charge (from when the worker's encoders went from idle to busy: passes of two
-        encoders overlap, in either order) times (1/share - 1). The rest begins when no pass is under
-        way: a rest that overlapped another pass would not rest."""
+    def begin(self) -> None:
+        """A forward pass of either encoder starts: busy time is charged from when the worker's encoders
+        went from idle to busy (passes of two encoders overlap, in either order)."""
         if not self._passes:
             self._charged = self._clock()
             self._idle.clear()
         self._passes += 1
-        try:
-            yield
-        finally:
-            self._passes -= 1
-            now = self._clock()
-            busy, self._charged = now - self._charged, now
-            if busy > 0 and self.engine_busy():
-                self._owed += busy * (1 / self.share - 1)
-            if not self._passes:
-                self._resume, self._owed = now + self._owed, 0.0
-                self._idle.set()
+
+    def end(self) -> None:
+        """A forward pass ends. While the engine has work, the rest owed grows by the busy time since the
+        last charge times (1/share - 1). The rest begins when no pass is under way: a rest that
+        overlapped another pass would not rest."""
+        self._passes -= 1
+        now = self._clock()
+        busy, self._charged = now - self._charged, now
+        if busy > 0 and self.engine_busy():
+            self._owed += busy * (1 / self.share - 1)
+        if not self._passes:
+            self._resume, self._owed = now + self._owed, 0.0
+            self._idle.set()
 
     def wait_seconds(self) -> float:
         """Seconds before an encoder pass may start; while a rest is owed but a pass is still under way,
@@ -213,8 +213,11 @@ class EncoderTurns(Turns):
     async def wait(self) -> float:
         return await self.share.wait(self.function)
 
-    def passing(self) -> AbstractContextManager[None]:
-        return self.share.passing()
+    def begin(self) -> None:
+        self.share.begin()
+
+    def end(self) -> None:
+        self.share.end()
 
     def stretch(self) -> float:
         return self.share.stretch()
