@@ -310,6 +310,34 @@ def test_a_caller_that_forms_its_own_passes_waits_its_turn_too(
     assert asyncio.run(main()) >= 0.099  # its rest of as long
 
 
+def test_a_caller_that_forms_its_own_passes_counts_in_the_expected_wait() -> None:
+    """BentoML's /encode passes teach the rate and count as work under way: its load had been missing
+    from every other protocol's expected wait, which admitted requests that then waited behind it."""
+    started, release = threading.Event(), threading.Event()
+
+    def run(items: list[str]) -> list[str]:
+        started.set()
+        assert release.wait(LONG)
+        return [item.upper() for item in items]
+
+    async def main() -> tuple[float, float, list[str], float]:
+        shared = GreedyBatcher(run, max_batch_size=8, max_queue_seconds=LONG, max_queue=10_000, tokens=len)
+        release.set()
+        assert await shared.forward(["a"]) == ["A"]
+        learned = shared.rate.seconds_for(1)  # none before: an idle function admits
+        started.clear()
+        release.clear()
+        own = asyncio.create_task(shared.forward(["aaaa", "bb"]))  # 2 texts x 4 tokens
+        assert await asyncio.to_thread(started.wait, LONG)
+        during = shared.expected_wait
+        release.set()
+        return learned, during, await own, shared.expected_wait
+
+    learned, during, answer, after = asyncio.run(main())
+    assert learned > 0 and answer == ["AAAA", "BB"]
+    assert during == pytest.approx(8 * learned) and after == 0
+
+
 def test_a_beat_that_cannot_be_read_is_no_beat(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Read where a pass ends: an error there (a file where the server's folder should be) had left the
     rest's bookkeeping half done, and every later pass waiting on it."""

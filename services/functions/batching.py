@@ -162,7 +162,8 @@ class GreedyBatcher(Generic[T, R]):
         self._wait_target, self._turns = wait_target, turns or Turns()
         self.rate = ServiceRate()  # seconds of forward pass per padded token
         self.waits = ServiceRate()  # seconds a pass waited for its turn, per pass, while resting
-        self._running = 0  # padded tokens of the forward pass under way
+        self._running = 0  # padded tokens of the forward passes under way (or queued in the thread)
+        self._running_passes = 0
         self._queue: deque[_Job[T, R]] = deque()
         self._background: deque[_Job[T, R]] = deque()
         self._online_seen = -ONLINE_QUIET_SECONDS
@@ -173,21 +174,37 @@ class GreedyBatcher(Generic[T, R]):
         self._forward_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fnserve-forward")
 
     async def forward(self, items: list[T]) -> list[R]:
-        """`items` as one pass in this batcher's thread, after the pass under way: the queue's passes,
-        and those of a caller that batches on its own (BentoML's batchable endpoint), which waits its
-        turn here (the queue's passes have waited theirs already)."""
-        await self._turns.wait()
-        computed = asyncio.get_running_loop().run_in_executor(self._forward_thread, self._run_batch, items)
-        # The pass ends when its thread does: a caller that gives up (cancelled) leaves it computing.
+        """`items` as one pass in this batcher's thread, after the pass under way, for a caller that
+        batches on its own (BentoML's batchable endpoint): it waits its turn here, and its passes count
+        in the rate, the waits and the work under way that admission reads, as the queue's do (without
+        them, /encode's load was missing from every other protocol's expected wait)."""
+        return await self._pass(items, await self._turns.wait())
+
+    async def _pass(self, items: list[T], waited: float) -> list[R]:
+        """`items` as one pass, its turn waited for (`waited` seconds)."""
+        if self._turns.stretch() > 1:  # resting for the engine: what the estimate reads then
+            self.waits.observe(1, waited)
+        padded = len(items) * max(map(self._tokens, items))
+        self._running, self._running_passes = self._running + padded, self._running_passes + 1
         self._turns.begin()
 
-        def ended(future: asyncio.Future[list[R]]) -> None:
+        def timed() -> tuple[float, list[R]]:
+            """When the thread took the pass (a pass queued there behind another is not charged for that
+            wait), and its results."""
+            return time.monotonic(), self._run_batch(items)
+
+        computed = asyncio.get_running_loop().run_in_executor(self._forward_thread, timed)
+
+        # The pass ends when its thread does: a caller that gives up (cancelled) leaves it computing.
+        def ended(future: asyncio.Future[tuple[float, list[R]]]) -> None:
             self._turns.end()
-            if not future.cancelled():
-                future.exception()  # read, so that a failure nobody waits for any more is not logged
+            self._running, self._running_passes = self._running - padded, self._running_passes - 1
+            if not future.cancelled() and future.exception() is None:  # read: a failure is not logged
+                self.rate.observe(padded, time.monotonic() - future.result()[0])
 
         computed.add_done_callback(ended)
-        return await asyncio.shield(computed)
+        _, results = await asyncio.shield(computed)
+        return results
 
     @property
     def bounds(self) -> tuple[int, float]:
@@ -247,7 +264,7 @@ class GreedyBatcher(Generic[T, R]):
         While the encoders rest for the engine, a pass is followed by its own rest (the share), or
         waits as long as recent passes waited for their turn, whichever is longer: the other encoder's
         passes and rests are a wait per pass, not a cost per token."""
-        ahead, passes = Pass(), int(bool(self._running))
+        ahead, passes = Pass(), self._running_passes
         tokens = self._running
         for job in self._queue:
             if job.future.done():
@@ -320,9 +337,7 @@ class GreedyBatcher(Generic[T, R]):
                 batch = self._next_batch()
                 self._on_queue(self.queued)
                 if batch:
-                    if self._turns.stretch() > 1:  # resting for the engine: what the estimate reads then
-                        self.waits.observe(1, waited)
-                    await self._run(batch)
+                    await self._run(batch, waited)
         except BaseException as exc:  # never a queue left without a worker: its callers get the error
             for job in (*self._queue, *self._background):
                 if not job.future.done():
@@ -331,23 +346,16 @@ class GreedyBatcher(Generic[T, R]):
             self._background.clear()
             raise
 
-    async def _run(self, batch: list[_Job[T, R]]) -> None:
+    async def _run(self, batch: list[_Job[T, R]], waited: float) -> None:
         try:
             items = [item for job in batch for item in job.items]
             self._on_batch(len(items), time.monotonic() - batch[0].enqueued)
-            padded = len(items) * max(job.longest for job in batch)
-            began, self._running = time.monotonic(), padded
-            try:
-                results = await self.forward(items)
-            finally:
-                self._running = 0
-            busy = time.monotonic() - began
+            results = await self._pass(items, waited)
             start = 0
             for job in batch:
                 if not job.future.done():
                     job.future.set_result(results[start : start + len(job.items)])
                 start += len(job.items)
-            self.rate.observe(padded, busy)
         except BaseException as exc:  # its callers get the error, never a hang; the worker keeps serving
             for job in batch:
                 if not job.future.done():
