@@ -18,7 +18,7 @@ import grpc
 import pytest
 
 from services.functions.batching import GreedyBatcher, passes
-from services.functions.pacing import EncoderTurns, EngineBeat, Share, Turns, admit
+from services.functions.pacing import EncoderTurns, EngineBeat, ServiceRate, Share, Turns, admit
 from services.functions.types import RefusalKind, Refused
 from services.protocols.oip.grpc import CODES
 from services.protocols.openai.protocol import REFUSAL_CODES
@@ -200,6 +200,21 @@ def test_admission_by_time_holds_an_idle_function_to_the_request_deadline_only()
     with pytest.raises(Refused) as late:
         admit("generation", 0.0, target, time.monotonic() - 0.5, "SETTING", idle=True)
     assert late.value.kind == "deadline" and HTTP_STATUS["deadline"] == HTTPStatus.GATEWAY_TIMEOUT
+
+
+def test_a_rate_forgets_what_it_saw_long_ago() -> None:
+    """The encoders' waits for their turn under a spell of two floods long past had held (until 32 more
+    passes) when the engine got work again, and refused requests for waits no longer there."""
+    now = [0.0]
+    waits = ServiceRate(max_age=30.0, clock=lambda: now[0])
+    waits.observe(1, 3.0)
+    now[0] = 20.0
+    waits.observe(1, 1.0)
+    assert waits.seconds_for(2) == 4.0  # both recent: 2 passes at 2 s
+    now[0] = 40.0
+    assert waits.seconds_for(2) == 2.0  # the first is 40 s old: the second alone
+    now[0] = 60.0
+    assert waits.seconds_for(2) == 0.0
 
 
 def test_the_engine_beat_outlives_its_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -31,6 +31,7 @@ from services.functions.types import Refused
 # pass, and are never shed for waiting (they are not waited on by a client).
 BACKGROUND: ContextVar[bool] = ContextVar("background", default=False)
 ONLINE_QUIET_SECONDS = 1.0  # background batches grow back to full size after this long without online work
+WAITS_MAX_AGE = 30.0  # seconds the encoders' waits for their turn are trusted
 
 
 @asynccontextmanager
@@ -161,7 +162,9 @@ class GreedyBatcher(Generic[T, R]):
         self._on_queue = on_queue
         self._wait_target, self._turns = wait_target, turns or Turns()
         self.rate = ServiceRate()  # seconds of forward pass per padded token
-        self.waits = ServiceRate()  # seconds a pass waited for its turn, per pass, while resting
+        # Seconds a pass waited for its turn, per pass, while resting: the other encoder's load, which a
+        # spell long past (both flooding) says nothing of.
+        self.waits = ServiceRate(max_age=WAITS_MAX_AGE)
         self._running = 0  # padded tokens of the forward passes under way (or queued in the thread)
         self._running_passes = 0
         self._queue: deque[_Job[T, R]] = deque()

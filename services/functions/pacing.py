@@ -42,19 +42,25 @@ RESTED = bentoml.metrics.Counter(
 
 class ServiceRate:
     """Seconds of service per unit of queued work (an input, a request), over the last `window`
-    observations: a sum rather than an average of ratios, so large batches weigh as much as they cost."""
+    observations, and of those only the ones made in the last `max_age` seconds: a sum rather than an
+    average of ratios, so large batches weigh as much as they cost."""
 
-    def __init__(self, window: int = 32) -> None:
-        self._seen: deque[tuple[float, float]] = deque(maxlen=window)
+    def __init__(
+        self, window: int = 32, max_age: float = math.inf, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._seen: deque[tuple[float, float, float]] = deque(maxlen=window)
+        self._max_age, self._clock = max_age, clock
 
     def observe(self, units: float, seconds: float) -> None:
         if units > 0:
-            self._seen.append((units, seconds))
+            self._seen.append((self._clock(), units, seconds))
 
     def seconds_for(self, units: float) -> float:
-        """0 before anything was observed: an idle function admits."""
-        done = sum(u for u, _ in self._seen)
-        return units * sum(s for _, s in self._seen) / done if done else 0.0
+        """0 before anything was observed (or lately): an idle function admits."""
+        since = self._clock() - self._max_age
+        recent = [(u, s) for at, u, s in self._seen if at >= since]
+        done = sum(u for u, _ in recent)
+        return units * sum(s for _, s in recent) / done if done else 0.0
 
 
 def admit(
