@@ -552,6 +552,19 @@ def test_one_concurrency_bound_covers_both_ports() -> None:
         assert busy.status() == "StatusCode.RESOURCE_EXHAUSTED" and "limit of 1" in busy.message()
         refused = httpx.post(f"{url}/v1/embeddings", json={"model": EMBEDDER, "input": "x"}, timeout=LONG)
         assert refused.status_code == 429 and refused.json()["error"]["code"] == "concurrency"
+        # Calls open are bounded too, at twice the requests: a stream holds no place until a request of
+        # its runs, so idle ones had piled up without limit. A second stream is the second call...
+        idle = server.grpc_client()
+        idle_answers: queue.Queue[tuple[object, object]] = queue.Queue()
+        idle.start_stream(callback=lambda result, error: idle_answers.put((result, error)))
+        idle.async_stream_infer(EMBEDDER, [text_input("text", ["x"])], request_id="idle")
+        _, idle_error = idle_answers.get(timeout=LONG)
+        # Refused for load in the stream, which stays open.
+        assert isinstance(idle_error, InferenceServerException) and "limit of 1" in idle_error.message()
+        # ... and a third is refused by gRPC before it is taken.
+        past = grpc_error(lambda: server.grpc_client().infer(EMBEDDER, [text_input("text", ["x"])]))
+        assert past.status() == "StatusCode.RESOURCE_EXHAUSTED" and "limit of 1" not in past.message()
+        idle.stop_stream()
         client.stop_stream(cancel_requests=True)
         wait_until = time.monotonic() + LONG
         while True:  # the stream's place is given back once its request has been cancelled

@@ -487,8 +487,13 @@ async def start(
     ]
     draining = asyncio.Event()
     refusing = RefuseWhenDraining(draining)
+    # Admission bounds the requests in flight, not the calls open: an open stream with no request
+    # running holds no place. gRPC's own bound on calls, twice the requests as BentoML's backstop is over
+    # HTTP, keeps idle streams from piling up without limit (past it: RESOURCE_EXHAUSTED).
     server = grpc.aio.server(
-        options=options, interceptors=[refusing, RequireKey(admission), RejectMalformed()]
+        options=options,
+        interceptors=[refusing, RequireKey(admission), RejectMalformed()],
+        maximum_concurrent_rpcs=2 * admission.max_concurrency,
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(
         InferenceService(repository, admission, draining), server
