@@ -23,6 +23,7 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
 import services
+from services.protocols.oip.tensors import MAX_DIMENSIONS
 from tests.oip_client import CHAT, Stream, generation_inputs, text_input
 from tests.server import KEYS, LONG, MAX_BODY, ONE_WORKER, counter, free_port, serve
 from tests.server import http_client as httpx_client
@@ -116,6 +117,26 @@ def test_health_and_metadata_over_grpc_and_http(server: Server) -> None:
     with http(server) as client:
         response = client.get("/v2/models/no-such-model")
     assert response.status_code == 404 and "no-such-model" in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "allowed"),
+    [
+        ("GET", f"/v2/models/{EMBEDDER}/infer", 405, "POST"),
+        ("PUT", f"/v2/models/{CHAT}/generate", 405, "POST"),
+        ("POST", "/v2/health/live", 405, "GET"),
+        ("OPTIONS", f"/v2/models/{EMBEDDER}/infer", 405, "POST"),
+        ("GET", "/v2/nothing-here", 404, None),
+    ],
+)
+def test_a_wrong_method_gets_405_with_the_methods_the_path_takes(
+    server: Server, method: str, path: str, status: int, allowed: str | None
+) -> None:
+    """The protocol's catch-all (its 404 shape) had answered a wrong method 404 "no route"."""
+    with http(server) as client:
+        response = client.request(method, path)
+    assert response.status_code == status and response.headers.get("allow") == allowed
+    assert response.json()["error"]
 
 
 def test_embeddings_over_grpc_and_http_equal_the_openai_route(server: Server) -> None:
@@ -492,6 +513,13 @@ BINARY_HEAD = orjson.dumps(
             {},
             "cannot be held",
         ),
+        (  # refused before the product of its dimensions, which had held the event loop
+            orjson.dumps(
+                {"inputs": [{"name": "text", "shape": [2] * 40_000, "datatype": "BYTES", "data": ["x"]}]}
+            ),
+            {},
+            "40000 dimensions cannot be held",
+        ),
         (BINARY_HEAD, {"Inference-Header-Content-Length": b"\xb2"}, "must be the JSON header's size"),
         (b"{}", {"Content-Encoding": "gzip"}, "not gzip data"),
         (zlib.compress(b"{}") + b"more", {"Content-Encoding": "deflate"}, "not one whole deflate stream"),
@@ -510,6 +538,12 @@ def test_malformed_rest_infer_bodies_get_400(
         assert client.post(f"/v2/models/{EMBEDDER}/infer", json=ok).status_code == 200
 
 
+def test_numpy_holds_as_many_dimensions_as_tensors_may_have() -> None:
+    np.zeros([1] * MAX_DIMENSIONS)
+    with pytest.raises(ValueError):
+        np.zeros([1] * (MAX_DIMENSIONS + 1))
+
+
 def test_triton_generate_and_generate_stream(server: Server) -> None:
     prompt = "The capital of France is"
     expected = openai_completion(server, prompt, 12)
@@ -520,6 +554,19 @@ def test_triton_generate_and_generate_stream(server: Server) -> None:
             events = [line for line in response.iter_lines() if line.startswith("data: ")]
         unknown = {"text_input": prompt, "parameters": {"use_beam_search": True}}
         refused = client.post(f"/v2/models/{CHAT}/generate", json=unknown)
+        # orjson reads JSON nested deeper than it writes: that had been a 500 (and a deep `id`, echoed in
+        # the answer, a 500 after the whole generation).
+        deep: object = 1
+        for _ in range(300):
+            deep = [deep]
+        nested = [
+            client.post(f"/v2/models/{CHAT}/{route}", json=body)
+            for route in ("generate", "generate_stream")
+            for body in (
+                {"text_input": prompt, "sampling_parameters": {"max_tokens": deep}},
+                {"text_input": prompt, "id": deep},
+            )
+        ]
         # The vLLM backend's input as a key of the body, as a string or an object; a version in the path.
         as_input = {"text_input": prompt, "sampling_parameters": json.dumps(body["parameters"])}
         as_object = {"text_input": prompt, "sampling_parameters": body["parameters"]}
@@ -533,6 +580,10 @@ def test_triton_generate_and_generate_stream(server: Server) -> None:
     # Several parts: the first token comes alone, and a step that accepts drafts sends its tokens at once.
     assert parts[-1]["finish_reason"] == "length" and len(parts) > 1
     assert refused.status_code == 400 and "use_beam_search" in refused.json()["error"]
+    assert [(r.status_code, r.json()["error"]) for r in nested] == [
+        (400, "`sampling_parameters` is nested too deeply"),
+        (400, "`id` must be a string"),
+    ] * 2
 
 
 def test_one_concurrency_bound_covers_both_ports() -> None:

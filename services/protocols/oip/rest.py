@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from services import __version__
-from services.admission import DEADLINE, count_refusal
+from services.admission import DEADLINE, count_refusal, rejected
 from services.config import get_settings
 from services.functions.api import current
 from services.functions.chat import Delta, GenerationRequest
@@ -41,7 +41,7 @@ from services.protocols.oip.tensors import (
     to_values,
 )
 from services.protocols.sse import ClosingEventSourceResponse
-from services.protocols.status import HTTP_STATUS
+from services.protocols.status import HTTP_STATUS, other_methods
 
 logger = logging.getLogger("bentoml.fnserve.oip")
 PREFIX = "/v2"
@@ -72,7 +72,7 @@ async def on_refused(_: Request, exc: Refused) -> JSONResponse:
 
 @app.exception_handler(HTTPException)
 async def on_http_error(_: Request, exc: HTTPException) -> JSONResponse:
-    return error_response(exc.status_code, str(exc.detail))
+    return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
 
 
 @app.exception_handler(Exception)
@@ -273,6 +273,8 @@ async def generate_request(
         raise Refused("invalid", f"the body is not JSON: {exc}") from None
     if not isinstance(body, dict) or not isinstance(body.get("text_input"), str):
         raise Refused("invalid", "the body must be a JSON object with a string `text_input`")
+    if not isinstance(body.get("id", ""), str):  # echoed in every answer: Triton's is a string
+        raise Refused("invalid", "`id` must be a string")
     parameters = body.get("parameters", {})
     if not isinstance(parameters, dict):
         raise Refused("invalid", "`parameters` must be a JSON object")
@@ -280,7 +282,10 @@ async def generate_request(
     inputs = {"text_input": bytes_tensor("text_input", body["text_input"])}
     if (sampling := extra.pop("sampling_parameters", None)) is not None:
         if isinstance(sampling, dict):
-            sampling = orjson.dumps(sampling).decode()
+            try:
+                sampling = orjson.dumps(sampling).decode()
+            except orjson.JSONEncodeError:  # orjson reads 1,024 levels deep but writes 255
+                raise Refused("invalid", "`sampling_parameters` is nested too deeply") from None
         if not isinstance(sampling, str):
             raise Refused("invalid", "`sampling_parameters` must be a JSON object, or a string holding one")
         inputs["sampling_parameters"] = bytes_tensor("sampling_parameters", sampling)
@@ -336,9 +341,16 @@ async def generate_stream(name: str, request: Request, model_version: str = "") 
 
 
 @routes.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
-async def unknown_route(request: Request) -> None:
-    """Unmatched /v2 paths get the protocol's 404, not BentoML's plain-text one."""
-    raise Refused("not_found", f"no route {request.url.path}")
+async def unknown_route(request: Request) -> JSONResponse:
+    """Unmatched /v2 paths get the protocol's 404, not BentoML's plain-text one; a method a path does
+    not take, its 405."""
+    where = request.url.path
+    if allowed := other_methods(routes.routes, request.scope):
+        rejected("invalid")
+        methods = ", ".join(allowed)
+        message = f"{request.method} is not allowed on {where} (allowed: {methods})"
+        return error_response(405, message, headers={"Allow": methods})
+    raise Refused("not_found", f"no route {where}")
 
 
 app.include_router(routes)

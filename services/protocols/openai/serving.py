@@ -21,11 +21,9 @@ import orjson
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from fastapi.routing import APIRoute
 from fastapi.sse import format_sse_event
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
-from starlette.routing import Match
 
 from services.admission import DEADLINE, rejected
 from services.functions.api import Functions, current
@@ -59,6 +57,7 @@ from services.protocols.openai.protocol import (
     plain_messages,
 )
 from services.protocols.sse import ClosingEventSourceResponse
+from services.protocols.status import other_methods
 
 logger = logging.getLogger("bentoml.fnserve.gateway")  # the server logs only the bentoml tree
 STARTED = int(time.time())
@@ -489,13 +488,7 @@ async def unknown_route(request: Request) -> JSONResponse:
     """Registered last, so only unmatched /v1 paths reach it: BentoML's mount hands a path to this app
     only when one of its routes matches, and would otherwise answer a plain-text 404."""
     where = request.url.path
-    allowed = sorted(
-        method
-        for route in (*routes.routes, *batches.routes.routes, *images.routes.routes)
-        if isinstance(route, APIRoute)
-        and route.matches(request.scope)[0] == Match.PARTIAL  # another method's
-        for method in route.methods
-    )
+    allowed = other_methods((*routes.routes, *batches.routes.routes, *images.routes.routes), request.scope)
     if allowed:
         rejected("invalid")
         methods = ", ".join(allowed)
