@@ -17,7 +17,7 @@ from bentoml.exceptions import BentoMLException
 from pydantic import BaseModel, Field
 
 from models.catalog import CATALOG
-from services.admission import Admission
+from services.admission import DEADLINE, Admission
 from services.config import TIMEOUT_GRACE_SECONDS, get_settings, usable_cores
 from services.functions.api import Functions
 from services.functions.cache import response_cache
@@ -161,25 +161,29 @@ class Frontend:
         max_tokens: ChatMaxTokens = CHAT_DEFAULT_TOKENS,
     ) -> AsyncGenerator[str, None]:
         """Native BentoML streaming chat: greedy text deltas."""
-        async for text in self._greedy(messages, max_tokens):
+        async for text in self._greedy(messages, max_tokens, DEADLINE.get()):
             yield text
 
     @bentoml.task
     async def write(self, messages: ChatMessages, max_tokens: ChatMaxTokens = CHAT_DEFAULT_TOKENS) -> str:
         """BentoML task: one long greedy answer, submitted and collected later by BentoML's clients.
         BentoML keeps task state in a file that `bentoml serve` deletes at start, and cannot cancel
-        locally: durable, resumable or bulk work belongs in /v1/batches."""
-        return "".join([text async for text in self._greedy(messages, max_tokens)])
+        locally: durable, resumable or bulk work belongs in /v1/batches. No deadline: nobody waits on
+        the call that submitted it."""
+        return "".join([text async for text in self._greedy(messages, max_tokens, None)])
 
-    async def _greedy(self, messages: ChatMessages, max_tokens: int) -> AsyncGenerator[str, None]:
+    async def _greedy(
+        self, messages: ChatMessages, max_tokens: int, deadline: float | None
+    ) -> AsyncGenerator[str, None]:
         """A greedy answer's text through the chat function, as every protocol's: a caller that goes
-        away cancels it in the engine. (The generator's own proxy method did not: BentoML 1.4.40's
-        stream wrapper leaves the call open when closed early, and the engine generated on.)"""
+        away cancels it in the engine, and one past its `deadline` (time.monotonic()) ends. (The
+        generator's own proxy method did neither: BentoML 1.4.40's stream wrapper leaves the call open
+        when closed early, and the engine generated on.)"""
         request = GenerationRequest(
             messages=[m.model_dump() for m in messages], max_tokens=max_tokens, temperature=0
         )
         try:
-            generation = await self.functions.chat.start(request)
+            generation = await self.functions.chat.start(request, deadline)
         except Refused as exc:
             raise native_error(exc) from exc
         async with generation:
@@ -206,7 +210,8 @@ class Frontend:
         fn = self.functions.image
         try:
             data = await asyncio.to_thread(image.read_bytes)
-            scores = (await fn.classify(await fn.preprocess([data]))).scores
+            deadline = DEADLINE.get()
+            scores = (await fn.classify(await fn.preprocess([data], deadline=deadline), deadline)).scores
         except Refused as exc:
             raise native_error(exc) from exc
         return [Label(class_id=i, label=name, score=p) for i, name, p in fn.top(scores, top_k)[0]]

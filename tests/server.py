@@ -172,4 +172,4 @@ def histogram(metrics: str, name: str) -> tuple[float, float]:
     lines = metrics.splitlines()
     total = sum(float(line.split()[-1]) for line in lines if line.startswith(f"{name}_sum"))
     count = sum(float(line.split()[-1]) for line in lines if line.startswith(f"{name}_count"))
-    return count, total / count
+    return count, total / count if count else 0.0  # none yet: a labelled metric has no series

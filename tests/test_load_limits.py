@@ -172,15 +172,22 @@ def test_a_chat_the_generation_service_cannot_take_ends_at_its_deadline(url: str
     the next one is served once the service is back."""
     [generation] = [p for p in server_processes(url) if "generation" in " ".join(p.cmdline())]
     body = chat_body(f"Name a colour. ({uuid.uuid4().hex[:6]})", max_tokens=4)
+    native = {"messages": body["messages"], "max_tokens": 4}
     generation.suspend()
     try:
         stalled = httpx.post(
             f"{url}/v1/chat/completions", json=body, headers={"x-fnserve-timeout": "2"}, timeout=LONG
         )
+        # BentoML's native /chat had no deadline at all: it waited as long as the service was stopped.
+        # (Its client's own timeout bounds the test on a server without one.)
+        stalled_native = httpx.post(
+            f"{url}/chat", json=native, headers={"x-fnserve-timeout": "2"}, timeout=60
+        )
     finally:
         generation.resume()
     assert stalled.status_code == 504, stalled.text
     assert stalled.json()["error"]["code"] == "deadline_exceeded"
+    assert stalled_native.status_code == 504, stalled_native.text
     served = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=LONG)
     assert served.status_code == 200, served.text
 

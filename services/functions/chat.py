@@ -219,7 +219,8 @@ class ChatFunction:
         loading model) raise here, so a protocol can still answer them with its error status. `sample`
         numbers the independent answers one caller asks for at once (OpenAI's `n`): a seeded request's
         answers are cached apart, so that a repeat gets each of them back, not n copies of one."""
-        key, cached = await self._cached(request, sample)
+        async with answered_by(deadline):  # its cache key asks the generation service once, unbounded
+            key, cached = await self._cached(request, sample)
         events = replay(cached) if cached else self._recorded(self._relay(request, deadline), key)
         first = await anext(events)
         if first["type"] == "error":
