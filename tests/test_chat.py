@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -134,6 +135,45 @@ def test_disconnect_mid_stream_cancels_in_the_engine(server: str, client: httpx.
     with server_log(server).open("rb") as log:
         log.seek(logged)
         assert b"Traceback" not in log.read()  # the stream closed cleanly, each of its requests with it
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        # Sampled, so never a cached answer; all 500 tokens unless cancelled.
+        ("/v1/chat/completions", chat_body("Hi", max_tokens=500, temperature=0.7, ignore_eos=True)),
+        (
+            f"/v2/models/{MODEL}/generate",
+            {"text_input": "Hi", "parameters": {"max_tokens": 500, "temperature": 0.7, "ignore_eos": True}},
+        ),
+    ],
+    ids=["openai", "oip"],
+)
+def test_a_client_that_goes_away_before_a_whole_answer_cancels_it(
+    server: str, client: httpx.Client, path: str, body: dict[str, Any]
+) -> None:
+    """Not streamed, nothing is sent until the answer is whole: a client gone before then had its
+    answer generated on to its last token, for nobody, holding its place in the engine's batch."""
+    payload = json.dumps(body)
+    host, port = server.removeprefix("http://").split(":")
+    before, logged = counter(server, TOKENS), server_log(server).stat().st_size
+    with socket.create_connection((host, int(port)), timeout=LONG) as own:
+        own.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n{payload}".encode()
+        )
+        deadline = time.monotonic() + LONG
+        while not client.get("/engine/stats").json()["running"]:  # the answer is being generated
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    deadline = time.monotonic() + LONG
+    while client.get("/engine/stats").json()["running"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert counter(server, TOKENS) - before < 450  # cancelled: far from the 500 tokens asked for
+    with server_log(server).open("rb") as log:
+        log.seek(logged)
+        assert b"Traceback" not in log.read()
 
 
 def test_openai_client_chat_completions_streaming_and_models(server: str) -> None:

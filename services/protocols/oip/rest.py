@@ -40,8 +40,9 @@ from services.protocols.oip.tensors import (
     to_raw,
     to_values,
 )
+from services.protocols.routing import CancelledOnDisconnect, other_methods
 from services.protocols.sse import ClosingEventSourceResponse
-from services.protocols.status import HTTP_STATUS, other_methods
+from services.protocols.status import HTTP_STATUS
 
 logger = logging.getLogger("bentoml.fnserve.oip")
 PREFIX = "/v2"
@@ -61,7 +62,7 @@ def error_response(
 
 
 app = FastAPI(title="fnserve Open Inference Protocol v2", docs_url=None, redoc_url=None, openapi_url=None)
-routes = APIRouter(prefix=PREFIX)
+routes = APIRouter(prefix=PREFIX, route_class=CancelledOnDisconnect)
 
 
 @app.exception_handler(Refused)

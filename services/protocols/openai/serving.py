@@ -56,8 +56,8 @@ from services.protocols.openai.protocol import (
     invalid,
     plain_messages,
 )
+from services.protocols.routing import CancelledOnDisconnect, other_methods
 from services.protocols.sse import ClosingEventSourceResponse
-from services.protocols.status import other_methods
 
 logger = logging.getLogger("bentoml.fnserve.gateway")  # the server logs only the bentoml tree
 STARTED = int(time.time())
@@ -69,7 +69,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 
 # FastAPI's own docs would show only these routes; BentoML's UI (/) and spec (/docs.json) show them all.
 app = FastAPI(title="fnserve OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
-routes = APIRouter()
+routes = APIRouter(route_class=CancelledOnDisconnect)
 
 
 @app.exception_handler(APIError)
