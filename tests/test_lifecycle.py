@@ -325,6 +325,65 @@ def test_a_model_woken_for_a_caller_who_gave_up_counts_its_idle_time_from_the_lo
     assert asyncio.run(main()) == "loaded"
 
 
+def test_shutdown_stops_the_engine_a_load_whose_callers_gave_up_brings() -> None:
+    """A load runs on after its callers leave (shielded). The worker's shutdown had looked for an engine
+    to stop before that load ended, found none, and the engine's loop thread, started after, kept the
+    worker from exiting until it was killed."""
+    finish, stopped = threading.Event(), []
+
+    def load() -> str:
+        assert finish.wait(LONG)
+        return "engine"
+
+    slot = ModelSlot("m", load, lambda model: None, idle_seconds=0)
+
+    async def main() -> None:
+        async def caller() -> None:
+            async with slot.use():
+                pass
+
+        waiting = asyncio.create_task(caller())
+        while slot.state != "loading":
+            await asyncio.sleep(0.01)
+        waiting.cancel()  # the caller gives up (its deadline) while the model loads
+        closing = asyncio.create_task(slot.close(stopped.append))
+        await asyncio.sleep(0)  # the shutdown has begun
+        finish.set()
+        await asyncio.wait_for(closing, LONG)
+
+    asyncio.run(main())
+    assert stopped == ["engine"] and slot.current is None
+
+
+def test_shutdown_waits_for_an_idle_release_under_way() -> None:
+    """The release's thread stops the engine: a shutdown beside it had stopped the same engine at once
+    (the engine's own stop is not safe to run twice at a time)."""
+    began, finish, unloaded, stopped = threading.Event(), threading.Event(), [], []
+
+    def unload(model: str) -> None:
+        began.set()
+        assert finish.wait(LONG)
+        unloaded.append(model)
+
+    slot = ModelSlot("m", lambda: "engine", unload, idle_seconds=0.4)  # checked every 0.1 s
+    slot.load_now()
+
+    async def main() -> bool:
+        slot._last_used -= 3600
+        releasing = asyncio.create_task(slot.release_when_idle())
+        assert await asyncio.to_thread(began.wait, LONG)
+        closing = asyncio.create_task(slot.close(stopped.append))
+        await asyncio.sleep(0.1)
+        waited = not closing.done()
+        finish.set()
+        await asyncio.wait_for(closing, LONG)
+        releasing.cancel()
+        return waited
+
+    assert asyncio.run(main())
+    assert unloaded == ["engine"] and stopped == [] and slot.current is None
+
+
 def test_a_release_that_fails_is_tried_again_at_the_next_idle_check() -> None:
     """A failed release (a full disk for the weights' spill, say) had ended the release loop: the model
     then stayed loaded for the life of the worker."""

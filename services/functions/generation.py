@@ -623,9 +623,10 @@ class Generator:
             await asyncio.sleep(BEAT)
 
     @bentoml.on_shutdown
-    def shutdown(self) -> None:
+    async def shutdown(self) -> None:
+        """The engine loop stops, after a load or an idle release under way; the tasks end after it (a
+        release cancelled mid-way would leave its thread stopping the engine beside this one)."""
+        await self.slot.close(lambda engine: engine.shutdown())
         for task in (self._release_task, self._beat_task):
             if task:
                 task.cancel()
-        if (engine := self.slot.current) is not None:
-            engine.shutdown()

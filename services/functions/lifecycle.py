@@ -242,6 +242,19 @@ class ModelSlot(Generic[M]):
         COLD_START.labels(model=self.name).observe(seconds)
         logger.info("%s loaded again in %.2f s", self.name, seconds)
 
+    async def close(self, stop: Callable[[M], object]) -> None:
+        """At shutdown: an idle release or a load under way ends first (a load whose callers all gave up
+        runs on, shielded), then `stop` runs on what is loaded and the slot is left empty. Read at the
+        shutdown's start, an engine that such a load started after it had been left running: its loop
+        thread kept the worker from exiting until it was killed."""
+        async with self._lock:  # a release under way holds it to its end
+            if self._pending is not None:
+                with suppress(Exception):  # a load that failed left nothing to stop
+                    await asyncio.shield(self._pending)
+            if (model := self._model) is not None:
+                self._model = None  # nothing releases it again (a spill at shutdown) or hands it out
+                await asyncio.to_thread(stop, model)
+
     async def release_when_idle(self) -> None:
         """Runs for the life of the worker."""
         if not self.idle_seconds:
