@@ -290,6 +290,19 @@ def test_streams_in_flight_complete_after_sigterm(idle_server: tuple[str, str]) 
     stream.client.stop_stream()
 
 
+async def abandon_a_load(slot: ModelSlot[str]) -> None:
+    """A caller wakes the sleeping model, then gives up (its deadline) while the model loads."""
+
+    async def caller() -> None:
+        async with slot.use():
+            pass
+
+    waiting = asyncio.create_task(caller())
+    while slot.state != "loading":
+        await asyncio.sleep(0.01)
+    waiting.cancel()
+
+
 def test_a_model_woken_for_a_caller_who_gave_up_counts_its_idle_time_from_the_load() -> None:
     """The load goes on after its caller leaves (shielded); the model it brings must then stay its idle
     time, not be released at the next check because the last use was long before."""
@@ -304,15 +317,7 @@ def test_a_model_woken_for_a_caller_who_gave_up_counts_its_idle_time_from_the_lo
     async def main() -> str:
         slot._last_used -= 3600  # last used an hour ago
         releasing = asyncio.create_task(slot.release_when_idle())
-
-        async def caller() -> None:
-            async with slot.use():
-                pass
-
-        waiting = asyncio.create_task(caller())
-        while slot.state != "loading":
-            await asyncio.sleep(0.01)
-        waiting.cancel()  # the caller gives up while the model loads
+        await abandon_a_load(slot)
         finish.set()
         while slot.state == "loading":
             await asyncio.sleep(0.01)
@@ -338,14 +343,7 @@ def test_shutdown_stops_the_engine_a_load_whose_callers_gave_up_brings() -> None
     slot = ModelSlot("m", load, lambda model: None, idle_seconds=0)
 
     async def main() -> None:
-        async def caller() -> None:
-            async with slot.use():
-                pass
-
-        waiting = asyncio.create_task(caller())
-        while slot.state != "loading":
-            await asyncio.sleep(0.01)
-        waiting.cancel()  # the caller gives up (its deadline) while the model loads
+        await abandon_a_load(slot)
         closing = asyncio.create_task(slot.close(stopped.append))
         await asyncio.sleep(0)  # the shutdown has begun
         finish.set()
