@@ -176,6 +176,28 @@ def test_a_client_that_goes_away_before_a_whole_answer_cancels_it(
         assert b"Traceback" not in log.read()
 
 
+def test_a_client_gone_mid_body_is_no_server_error(server: str, client: httpx.Client) -> None:
+    """What listens for a disconnect reads the body first: a client gone before its body ended had
+    been logged as an unexpected error, with a traceback."""
+    host, port = server.removeprefix("http://").split(":")
+    logged = server_log(server).stat().st_size
+    closed = {"endpoint": "/v1/chat/completions", "http_response_code": "499"}
+    before = counter(server, "bentoml_service_request_total", **closed)
+    with socket.create_connection((host, int(port)), timeout=LONG) as own:
+        own.sendall(
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+            'Content-Length: 1000\r\n\r\n{"model": '.encode()
+        )
+    deadline = time.monotonic() + LONG
+    while counter(server, "bentoml_service_request_total", **closed) == before:  # the server is done with it
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert ask(client, max_tokens=4)["choices"][0]["message"]["content"]  # served after it
+    with server_log(server).open("rb") as log:
+        log.seek(logged)
+        assert b"Traceback" not in log.read()
+
+
 def test_openai_client_chat_completions_streaming_and_models(server: str) -> None:
     api = openai.OpenAI(base_url=f"{server}/v1", api_key="unused", max_retries=0)
     answer = api.chat.completions.create(

@@ -626,7 +626,9 @@ class Generator:
     async def shutdown(self) -> None:
         """The engine loop stops, after a load or an idle release under way; the tasks end after it (a
         release cancelled mid-way would leave its thread stopping the engine beside this one)."""
-        await self.slot.close(lambda engine: engine.shutdown())
-        for task in (self._release_task, self._beat_task):
-            if task:
-                task.cancel()
+        try:
+            await self.slot.close(lambda engine: engine.shutdown())
+        finally:
+            for task in (self._release_task, self._beat_task):
+                if task:
+                    task.cancel()

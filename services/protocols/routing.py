@@ -9,6 +9,7 @@ from typing import Any
 
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
+from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute, Match
 from starlette.types import Scope
 
@@ -39,7 +40,10 @@ class CancelledOnDisconnect(APIRoute):
         handle = super().get_route_handler()
 
         async def handle_while_connected(request: Request) -> Response:
-            await request.body()
+            try:
+                await request.body()
+            except ClientDisconnect:  # gone mid-body: FastAPI's own read had answered it quietly too
+                return Response(status_code=CLIENT_CLOSED)
             handling = asyncio.ensure_future(handle(request))
             gone = asyncio.ensure_future(disconnected(request))
             try:

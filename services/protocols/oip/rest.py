@@ -274,7 +274,7 @@ async def generate_request(
         raise Refused("invalid", f"the body is not JSON: {exc}") from None
     if not isinstance(body, dict) or not isinstance(body.get("text_input"), str):
         raise Refused("invalid", "the body must be a JSON object with a string `text_input`")
-    if not isinstance(body.get("id", ""), str):  # echoed in every answer: Triton's is a string
+    if body.get("id") is not None and not isinstance(body["id"], str):  # echoed: Triton's is a string
         raise Refused("invalid", "`id` must be a string")
     parameters = body.get("parameters", {})
     if not isinstance(parameters, dict):
@@ -294,7 +294,7 @@ async def generate_request(
     head = {
         "model_name": model.name,
         "model_version": VERSION,
-        **({"id": body["id"]} if "id" in body else {}),
+        **({"id": body["id"]} if body.get("id") is not None else {}),
     }
     return model, asked, head
 

@@ -23,6 +23,7 @@ from services.protocols.openai.protocol import (
     invalid,
     one_or_many,
 )
+from services.protocols.routing import CancelledOnDisconnect
 
 MULTIPART = "multipart/form-data"
 
@@ -105,7 +106,7 @@ async def from_multipart(request: Request) -> tuple[ClassificationRequest, list[
     return ClassificationRequest.model_validate(fields), files
 
 
-routes = APIRouter()
+routes = APIRouter(route_class=CancelledOnDisconnect)
 BODY = {
     "content": {
         "application/json": {"schema": ClassificationRequest.model_json_schema()},

@@ -159,18 +159,32 @@ def generation_request(request: GenerationParams, **target: Any) -> GenerationRe
 async def start_choices(fns: Functions, asked: list[GenerationRequest], n: int) -> list[Generation]:
     """`n` independent generations of each request (a completion's prompts), request-major, admitted
     together so that they run side by side in the engine's batch; if any is refused, the others are
-    closed and the refusal raised."""
-    started = await asyncio.gather(
-        *(fns.chat.start(one, DEADLINE.get(), sample) for one in asked for sample in range(n)),
-        return_exceptions=True,
-    )
-    refused = [item for item in started if isinstance(item, BaseException)]
-    if refused:
-        for item in started:
-            if isinstance(item, Generation):
-                await item.aclose()
+    closed and the refusal raised, and if the caller is cancelled meanwhile (its client went) those
+    started are closed too: a cancelled gather drops what its children returned, and they were left
+    for the garbage collector to close."""
+    starting = [
+        asyncio.ensure_future(fns.chat.start(one, DEADLINE.get(), sample))
+        for one in asked
+        for sample in range(n)
+    ]
+    try:
+        await asyncio.wait(starting)
+    except BaseException:
+        for task in starting:
+            task.cancel()
+        await asyncio.wait(starting)
+        await close_started(starting)
+        raise
+    if refused := [task.exception() for task in starting if not task.cancelled() and task.exception()]:
+        await close_started(starting)
         raise refused[0]
-    return started  # type: ignore[return-value]
+    return [task.result() for task in starting]
+
+
+async def close_started(starting: list[asyncio.Future[Generation]]) -> None:
+    for task in starting:
+        if not task.cancelled() and task.exception() is None:
+            await task.result().aclose()
 
 
 async def answer_completion(
