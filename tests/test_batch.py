@@ -33,7 +33,7 @@ from services import cli
 from services.config import Settings
 from services.jobs.db import Breaker, StoreUnavailable
 from services.jobs.runner import BatchRunner
-from services.jobs.store import CHUNK, MIGRATIONS, BatchStore, Line, Outcome, parse_line
+from services.jobs.store import CHUNK, MIGRATIONS, BatchStore, Line, Outcome, created_in, parse_line
 from tests.reference import reference
 from tests.server import (
     BATCH_MAX_FILE_BYTES,
@@ -649,6 +649,38 @@ def test_files_are_listed_in_pages_either_way(store_at: Callable[..., BatchStore
     assert store.list_files("batch_output") == [] and len(store.list_files("batch", limit=3)) == 3
 
 
+@BACKENDS
+def test_a_listing_goes_on_past_a_cursor_deleted_meanwhile(store_at: Callable[..., BatchStore]) -> None:
+    """The openai client's iterator, deleting each file as it goes, asks for the page after an id that
+    is gone: that page had been empty, and the listing ended with files left. A page's `has_more` is
+    the first read's: a batch deleted between the two reads had ended the listing too."""
+    store = store_at("test")
+    made = [store.add_file(b"{}", f"{i}.jsonl", "batch")["id"] for i in range(5)]
+    seen: list[str] = []
+    while page := store.list_files(limit=2, after=seen[-1] if seen else None):
+        seen += [file["id"] for file in page]
+        for file in page:
+            assert store.delete_file(file["id"])
+    assert sorted(seen) == sorted(made) and store.list_files() == []
+    lines = jsonl([json.dumps(embedding_line(1))])
+    batches = [
+        store.create_batch(
+            store.add_file(lines, "in.jsonl", "batch")["id"], "/v1/embeddings", 3600, "1h", None, 10
+        )
+        for _ in range(3)
+    ]
+    newest, middle, oldest = [row["id"] for row in store.list_batches(3, None)[0]]
+    assert {newest, middle, oldest} == {batch["id"] for batch in batches}
+    read = store.get_batch
+    # The retention deletes the middle one between the page's two reads.
+    store.get_batch = lambda batch_id: None if batch_id == middle else read(batch_id)  # type: ignore[method-assign]
+    page, more = store.list_batches(2, None)
+    assert [row["id"] for row in page] == [newest] and more
+    rest, more = store.list_batches(2, newest)  # the client's next page, after the last id it got
+    assert [row["id"] for row in rest] == [oldest] and not more
+    assert created_in("file_" + "0" * 24) is None and created_in(made[0]) is not None
+
+
 def test_a_file_that_starts_with_a_byte_order_mark_is_read_from_its_first_line(tmp_path: Path) -> None:
     store = BatchStore(tmp_path, "test")
     content = b"\xef\xbb\xbf" + jsonl([embedding_line(0), embedding_line(1)])  # UTF-8's byte-order mark
@@ -669,8 +701,8 @@ def test_ids_no_database_can_hold_are_found_nowhere(store_at: Callable[..., Batc
     for bad in (f"{file_id}\x00", "\ud800", f"{batch['id']}\x00"):
         assert store.get_file(bad) is None and store.get_batch(bad) is None
         assert not store.delete_file(bad) and not store.end_batch(bad, "cancelled")
-        assert store.list_files(bad) == [] and store.list_batches(10, bad) == []
-    assert [row["id"] for row in store.list_batches(10, None)] == [batch["id"]]
+        assert store.list_files(bad) == [] and store.list_batches(10, bad) == ([], False)
+    assert [row["id"] for row in store.list_batches(10, None)[0]] == [batch["id"]]
     assert store.get_file(file_id) is not None
 
 

@@ -106,8 +106,24 @@ class Outcome:
     result: str  # JSON: the output line's `response` (ok), or its `error` with the `response` if any
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{secrets.token_hex(12)}"
+# Ids made since this time begin with their creation second (8 hex digits), so that a page after a row
+# deleted meanwhile still knows where it was (the openai client's iterator, deleting as it goes).
+TIMED_IDS_SINCE = 1_796_688_000  # 2026-12-08 UTC; older ids are random throughout
+
+
+def new_id(prefix: str, created: int) -> str:
+    """`prefix`, then 24 hex digits as before: the creation second, then 16 random ones."""
+    return f"{prefix}_{created:08x}{secrets.token_hex(8)}"
+
+
+def created_in(identifier: str) -> int | None:
+    """The creation second a `new_id` id holds; None for an id that cannot be one of them (an older,
+    random id reads as a time outside the span since, almost always)."""
+    _, _, digits = identifier.rpartition("_")
+    if len(digits) != 24 or not all(c in "0123456789abcdef" for c in digits):
+        return None
+    created = int(digits[:8], 16)
+    return created if TIMED_IDS_SINCE <= created <= time.time() + 60 else None
 
 
 def parse_line(raw: str, endpoint: str) -> tuple[str, dict[str, Any] | None, dict[str, Any] | None]:
@@ -209,12 +225,19 @@ class ChunkWriter:
 
 def cursor_page(table: str, after: str | None, ascending: bool) -> tuple[str, tuple[Any, ...], str]:
     """The WHERE condition (and its arguments) and the ORDER BY of a page of `table` in creation order
-    (ties by id) after the row `after`, a cursor; the condition holds for every row if it is None."""
+    (ties by id) after the row `after`, a cursor; the condition holds for every row if it is None. A
+    cursor whose row was deleted is placed by the creation time its id holds; one that holds none
+    matches no row (an empty last page), as before."""
     before = ">" if ascending else "<"
     direction = "ASC" if ascending else "DESC"
-    created = f"(SELECT created_at FROM {table} WHERE id = ?)"
+    created = f"coalesce((SELECT created_at FROM {table} WHERE id = ?), ?)"
     where = f"(? IS NULL OR created_at {before} {created} OR (created_at = {created} AND id {before} ?))"
-    return where, (after,) * 4, f"ORDER BY created_at {direction}, id {direction}"
+    placed = created_in(after) if after is not None else None
+    return (
+        where,
+        (after, after, placed, after, placed, after),
+        f"ORDER BY created_at {direction}, id {direction}",
+    )
 
 
 class BatchStore:
@@ -299,8 +322,9 @@ class BatchStore:
         return first + len(chunks)
 
     def add_file(self, content: bytes, filename: str, purpose: str) -> dict:
-        row = {"id": new_id("file"), "purpose": purpose, "filename": filename, "bytes": len(content)}
-        row["created_at"] = int(time.time())
+        created = int(time.time())
+        row = {"id": new_id("file", created), "purpose": purpose, "filename": filename, "bytes": len(content)}
+        row["created_at"] = created
         with self._transaction() as db:  # the row and its body appear together
             self._write_chunks(db, row["id"], content)
             db.execute("INSERT INTO files VALUES (?, ?, ?, ?, ?)", tuple(row.values()))
@@ -373,8 +397,8 @@ class BatchStore:
         parsed = [parse_line(raw, endpoint) for raw in raws]
         if all(body is None and error["code"] == "invalid_json" for _, body, error in parsed):  # type: ignore[index]
             raise BadFile("the input file is not JSONL: no line of it is JSON")
-        batch_id = new_id("batch")
         now = int(time.time())
+        batch_id = new_id("batch", now)
         rows = []
         seen: set[str] = set()
         for idx, (custom_id, body, error) in enumerate(parsed):
@@ -420,11 +444,14 @@ class BatchStore:
         }
         return batch
 
-    def list_batches(self, limit: int, after: str | None) -> list[dict]:
+    def list_batches(self, limit: int, after: str | None) -> tuple[list[dict], bool]:
+        """A page of batches, newest first, after the batch `after` (a cursor), and whether more follow."""
         where, args, order = cursor_page("batches", after, ascending=False)
-        ids = self._rows(f"SELECT id FROM batches WHERE {where} {order} LIMIT ?", *args, limit)
-        # A batch the retention deleted between the two reads is left out, not answered as None.
-        return [batch for row in ids if (batch := self.get_batch(row["id"])) is not None]
+        ids = self._rows(f"SELECT id FROM batches WHERE {where} {order} LIMIT ?", *args, limit + 1)
+        # A batch the retention deleted between the two reads is left out, not answered as None; more
+        # follow by the first read (counted after the second, a deletion had ended the listing).
+        page = [batch for row in ids[:limit] if (batch := self.get_batch(row["id"])) is not None]
+        return page, len(ids) > limit
 
     def end_batch(self, batch_id: str, ending: str, now: float | None = None) -> bool:
         """Cancel or expire: lines not yet started are settled as errors that say why; lines running

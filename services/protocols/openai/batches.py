@@ -59,7 +59,7 @@ async def list_files(
     long as `has_more` is true, and took a page without it for more to come."""
     store = runner().store
     rows = await asyncio.to_thread(store.list_files, purpose or None, limit + 1, after, order == "asc")
-    return FileList(**paged([FileObject.model_validate(row) for row in rows], limit))
+    return FileList(**paged([FileObject.model_validate(row) for row in rows[:limit]], len(rows) > limit))
 
 
 async def existing_file(file_id: str) -> dict[str, Any]:
@@ -124,18 +124,17 @@ async def create_batch(request: BatchCreateRequest) -> Batch:
 async def list_batches(
     limit: Annotated[int, Query(ge=1, le=100)] = 20, after: str | None = None
 ) -> BatchList:
-    rows = await asyncio.to_thread(runner().store.list_batches, limit + 1, after)
-    return BatchList(**paged([Batch.model_validate(row) for row in rows], limit))
+    rows, more = await asyncio.to_thread(runner().store.list_batches, limit, after)
+    return BatchList(**paged([Batch.model_validate(row) for row in rows], more))
 
 
-def paged(items: list[Any], limit: int) -> dict[str, Any]:
-    """A list page's fields from up to `limit` + 1 items: the one past the page says there are more."""
-    data = items[:limit]
+def paged(data: list[Any], more: bool) -> dict[str, Any]:
+    """A list page's fields."""
     return {
         "data": data,
         "first_id": data[0].id if data else None,
         "last_id": data[-1].id if data else None,
-        "has_more": len(items) > limit,
+        "has_more": more,
     }
 
 
