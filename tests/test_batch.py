@@ -16,7 +16,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -679,6 +679,27 @@ def test_a_listing_goes_on_past_a_cursor_deleted_meanwhile(store_at: Callable[..
     rest, more = store.list_batches(2, newest)  # the client's next page, after the last id it got
     assert [row["id"] for row in rest] == [oldest] and not more
     assert created_in("file_" + "0" * 24) is None and created_in(made[0]) is not None
+
+
+def test_a_batch_is_not_made_from_part_of_a_file_deleted_while_it_is_read(tmp_path: Path) -> None:
+    """The input is read a few chunks per query: a file deleted meanwhile (DELETE, the retention) had
+    become a batch of the lines before the cut, the rest missing without a word."""
+    store = BatchStore(tmp_path, "test")
+    line = json.dumps(embedding_line(0)).encode() + b"\n"
+    file_id = store.add_file(line * (9 * CHUNK // len(line) + 1), "in.jsonl", "batch")["id"]  # 10 chunks
+    read = store.read_file
+
+    def deleted_after_the_first_query(file: str) -> Iterator[bytes]:
+        for n, chunk in enumerate(read(file)):
+            yield chunk
+            if n == 0:
+                store.delete_file(file)
+
+    store.read_file = deleted_after_the_first_query  # type: ignore[method-assign]
+    with pytest.raises(FileNotFoundError):
+        store.create_batch(file_id, "/v1/embeddings", 3600, "1h", None, max_lines=10**6)
+    assert store.list_batches(10, None) == ([], False)
+    store.close()
 
 
 def test_a_file_that_starts_with_a_byte_order_mark_is_read_from_its_first_line(tmp_path: Path) -> None:

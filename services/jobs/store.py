@@ -381,11 +381,14 @@ class BatchStore:
     ) -> dict:
         """Splits the input file into lines. Bad lines are settled at once as errors; a file that is not
         JSONL at all raises BadFile."""
-        if self.get_file(file_id) is None:
+        if (file := self.get_file(file_id)) is None:
+            raise FileNotFoundError(file_id)
+        content = b"".join(self.read_file(file_id))  # a few chunks per query, unlocked:
+        if len(content) != file["bytes"]:  # a file deleted meanwhile is not taken as its first part
             raise FileNotFoundError(file_id)
         try:
             # utf-8-sig: a byte-order mark (Windows tools write one) is not part of the first line
-            text = b"".join(self.read_file(file_id)).decode("utf-8-sig")
+            text = content.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
             raise BadFile(f"the input file is not UTF-8 text: {exc}") from exc
         # "\n" only: splitlines() would also cut at U+2028 and the like, which JSON strings may hold.
