@@ -1,5 +1,5 @@
-"""Routing shared by the protocols that answer over HTTP (OpenAI, OIP REST): the methods a path takes,
-for their 405s, and routes whose work stops when their client goes away."""
+"""Routing shared by the protocols that answer over HTTP (OpenAI, OIP REST): the 405 of a method a path
+does not take, and routes whose work stops when their client goes away."""
 
 from __future__ import annotations
 
@@ -11,21 +11,28 @@ from fastapi import Request, Response
 from fastapi.routing import APIRoute
 from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute, Match
-from starlette.types import Scope
+
+from services.admission import rejected
 
 CLIENT_CLOSED = 499  # nginx's "client closed request": nobody reads it, but logs and traces do
 
 
-def other_methods(routes: Iterable[BaseRoute], scope: Scope) -> list[str]:
-    """The methods of the routes that match this request's path but not its method, sorted. A protocol's
-    catch-all route (its own 404 shape) matches every path and method fully, so Starlette's router
-    sends a wrong method there, not to its 405: the catch-all asks this."""
-    return sorted(
+def wrong_method(routes: Iterable[BaseRoute], request: Request) -> tuple[str, str] | None:
+    """For a request whose path these routes take by other methods only: the 405's message and its
+    `Allow` header (the refusal counted); None otherwise. A protocol's catch-all route (its own 404
+    shape) matches every path and method fully, so Starlette's router sends a wrong method there, not
+    to its 405: the catch-all asks this, and answers in its protocol's shape."""
+    allowed = sorted(
         method
         for route in routes
-        if isinstance(route, APIRoute) and route.matches(scope)[0] == Match.PARTIAL
+        if isinstance(route, APIRoute) and route.matches(request.scope)[0] == Match.PARTIAL
         for method in route.methods
     )
+    if not allowed:
+        return None
+    rejected("invalid")
+    methods = ", ".join(allowed)
+    return f"{request.method} is not allowed on {request.url.path} (allowed: {methods})", methods
 
 
 class CancelledOnDisconnect(APIRoute):

@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.exceptions import HTTPException
 
 from services import __version__
-from services.admission import DEADLINE, count_refusal, rejected
+from services.admission import DEADLINE, count_refusal
 from services.config import get_settings
 from services.functions.api import current
 from services.functions.chat import Delta, GenerationRequest
@@ -40,7 +40,7 @@ from services.protocols.oip.tensors import (
     to_raw,
     to_values,
 )
-from services.protocols.routing import CancelledOnDisconnect, other_methods
+from services.protocols.routing import CancelledOnDisconnect, wrong_method
 from services.protocols.sse import ClosingEventSourceResponse
 from services.protocols.status import HTTP_STATUS
 
@@ -345,13 +345,10 @@ async def generate_stream(name: str, request: Request, model_version: str = "") 
 async def unknown_route(request: Request) -> JSONResponse:
     """Unmatched /v2 paths get the protocol's 404, not BentoML's plain-text one; a method a path does
     not take, its 405."""
-    where = request.url.path
-    if allowed := other_methods(routes.routes, request.scope):
-        rejected("invalid")
-        methods = ", ".join(allowed)
-        message = f"{request.method} is not allowed on {where} (allowed: {methods})"
+    if wrong := wrong_method(routes.routes, request):
+        message, methods = wrong
         return error_response(405, message, headers={"Allow": methods})
-    raise Refused("not_found", f"no route {where}")
+    raise Refused("not_found", f"no route {request.url.path}")
 
 
 app.include_router(routes)

@@ -56,7 +56,7 @@ from services.protocols.openai.protocol import (
     invalid,
     plain_messages,
 )
-from services.protocols.routing import CancelledOnDisconnect, other_methods
+from services.protocols.routing import CancelledOnDisconnect, wrong_method
 from services.protocols.sse import ClosingEventSourceResponse
 
 logger = logging.getLogger("bentoml.fnserve.gateway")  # the server logs only the bentoml tree
@@ -501,11 +501,7 @@ app.include_router(images.routes)
 async def unknown_route(request: Request) -> JSONResponse:
     """Registered last, so only unmatched /v1 paths reach it: BentoML's mount hands a path to this app
     only when one of its routes matches, and would otherwise answer a plain-text 404."""
-    where = request.url.path
-    allowed = other_methods((*routes.routes, *batches.routes.routes, *images.routes.routes), request.scope)
-    if allowed:
-        rejected("invalid")
-        methods = ", ".join(allowed)
-        message = f"{request.method} is not allowed on {where} (allowed: {methods})"
+    if wrong := wrong_method((*routes.routes, *batches.routes.routes, *images.routes.routes), request):
+        message, methods = wrong
         return error_response(405, message, code="method_not_allowed", headers={"Allow": methods})
-    raise APIError(404, f"no route {where}", code="not_found")
+    raise APIError(404, f"no route {request.url.path}", code="not_found")
